@@ -1,0 +1,217 @@
+//! The VM configuration: `vm.json`, or the equivalent command-line flags.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// Most vCPUs a VM may have.
+pub const MAX_VCPUS: u8 = 32;
+/// Smallest guest memory that a Linux guest can boot in, in MiB.
+pub const MIN_MEMORY_MIB: u64 = 16;
+
+/// Why a configuration was rejected. Messages name the offending field.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    /// Not valid JSON, or not the expected shape (includes unknown fields).
+    #[error("invalid VM config: {0}")]
+    Parse(#[from] serde_json::Error),
+    /// A value is out of range.
+    #[error("invalid VM config: {field}: {reason}")]
+    Invalid {
+        /// Dotted path of the offending field, e.g. `machine.vcpus`.
+        field: &'static str,
+        /// What is wrong with it.
+        reason: String,
+    },
+}
+
+/// A whole VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VmConfig {
+    /// Kernel, initrd and command line.
+    pub boot: BootSource,
+    /// vCPUs and memory.
+    #[serde(default)]
+    pub machine: MachineConfig,
+    /// Where the guest's serial console goes.
+    #[serde(default)]
+    pub serial: SerialConfig,
+}
+
+/// What to boot.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct BootSource {
+    /// An ELF `vmlinux` (PVH or 64-bit entry) or a `bzImage`.
+    pub kernel: PathBuf,
+    /// Optional initrd / initramfs image.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub initrd: Option<PathBuf>,
+    /// Kernel command line.
+    #[serde(default = "default_cmdline")]
+    pub cmdline: String,
+}
+
+/// The command line used when none is given: a serial console, no PCI probing, reboot through the
+/// keyboard controller, and exit (via pvpanic) one second after a panic.
+pub fn default_cmdline() -> String {
+    "console=ttyS0 reboot=k panic=1 pci=off".to_string()
+}
+
+/// Virtual hardware size.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MachineConfig {
+    /// Number of vCPUs, 1 to [`MAX_VCPUS`].
+    pub vcpus: u8,
+    /// Guest memory in MiB.
+    pub memory_mib: u64,
+}
+
+impl Default for MachineConfig {
+    fn default() -> Self {
+        MachineConfig {
+            vcpus: 1,
+            memory_mib: 128,
+        }
+    }
+}
+
+/// Serial console destination.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case", deny_unknown_fields)]
+pub enum SerialConfig {
+    /// The VMM's standard output.
+    #[default]
+    Stdout,
+    /// Discard console output.
+    Off,
+    /// Write console output to this file (created or truncated).
+    File(PathBuf),
+}
+
+impl VmConfig {
+    /// Parses and validates a JSON configuration.
+    pub fn from_json(text: &str) -> Result<Self, ConfigError> {
+        let config: VmConfig = serde_json::from_str(text)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks every value that parsing alone cannot. Does not touch the file system: whether files
+    /// exist and the host has the memory is for the VMM to find out when it builds the VM.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let m = &self.machine;
+        if m.vcpus == 0 || m.vcpus > MAX_VCPUS {
+            return Err(invalid(
+                "machine.vcpus",
+                format!("must be 1 to {MAX_VCPUS}, got {}", m.vcpus),
+            ));
+        }
+        if m.memory_mib < MIN_MEMORY_MIB {
+            return Err(invalid(
+                "machine.memory_mib",
+                format!("must be at least {MIN_MEMORY_MIB}, got {}", m.memory_mib),
+            ));
+        }
+        // Bounded so that byte sizes never overflow, far above any host's memory.
+        if m.memory_mib > 1 << 30 {
+            return Err(invalid(
+                "machine.memory_mib",
+                format!("{} is too large", m.memory_mib),
+            ));
+        }
+        if self.boot.kernel.as_os_str().is_empty() {
+            return Err(invalid("boot.kernel", "must not be empty".into()));
+        }
+        if self
+            .boot
+            .initrd
+            .as_ref()
+            .is_some_and(|p| p.as_os_str().is_empty())
+        {
+            return Err(invalid("boot.initrd", "must not be empty".into()));
+        }
+        if self.boot.cmdline.bytes().any(|b| b == 0) {
+            return Err(invalid("boot.cmdline", "must not contain NUL bytes".into()));
+        }
+        Ok(())
+    }
+}
+
+fn invalid(field: &'static str, reason: String) -> ConfigError {
+    ConfigError::Invalid { field, reason }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_full_and_minimal_configs() {
+        let full = r#"{
+            "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0"},
+            "machine": {"vcpus": 4, "memory_mib": 3584},
+            "serial": {"file": "/tmp/console.log"}
+        }"#;
+        let c = VmConfig::from_json(full).unwrap();
+        assert_eq!(
+            c.machine,
+            MachineConfig {
+                vcpus: 4,
+                memory_mib: 3584
+            }
+        );
+        assert_eq!(c.serial, SerialConfig::File("/tmp/console.log".into()));
+        assert_eq!(c.boot.initrd, Some("/i".into()));
+
+        let minimal = VmConfig::from_json(r#"{"boot": {"kernel": "/k"}, "serial": "off"}"#).unwrap();
+        assert_eq!(minimal.machine, MachineConfig::default());
+        assert_eq!(minimal.boot.cmdline, default_cmdline());
+        assert_eq!(minimal.serial, SerialConfig::Off);
+        // Round trip.
+        let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+    }
+
+    #[test]
+    fn rejects_bad_configs_naming_the_field() {
+        let cases = [
+            (
+                r#"{"boot": {"kernel": "/k"}, "extra": 1}"#,
+                "unknown field `extra`",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k", "initrd_path": "/i"}}"#,
+                "unknown field `initrd_path`",
+            ),
+            (r#"{"boot": {"kernel": "/k"}"#, "EOF"),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 0, "memory_mib": 128}}"#,
+                "machine.vcpus",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 33, "memory_mib": 128}}"#,
+                "machine.vcpus",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": 0}}"#,
+                "machine.memory_mib",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": -1}}"#,
+                "invalid value",
+            ),
+            (r#"{"boot": {"kernel": ""}}"#, "boot.kernel"),
+            (
+                r#"{"machine": {"vcpus": 1, "memory_mib": 64}}"#,
+                "missing field `boot`",
+            ),
+        ];
+        for (json, expected) in cases {
+            let err = VmConfig::from_json(json).unwrap_err().to_string();
+            assert!(err.contains(expected), "{json}: {err}");
+        }
+    }
+}

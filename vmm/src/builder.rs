@@ -1,0 +1,147 @@
+//! The linear recipe that turns a [`VmConfig`] into a running VM, and the loop that waits for its end.
+
+use std::fs::File;
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use devices::legacy::SerialOutput;
+use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vmm_api::{SerialConfig, VmConfig};
+
+use crate::arch::host_quirks::{self, KvmFlavor};
+use crate::arch::{acpi, boot, layout};
+use crate::device_manager::{self, DeviceError};
+use crate::exit::{ExitEvents, ExitWatcher, VmExit};
+use crate::vstate::memory::{self, MemoryError};
+use crate::vstate::vcpu::{ExitContext, Vcpu, VcpuError, VcpuSetup};
+use crate::vstate::vm::{self, VmError};
+
+/// Why a VM could not be built or run.
+#[derive(Debug, thiserror::Error)]
+pub enum BuildError {
+    /// A file named in the config could not be opened.
+    #[error("cannot open {what} {path}: {source}")]
+    Open {
+        /// Which file ("kernel", "initrd", "serial output file").
+        what: &'static str,
+        /// Its path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// KVM or VM creation failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// Guest memory could not be set up.
+    #[error(transparent)]
+    Memory(#[from] MemoryError),
+    /// Kernel, initrd or command line could not be loaded.
+    #[error(transparent)]
+    Boot(#[from] boot::BootError),
+    /// ACPI tables could not be written.
+    #[error(transparent)]
+    Acpi(#[from] acpi::AcpiError),
+    /// Devices could not be set up.
+    #[error(transparent)]
+    Devices(#[from] DeviceError),
+    /// A vCPU could not be created or started.
+    #[error(transparent)]
+    Vcpu(#[from] VcpuError),
+    /// The main event loop failed.
+    #[error("event loop: {0}")]
+    EventLoop(String),
+}
+
+fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
+    File::open(path).map_err(|source| BuildError::Open {
+        what,
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+/// Builds the VM described by `config`, runs it, and returns how it ended.
+pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, BuildError> {
+    let flavor = KvmFlavor::detect();
+    let mut kernel_file = open("kernel", &config.boot.kernel)?;
+    let mut initrd_file = config
+        .boot
+        .initrd
+        .as_deref()
+        .map(|p| open("initrd", p))
+        .transpose()?;
+    let serial = match &config.serial {
+        SerialConfig::Stdout => SerialOutput::Stdout,
+        SerialConfig::Off => SerialOutput::Sink,
+        SerialConfig::File(path) => {
+            SerialOutput::File(File::create(path).map_err(|source| BuildError::Open {
+                what: "serial output file",
+                path: path.display().to_string(),
+                source,
+            })?)
+        }
+    };
+
+    let kvm = vm::open_kvm()?;
+    let vm = vm::create_vm(&kvm)?;
+    let mem = memory::create_guest_memory(config.machine.memory_mib)?;
+    memory::register_with_kvm(&vm, &mem)?;
+
+    let kernel = boot::load_kernel(&mem, &mut kernel_file)?;
+    let initrd = initrd_file
+        .as_mut()
+        .map(|f| boot::load_initrd(&mem, &kernel, f))
+        .transpose()?;
+    let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, flavor.extra_kernel_args());
+    let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
+    let rsdp = acpi::write_tables(&mem, config.machine.vcpus)?;
+    let memory_map = layout::memory_map(&layout::ram_ranges(config.machine.memory_mib << 20));
+    let info = boot::BootInfo {
+        kernel: &kernel,
+        initrd,
+        cmdline_len,
+        memory_map: &memory_map,
+        rsdp,
+    };
+    boot::write_boot_info(&mem, &info)?;
+
+    let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
+    let devices = device_manager::create_devices(&vm, &exits, serial, process_start)?;
+
+    let setup = VcpuSetup {
+        kvm: &kvm,
+        mem: &mem,
+        entry: kernel.entry,
+        count: config.machine.vcpus,
+        hidden: flavor.hidden_cpuid_features(),
+    };
+    let vcpus = (0..config.machine.vcpus)
+        .map(|i| Vcpu::new(&vm, i, &setup))
+        .collect::<Result<Vec<_>, _>>()?;
+
+    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
+        .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+    let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&exits))));
+    event_manager.add_subscriber(watcher.clone());
+
+    let ctx = ExitContext {
+        pio: devices.pio,
+        mmio: devices.mmio,
+        exits,
+        process_start,
+    };
+    for vcpu in vcpus {
+        // The threads are detached: the process exits once the VM has ended, which stops them.
+        vcpu.start(ctx.clone())?;
+    }
+
+    loop {
+        event_manager
+            .run()
+            .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
+        if let Some(exit) = watcher.lock().unwrap_or_else(|p| p.into_inner()).outcome() {
+            return Ok(exit.clone());
+        }
+    }
+}

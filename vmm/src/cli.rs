@@ -1,0 +1,241 @@
+//! Command-line parsing: `vmm --config vm.json`, or the same settings as flags.
+
+use std::path::PathBuf;
+
+use vmm_api::{config::default_cmdline, BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
+
+/// Usage text for `--help`.
+pub const USAGE: &str = "\
+usage: vmm --config vm.json
+       vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
+           [--serial stdout|off|file:PATH]
+
+Boots one virtual machine on /dev/kvm and exits when the guest powers off or reboots (code 0),
+panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
+
+  --config PATH      VM configuration as JSON (see README.md); excludes the flags below
+  --kernel PATH      ELF vmlinux (PVH or 64-bit entry) or bzImage
+  --initrd PATH      initrd / initramfs image
+  --cmdline STRING   kernel command line (default: \"console=ttyS0 reboot=k panic=1 pci=off\")
+  --vcpus N          number of vCPUs, 1-32 (default 1)
+  --memory-mib N     guest memory in MiB (default 128)
+  --serial WHERE     guest serial console: stdout (default), off, or file:PATH
+  -h, --help         this text
+  -V, --version      version";
+
+/// What the command line asks for.
+#[derive(Debug, PartialEq, Eq)]
+pub enum Command {
+    /// Boot this VM.
+    Run(VmConfig),
+    /// Print usage.
+    Help,
+    /// Print the version.
+    Version,
+}
+
+/// Command-line errors.
+#[derive(Debug, thiserror::Error)]
+pub enum CliError {
+    /// An unknown flag.
+    #[error("unknown argument '{0}' (see --help)")]
+    Unknown(String),
+    /// A flag without its value.
+    #[error("{0} needs a value")]
+    MissingValue(String),
+    /// A value that does not parse.
+    #[error("invalid value '{value}' for {flag}: {reason}")]
+    BadValue {
+        /// The flag.
+        flag: String,
+        /// The value given.
+        value: String,
+        /// What was expected.
+        reason: String,
+    },
+    /// A flag given twice.
+    #[error("{0} given more than once")]
+    Repeated(String),
+    /// `--config` mixed with VM flags.
+    #[error("--config cannot be combined with {0}")]
+    ConfigAndFlags(String),
+    /// Neither `--config` nor `--kernel`.
+    #[error("nothing to boot: give --config FILE or --kernel PATH (see --help)")]
+    NothingToBoot,
+    /// The config file could not be read.
+    #[error("cannot read config {path}: {source}")]
+    ReadConfig {
+        /// Its path.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The configuration is invalid.
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+}
+
+#[derive(Default)]
+struct Flags {
+    config: Option<String>,
+    kernel: Option<String>,
+    initrd: Option<String>,
+    cmdline: Option<String>,
+    vcpus: Option<String>,
+    memory_mib: Option<String>,
+    serial: Option<String>,
+}
+
+/// Parses the arguments after the program name.
+pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliError> {
+    let mut flags = Flags::default();
+    let mut args = args.into_iter();
+    while let Some(arg) = args.next() {
+        let (name, inline) = match arg.split_once('=') {
+            Some((n, v)) if n.starts_with("--") => (n.to_string(), Some(v.to_string())),
+            _ => (arg.clone(), None),
+        };
+        let slot = match name.as_str() {
+            "-h" | "--help" => return Ok(Command::Help),
+            "-V" | "--version" => return Ok(Command::Version),
+            "--config" => &mut flags.config,
+            "--kernel" => &mut flags.kernel,
+            "--initrd" => &mut flags.initrd,
+            "--cmdline" => &mut flags.cmdline,
+            "--vcpus" => &mut flags.vcpus,
+            "--memory-mib" => &mut flags.memory_mib,
+            "--serial" => &mut flags.serial,
+            _ => return Err(CliError::Unknown(arg)),
+        };
+        let value = match inline {
+            Some(v) => v,
+            None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
+        };
+        if slot.replace(value).is_some() {
+            return Err(CliError::Repeated(name));
+        }
+    }
+    build(flags).map(Command::Run)
+}
+
+fn build(flags: Flags) -> Result<VmConfig, CliError> {
+    if let Some(path) = flags.config {
+        let given = [
+            ("--kernel", &flags.kernel),
+            ("--initrd", &flags.initrd),
+            ("--cmdline", &flags.cmdline),
+            ("--vcpus", &flags.vcpus),
+            ("--memory-mib", &flags.memory_mib),
+            ("--serial", &flags.serial),
+        ];
+        if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
+            return Err(CliError::ConfigAndFlags((*flag).to_string()));
+        }
+        let text = std::fs::read_to_string(&path).map_err(|source| CliError::ReadConfig { path, source })?;
+        return Ok(VmConfig::from_json(&text)?);
+    }
+    let kernel = flags.kernel.ok_or(CliError::NothingToBoot)?;
+    let defaults = MachineConfig::default();
+    let config = VmConfig {
+        boot: BootSource {
+            kernel: PathBuf::from(kernel),
+            initrd: flags.initrd.map(PathBuf::from),
+            cmdline: flags.cmdline.unwrap_or_else(default_cmdline),
+        },
+        machine: MachineConfig {
+            vcpus: number("--vcpus", flags.vcpus)?.unwrap_or(defaults.vcpus),
+            memory_mib: number("--memory-mib", flags.memory_mib)?.unwrap_or(defaults.memory_mib),
+        },
+        serial: flags.serial.map(serial).transpose()?.unwrap_or_default(),
+    };
+    config.validate()?;
+    Ok(config)
+}
+
+fn number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<Option<T>, CliError>
+where
+    T::Err: std::fmt::Display,
+{
+    value
+        .map(|v| {
+            v.parse().map_err(|e: T::Err| CliError::BadValue {
+                flag: flag.to_string(),
+                value: v.clone(),
+                reason: e.to_string(),
+            })
+        })
+        .transpose()
+}
+
+fn serial(value: String) -> Result<SerialConfig, CliError> {
+    match value.as_str() {
+        "stdout" => Ok(SerialConfig::Stdout),
+        "off" => Ok(SerialConfig::Off),
+        v => match v.strip_prefix("file:") {
+            Some(path) if !path.is_empty() => Ok(SerialConfig::File(PathBuf::from(path))),
+            _ => Err(CliError::BadValue {
+                flag: "--serial".into(),
+                value,
+                reason: "expected stdout, off or file:PATH".into(),
+            }),
+        },
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(s: &str) -> Vec<String> {
+        s.split_whitespace().map(String::from).collect()
+    }
+
+    #[test]
+    fn flags_build_a_config() {
+        let Command::Run(c) = parse(args(
+            "--kernel /k --initrd=/i --vcpus 4 --memory-mib 3584 --serial file:/tmp/c",
+        ))
+        .unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(c.boot.kernel, PathBuf::from("/k"));
+        assert_eq!(c.boot.initrd, Some(PathBuf::from("/i")));
+        assert_eq!(c.boot.cmdline, default_cmdline());
+        assert_eq!(
+            c.machine,
+            MachineConfig {
+                vcpus: 4,
+                memory_mib: 3584
+            }
+        );
+        assert_eq!(c.serial, SerialConfig::File("/tmp/c".into()));
+        assert_eq!(parse(args("--help")).unwrap(), Command::Help);
+    }
+
+    #[test]
+    fn bad_flags_are_clear_errors() {
+        let cases = [
+            ("--kernel /k --vcpus 0", "machine.vcpus"),
+            ("--kernel /k --memory-mib 0", "machine.memory_mib"),
+            ("--kernel /k --vcpus many", "invalid value 'many' for --vcpus"),
+            ("--kernel /k --vcpus -1", "invalid value '-1' for --vcpus"),
+            ("--kernel /k --serial tty", "invalid value 'tty' for --serial"),
+            ("--kernel /k --bogus", "unknown argument '--bogus'"),
+            ("--kernel", "--kernel needs a value"),
+            ("--kernel /a --kernel /b", "--kernel given more than once"),
+            (
+                "--config /c --kernel /k",
+                "--config cannot be combined with --kernel",
+            ),
+            ("--vcpus 2", "nothing to boot"),
+            (
+                "--config /nonexistent/vm.json",
+                "cannot read config /nonexistent/vm.json",
+            ),
+        ];
+        for (line, expected) in cases {
+            let err = parse(args(line)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+}

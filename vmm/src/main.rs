@@ -1,0 +1,43 @@
+//! `vmm`: one process per virtual machine. See `vmm --help`.
+
+use std::io::Write;
+use std::time::Instant;
+
+use vmm::cli::{self, Command};
+
+fn main() {
+    // Taken first thing so that "booted in" and "first KVM_RUN" are measured from process start.
+    let process_start = Instant::now();
+    let code = match cli::parse(std::env::args().skip(1)) {
+        Ok(Command::Help) => {
+            println!("{}", cli::USAGE);
+            0
+        }
+        Ok(Command::Version) => {
+            println!("vmm {}", env!("CARGO_PKG_VERSION"));
+            0
+        }
+        Ok(Command::Run(config)) => match vmm::builder::run_vm(&config, process_start) {
+            Ok(exit) => {
+                let code = exit.exit_code();
+                if code == 0 {
+                    eprintln!("vmm: {exit}");
+                } else {
+                    eprintln!("vmm: error: {exit}");
+                }
+                code
+            }
+            Err(e) => {
+                eprintln!("vmm: error: {e}");
+                1
+            }
+        },
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            1
+        }
+    };
+    let _ = std::io::stdout().flush();
+    // vCPU threads may still be inside KVM_RUN; exiting the process stops them.
+    std::process::exit(code);
+}

@@ -1,0 +1,5 @@
+//! KVM state owned by the VMM: the VM, its guest memory and its vCPUs.
+
+pub mod memory;
+pub mod vcpu;
+pub mod vm;

@@ -1,0 +1,160 @@
+//! vCPUs: creation, boot-state setup, and the thread that runs each one.
+
+use std::sync::Arc;
+use std::thread::JoinHandle;
+use std::time::Instant;
+
+use devices::bus::Bus;
+use kvm_bindings::{
+    KVM_MAX_CPUID_ENTRIES, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+};
+use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
+use vm_memory::GuestMemoryMmap;
+
+use crate::arch::boot::EntryPoint;
+use crate::arch::cpuid::{self, HiddenFeatures};
+use crate::arch::regs::{self, RegsError};
+use crate::exit::ExitEvents;
+
+/// Errors creating or configuring a vCPU.
+#[derive(Debug, thiserror::Error)]
+pub enum VcpuError {
+    /// A KVM ioctl failed.
+    #[error("vCPU {0}: {1} failed: {2}")]
+    Kvm(u8, &'static str, kvm_ioctls::Error),
+    /// Register setup failed.
+    #[error("vCPU {0}: {1}")]
+    Regs(u8, RegsError),
+    /// The thread could not be started.
+    #[error("vCPU {0}: cannot start thread: {1}")]
+    Spawn(u8, std::io::Error),
+}
+
+/// What a vCPU thread needs to serve guest exits.
+#[derive(Clone)]
+pub struct ExitContext {
+    /// Port I/O bus.
+    pub pio: Arc<Bus>,
+    /// MMIO bus.
+    pub mmio: Arc<Bus>,
+    /// Where the VM's end is signalled.
+    pub exits: Arc<ExitEvents>,
+    /// Process start, for the time-to-first-KVM_RUN log line.
+    pub process_start: Instant,
+}
+
+/// A configured vCPU, not yet running.
+pub struct Vcpu {
+    index: u8,
+    fd: VcpuFd,
+}
+
+/// Shared parameters for configuring every vCPU of a VM.
+pub struct VcpuSetup<'a> {
+    /// KVM, for the supported CPUID.
+    pub kvm: &'a Kvm,
+    /// Guest memory, for the boot CPU's descriptor tables.
+    pub mem: &'a GuestMemoryMmap,
+    /// Kernel entry point (boot CPU only).
+    pub entry: EntryPoint,
+    /// Number of vCPUs.
+    pub count: u8,
+    /// CPUID features hidden on this host.
+    pub hidden: HiddenFeatures,
+}
+
+impl Vcpu {
+    /// Creates vCPU `index` and sets its CPUID, MSRs, FPU and LAPIC; the boot CPU (index 0) also
+    /// gets the registers for entering the kernel. The others wait for the guest's INIT/SIPI.
+    pub fn new(vm: &VmFd, index: u8, setup: &VcpuSetup) -> Result<Self, VcpuError> {
+        let kvm_err = |op| move |e| VcpuError::Kvm(index, op, e);
+        let regs_err = |e| VcpuError::Regs(index, e);
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(kvm_err("KVM_CREATE_VCPU"))?;
+        let mut cpuid = setup
+            .kvm
+            .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
+            .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
+        cpuid::configure(&mut cpuid, index, setup.count, setup.hidden);
+        fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
+        regs::setup_msrs(&fd).map_err(regs_err)?;
+        regs::setup_fpu(&fd).map_err(regs_err)?;
+        regs::setup_lapic(&fd).map_err(regs_err)?;
+        if index == 0 {
+            regs::setup_regs(&fd, setup.entry).map_err(regs_err)?;
+            regs::setup_sregs(setup.mem, &fd, setup.entry).map_err(regs_err)?;
+        }
+        Ok(Vcpu { index, fd })
+    }
+
+    /// Starts the vCPU on its own thread, named `vcpuN`.
+    pub fn start(self, ctx: ExitContext) -> Result<JoinHandle<()>, VcpuError> {
+        let index = self.index;
+        std::thread::Builder::new()
+            .name(format!("vcpu{index}"))
+            .spawn(move || self.run(&ctx))
+            .map_err(|e| VcpuError::Spawn(index, e))
+    }
+
+    fn run(mut self, ctx: &ExitContext) {
+        if self.index == 0 {
+            let ms = ctx.process_start.elapsed().as_secs_f64() * 1000.0;
+            eprintln!("vmm: first KVM_RUN at {ms:.3} ms after process start");
+        }
+        loop {
+            match self.run_once(ctx) {
+                Ok(true) => {}
+                Ok(false) => return,
+                Err(reason) => {
+                    ctx.exits.vcpu_fault(format!("vCPU {}: {reason}", self.index));
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Runs the guest until its next exit and serves it. `Ok(false)` once the VM is ending.
+    fn run_once(&mut self, ctx: &ExitContext) -> Result<bool, String> {
+        match self.fd.run() {
+            Ok(VcpuExit::IoIn(port, data)) => {
+                if !ctx.pio.read(u64::from(port), data) {
+                    data.fill(0xff);
+                }
+            }
+            Ok(VcpuExit::IoOut(port, data)) => {
+                ctx.pio.write(u64::from(port), data);
+            }
+            Ok(VcpuExit::MmioRead(addr, data)) => {
+                if !ctx.mmio.read(addr, data) {
+                    data.fill(0);
+                }
+            }
+            Ok(VcpuExit::MmioWrite(addr, data)) => {
+                ctx.mmio.write(addr, data);
+            }
+            Ok(VcpuExit::SystemEvent(kind, _)) => {
+                let evt = match kind {
+                    KVM_SYSTEM_EVENT_SHUTDOWN => &ctx.exits.power_off,
+                    KVM_SYSTEM_EVENT_RESET => &ctx.exits.reset,
+                    KVM_SYSTEM_EVENT_CRASH => &ctx.exits.panic,
+                    other => return Err(format!("unknown system event {other}")),
+                };
+                ExitEvents::raise(evt);
+                return Ok(false);
+            }
+            Ok(VcpuExit::Shutdown) => return Err("triple fault (KVM_EXIT_SHUTDOWN)".into()),
+            Ok(VcpuExit::Hlt) => return Err("halted with interrupts off (KVM_EXIT_HLT)".into()),
+            Ok(VcpuExit::FailEntry(reason, cpu)) => {
+                return Err(format!(
+                    "VM entry failed: hardware reason {reason:#x} on host CPU {cpu}"
+                ))
+            }
+            Ok(VcpuExit::InternalError) => return Err("KVM internal error (emulation failure)".into()),
+            Ok(other) => return Err(format!("unexpected exit {other:?}")),
+            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) => return Err(format!("KVM_RUN failed: {e}")),
+        }
+        Ok(true)
+    }
+}
