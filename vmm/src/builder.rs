@@ -7,6 +7,7 @@ use std::time::Instant;
 
 use devices::legacy::SerialOutput;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
+use vm_memory::GuestMemoryMmap;
 use vmm_api::{SerialConfig, VmConfig};
 
 use crate::arch::host_quirks::{self, KvmFlavor};
@@ -61,6 +62,34 @@ fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
     })
 }
 
+/// Loads kernel, initrd and command line into guest memory and writes the firmware tables and boot
+/// information that point to them.
+fn load_payload(
+    config: &VmConfig,
+    flavor: KvmFlavor,
+    mem: &GuestMemoryMmap,
+    kernel_file: &mut File,
+    initrd_file: Option<&mut File>,
+) -> Result<boot::LoadedKernel, BuildError> {
+    let kernel = boot::load_kernel(mem, kernel_file)?;
+    let initrd = initrd_file
+        .map(|f| boot::load_initrd(mem, &kernel, f))
+        .transpose()?;
+    let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, flavor.extra_kernel_args());
+    let cmdline_len = boot::write_cmdline(mem, &cmdline)?;
+    let rsdp = acpi::write_tables(mem, config.machine.vcpus)?;
+    let memory_map = layout::memory_map(&layout::ram_ranges(config.machine.memory_mib << 20));
+    let info = boot::BootInfo {
+        kernel: &kernel,
+        initrd,
+        cmdline_len,
+        memory_map: &memory_map,
+        rsdp,
+    };
+    boot::write_boot_info(mem, &info)?;
+    Ok(kernel)
+}
+
 /// Builds the VM described by `config`, runs it, and returns how it ended.
 pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, BuildError> {
     let flavor = KvmFlavor::detect();
@@ -83,28 +112,24 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
         }
     };
 
-    let kvm = vm::open_kvm()?;
-    let vm = vm::create_vm(&kvm)?;
     let mem = memory::create_guest_memory(config.machine.memory_mib)?;
-    memory::register_with_kvm(&vm, &mem)?;
-
-    let kernel = boot::load_kernel(&mem, &mut kernel_file)?;
-    let initrd = initrd_file
-        .as_mut()
-        .map(|f| boot::load_initrd(&mem, &kernel, f))
-        .transpose()?;
-    let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, flavor.extra_kernel_args());
-    let cmdline_len = boot::write_cmdline(&mem, &cmdline)?;
-    let rsdp = acpi::write_tables(&mem, config.machine.vcpus)?;
-    let memory_map = layout::memory_map(&layout::ram_ranges(config.machine.memory_mib << 20));
-    let info = boot::BootInfo {
-        kernel: &kernel,
-        initrd,
-        cmdline_len,
-        memory_map: &memory_map,
-        rsdp,
-    };
-    boot::write_boot_info(&mem, &info)?;
+    // KVM's first memory slot costs milliseconds on some hosts and loading the kernel costs page
+    // faults: do both at once.
+    let (kvm_vm, payload) = std::thread::scope(|scope| {
+        let kvm_side = scope.spawn(|| -> Result<_, BuildError> {
+            let kvm = vm::open_kvm()?;
+            let vm = vm::create_vm(&kvm)?;
+            memory::register_with_kvm(&vm, &mem)?;
+            Ok((kvm, vm))
+        });
+        let payload = load_payload(config, flavor, &mem, &mut kernel_file, initrd_file.as_mut());
+        let kvm_vm = kvm_side
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (kvm_vm, payload)
+    });
+    let (kvm, vm) = kvm_vm?;
+    let kernel = payload?;
 
     let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
     let devices = device_manager::create_devices(&vm, &exits, serial, process_start)?;
@@ -114,7 +139,6 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
         mem: &mem,
         entry: kernel.entry,
         count: config.machine.vcpus,
-        hidden: flavor.hidden_cpuid_features(),
     };
     let vcpus = (0..config.machine.vcpus)
         .map(|i| Vcpu::new(&vm, i, &setup))

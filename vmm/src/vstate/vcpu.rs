@@ -12,7 +12,7 @@ use kvm_ioctls::{Kvm, VcpuExit, VcpuFd, VmFd};
 use vm_memory::GuestMemoryMmap;
 
 use crate::arch::boot::EntryPoint;
-use crate::arch::cpuid::{self, HiddenFeatures};
+use crate::arch::cpuid;
 use crate::arch::regs::{self, RegsError};
 use crate::exit::ExitEvents;
 
@@ -59,8 +59,6 @@ pub struct VcpuSetup<'a> {
     pub entry: EntryPoint,
     /// Number of vCPUs.
     pub count: u8,
-    /// CPUID features hidden on this host.
-    pub hidden: HiddenFeatures,
 }
 
 impl Vcpu {
@@ -76,7 +74,7 @@ impl Vcpu {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::configure(&mut cpuid, index, setup.count, setup.hidden);
+        cpuid::configure(&mut cpuid, index, setup.count);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;

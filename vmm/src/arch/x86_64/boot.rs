@@ -6,11 +6,11 @@ use std::io::{Seek, SeekFrom};
 
 use linux_loader::cmdline::Cmdline;
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params, setup_header};
-use linux_loader::loader::bzimage::BzImage;
+use linux_loader::loader::bzimage::{BzImage, Error as BzImageError};
 use linux_loader::loader::elf::start_info::{
     hvm_memmap_table_entry, hvm_modlist_entry, hvm_start_info, XEN_HVM_START_MAGIC_VALUE,
 };
-use linux_loader::loader::elf::Elf;
+use linux_loader::loader::elf::{Elf, Error as ElfError};
 use linux_loader::loader::{self, KernelLoader, PvhBootCapability};
 use vm_memory::{
     Address, ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
@@ -88,7 +88,8 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
                 end: r.kernel_end,
             });
         }
-        Err(loader::Error::Elf(linux_loader::loader::elf::Error::InvalidElfMagicNumber)) => {}
+        // Too short for an ELF header, or no ELF magic: try the other format.
+        Err(loader::Error::Elf(ElfError::InvalidElfMagicNumber | ElfError::ReadElfHeader)) => {}
         Err(e) => return Err(BootError::LoadKernel(e)),
     }
     match BzImage::load(mem, None, kernel, high) {
@@ -98,9 +99,9 @@ pub fn load_kernel(mem: &GuestMemoryMmap, kernel: &mut File) -> Result<LoadedKer
             setup_header: r.setup_header,
             end: r.kernel_end,
         }),
-        Err(loader::Error::Bzimage(linux_loader::loader::bzimage::Error::InvalidBzImage)) => {
-            Err(BootError::UnknownKernelFormat)
-        }
+        Err(loader::Error::Bzimage(
+            BzImageError::InvalidBzImage | BzImageError::ReadBzImageHeader | BzImageError::SeekBzImageHeader,
+        )) => Err(BootError::UnknownKernelFormat),
         Err(e) => Err(BootError::LoadKernel(e)),
     }
 }

@@ -1,32 +1,7 @@
 //! The CPUID each vCPU sees: what KVM supports, with a consistent topology (one package, one thread
-//! per core, APIC id = vCPU index) and the features the host cannot virtualise removed.
+//! per core, APIC id = vCPU index) and the hypervisor bit set.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
-
-/// Feature bits to hide from the guest, by register of the leaf they live in.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct HiddenFeatures {
-    /// Bits cleared from leaf 0x1 ECX.
-    pub leaf1_ecx: u32,
-    /// Bits cleared from leaf 0x7 (subleaf 0) EBX.
-    pub leaf7_ebx: u32,
-}
-
-/// Leaf 0x1 ECX: POPCNT.
-pub const LEAF1_ECX_POPCNT: u32 = 1 << 23;
-/// Leaf 0x1 ECX: XSAVE.
-pub const LEAF1_ECX_XSAVE: u32 = 1 << 26;
-/// Leaf 0x1 ECX: OSXSAVE (mirrors CR4.OSXSAVE, meaningless without XSAVE).
-pub const LEAF1_ECX_OSXSAVE: u32 = 1 << 27;
-/// Leaf 0x1 ECX: AVX (needs XSAVE to manage its state).
-pub const LEAF1_ECX_AVX: u32 = 1 << 28;
-/// Leaf 0x7 EBX: SMAP.
-pub const LEAF7_EBX_SMAP: u32 = 1 << 20;
-/// Leaf 0x7 EBX: AVX2 (needs AVX).
-pub const LEAF7_EBX_AVX2: u32 = 1 << 5;
-/// Leaf 0x7 EBX: every AVX-512 bit (need XSAVE-managed state).
-pub const LEAF7_EBX_AVX512: u32 =
-    (1 << 16) | (1 << 17) | (1 << 21) | (1 << 26) | (1 << 27) | (1 << 28) | (1 << 30) | (1 << 31);
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
@@ -34,7 +9,7 @@ const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
 /// Adjusts `cpuid` (as KVM reports it supported) for vCPU `index` of `count`.
-pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, hidden: HiddenFeatures) {
+pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) {
     let apic_id = u32::from(index);
     let count = u32::from(count);
     // Bits of the APIC id that select the core within the package.
@@ -44,7 +19,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, hidden: HiddenFeatures
             0x1 => {
                 // EBX: [31:24] initial APIC id, [23:16] logical processors per package.
                 entry.ebx = (entry.ebx & 0x0000_ffff) | (apic_id << 24) | ((count & 0xff) << 16);
-                entry.ecx = (entry.ecx | LEAF1_ECX_HYPERVISOR) & !hidden.leaf1_ecx;
+                entry.ecx |= LEAF1_ECX_HYPERVISOR;
                 if count > 1 {
                     entry.edx |= LEAF1_EDX_HTT;
                 } else {
@@ -57,7 +32,6 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, hidden: HiddenFeatures
                 let sharing = if cache_level >= 3 { count - 1 } else { 0 };
                 entry.eax = (entry.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
             }
-            0x7 if entry.index == 0 => entry.ebx &= !hidden.leaf7_ebx,
             0xb | 0x1f => extended_topology(entry, apic_id, count, core_bits),
             _ => {}
         }
@@ -112,27 +86,15 @@ mod tests {
     }
 
     #[test]
-    fn topology_and_hidden_features() {
-        let mut cpuid = CpuId::from_entries(&[
-            entry(1, 0),
-            entry(7, 0),
-            entry(0xb, 0),
-            entry(0xb, 1),
-            entry(0xb, 2),
-        ])
-        .unwrap();
-        let hidden = HiddenFeatures {
-            leaf1_ecx: LEAF1_ECX_XSAVE,
-            leaf7_ebx: LEAF7_EBX_SMAP,
-        };
-        configure(&mut cpuid, 3, 5, hidden);
+    fn topology() {
+        let mut cpuid =
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]).unwrap();
+        configure(&mut cpuid, 3, 5);
         let leaf1 = find(&cpuid, 1, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 5);
-        assert_eq!(leaf1.ecx & LEAF1_ECX_XSAVE, 0);
         assert_ne!(leaf1.ecx & LEAF1_ECX_HYPERVISOR, 0);
         assert_ne!(leaf1.edx & LEAF1_EDX_HTT, 0);
-        assert_eq!(find(&cpuid, 7, 0).ebx & LEAF7_EBX_SMAP, 0);
         let core = find(&cpuid, 0xb, 1);
         assert_eq!(
             (core.eax, core.ebx, core.ecx >> 8, core.edx),
