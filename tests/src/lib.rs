@@ -1,0 +1,45 @@
+//! Harness shared by the end-to-end tests (`tests/tests/*.rs`) and the benchmarks (`benches/`).
+//!
+//! What it gives you:
+//! - [`GuestImages::get`]: the guest kernel and root filesystems, built (or found in the cache) by
+//!   `guest-images/build.sh`, once per process.
+//! - [`vmm_binary`] and [`require_kvm`]: where the `vmm` binary is, and a hard failure without `/dev/kvm`.
+//! - [`GuestBuilder`] / [`Guest`]: spawn a `vmm` (or any VMM via [`Guest::spawn_command`]) with its
+//!   stdout and stderr captured line by line, timestamped, and waited on with [`Guest::wait_for_line`].
+//! - [`probe_cmdline`] and [`parse_probe_facts`]: talk to the in-kernel guest probe (`vmmprobe`).
+//! - [`rss_breakdown`]: a process's resident memory split into guest RAM and VMM overhead.
+//! - [`crc32`]: zlib's CRC-32, to check what the guest probe reports about data we gave it.
+//!
+//! A typical end-to-end test:
+//!
+//! ```no_run
+//! use std::time::Duration;
+//! use harness::{probe_cmdline, require_kvm, GuestBuilder, GuestImages};
+//!
+//! # fn main() -> anyhow::Result<()> {
+//! require_kvm();
+//! let images = GuestImages::get()?;
+//! let mut guest = GuestBuilder::new(&images.vmlinux)
+//!     .initrd(&images.initramfs)
+//!     .cmdline(&probe_cmdline("poweroff"))
+//!     .spawn()?;
+//! guest.wait_for_line("BOOT-COMPLETE", Duration::from_secs(180))?;
+//! let status = guest.wait_exit(Duration::from_secs(60))?;
+//! assert!(status.success());
+//! # Ok(())
+//! # }
+//! ```
+
+mod crc32;
+mod guest;
+mod images;
+mod output;
+mod probe;
+mod smaps;
+
+pub use crc32::crc32;
+pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
+pub use images::{workspace_root, GuestImages};
+pub use output::{Line, LineHook, Stream};
+pub use probe::{parse_probe_facts, probe_cmdline, ProbeFacts};
+pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};

@@ -1,0 +1,119 @@
+//! Talking to the in-kernel guest probe: its command line and the facts it prints.
+
+/// The guest kernel command line that runs the probe with `actions` (e.g. `"poweroff"`):
+/// `console=ttyS0 quiet vmmprobe.action=<actions>`. The vmm appends host-specific workaround
+/// arguments itself.
+pub fn probe_cmdline(actions: &str) -> String {
+    format!("console=ttyS0 quiet vmmprobe.action={actions}")
+}
+
+/// Facts the guest probe reported on the console; `None` for a fact it did not print.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ProbeFacts {
+    /// `vmmprobe: online-cpus=N`.
+    pub online_cpus: Option<u32>,
+    /// `vmmprobe: memory phys-kib=N ...`: the physical memory the guest found.
+    pub memory_phys_kib: Option<u64>,
+    /// `vmmprobe: memory ... total-kib=M`: what the kernel manages (MemTotal).
+    pub memory_total_kib: Option<u64>,
+    /// `vmmprobe: initrd size=N ...`.
+    pub initrd_size: Option<u64>,
+    /// `vmmprobe: initrd ... crc32=hex` (compare with [`crate::crc32`] of the file).
+    pub initrd_crc32: Option<u32>,
+    /// Whether a line containing `BOOT-COMPLETE` was printed.
+    pub boot_complete: bool,
+}
+
+/// Extracts [`ProbeFacts`] from console output. A `vmmprobe: ` line may carry a printk prefix such as a
+/// timestamp; if a fact is printed more than once, the last value wins.
+pub fn parse_probe_facts(stdout: &str) -> ProbeFacts {
+    let mut facts = ProbeFacts::default();
+    for line in stdout.lines() {
+        if line.contains("BOOT-COMPLETE") {
+            facts.boot_complete = true;
+        }
+        let Some(pos) = line.find("vmmprobe: ") else {
+            continue;
+        };
+        let rest = line[pos + "vmmprobe: ".len()..].trim();
+        let first = rest.split_whitespace().next().unwrap_or("");
+        let value = |key: &str| -> Option<&str> {
+            rest.split_whitespace()
+                .find_map(|w| w.strip_prefix(key)?.strip_prefix('='))
+        };
+        match first {
+            _ if first.starts_with("online-cpus=") => {
+                if let Some(n) = value("online-cpus").and_then(|v| v.parse().ok()) {
+                    facts.online_cpus = Some(n);
+                }
+            }
+            "memory" => {
+                if let Some(n) = value("phys-kib").and_then(|v| v.parse().ok()) {
+                    facts.memory_phys_kib = Some(n);
+                }
+                if let Some(n) = value("total-kib").and_then(|v| v.parse().ok()) {
+                    facts.memory_total_kib = Some(n);
+                }
+            }
+            "initrd" => {
+                if let Some(n) = value("size").and_then(|v| v.parse().ok()) {
+                    facts.initrd_size = Some(n);
+                }
+                if let Some(n) = value("crc32").and_then(parse_hex_u32) {
+                    facts.initrd_crc32 = Some(n);
+                }
+            }
+            _ => {}
+        }
+    }
+    facts
+}
+
+fn parse_hex_u32(s: &str) -> Option<u32> {
+    let digits = s.strip_prefix("0x").or_else(|| s.strip_prefix("0X")).unwrap_or(s);
+    u32::from_str_radix(digits, 16).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cmdline() {
+        assert_eq!(
+            probe_cmdline("poweroff"),
+            "console=ttyS0 quiet vmmprobe.action=poweroff"
+        );
+    }
+
+    #[test]
+    fn parses_facts() {
+        let out = "Linux version 6.1\n\
+                   [    0.512345] vmmprobe: online-cpus=2\n\
+                   vmmprobe: memory phys-kib=131072 total-kib=118000\r\n\
+                   vmmprobe: initrd size=4096 crc32=cbf43926\n\
+                   vmmprobe: BOOT-COMPLETE\n";
+        let facts = parse_probe_facts(out);
+        assert_eq!(
+            facts,
+            ProbeFacts {
+                online_cpus: Some(2),
+                memory_phys_kib: Some(131072),
+                memory_total_kib: Some(118000),
+                initrd_size: Some(4096),
+                initrd_crc32: Some(0xCBF4_3926),
+                boot_complete: true,
+            }
+        );
+    }
+
+    #[test]
+    fn missing_or_garbled_facts_are_none() {
+        let facts = parse_probe_facts("vmmprobe: online-cpus=x\nvmmprobe: initrd crc32=0x0000000A\nnoise\n");
+        assert_eq!(facts.online_cpus, None);
+        assert_eq!(facts.initrd_size, None);
+        assert_eq!(facts.initrd_crc32, Some(10));
+        assert!(!facts.boot_complete);
+        assert_eq!(parse_probe_facts(""), ProbeFacts::default());
+    }
+}
