@@ -1,10 +1,11 @@
 //! Talking to the in-kernel guest probe: its command line and the facts it prints.
 
 /// The guest kernel command line that runs the probe with `actions` (e.g. `"poweroff"`):
-/// `console=ttyS0 quiet vmmprobe.action=<actions>`. The vmm appends host-specific workaround
-/// arguments itself.
+/// `console=ttyS0 quiet pci=off vmmprobe.action=<actions>`. `pci=off` because the guest kernel has
+/// PCI only for ACPI's sake and the VMM has no PCI bus to probe. The vmm appends host-specific
+/// workaround arguments itself.
 pub fn probe_cmdline(actions: &str) -> String {
-    format!("console=ttyS0 quiet vmmprobe.action={actions}")
+    format!("console=ttyS0 quiet pci=off vmmprobe.action={actions}")
 }
 
 /// Facts the guest probe reported on the console; `None` for a fact it did not print.
@@ -82,7 +83,7 @@ mod tests {
     fn cmdline() {
         assert_eq!(
             probe_cmdline("poweroff"),
-            "console=ttyS0 quiet vmmprobe.action=poweroff"
+            "console=ttyS0 quiet pci=off vmmprobe.action=poweroff"
         );
     }
 
