@@ -24,7 +24,10 @@ fn elf_kernel_with_initrd_and_four_vcpus_powers_off() {
     guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
     let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
     let stdout = guest.stdout_text();
-    assert!(status.success(), "guest poweroff must exit 0, got {status:?}\n{stdout}");
+    assert!(
+        status.success(),
+        "guest poweroff must exit 0, got {status:?}\n{stdout}"
+    );
 
     let facts = parse_probe_facts(&stdout);
     assert_eq!(facts.online_cpus, Some(4), "{stdout}");

@@ -25,7 +25,8 @@ const FAILURE_MARKERS: [&str; 3] = ["KVM internal error", "emulation failure", "
 
 /// Same for both VMMs: `noxsave clearcpuid=popcnt,smap` are needed on kvm_pvm hosts (vmm adds them
 /// itself; QEMU gets them here so both guests boot the same way).
-const DEFAULT_CMDLINE: &str = "console=ttyS0 quiet pci=off noxsave clearcpuid=popcnt,smap vmmprobe.action=poweroff";
+const DEFAULT_CMDLINE: &str =
+    "console=ttyS0 quiet pci=off noxsave clearcpuid=popcnt,smap vmmprobe.action=poweroff";
 
 const USAGE: &str = "\
 usage: boot [--runs N] [--vcpus N] [--memory-mib N] [--timeout-secs S] [--exit-timeout-secs S]
