@@ -39,10 +39,18 @@ module_param(action, charp, 0);
 static unsigned int count = 10;
 module_param(count, uint, 0);
 
+/*
+ * Guest kernel code is emulated instruction by instruction on kvm_pvm
+ * hosts, where a CRC-32 of a 2.4 MB initrd costs tens of seconds, so the
+ * checksum is computed only when asked for.
+ */
+static bool initrd_crc;
+module_param(initrd_crc, bool, 0);
+
 /* Captured before populate_rootfs() frees the initrd memory. */
 static bool initrd_seen;
 static unsigned long initrd_size;
-static u32 initrd_crc;
+static u32 initrd_crc_value;
 
 /*
  * All probe output goes through this: KERN_EMERG reaches the console even
@@ -125,7 +133,8 @@ static int __init vmmprobe_capture_initrd(void)
 	initrd_seen = true;
 	initrd_size = initrd_end - initrd_start;
 	/* crc32_le(~0, ...) ^ ~0 is the zlib/IEEE CRC-32 (python's zlib.crc32). */
-	initrd_crc = crc32_le(~0U, (const u8 *)initrd_start, initrd_size) ^ ~0U;
+	if (initrd_crc)
+		initrd_crc_value = crc32_le(~0U, (const u8 *)initrd_start, initrd_size) ^ ~0U;
 	return 0;
 }
 fs_initcall_sync(vmmprobe_capture_initrd);
@@ -136,9 +145,11 @@ static void __init report_facts(void)
 	probe_print("vmmprobe: memory phys-kib=%llu total-kib=%lu",
 		    (unsigned long long)memblock_phys_mem_size() / 1024,
 		    totalram_pages() << (PAGE_SHIFT - 10));
-	if (initrd_seen)
+	if (initrd_seen && initrd_crc)
 		probe_print("vmmprobe: initrd size=%lu crc32=%08x",
-			    initrd_size, initrd_crc);
+			    initrd_size, initrd_crc_value);
+	else if (initrd_seen)
+		probe_print("vmmprobe: initrd size=%lu", initrd_size);
 	else
 		probe_print("vmmprobe: initrd none");
 }

@@ -2,28 +2,49 @@
 //!
 //! Each boot costs tens of seconds of CPU on a `kvm_pvm` host, so every guest serves several checks.
 
+use std::process::ExitStatus;
 use std::time::Duration;
 
-use harness::{parse_probe_facts, probe_cmdline, require_kvm, GuestBuilder, GuestImages};
+use harness::{parse_probe_facts, probe_cmdline, require_kvm, Guest, GuestBuilder, GuestImages};
 
 /// Generous: a cold boot takes 20-40 s of CPU on a kvm_pvm host and tests share two cores.
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 
+/// How a guest that boots and then ends itself went.
+struct Run {
+    status: ExitStatus,
+    stdout: String,
+    stderr: String,
+}
+
+/// Waits for the guest to boot and then to end by itself.
+fn boot_until_exit(mut guest: Guest) -> Run {
+    guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
+    let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
+    Run {
+        status,
+        stdout: guest.stdout_text(),
+        stderr: guest.stderr_text(),
+    }
+}
+
 #[test]
 fn elf_kernel_with_initrd_and_four_vcpus_powers_off() {
     require_kvm();
     let images = GuestImages::get().unwrap();
-    let mut guest = GuestBuilder::new(&images.vmlinux)
+    let guest = GuestBuilder::new(&images.vmlinux)
         .initrd(&images.initramfs)
         .vcpus(4)
         .memory_mib(256)
-        .cmdline(&probe_cmdline("poweroff"))
+        .cmdline(&format!("{} vmmprobe.initrd_crc=1", probe_cmdline("poweroff")))
         .spawn()
         .unwrap();
-    guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
-    let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
-    let stdout = guest.stdout_text();
+    let Run {
+        status,
+        stdout,
+        stderr,
+    } = boot_until_exit(guest);
     assert!(
         status.success(),
         "guest poweroff must exit 0, got {status:?}\n{stdout}"
@@ -34,8 +55,6 @@ fn elf_kernel_with_initrd_and_four_vcpus_powers_off() {
     let initrd = std::fs::read(&images.initramfs).unwrap();
     assert_eq!(facts.initrd_size, Some(initrd.len() as u64), "{stdout}");
     assert_eq!(facts.initrd_crc32, Some(harness::crc32(&initrd)), "{stdout}");
-
-    let stderr = guest.stderr_text();
     assert!(stderr.contains("vmm: first KVM_RUN at "), "{stderr}");
     assert!(stderr.contains("vmm: guest booted in "), "{stderr}");
     assert!(stderr.contains("vmm: guest powered off"), "{stderr}");
@@ -48,15 +67,16 @@ fn memory_above_the_pci_hole_is_all_seen_and_guest_panic_exits_nonzero() {
     require_kvm();
     let images = GuestImages::get().unwrap();
     let memory_mib = 3584;
-    let mut guest = GuestBuilder::new(&images.vmlinux)
+    let guest = GuestBuilder::new(&images.vmlinux)
         .memory_mib(memory_mib)
         .cmdline(&probe_cmdline("panic"))
         .spawn()
         .unwrap();
-    guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
-    let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
-    let stdout = guest.stdout_text();
-    let stderr = guest.stderr_text();
+    let Run {
+        status,
+        stdout,
+        stderr,
+    } = boot_until_exit(guest);
     assert_eq!(status.code(), Some(2), "{stderr}");
     assert!(stderr.contains("vmm: error: guest kernel panicked"), "{stderr}");
 
@@ -71,24 +91,23 @@ fn memory_above_the_pci_hole_is_all_seen_and_guest_panic_exits_nonzero() {
 fn bzimage_boots_and_guest_reboot_exits_cleanly() {
     require_kvm();
     let images = GuestImages::get().unwrap();
-    let mut guest = GuestBuilder::new(&images.bzimage)
+    let guest = GuestBuilder::new(&images.bzimage)
         .cmdline(&probe_cmdline("reboot"))
         .spawn()
         .unwrap();
-    guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
-    let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
-    let stdout = guest.stdout_text();
+    let Run {
+        status,
+        stdout,
+        stderr,
+    } = boot_until_exit(guest);
     assert!(
         status.success(),
         "guest reboot must exit 0, got {status:?}\n{stdout}"
     );
-    assert_eq!(parse_probe_facts(&stdout).online_cpus, Some(1), "{stdout}");
-    assert_eq!(parse_probe_facts(&stdout).initrd_size, None, "{stdout}");
-    assert!(
-        guest.stderr_text().contains("vmm: guest requested a reset"),
-        "{}",
-        guest.stderr_text()
-    );
+    let facts = parse_probe_facts(&stdout);
+    assert_eq!(facts.online_cpus, Some(1), "{stdout}");
+    assert_eq!(facts.initrd_size, None, "{stdout}");
+    assert!(stderr.contains("vmm: guest requested a reset"), "{stderr}");
 }
 
 #[test]

@@ -62,32 +62,31 @@ fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
     })
 }
 
-/// Loads kernel, initrd and command line into guest memory and writes the firmware tables and boot
-/// information that point to them.
-fn load_payload(
+/// Writes the command line, the firmware tables and the boot information that point to the
+/// loaded kernel and initrd.
+fn write_boot_data(
     config: &VmConfig,
     flavor: KvmFlavor,
     mem: &GuestMemoryMmap,
-    kernel_file: &mut File,
-    initrd_file: Option<&mut File>,
-) -> Result<boot::LoadedKernel, BuildError> {
-    let kernel = boot::load_kernel(mem, kernel_file)?;
-    let initrd = initrd_file
-        .map(|f| boot::load_initrd(mem, &kernel, f))
-        .transpose()?;
+    kernel: &boot::LoadedKernel,
+    initrd: Option<boot::InitrdRegion>,
+) -> Result<(), BuildError> {
+    if let Some(initrd) = &initrd {
+        boot::check_initrd_placement(kernel, initrd)?;
+    }
     let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, flavor.extra_kernel_args());
     let cmdline_len = boot::write_cmdline(mem, &cmdline)?;
     let rsdp = acpi::write_tables(mem, config.machine.vcpus)?;
     let memory_map = layout::memory_map(&layout::ram_ranges(config.machine.memory_mib << 20));
     let info = boot::BootInfo {
-        kernel: &kernel,
+        kernel,
         initrd,
         cmdline_len,
         memory_map: &memory_map,
         rsdp,
     };
     boot::write_boot_info(mem, &info)?;
-    Ok(kernel)
+    Ok(())
 }
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
@@ -113,23 +112,28 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
     };
 
     let mem = memory::create_guest_memory(config.machine.memory_mib)?;
-    // KVM's first memory slot costs milliseconds on some hosts and loading the kernel costs page
-    // faults: do both at once.
-    let (kvm_vm, payload) = std::thread::scope(|scope| {
+    // KVM's first memory slot costs milliseconds on some hosts, and loading kernel and initrd costs
+    // page faults: split the work over two threads.
+    let (kvm_side, kernel) = std::thread::scope(|scope| {
         let kvm_side = scope.spawn(|| -> Result<_, BuildError> {
             let kvm = vm::open_kvm()?;
             let vm = vm::create_vm(&kvm)?;
             memory::register_with_kvm(&vm, &mem)?;
-            Ok((kvm, vm))
+            let initrd = initrd_file
+                .as_mut()
+                .map(|f| boot::load_initrd(&mem, f))
+                .transpose()?;
+            Ok((kvm, vm, initrd))
         });
-        let payload = load_payload(config, flavor, &mem, &mut kernel_file, initrd_file.as_mut());
-        let kvm_vm = kvm_side
+        let kernel = boot::load_kernel(&mem, &mut kernel_file);
+        let kvm_side = kvm_side
             .join()
             .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
-        (kvm_vm, payload)
+        (kvm_side, kernel)
     });
-    let (kvm, vm) = kvm_vm?;
-    let kernel = payload?;
+    let kernel = kernel?;
+    let (kvm, vm, initrd) = kvm_side?;
+    write_boot_data(config, flavor, &mem, &kernel, initrd)?;
 
     let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
     let devices = device_manager::create_devices(&vm, &exits, serial, process_start)?;

@@ -115,12 +115,14 @@ pub struct InitrdRegion {
     pub size: u64,
 }
 
-/// Loads the initrd as high in low memory as the kernel accepts, page aligned, above the kernel.
-pub fn load_initrd(
-    mem: &GuestMemoryMmap,
-    kernel: &LoadedKernel,
-    initrd: &mut File,
-) -> Result<InitrdRegion, BootError> {
+/// Highest address (exclusive) an initrd may end at: below 2 GiB, which every kernel since boot
+/// protocol 2.03 accepts (`initrd_addr_max` = 0x7fffffff), so the initrd can be placed before the
+/// kernel's own header has been read. [`check_initrd_placement`] verifies it afterwards.
+const INITRD_LIMIT: u64 = 0x8000_0000;
+
+/// Loads the initrd page aligned as high in low memory as any kernel accepts. Independent of the kernel,
+/// so the two load in parallel.
+pub fn load_initrd(mem: &GuestMemoryMmap, initrd: &mut File) -> Result<InitrdRegion, BootError> {
     let size = initrd.seek(SeekFrom::End(0)).map_err(BootError::ReadInitrd)?;
     initrd.rewind().map_err(BootError::ReadInitrd)?;
     let low_ram_end = mem
@@ -129,14 +131,11 @@ pub fn load_initrd(
         .filter(|end| *end <= layout::MMIO_HOLE_START)
         .max()
         .unwrap_or(0);
-    let limit = match kernel.setup_header {
-        Some(hdr) => low_ram_end.min(u64::from(hdr.initrd_addr_max) + 1),
-        None => low_ram_end,
-    };
-    let too_large = BootError::InitrdTooLarge { size };
-    let addr = limit.checked_sub(size).ok_or(too_large)? & !0xfff;
-    if addr < kernel.end || size > usize::MAX as u64 {
-        return Err(BootError::InitrdTooLarge { size });
+    let limit = low_ram_end.min(INITRD_LIMIT);
+    let too_large = || BootError::InitrdTooLarge { size };
+    let addr = limit.checked_sub(size).ok_or_else(too_large)? & !0xfff;
+    if addr < layout::HIGH_MEMORY_ADDR || size > usize::MAX as u64 {
+        return Err(too_large());
     }
     mem.read_exact_volatile_from(GuestAddress(addr), initrd, size as usize)
         .map_err(|e| BootError::ReadInitrd(std::io::Error::other(e)))?;
@@ -144,6 +143,19 @@ pub fn load_initrd(
         addr: GuestAddress(addr),
         size,
     })
+}
+
+/// Checks that a separately loaded initrd neither overlaps the kernel nor ends beyond what its
+/// boot protocol accepts.
+pub fn check_initrd_placement(kernel: &LoadedKernel, initrd: &InitrdRegion) -> Result<(), BootError> {
+    let end = initrd.addr.0 + initrd.size;
+    let max_end = kernel
+        .setup_header
+        .map_or(u64::MAX, |hdr| u64::from(hdr.initrd_addr_max) + 1);
+    if initrd.addr.0 < kernel.end || end > max_end {
+        return Err(BootError::InitrdTooLarge { size: initrd.size });
+    }
+    Ok(())
 }
 
 /// Builds and writes the command line; returns its length including the NUL.
@@ -266,4 +278,56 @@ fn write_zero_page(mem: &GuestMemoryMmap, info: &BootInfo) -> Result<(), BootErr
     params.e820_entries = info.memory_map.len().min(params.e820_table.len()) as u8;
     mem.write_obj(ZeroPage(params), GuestAddress(layout::ZERO_PAGE_ADDR))?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::io::Write;
+
+    use super::*;
+
+    fn temp_file(bytes: &[u8]) -> File {
+        let path =
+            std::env::temp_dir().join(format!("vmm-initrd-test-{}-{}", std::process::id(), bytes.len()));
+        File::create(&path).unwrap().write_all(bytes).unwrap();
+        let file = File::open(&path).unwrap();
+        std::fs::remove_file(&path).unwrap();
+        file
+    }
+
+    fn kernel_ending_at(end: u64) -> LoadedKernel {
+        LoadedKernel {
+            entry: EntryPoint::Pvh(GuestAddress(0x100_0000)),
+            setup_header: None,
+            end,
+        }
+    }
+
+    #[test]
+    fn initrd_goes_to_the_top_of_low_memory_below_2g() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 64 << 20)]).unwrap();
+        let initrd = load_initrd(&mem, &mut temp_file(&[7u8; 5000])).unwrap();
+        assert_eq!(initrd.addr.0, (64 << 20) - 0x2000);
+        assert_eq!(initrd.size, 5000);
+        let mut back = [0u8; 5000];
+        mem.read_slice(&mut back, initrd.addr).unwrap();
+        assert!(back.iter().all(|b| *b == 7));
+        check_initrd_placement(&kernel_ending_at(32 << 20), &initrd).unwrap();
+        // Overlapping the kernel is refused.
+        assert!(check_initrd_placement(&kernel_ending_at(64 << 20), &initrd).is_err());
+
+        let big = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 3 << 30)]).unwrap();
+        let initrd = load_initrd(&big, &mut temp_file(&[1u8; 100])).unwrap();
+        assert_eq!(initrd.addr.0, INITRD_LIMIT - 0x1000);
+    }
+
+    #[test]
+    fn initrd_larger_than_memory_is_an_error() {
+        let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
+        let err = load_initrd(&mem, &mut temp_file(&[0u8; 3 << 20])).unwrap_err();
+        assert!(
+            matches!(err, BootError::InitrdTooLarge { size } if size == 3 << 20),
+            "{err}"
+        );
+    }
 }
