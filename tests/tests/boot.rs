@@ -20,8 +20,13 @@ struct Run {
 
 /// Waits for the guest to boot and then to end by itself.
 fn boot_until_exit(mut guest: Guest) -> Run {
-    guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
-    let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
+    if let Err(e) = guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT) {
+        panic!("guest did not boot: {e:#}");
+    }
+    let status = match guest.wait_exit(EXIT_TIMEOUT) {
+        Ok(status) => status,
+        Err(e) => panic!("guest did not exit by itself: {e:#}"),
+    };
     Run {
         status,
         stdout: guest.stdout_text(),
