@@ -8,4 +8,5 @@ pub mod builder;
 pub mod cli;
 pub mod device_manager;
 pub mod exit;
+pub mod logger;
 pub mod vstate;

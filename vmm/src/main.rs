@@ -8,6 +8,7 @@ use vmm::cli::{self, Command};
 fn main() {
     // Taken first thing so that "booted in" and "first KVM_RUN" are measured from process start.
     let process_start = Instant::now();
+    vmm::logger::init();
     let code = match cli::parse(std::env::args().skip(1)) {
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
