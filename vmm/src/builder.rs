@@ -158,6 +158,7 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
         mmio: devices.mmio,
         exits,
         process_start,
+        guest_memory: mem.clone(),
     };
     for vcpu in vcpus {
         // The threads are detached: the process exits once the VM has ended, which stops them.

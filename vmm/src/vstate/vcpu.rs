@@ -41,6 +41,9 @@ pub struct ExitContext {
     pub exits: Arc<ExitEvents>,
     /// Process start, for the time-to-first-KVM_RUN log line.
     pub process_start: Instant,
+    /// Keeps guest memory mapped for as long as any vCPU thread exists, whatever the builder's
+    /// thread does with its own handle.
+    pub guest_memory: GuestMemoryMmap,
 }
 
 /// A configured vCPU, not yet running.
