@@ -134,6 +134,9 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
     write_boot_data(config, flavor, &mem, &kernel, initrd)?;
+    // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
+    // guest's own page faults benefit from them.
+    memory::request_huge_pages(&mem);
 
     let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
     let devices = device_manager::create_devices(&vm, &exits, serial, process_start)?;

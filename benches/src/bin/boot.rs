@@ -31,9 +31,12 @@ const DEFAULT_CMDLINE: &str =
 const USAGE: &str = "\
 usage: boot [--runs N] [--vcpus N] [--memory-mib N] [--timeout-secs S] [--exit-timeout-secs S]
             [--out PATH] [--no-qemu] [--no-vmm] [--qemu PATH] [--kernel PATH --initrd PATH] [--cmdline STR]
+            [--paired]
 
 Boots the guest-images VMLINUX + INITRAMFS N times (default 5) with vmm and QEMU microvm, alternating.
 Prints a Markdown table; writes JSON (summary and raw samples) to --out (default target/bench/boot.json).
+With --paired, each run boots vmm and QEMU at the same time (one per host core), so both see the same
+host conditions, and the table adds the median of the per-run ratios.
 The vmm binary is $VMM_BIN, else target/release/vmm, else target/debug/vmm.";
 
 #[derive(Debug, Clone)]
@@ -49,6 +52,8 @@ struct Options {
     kernel: Option<PathBuf>,
     initrd: Option<PathBuf>,
     cmdline: String,
+    /// Boot vmm and QEMU at the same time instead of one after the other.
+    paired: bool,
 }
 
 impl Options {
@@ -65,6 +70,7 @@ impl Options {
             kernel: None,
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
+            paired: false,
         };
         let mut args = args.into_iter();
         while let Some(arg) = args.next() {
@@ -86,6 +92,7 @@ impl Options {
                 "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
                 "--initrd" => opts.initrd = Some(PathBuf::from(value()?)),
                 "--cmdline" => opts.cmdline = value()?,
+                "--paired" => opts.paired = true,
                 "-h" | "--help" => bail!("{USAGE}"),
                 other => bail!("unknown argument {other:?}\n{USAGE}"),
             }
@@ -368,8 +375,16 @@ fn markdown_table(opts: &Options, ours: &[Sample], qemu: &[Sample]) -> String {
     let (s_ours, s_qemu) = (summarize(ours), summarize(qemu));
     let mut t = String::new();
     t.push_str(&format!(
-        "Boot: {} run(s) per VMM, {} vCPU, {} MiB, cmdline `{}`\n\n",
-        opts.runs, opts.vcpus, opts.memory_mib, opts.cmdline
+        "Boot: {} run(s) per VMM{}, {} vCPU, {} MiB, cmdline `{}`\n\n",
+        opts.runs,
+        if opts.paired {
+            " (vmm and QEMU booted side by side)"
+        } else {
+            ", alternating"
+        },
+        opts.vcpus,
+        opts.memory_mib,
+        opts.cmdline
     ));
     t.push_str("| metric | vmm median | vmm p90 | qemu median | qemu p90 | vmm/qemu (medians) |\n");
     t.push_str("|---|---:|---:|---:|---:|---:|\n");
@@ -385,6 +400,21 @@ fn markdown_table(opts: &Options, ours: &[Sample], qemu: &[Sample]) -> String {
             cell(p90(b), *decimals),
             cell(ratio(med(a), med(b)), 2),
         ));
+    }
+    if opts.paired {
+        for (i, (_, label, _, get)) in METRICS.iter().enumerate() {
+            let ratios: Vec<f64> = ours
+                .iter()
+                .zip(qemu)
+                .filter_map(|(a, b)| ratio(get(a), get(b)))
+                .collect();
+            if let (Some(summary), true) = (Summary::of(&ratios), s_qemu[i].is_some()) {
+                t.push_str(&format!(
+                    "| {label}: median of paired vmm/qemu ratios | | | | | {} |\n",
+                    cell(Some(summary.median), 2)
+                ));
+            }
+        }
     }
     let ok = |s: &[Sample]| s.iter().filter(|s| s.error.is_none()).count();
     t.push_str(&format!(
@@ -499,6 +529,17 @@ fn main() -> Result<()> {
 
     let (mut ours, mut qemu) = (Vec::new(), Vec::new());
     for run in 0..opts.runs {
+        if opts.paired && opts.vmm && opts.qemu.is_some() {
+            let (a, b) = std::thread::scope(|scope| {
+                let a = scope.spawn(|| bench.run_once(Vmm::Ours, run));
+                let b = bench.run_once(Vmm::Qemu, run);
+                (a.join().unwrap_or_else(|p| std::panic::resume_unwind(p)), b)
+            });
+            eprintln!("{}\n{}", describe(Vmm::Ours, &a), describe(Vmm::Qemu, &b));
+            ours.push(a);
+            qemu.push(b);
+            continue;
+        }
         if opts.vmm {
             let s = bench.run_once(Vmm::Ours, run);
             eprintln!("{}", describe(Vmm::Ours, &s));
