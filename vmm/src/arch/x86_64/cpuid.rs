@@ -1,9 +1,12 @@
 //! The CPUID each vCPU sees: what KVM supports, with a consistent topology (one package, one thread
-//! per core, APIC id = vCPU index) and the hypervisor bit set.
+//! per core, APIC id = vCPU index), the hypervisor bit set and invariant TSC hidden.
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
 const LEAF1_ECX_HYPERVISOR: u32 = 1 << 31;
+/// Invariant TSC. Hidden, as QEMU does by default: a VM's TSC is only invariant until it is migrated or
+/// restored on another host, and with it hidden the guest keeps kvmclock as its clocksource.
+const LEAF_8000_0007_EDX_INVARIANT_TSC: u32 = 1 << 8;
 const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
@@ -33,6 +36,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) {
                 entry.eax = (entry.eax & 0x3fff) | ((sharing & 0xfff) << 14) | (((count - 1) & 0x3f) << 26);
             }
             0xb | 0x1f => extended_topology(entry, apic_id, count, core_bits),
+            0x8000_0007 => entry.edx &= !LEAF_8000_0007_EDX_INVARIANT_TSC,
             _ => {}
         }
     }
@@ -87,8 +91,10 @@ mod tests {
 
     #[test]
     fn topology() {
+        let mut invtsc = entry(0x8000_0007, 0);
+        invtsc.edx = LEAF_8000_0007_EDX_INVARIANT_TSC | 1;
         let mut cpuid =
-            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2)]).unwrap();
+            CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), invtsc]).unwrap();
         configure(&mut cpuid, 3, 5);
         let leaf1 = find(&cpuid, 1, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
@@ -101,5 +107,10 @@ mod tests {
             (3, 5, LEVEL_TYPE_CORE, 3)
         );
         assert_eq!(find(&cpuid, 0xb, 2).ebx, 0);
+        assert_eq!(
+            find(&cpuid, 0x8000_0007, 0).edx,
+            1,
+            "invariant TSC hidden, other bits kept"
+        );
     }
 }

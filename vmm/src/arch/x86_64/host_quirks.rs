@@ -9,17 +9,18 @@
 //!
 //! | kernel arguments added            | result                                                  |
 //! |-----------------------------------|---------------------------------------------------------|
-//! | none (CPUID filtered instead)     | emulation failure right after XSAVE feature detection   |
+//! | none (XSAVE etc. hidden in CPUID)  | emulation failure right after XSAVE feature detection   |
 //! | `clearcpuid=popcnt,smap`          | emulation failure right after XSAVE feature detection   |
 //! | `noxsave`                         | emulation failure early in CPU setup (POPCNT in use)     |
 //! | `noxsave clearcpuid=smap`         | emulation failure early in CPU setup (POPCNT in use)     |
 //! | `noxsave clearcpuid=popcnt`       | emulation failure at the first user-access (STAC/CLAC)   |
 //! | `noxsave clearcpuid=popcnt,smap`  | boots                                                    |
 //!
-//! Hiding XSAVE, POPCNT and SMAP through `KVM_SET_CPUID2` does not work there: the guest executes
-//! CPUID without an exit and sees the host's bits. So the VMM appends the arguments instead; the
-//! kernel parses them before it uses any of the three features (`noxsave` is read directly from the
-//! boot command line, which is why the kernel also logs it as an "unknown parameter" it hands to init).
+//! Hiding XSAVE, POPCNT and SMAP through `KVM_SET_CPUID2` does not help there: the guest still
+//! detected and used XSAVE with those bits cleared (other leaves the VMM sets, such as invariant TSC,
+//! do reach it). So the VMM appends the arguments instead; the kernel parses them before it uses any of
+//! the three features (`noxsave` is read directly from the boot command line, which is why the kernel
+//! also logs it as an "unknown parameter" it hands to init).
 
 use std::path::Path;
 
