@@ -8,4 +8,4 @@ cd "$(dirname "$0")/.."
 eval "$(scripts/setup.sh)"
 actions=${1:-poweroff}
 exec target/release/vmm --kernel "$VMLINUX" --initrd "$INITRAMFS" --vcpus 2 --memory-mib 256 \
-    --cmdline "console=ttyS0 quiet vmmprobe.action=$actions"
+    --cmdline "console=ttyS0 quiet pci=off vmmprobe.action=$actions"
