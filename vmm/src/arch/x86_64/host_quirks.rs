@@ -55,24 +55,17 @@ impl KvmFlavor {
 /// Appends `extra` arguments to `cmdline`, skipping any the user already gave. Arguments after a `--`
 /// belong to init, so kernel arguments go before it.
 pub fn with_extra_args(cmdline: &str, extra: &[&str]) -> String {
-    let (kernel_part, init_part) = match cmdline.find(" -- ") {
-        Some(i) => (&cmdline[..i], Some(&cmdline[i + 1..])),
-        None => (cmdline, None),
-    };
-    let mut out = kernel_part.trim().to_string();
-    for arg in extra {
-        if !kernel_part.split_whitespace().any(|a| a == *arg) {
-            if !out.is_empty() {
-                out.push(' ');
-            }
-            out.push_str(arg);
-        }
-    }
-    if let Some(init) = init_part {
-        out.push(' ');
-        out.push_str(init);
-    }
-    out
+    let words: Vec<&str> = cmdline.split_whitespace().collect();
+    let (kernel_args, init_args) =
+        words.split_at(words.iter().position(|w| *w == "--").unwrap_or(words.len()));
+    let missing = extra.iter().filter(|arg| !kernel_args.contains(arg));
+    kernel_args
+        .iter()
+        .chain(missing)
+        .chain(init_args)
+        .copied()
+        .collect::<Vec<_>>()
+        .join(" ")
 }
 
 #[cfg(test)]
@@ -93,6 +86,10 @@ mod tests {
         assert_eq!(
             with_extra_args("quiet -- echo hi", &["noxsave"]),
             "quiet noxsave -- echo hi"
+        );
+        assert_eq!(
+            with_extra_args("-- echo noxsave", &["noxsave"]),
+            "noxsave -- echo noxsave"
         );
     }
 
