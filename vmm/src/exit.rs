@@ -4,6 +4,7 @@
 //! event-manager loop watches them and decides the outcome. When several arrive together the most
 //! severe wins: a panic is reported even if the guest then reboots (`panic=1`).
 
+use std::os::fd::AsRawFd;
 use std::sync::{Arc, Mutex};
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
@@ -148,8 +149,6 @@ impl MutEventSubscriber for ExitWatcher {
         }
     }
 }
-
-use std::os::fd::AsRawFd;
 
 #[cfg(test)]
 mod tests {
