@@ -3,5 +3,7 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod rate_limiter;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
+pub use rate_limiter::{RateLimiterConfig, RateLimiterConfigError, TokenBucketConfig};

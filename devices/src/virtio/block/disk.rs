@@ -1,0 +1,179 @@
+//! The host side of a drive: a raw image file, locked against concurrent writers.
+
+use std::fs::{File, OpenOptions};
+use std::io::{Seek, SeekFrom};
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+
+/// Bytes per virtio-blk sector, whatever the host's block size.
+pub const SECTOR_SIZE: u64 = 512;
+
+/// Why a disk image cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum DiskError {
+    /// The image could not be opened.
+    #[error("cannot open disk image {path}: {source}")]
+    Open {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// Another process (most likely another VM) holds a conflicting lock on the image.
+    #[error("disk image {path} is in use by another process (it holds a lock on the file)")]
+    Locked {
+        /// The image.
+        path: PathBuf,
+    },
+    /// Locking failed for another reason.
+    #[error("cannot lock disk image {path}: {source}")]
+    Lock {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The image size is not usable as a disk.
+    #[error("disk image {path} is {size} bytes, which is not a positive multiple of 512")]
+    Size {
+        /// The image.
+        path: PathBuf,
+        /// Its size in bytes.
+        size: u64,
+    },
+}
+
+/// An open, locked disk image.
+#[derive(Debug)]
+pub struct DiskImage {
+    file: File,
+    path: PathBuf,
+    sectors: u64,
+    read_only: bool,
+}
+
+impl DiskImage {
+    /// Opens `path` and takes an advisory lock on it: exclusive for a writable drive, shared for a
+    /// read-only one, so that two VMs can share a read-only base image but never write the same disk
+    /// (or read one that another VM is writing). The lock lives as long as the file stays open.
+    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+        let path_buf = path.to_path_buf();
+        let mut file = OpenOptions::new()
+            .read(true)
+            .write(!read_only)
+            .open(path)
+            .map_err(|source| DiskError::Open {
+                path: path_buf.clone(),
+                source,
+            })?;
+        lock(&file, read_only).map_err(|source| match source.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => DiskError::Locked {
+                path: path_buf.clone(),
+            },
+            _ => DiskError::Lock {
+                path: path_buf.clone(),
+                source,
+            },
+        })?;
+        // Seeking also gives the size of block devices, whose metadata length is 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| DiskError::Open {
+            path: path_buf.clone(),
+            source,
+        })?;
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::Size { path: path_buf, size });
+        }
+        Ok(DiskImage {
+            file,
+            path: path_buf,
+            sectors: size / SECTOR_SIZE,
+            read_only,
+        })
+    }
+
+    /// The open image.
+    pub fn file(&self) -> &File {
+        &self.file
+    }
+
+    /// Where it was opened from.
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Capacity in 512-byte sectors.
+    pub fn sectors(&self) -> u64 {
+        self.sectors
+    }
+
+    /// Whether the guest may only read it.
+    pub fn read_only(&self) -> bool {
+        self.read_only
+    }
+}
+
+fn lock(file: &File, shared: bool) -> std::io::Result<()> {
+    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    // SAFETY: flock only takes a file descriptor that `file` keeps open, and flags; no memory is
+    // passed.
+    let ret = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::virtio::test_utils::TempDir;
+    use std::io::Write;
+
+    fn image(len: usize) -> (TempDir, PathBuf) {
+        let dir = TempDir::new("disk");
+        let path = dir.path().join("disk.img");
+        File::create(&path).unwrap().write_all(&vec![0u8; len]).unwrap();
+        (dir, path)
+    }
+
+    #[test]
+    fn rejects_sizes_that_are_not_sectors() {
+        let (_dir, path) = image(1000);
+        let err = DiskImage::open(&path, false).unwrap_err();
+        assert!(matches!(err, DiskError::Size { size: 1000, .. }), "{err}");
+        assert!(err.to_string().contains("not a positive multiple of 512"));
+        let (_dir, path) = image(0);
+        assert!(matches!(
+            DiskImage::open(&path, true),
+            Err(DiskError::Size { size: 0, .. })
+        ));
+    }
+
+    #[test]
+    fn writers_are_exclusive_readers_share() {
+        let (_dir, path) = image(4096);
+        let disk = DiskImage::open(&path, false).unwrap();
+        assert_eq!(disk.sectors(), 8);
+        let err = DiskImage::open(&path, false).unwrap_err();
+        assert!(matches!(err, DiskError::Locked { .. }), "{err}");
+        assert!(matches!(
+            DiskImage::open(&path, true),
+            Err(DiskError::Locked { .. })
+        ));
+        drop(disk);
+        let a = DiskImage::open(&path, true).unwrap();
+        let _b = DiskImage::open(&path, true).unwrap();
+        assert!(a.read_only());
+        assert!(matches!(
+            DiskImage::open(&path, false),
+            Err(DiskError::Locked { .. })
+        ));
+    }
+
+    #[test]
+    fn missing_file_names_the_path() {
+        let err = DiskImage::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
+        assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
+    }
+}

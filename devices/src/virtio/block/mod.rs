@@ -1,0 +1,19 @@
+//! virtio-blk on a raw image file.
+//!
+//! `request` validates what the guest asks for, `io` turns it into host operations, `engine` runs
+//! them (io_uring or synchronously), `device` ties them to the virtqueue, and `disk` owns the image.
+
+mod device;
+pub mod disk;
+pub mod engine;
+pub mod io;
+pub mod metrics;
+pub mod request;
+
+pub use device::{Block, BlockError, BlockSpec, MAX_DISCARD_SECTORS, QUEUE_SIZE};
+pub use disk::{DiskError, DiskImage, SECTOR_SIZE};
+pub use engine::EngineKind;
+pub use metrics::{BlockMetrics, BlockMetricsSnapshot};
+
+#[cfg(test)]
+mod tests;

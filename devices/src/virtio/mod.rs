@@ -1,0 +1,178 @@
+//! Virtio devices and the virtio-mmio transport that exposes them to the guest.
+//!
+//! A device implements [`VirtioDevice`]; [`mmio::MmioTransport`] owns it, speaks the virtio-mmio
+//! register protocol on the MMIO bus, and hands the device its queues when the driver sets
+//! DRIVER_OK. Queue notifications arrive on per-queue eventfds (registered with KVM as ioeventfds, so
+//! a guest kick never exits to user space) and interrupts leave through an irqfd.
+
+pub mod block;
+pub mod mmio;
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_utils;
+
+use std::os::fd::RawFd;
+use std::sync::atomic::{AtomicU32, Ordering};
+
+use virtio_queue::Queue;
+use vm_memory::GuestMemoryMmap;
+use vmm_sys_util::eventfd::EventFd;
+
+pub use virtio_bindings::virtio_ids::{VIRTIO_ID_BLOCK as TYPE_BLOCK, VIRTIO_ID_NET as TYPE_NET};
+
+/// Feature bit: the device follows virtio 1.x ("modern"). Required by this transport.
+pub const VIRTIO_F_VERSION_1: u32 = virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+/// Feature bit: descriptors may point to indirect descriptor tables.
+pub const VIRTIO_RING_F_INDIRECT_DESC: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_INDIRECT_DESC;
+/// Feature bit: used/avail event indexes suppress notifications and interrupts.
+pub const VIRTIO_RING_F_EVENT_IDX: u32 = virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+
+/// Interrupt status bit: a queue has new used buffers.
+const INT_VRING: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_VRING;
+/// Interrupt status bit: the configuration space changed.
+const INT_CONFIG: u32 = virtio_bindings::virtio_mmio::VIRTIO_MMIO_INT_CONFIG;
+
+/// Bit `bit` of a 64-bit feature word.
+pub const fn feature(bit: u32) -> u64 {
+    1 << bit
+}
+
+/// The interrupt of one virtio device: the InterruptStatus register and the irqfd behind it.
+#[derive(Debug)]
+pub struct Interrupt {
+    irqfd: EventFd,
+    status: AtomicU32,
+}
+
+impl Interrupt {
+    /// Wraps an eventfd that KVM injects as this device's interrupt.
+    pub fn new(irqfd: EventFd) -> Self {
+        Interrupt {
+            irqfd,
+            status: AtomicU32::new(0),
+        }
+    }
+
+    /// Tells the driver that a queue has new used buffers.
+    pub fn signal_used_queue(&self) {
+        self.raise(INT_VRING);
+    }
+
+    /// Tells the driver that the configuration space changed.
+    pub fn signal_config_change(&self) {
+        self.raise(INT_CONFIG);
+    }
+
+    fn raise(&self, bit: u32) {
+        self.status.fetch_or(bit, Ordering::SeqCst);
+        // The write only fails if the counter would overflow, and then an interrupt is pending anyway.
+        if let Err(e) = self.irqfd.write(1) {
+            log::warn!("virtio interrupt: {e}");
+        }
+    }
+
+    /// The InterruptStatus register.
+    pub fn status(&self) -> u32 {
+        self.status.load(Ordering::SeqCst)
+    }
+
+    /// InterruptACK: clears the acknowledged bits.
+    pub fn ack(&self, bits: u32) {
+        self.status.fetch_and(!bits, Ordering::SeqCst);
+    }
+
+    fn clear(&self) {
+        self.status.store(0, Ordering::SeqCst);
+    }
+}
+
+/// What a device gets when the driver sets DRIVER_OK.
+pub struct Activation {
+    /// Guest memory the queues and buffers live in.
+    pub mem: GuestMemoryMmap,
+    /// The queues, configured and validated, in queue-index order.
+    pub queues: Vec<Queue>,
+    /// The features the driver accepted.
+    pub acked_features: u64,
+}
+
+/// Why a device refused to start.
+#[derive(Debug, thiserror::Error)]
+pub enum ActivateError {
+    /// The driver configured a different number of queues than the device has.
+    #[error("expected {expected} queues, got {got}")]
+    QueueCount {
+        /// Queues the device has.
+        expected: usize,
+        /// Queues the transport passed.
+        got: usize,
+    },
+    /// A queue is not ready or its rings lie outside guest memory.
+    #[error("queue {0} is not ready or lies outside guest memory")]
+    InvalidQueue(usize),
+    /// The device could not set up its back end.
+    #[error("{0}")]
+    Backend(String),
+}
+
+/// A virtio device behind a transport.
+///
+/// The transport calls everything here with the device's lock held: register accesses come from
+/// vCPU threads, [`VirtioDevice::handle_event`] from the VMM's event loop.
+pub trait VirtioDevice: Send {
+    /// The virtio device ID (e.g. [`TYPE_BLOCK`]).
+    fn device_type(&self) -> u32;
+    /// The maximum size of each queue; its length is the number of queues.
+    fn queue_max_sizes(&self) -> &[u16];
+    /// The features the device offers.
+    fn avail_features(&self) -> u64;
+    /// Reads `data.len()` bytes of the configuration space at `offset`. Out-of-range bytes read as 0.
+    fn read_config(&self, offset: u64, data: &mut [u8]);
+    /// Writes the configuration space. Devices with a read-only configuration ignore this.
+    fn write_config(&mut self, offset: u64, data: &[u8]);
+    /// One eventfd per queue, signalled when the driver notifies that queue.
+    fn queue_events(&self) -> &[EventFd];
+    /// Starts processing the queues.
+    fn activate(
+        &mut self,
+        activation: Activation,
+        interrupt: &std::sync::Arc<Interrupt>,
+    ) -> Result<(), ActivateError>;
+    /// Stops processing, waits for requests in flight, and drops the queues. Afterwards the device
+    /// can be activated again.
+    fn reset(&mut self);
+    /// Every file descriptor the event loop should watch for this device, each with a token that
+    /// is passed back to [`VirtioDevice::handle_event`]. Queue eventfds use their queue index.
+    fn event_sources(&self) -> Vec<(RawFd, u32)>;
+    /// Called when the source with `token` is readable. Called even before activation (a hostile
+    /// driver may notify early): the device must then just consume the event.
+    fn handle_event(&mut self, token: u32);
+}
+
+/// Consumes a pending eventfd signal. A failure means nothing was pending (spurious wake-up).
+pub(crate) fn drain_eventfd(evt: &EventFd) {
+    if let Err(e) = evt.read() {
+        if e.kind() != std::io::ErrorKind::WouldBlock {
+            log::warn!("eventfd read: {e}");
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vmm_sys_util::eventfd::EFD_NONBLOCK;
+
+    #[test]
+    fn interrupt_status_and_ack() {
+        let irq = EventFd::new(EFD_NONBLOCK).unwrap();
+        let interrupt = Interrupt::new(irq.try_clone().unwrap());
+        interrupt.signal_used_queue();
+        interrupt.signal_config_change();
+        assert_eq!(interrupt.status(), INT_VRING | INT_CONFIG);
+        assert_eq!(irq.read().unwrap(), 2);
+        interrupt.ack(INT_VRING);
+        assert_eq!(interrupt.status(), INT_CONFIG);
+        interrupt.clear();
+        assert_eq!(interrupt.status(), 0);
+    }
+}
