@@ -4,6 +4,8 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::drive::{validate_drives, DriveConfig};
+
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
 /// Smallest guest memory that a Linux guest can boot in, in MiB.
@@ -18,8 +20,8 @@ pub enum ConfigError {
     /// A value is out of range.
     #[error("invalid VM config: {field}: {reason}")]
     Invalid {
-        /// Dotted path of the offending field, e.g. `machine.vcpus`.
-        field: &'static str,
+        /// Dotted path of the offending field, e.g. `machine.vcpus` or `drives[1].path`.
+        field: String,
         /// What is wrong with it.
         reason: String,
     },
@@ -37,6 +39,10 @@ pub struct VmConfig {
     /// Where the guest's serial console goes.
     #[serde(default)]
     pub serial: SerialConfig,
+    /// virtio-blk drives, in the order the guest sees them (`/dev/vda`, `/dev/vdb`, ...), except that
+    /// the root drive, if any, always comes first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveConfig>,
 }
 
 /// What to boot.
@@ -136,12 +142,22 @@ impl VmConfig {
         if self.boot.cmdline.bytes().any(|b| b == 0) {
             return Err(invalid("boot.cmdline", "must not contain NUL bytes".into()));
         }
-        Ok(())
+        validate_drives(&self.drives)
     }
 }
 
 fn invalid(field: &'static str, reason: String) -> ConfigError {
-    ConfigError::Invalid { field, reason }
+    ConfigError::invalid(field, reason)
+}
+
+impl ConfigError {
+    /// A value of `field` is out of range.
+    pub fn invalid(field: impl Into<String>, reason: String) -> Self {
+        ConfigError::Invalid {
+            field: field.into(),
+            reason,
+        }
+    }
 }
 
 #[cfg(test)]
@@ -153,7 +169,12 @@ mod tests {
         let full = r#"{
             "boot": {"kernel": "/k", "initrd": "/i", "cmdline": "console=ttyS0"},
             "machine": {"vcpus": 4, "memory_mib": 3584},
-            "serial": {"file": "/tmp/console.log"}
+            "serial": {"file": "/tmp/console.log"},
+            "drives": [
+                {"id": "root", "path": "/r.img", "root": true, "read_only": true},
+                {"id": "data", "path": "/d.img", "serial": "D1", "engine": "sync",
+                 "rate_limiter": {"ops": {"size": 100, "refill_time_ms": 1000}}}
+            ]
         }"#;
         let c = VmConfig::from_json(full).unwrap();
         assert_eq!(
@@ -165,6 +186,9 @@ mod tests {
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/console.log".into()));
         assert_eq!(c.boot.initrd, Some("/i".into()));
+        assert_eq!(c.drives.len(), 2);
+        assert!(c.drives[0].root && c.drives[0].read_only);
+        assert_eq!(c.drives[1].serial(), "D1");
 
         let minimal = VmConfig::from_json(r#"{"boot": {"kernel": "/k"}, "serial": "off"}"#).unwrap();
         assert_eq!(minimal.machine, MachineConfig::default());
@@ -204,6 +228,18 @@ mod tests {
                 "invalid value",
             ),
             (r#"{"boot": {"kernel": ""}}"#, "boot.kernel"),
+            (
+                r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "cache": "none"}]}"#,
+                "unknown field `cache`",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "engine": "aio"}]}"#,
+                "unknown variant `aio`",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "serial": "é"}]}"#,
+                "drives[0].serial",
+            ),
             (
                 r#"{"machine": {"vcpus": 1, "memory_mib": 64}}"#,
                 "missing field `boot`",

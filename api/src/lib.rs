@@ -3,7 +3,9 @@
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod drive;
 pub mod rate_limiter;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
+pub use drive::{DriveConfig, IoEngine};
 pub use rate_limiter::{RateLimiterConfig, RateLimiterConfigError, TokenBucketConfig};

@@ -70,13 +70,20 @@ fn write_boot_data(
     mem: &GuestMemoryMmap,
     kernel: &boot::LoadedKernel,
     initrd: Option<boot::InitrdRegion>,
+    devices: &device_manager::Devices,
 ) -> Result<(), BuildError> {
     if let Some(initrd) = &initrd {
         boot::check_initrd_placement(kernel, initrd)?;
     }
-    let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, flavor.extra_kernel_args());
+    let extra: Vec<&str> = devices
+        .cmdline_args
+        .iter()
+        .map(String::as_str)
+        .chain(flavor.extra_kernel_args().iter().copied())
+        .collect();
+    let cmdline = host_quirks::with_extra_args(&config.boot.cmdline, &extra);
     let cmdline_len = boot::write_cmdline(mem, &cmdline)?;
-    let rsdp = acpi::write_tables(mem, config.machine.vcpus)?;
+    let rsdp = acpi::write_tables(mem, config.machine.vcpus, &devices.virtio)?;
     let memory_map = layout::memory_map(&layout::ram_ranges(config.machine.memory_mib << 20));
     let info = boot::BootInfo {
         kernel,
@@ -133,13 +140,18 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
     });
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
-    write_boot_data(config, flavor, &mem, &kernel, initrd)?;
+    let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
+    let device_ctx = device_manager::DeviceContext {
+        vm: &vm,
+        mem: &mem,
+        exits: &exits,
+        process_start,
+    };
+    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives)?;
+    write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
     // guest's own page faults benefit from them.
     memory::request_huge_pages(&mem);
-
-    let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
-    let devices = device_manager::create_devices(&vm, &exits, serial, process_start)?;
 
     let setup = VcpuSetup {
         kvm: &kvm,
@@ -155,6 +167,9 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
         .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
     let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&exits))));
     event_manager.add_subscriber(watcher.clone());
+    for block in &devices.blocks {
+        event_manager.add_subscriber(block.clone());
+    }
 
     let ctx = ExitContext {
         pio: devices.pio,

@@ -2,13 +2,15 @@
 
 use std::path::PathBuf;
 
-use vmm_api::{config::default_cmdline, BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
+use vmm_api::{
+    config::default_cmdline, BootSource, ConfigError, DriveConfig, MachineConfig, SerialConfig, VmConfig,
+};
 
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 usage: vmm --config vm.json
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
-           [--serial stdout|off|file:PATH]
+           [--serial stdout|off|file:PATH] [--drive SPEC]...
 
 Boots one virtual machine on /dev/kvm and exits when the guest powers off or reboots (code 0),
 panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
@@ -20,6 +22,9 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --vcpus N          number of vCPUs, 1-32 (default 1)
   --memory-mib N     guest memory in MiB (default 128)
   --serial WHERE     guest serial console: stdout (default), off, or file:PATH
+  --drive SPEC       a virtio-blk drive (repeatable; /dev/vda, /dev/vdb, ... in order, root first):
+                     path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
+                     [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
   -h, --help         this text
   -V, --version      version";
 
@@ -84,6 +89,7 @@ struct Flags {
     vcpus: Option<String>,
     memory_mib: Option<String>,
     serial: Option<String>,
+    drives: Vec<String>,
 }
 
 /// Parses the arguments after the program name.
@@ -105,6 +111,14 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--vcpus" => &mut flags.vcpus,
             "--memory-mib" => &mut flags.memory_mib,
             "--serial" => &mut flags.serial,
+            "--drive" => {
+                let value = match inline {
+                    Some(v) => v,
+                    None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
+                };
+                flags.drives.push(value);
+                continue;
+            }
             _ => return Err(CliError::Unknown(arg)),
         };
         let value = match inline {
@@ -131,6 +145,9 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
         if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
             return Err(CliError::ConfigAndFlags((*flag).to_string()));
         }
+        if !flags.drives.is_empty() {
+            return Err(CliError::ConfigAndFlags("--drive".to_string()));
+        }
         let text = std::fs::read_to_string(&path).map_err(|source| CliError::ReadConfig { path, source })?;
         return Ok(VmConfig::from_json(&text)?);
     }
@@ -147,6 +164,18 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
             memory_mib: number("--memory-mib", flags.memory_mib)?.unwrap_or(defaults.memory_mib),
         },
         serial: flags.serial.map(serial).transpose()?.unwrap_or_default(),
+        drives: flags
+            .drives
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                DriveConfig::from_cli(&spec, i).map_err(|reason| CliError::BadValue {
+                    flag: "--drive".into(),
+                    value: spec.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?,
     };
     config.validate()?;
     Ok(config)
@@ -209,7 +238,19 @@ mod tests {
             }
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/c".into()));
+        assert!(c.drives.is_empty());
         assert_eq!(parse(args("--help")).unwrap(), Command::Help);
+
+        let Command::Run(c) = parse(args("--kernel /k --drive path=/a,id=a --drive=path=/b,ro=on")).unwrap()
+        else {
+            panic!("expected run")
+        };
+        assert_eq!(c.drives.len(), 2);
+        assert_eq!(
+            (c.drives[0].id.as_str(), c.drives[1].id.as_str()),
+            ("a", "drive1")
+        );
+        assert!(c.drives[1].read_only);
     }
 
     #[test]
@@ -228,6 +269,18 @@ mod tests {
                 "--config cannot be combined with --kernel",
             ),
             ("--vcpus 2", "nothing to boot"),
+            (
+                "--kernel /k --drive id=x",
+                "invalid value 'id=x' for --drive: path=PATH is required",
+            ),
+            (
+                "--kernel /k --drive path=/a --drive path=/a,id=drive0",
+                "duplicate drive id",
+            ),
+            (
+                "--config /c --drive path=/a",
+                "--config cannot be combined with --drive",
+            ),
             (
                 "--config /nonexistent/vm.json",
                 "cannot read config /nonexistent/vm.json",

@@ -1,15 +1,22 @@
-//! Creates the legacy devices and places them on the buses.
+//! Creates the devices and places them on the buses.
 
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use devices::bus::{Bus, BusDevice, BusError};
 use devices::legacy::{AcpiPowerManagement, BootTimer, CmosRtc, PvPanic, SerialConsole, SerialOutput, I8042};
+use devices::rate_limiter::{RateLimiter, RateLimiterError};
+use devices::virtio::block::{Block, BlockError, BlockSpec, DiskImage, EngineKind};
+use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{EventSignal, IrqLine};
-use kvm_ioctls::VmFd;
+use kvm_ioctls::{IoEventAddress, VmFd};
+use vm_memory::GuestMemoryMmap;
+use vmm_api::{DriveConfig, IoEngine};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use crate::arch::layout::{irqs, ports};
+use crate::arch::acpi::VirtioMmioDevice;
+use crate::arch::layout::{irqs, ports, VIRTIO_MMIO_BASE};
 use crate::exit::ExitEvents;
 
 /// Errors setting up devices.
@@ -21,26 +28,60 @@ pub enum DeviceError {
     /// KVM refused an irqfd.
     #[error("KVM_IRQFD for GSI {0} failed: {1}")]
     Irqfd(u32, kvm_ioctls::Error),
+    /// KVM refused an ioeventfd.
+    #[error("KVM_IOEVENTFD at {0:#x} failed: {1}")]
+    Ioeventfd(u64, kvm_ioctls::Error),
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// More virtio devices than interrupt lines.
+    #[error("too many virtio devices: at most {0}")]
+    TooManyVirtioDevices(usize),
+    /// A drive could not be set up.
+    #[error("drive {id}: {source}")]
+    Drive {
+        /// The drive.
+        id: String,
+        /// Why.
+        source: DriveError,
+    },
 }
+
+/// Why one drive could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum DriveError {
+    /// Image or device creation failed.
+    #[error(transparent)]
+    Block(#[from] BlockError),
+    /// The rate limiter could not be created.
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+}
+
+/// A virtio-blk drive as the rest of the VMM holds it.
+pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 
 /// The buses with every device of the VM attached.
 pub struct Devices {
     /// Port I/O bus.
     pub pio: Arc<Bus>,
-    /// MMIO bus (virtio devices attach here).
+    /// MMIO bus (virtio devices).
     pub mmio: Arc<Bus>,
+    /// The drives, in guest order (`/dev/vda` first).
+    pub blocks: Vec<BlockHandle>,
+    /// The virtio-mmio devices, for the ACPI tables.
+    pub virtio: Vec<VirtioMmioDevice>,
+    /// Kernel command line words the devices need (the root drive).
+    pub cmdline_args: Vec<String>,
 }
 
 /// Builds the legacy PC devices: COM1, i8042, CMOS RTC, boot timer, pvpanic and ACPI PM registers.
-pub fn create_devices(
+fn legacy_devices(
     vm: &VmFd,
     exits: &ExitEvents,
     serial: SerialOutput,
     process_start: Instant,
-) -> Result<Devices, DeviceError> {
+) -> Result<Bus, DeviceError> {
     let signal = |evt: &EventFd| {
         evt.try_clone()
             .map(EventSignal::new)
@@ -69,11 +110,123 @@ pub fn create_devices(
     add(shared(PvPanic::new(signal(&exits.panic)?)), ports::PVPANIC, 1)?;
     let pm = AcpiPowerManagement::new(signal(&exits.power_off)?, signal(&exits.reset)?);
     add(shared(pm), ports::ACPI_PM, AcpiPowerManagement::LEN)?;
+    Ok(pio)
+}
 
+/// Everything the devices need from the VM being built.
+pub struct DeviceContext<'a> {
+    /// The KVM VM (irqfds, ioeventfds).
+    pub vm: &'a VmFd,
+    /// Guest memory, for virtio queues.
+    pub mem: &'a GuestMemoryMmap,
+    /// Events that end the VM.
+    pub exits: &'a ExitEvents,
+    /// When the VMM started (boot timer).
+    pub process_start: Instant,
+}
+
+/// Creates every device of the VM.
+pub fn create_devices(
+    ctx: &DeviceContext,
+    serial: SerialOutput,
+    drives: &[DriveConfig],
+) -> Result<Devices, DeviceError> {
+    let pio = legacy_devices(ctx.vm, ctx.exits, serial, ctx.process_start)?;
+    let mut virtio = VirtioSlots::new();
+    let mut blocks = Vec::with_capacity(drives.len());
+    // The root drive goes first so that it is /dev/vda.
+    let ordered = drives
+        .iter()
+        .filter(|d| d.root)
+        .chain(drives.iter().filter(|d| !d.root));
+    for drive in ordered {
+        let block = create_block(drive).map_err(|source| DeviceError::Drive {
+            id: drive.id.clone(),
+            source,
+        })?;
+        blocks.push(virtio.attach(ctx, block)?);
+    }
+    let mut cmdline_args = Vec::new();
+    if let Some(root) = drives.iter().find(|d| d.root) {
+        cmdline_args.push("root=/dev/vda".into());
+        cmdline_args.push(if root.read_only { "ro" } else { "rw" }.into());
+    }
     Ok(Devices {
         pio: Arc::new(pio),
-        mmio: Arc::new(Bus::new()),
+        mmio: Arc::new(virtio.bus),
+        blocks,
+        virtio: virtio.described,
+        cmdline_args,
     })
+}
+
+fn create_block(drive: &DriveConfig) -> Result<Block, DriveError> {
+    let disk = DiskImage::open(&drive.path, drive.read_only).map_err(BlockError::from)?;
+    let rate_limiter = match &drive.rate_limiter {
+        Some(limits) => RateLimiter::new(limits)?,
+        None => RateLimiter::unlimited()?,
+    };
+    let block = Block::new(BlockSpec {
+        id: drive.id.clone(),
+        disk,
+        serial: drive.serial().to_string(),
+        engine: match drive.engine {
+            IoEngine::Uring => EngineKind::Uring,
+            IoEngine::Sync => EngineKind::Sync,
+        },
+        rate_limiter,
+    })?;
+    Ok(block)
+}
+
+/// Hands out MMIO windows and interrupt lines to virtio devices.
+struct VirtioSlots {
+    bus: Bus,
+    next: usize,
+    described: Vec<VirtioMmioDevice>,
+}
+
+impl VirtioSlots {
+    fn new() -> Self {
+        VirtioSlots {
+            bus: Bus::new(),
+            next: 0,
+            described: Vec::new(),
+        }
+    }
+
+    /// Wires `device` to its own window and interrupt line: an irqfd for its interrupt and an
+    /// ioeventfd per queue on the QueueNotify register; records it for the DSDT.
+    fn attach<D: VirtioDevice + 'static>(
+        &mut self,
+        ctx: &DeviceContext,
+        device: D,
+    ) -> Result<Arc<Mutex<MmioTransport<D>>>, DeviceError> {
+        let gsi = *irqs::VIRTIO
+            .get(self.next)
+            .ok_or(DeviceError::TooManyVirtioDevices(irqs::VIRTIO.len()))?;
+        let base = VIRTIO_MMIO_BASE + self.next as u64 * MMIO_WINDOW_SIZE;
+        let irqfd = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        ctx.vm
+            .register_irqfd(&irqfd, gsi)
+            .map_err(|e| DeviceError::Irqfd(gsi, e))?;
+        let notify = base + QUEUE_NOTIFY_OFFSET;
+        for (index, evt) in device.queue_events().iter().enumerate() {
+            ctx.vm
+                .register_ioevent(evt, &IoEventAddress::Mmio(notify), index as u32)
+                .map_err(|e| DeviceError::Ioeventfd(notify, e))?;
+        }
+        self.described.push(VirtioMmioDevice {
+            base,
+            len: MMIO_WINDOW_SIZE,
+            gsi,
+        });
+        let transport = MmioTransport::new(device, ctx.mem.clone(), Arc::new(Interrupt::new(irqfd)));
+        let handle = Arc::new(Mutex::new(transport));
+        self.bus.insert(handle.clone(), base, MMIO_WINDOW_SIZE)?;
+        self.next += 1;
+        Ok(handle)
+    }
 }
 
 fn shared<D: BusDevice + 'static>(device: D) -> Arc<Mutex<dyn BusDevice>> {

@@ -36,8 +36,24 @@ pub enum AcpiError {
     Write(#[from] vm_memory::GuestMemoryError),
 }
 
-/// Writes the tables for `vcpus` CPUs into the reserved region; returns the RSDP address.
-pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, AcpiError> {
+/// A virtio-mmio device as the DSDT describes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VirtioMmioDevice {
+    /// Guest physical address of its register window.
+    pub base: u64,
+    /// Size of the window.
+    pub len: u64,
+    /// Its interrupt line (an IOAPIC pin).
+    pub gsi: u32,
+}
+
+/// Writes the tables for `vcpus` CPUs and the given virtio devices into the reserved region; returns
+/// the RSDP address.
+pub fn write_tables(
+    mem: &GuestMemoryMmap,
+    vcpus: u8,
+    virtio: &[VirtioMmioDevice],
+) -> Result<GuestAddress, AcpiError> {
     let mut writer = TableWriter {
         mem,
         next: layout::ACPI_TABLES_ADDR,
@@ -45,7 +61,7 @@ pub fn write_tables(mem: &GuestMemoryMmap, vcpus: u8) -> Result<GuestAddress, Ac
     // The RSDP goes first so that a legacy scan of 0xe0000..0x100000 finds it as well.
     let rsdp_addr = writer.reserve(Rsdp::len() as u64)?;
 
-    let dsdt_addr = writer.write(&dsdt())?;
+    let dsdt_addr = writer.write(&dsdt(virtio))?;
     let fadt_addr = writer.write(&fadt(dsdt_addr))?;
     let madt_addr = writer.write(&madt(vcpus))?;
     let mut xsdt = XSDT::new(OEM_ID, *b"VMMXSDT ", OEM_REVISION);
@@ -121,7 +137,10 @@ fn madt(vcpus: u8) -> MADT {
     madt
 }
 
-fn dsdt() -> Sdt {
+/// Virtio-mmio devices are described here rather than with `virtio_mmio.device=` on the command line:
+/// with hardware-reduced ACPI there is no legacy PIC, so Linux routes an interrupt line only for a
+/// device that ACPI names (`LNRO0005` is virtio-mmio's ACPI ID).
+fn dsdt(virtio: &[VirtioMmioDevice]) -> Sdt {
     let mut dsdt = Sdt::new(*b"DSDT", 36, 6, OEM_ID, *b"VMMDSDT ", OEM_REVISION);
     let s5_type = ACPI_SLEEP_TYPE_S5;
     // \_S5: the SLP_TYP values for soft-off (PM1a, PM1b, two reserved).
@@ -136,8 +155,25 @@ fn dsdt() -> Sdt {
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io]));
     let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
     aml::Scope::new("\\_SB_".into(), vec![&pvpanic]).to_aml_bytes(&mut dsdt);
+    for (i, dev) in virtio.iter().enumerate() {
+        write_virtio_device(i, dev, &mut dsdt);
+    }
     dsdt.update_checksum();
     dsdt
+}
+
+/// Emits `\_SB.Vnnn`: one virtio-mmio device with its window and edge-triggered interrupt.
+fn write_virtio_device(index: usize, dev: &VirtioMmioDevice, sink: &mut Sdt) {
+    let hid = aml::Name::new("_HID".into(), &"LNRO0005");
+    let uid = aml::Name::new("_UID".into(), &(index as u32));
+    // The window is below 4 GiB and 4 KiB long (the layout puts it there), so the casts are exact.
+    let window = aml::Memory32Fixed::new(true, dev.base as u32, dev.len as u32);
+    let irq = aml::Interrupt::new(true, true, false, false, dev.gsi);
+    let resources = aml::ResourceTemplate::new(vec![&window, &irq]);
+    let crs = aml::Name::new("_CRS".into(), &resources);
+    let name = format!("V{index:03}");
+    let device = aml::Device::new(name.as_str().into(), vec![&hid, &uid, &crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&device]).to_aml_bytes(sink);
 }
 
 #[cfg(test)]
@@ -151,7 +187,12 @@ mod tests {
     #[test]
     fn tables_are_linked_and_checksummed() {
         let mem = GuestMemoryMmap::<()>::from_ranges(&[(GuestAddress(0), 2 << 20)]).unwrap();
-        let rsdp = write_tables(&mem, 4).unwrap();
+        let virtio = [VirtioMmioDevice {
+            base: 0xd000_0000,
+            len: 0x1000,
+            gsi: 5,
+        }];
+        let rsdp = write_tables(&mem, 4, &virtio).unwrap();
         assert_eq!(rsdp, GuestAddress(layout::ACPI_TABLES_ADDR));
 
         let mut rsdp_bytes = [0u8; 36];
@@ -187,5 +228,7 @@ mod tests {
         assert_eq!(&dsdt[..4], b"DSDT");
         assert!(dsdt.windows(4).any(|w| w == b"_S5_"));
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
+        assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
+        assert!(dsdt.windows(4).any(|w| w == b"V000"));
     }
 }

@@ -75,7 +75,15 @@ pub mod ports {
 pub mod irqs {
     /// COM1.
     pub const COM1: u32 = 4;
+    /// Interrupt lines for virtio-mmio devices, in allocation order. Only ISA lines: with ACPI, Linux
+    /// maps GSIs above 15 only for devices that ACPI describes, and `virtio_mmio.device=` devices are
+    /// described on the command line. (1, 3, 4, 8 and 13 belong to the keyboard, COM2, COM1, the RTC
+    /// and the FPU.)
+    pub const VIRTIO: [u32; 9] = [5, 6, 7, 9, 10, 11, 12, 14, 15];
 }
+
+/// Start of the virtio-mmio register windows (one 4 KiB page per device), inside the MMIO hole.
+pub const VIRTIO_MMIO_BASE: u64 = 0xd000_0000;
 
 /// One contiguous range of guest RAM.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -1,0 +1,234 @@
+//! Block devices: `drives` in `vm.json`, or `--drive path=...,id=...` flags.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+use crate::config::ConfigError;
+use crate::rate_limiter::{RateLimiterCliKeys, RateLimiterConfig};
+
+/// Most drives a VM may have (each takes one of the guest's few ISA interrupt lines).
+pub const MAX_DRIVES: usize = 8;
+/// Longest drive serial (virtio-blk GET_ID returns 20 bytes).
+pub const MAX_SERIAL_LEN: usize = 20;
+
+/// How a drive's I/O is performed on the host.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum IoEngine {
+    /// io_uring: many requests in flight, completions signalled to the event loop (default). Falls
+    /// back to `sync` if the host refuses io_uring.
+    #[default]
+    Uring,
+    /// Blocking system calls on the VMM's event loop.
+    Sync,
+}
+
+/// One virtio-blk drive on a raw image file.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveConfig {
+    /// Unique name of the drive within the VM (1-64 of `A-Z a-z 0-9 _ -`).
+    pub id: String,
+    /// The raw image (a regular file or block device), its size a multiple of 512.
+    pub path: PathBuf,
+    /// The guest may only read (VIRTIO_BLK_F_RO); the image is opened read-only.
+    #[serde(default)]
+    pub read_only: bool,
+    /// The root file system: the drive becomes `/dev/vda` and `root=/dev/vda ro|rw` is added to the
+    /// kernel command line. At most one drive.
+    #[serde(default)]
+    pub root: bool,
+    /// What GET_ID returns (printable ASCII, at most 20 bytes); defaults to the id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<String>,
+    /// The I/O engine.
+    #[serde(default)]
+    pub engine: IoEngine,
+    /// Throttling; none when absent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limiter: Option<RateLimiterConfig>,
+}
+
+impl DriveConfig {
+    /// The serial the guest sees.
+    pub fn serial(&self) -> &str {
+        self.serial.as_deref().unwrap_or(&self.id)
+    }
+
+    /// Parses a `--drive` value: `path=P[,id=ID][,ro=on|off][,root=on|off][,serial=S]
+    /// [,engine=uring|sync][,bw=N][,bw_burst=N][,iops=N][,iops_burst=N]`. `index` names the drive
+    /// (`drive<index>`) when no id is given.
+    pub fn from_cli(spec: &str, index: usize) -> Result<Self, String> {
+        let mut path = None;
+        let mut id = None;
+        let mut read_only = false;
+        let mut root = false;
+        let mut serial = None;
+        let mut engine = IoEngine::default();
+        let mut limits = RateLimiterCliKeys::default();
+        let mut seen = Vec::new();
+        for item in spec.split(',') {
+            let (key, value) = item
+                .split_once('=')
+                .ok_or_else(|| format!("'{item}' is not KEY=VALUE"))?;
+            if seen.contains(&key) {
+                return Err(format!("{key} given more than once"));
+            }
+            seen.push(key);
+            match key {
+                "path" => path = Some(PathBuf::from(value)),
+                "id" => id = Some(value.to_string()),
+                "ro" => read_only = on_off(key, value)?,
+                "root" => root = on_off(key, value)?,
+                "serial" => serial = Some(value.to_string()),
+                "engine" => {
+                    engine = match value {
+                        "uring" => IoEngine::Uring,
+                        "sync" => IoEngine::Sync,
+                        _ => return Err(format!("engine must be uring or sync, got '{value}'")),
+                    }
+                }
+                _ => {
+                    if !limits.set(key, value).map_err(|e| e.to_string())? {
+                        return Err(format!("unknown key '{key}'"));
+                    }
+                }
+            }
+        }
+        let rate_limiter = limits.to_config().map_err(|e| e.to_string())?;
+        Ok(DriveConfig {
+            id: id.unwrap_or_else(|| format!("drive{index}")),
+            path: path.ok_or("path=PATH is required")?,
+            read_only,
+            root,
+            serial,
+            engine,
+            rate_limiter: (!rate_limiter.is_unlimited()).then_some(rate_limiter),
+        })
+    }
+}
+
+fn on_off(key: &str, value: &str) -> Result<bool, String> {
+    match value {
+        "on" | "true" | "1" => Ok(true),
+        "off" | "false" | "0" => Ok(false),
+        _ => Err(format!("{key} must be on or off, got '{value}'")),
+    }
+}
+
+/// Checks the drives of a VM: sizes, names, serials, at most one root.
+pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
+    if drives.len() > MAX_DRIVES {
+        return Err(ConfigError::invalid(
+            "drives",
+            format!("at most {MAX_DRIVES} drives, got {}", drives.len()),
+        ));
+    }
+    for (i, d) in drives.iter().enumerate() {
+        let field = |name: &str| format!("drives[{i}].{name}");
+        let id_ok = (1..=64).contains(&d.id.len())
+            && d.id
+                .bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
+        if !id_ok {
+            return Err(ConfigError::invalid(
+                field("id"),
+                "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
+            ));
+        }
+        if drives[..i].iter().any(|other| other.id == d.id) {
+            return Err(ConfigError::invalid(
+                field("id"),
+                format!("duplicate drive id '{}'", d.id),
+            ));
+        }
+        if d.path.as_os_str().is_empty() {
+            return Err(ConfigError::invalid(field("path"), "must not be empty".into()));
+        }
+        let serial = d.serial();
+        if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
+            return Err(ConfigError::invalid(
+                field("serial"),
+                format!("must be at most {MAX_SERIAL_LEN} printable ASCII characters"),
+            ));
+        }
+        if let Some(limits) = &d.rate_limiter {
+            limits
+                .validate()
+                .map_err(|e| ConfigError::invalid(field("rate_limiter"), e.to_string()))?;
+        }
+    }
+    if drives.iter().filter(|d| d.root).count() > 1 {
+        return Err(ConfigError::invalid(
+            "drives",
+            "at most one drive may be the root".into(),
+        ));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cli_spec_round_trip() {
+        let d = DriveConfig::from_cli("path=/d.img,id=data,ro=on,serial=S1,engine=sync,iops=100", 3).unwrap();
+        assert_eq!(d.id, "data");
+        assert!(d.read_only && !d.root);
+        assert_eq!(d.serial(), "S1");
+        assert_eq!(d.engine, IoEngine::Sync);
+        assert_eq!(d.rate_limiter.and_then(|r| r.ops).map(|o| o.size), Some(100));
+        let d = DriveConfig::from_cli("path=/r.img,root=on", 2).unwrap();
+        assert_eq!((d.id.as_str(), d.root, d.serial()), ("drive2", true, "drive2"));
+        assert!(d.rate_limiter.is_none());
+        for (bad, why) in [
+            ("id=x", "path"),
+            ("path=/a,ro=maybe", "ro"),
+            ("path=/a,engine=aio", "engine"),
+            ("path=/a,color=red", "unknown key"),
+            ("path=/a,path=/b", "more than once"),
+            ("path", "KEY=VALUE"),
+            ("path=/a,bw=fast", "bw"),
+        ] {
+            let err = DriveConfig::from_cli(bad, 0).unwrap_err();
+            assert!(err.contains(why), "{bad}: {err}");
+        }
+    }
+
+    #[test]
+    fn validation_names_the_field() {
+        let ok = DriveConfig::from_cli("path=/a", 0).unwrap();
+        let with = |f: &dyn Fn(&mut DriveConfig)| {
+            let mut d = ok.clone();
+            f(&mut d);
+            d
+        };
+        assert!(validate_drives(std::slice::from_ref(&ok)).is_ok());
+        let cases: Vec<(Vec<DriveConfig>, &str)> = vec![
+            (vec![with(&|d| d.id = "a b".into())], "drives[0].id"),
+            (vec![ok.clone(), ok.clone()], "duplicate"),
+            (
+                vec![with(&|d| d.serial = Some("x".repeat(21)))],
+                "drives[0].serial",
+            ),
+            (vec![with(&|d| d.path = PathBuf::new())], "drives[0].path"),
+            (
+                vec![
+                    with(&|d| d.root = true),
+                    with(&|d| {
+                        d.root = true;
+                        d.id = "b".into()
+                    }),
+                ],
+                "root",
+            ),
+            (vec![ok.clone(); MAX_DRIVES + 1], "at most"),
+        ];
+        for (drives, want) in cases {
+            let err = validate_drives(&drives).unwrap_err().to_string();
+            assert!(err.contains(want), "{err}");
+        }
+    }
+}
