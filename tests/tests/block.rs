@@ -78,12 +78,12 @@ fn read_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
 /// after a flushed write, and checks the host files.
 fn block_suite(engine: &str) {
     require_kvm();
-    let images = GuestImages::get().unwrap();
+    let images = GuestImages::get().expect("guest images");
     let scratch = Scratch::new(engine);
     let data = scratch.image("data.img", 4 << 20);
     let readonly = scratch.image("readonly.img", 1 << 20);
-    let readonly_before = std::fs::read(&readonly).unwrap();
-    let data_blocks_before = std::fs::metadata(&data).unwrap().blocks();
+    let readonly_before = std::fs::read(&readonly).expect("read image");
+    let data_blocks_before = std::fs::metadata(&data).expect("stat image").blocks();
 
     // vda: the root file system (read-only, shared with other tests), vdb: data, vdc: read-only.
     let actions = [
@@ -116,12 +116,12 @@ fn block_suite(engine: &str) {
             images.rootfs.display()
         ))
         .spawn()
-        .unwrap();
+        .expect("spawn vmm");
     if let Err(e) = guest.wait_for_line("vmmprobe: idle", BOOT_TIMEOUT) {
         panic!("block actions did not finish: {e:#}");
     }
     // The guest has flushed its write: a VMM killed now must not lose it.
-    guest.kill().unwrap();
+    guest.kill().expect("kill vmm");
     let stdout = guest.stdout_text();
 
     // Drive order, serials, sizes, read-only flags.
@@ -148,13 +148,13 @@ fn block_suite(engine: &str) {
     assert_eq!(probe_fields(&stdout, "blk-write dev=vdc")["result"], "-5");
     assert_ne!(probe_fields(&stdout, "blk-zero dev=vdc")["result"], "0");
     assert!(
-        std::fs::read(&readonly).unwrap() == readonly_before,
+        std::fs::read(&readonly).expect("read image") == readonly_before,
         "read-only image changed"
     );
 
     // Discard punched a hole; the flushed write survived SIGKILL; the read saw it.
     assert_eq!(probe_fields(&stdout, "blk-discard dev=vdb")["result"], "0");
-    let data_blocks_after = std::fs::metadata(&data).unwrap().blocks();
+    let data_blocks_after = std::fs::metadata(&data).expect("stat image").blocks();
     assert!(
         data_blocks_after < data_blocks_before,
         "discard did not free blocks: {data_blocks_before} -> {data_blocks_after}"
