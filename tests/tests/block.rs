@@ -217,3 +217,35 @@ fn locked_image_is_refused_with_a_clear_message() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("not a positive multiple of 512"), "{stderr}");
 }
+
+/// The kernel itself mounts an ext4 root from a read-only drive (the probe stays inert, so this is
+/// the normal boot path up to starting init).
+#[test]
+fn kernel_mounts_the_ext4_root_from_a_read_only_drive() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let mut guest = GuestBuilder::new(&images.vmlinux)
+        .memory_mib(128)
+        .cmdline("console=ttyS0 pci=off panic=-1 rootfstype=ext4")
+        .arg("--drive")
+        .arg(format!("path={},id=root,root=on,ro=on", images.rootfs.display()))
+        .spawn()
+        .unwrap();
+    let line = guest
+        .wait_for_any_line(
+            &[
+                "VFS: Mounted root",
+                "VFS: Cannot open root device",
+                "Kernel panic",
+            ],
+            BOOT_TIMEOUT,
+        )
+        .unwrap();
+    guest.kill().unwrap();
+    assert!(
+        line.text.contains("VFS: Mounted root (ext4 filesystem) readonly"),
+        "{}\n{}",
+        line.text,
+        guest.stdout_text()
+    );
+}
