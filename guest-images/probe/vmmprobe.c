@@ -435,25 +435,29 @@ static void act_blk_flush(int argc, char **argv)
 }
 
 /*
- * WRITE ZEROES bios for [@off, @off + @len), submitted directly rather than
- * with blkdev_issue_zeroout(), which refuses read-only disks itself (-EPERM)
- * before anything reaches the device. -EOPNOTSUPP without WRITE ZEROES
- * support: never a fallback to writing zero pages.
+ * DISCARD or WRITE ZEROES bios for [@off, @off + @len), submitted directly
+ * (the block layer splits them at the device's limits): blkdev_issue_discard()
+ * turns every -EOPNOTSUPP into success and does nothing at all without
+ * discard support, and blkdev_issue_zeroout() refuses read-only disks itself
+ * (-EPERM) before anything reaches the device. -EOPNOTSUPP when the driver
+ * did not enable the operation (no fallback to writing zero pages); a
+ * VIRTIO_BLK_S_UNSUPP answer gives -EOPNOTSUPP too.
  */
-static int probe_write_zeroes(struct block_device *bdev, u64 off, u64 len, bool unmap)
+static int probe_discard_or_zero(struct block_device *bdev, bool zero, u64 off,
+				 u64 len, bool unmap)
 {
-	u64 max = (u64)bdev_write_zeroes_sectors(bdev) << SECTOR_SHIFT;
+	u64 max = round_down(UINT_MAX, bdev_logical_block_size(bdev));
+	blk_opf_t opf = zero ? REQ_OP_WRITE_ZEROES | (unmap ? 0 : REQ_NOUNMAP)
+			     : REQ_OP_DISCARD;
 	int ret = 0;
 
-	max = round_down(min_t(u64, max, UINT_MAX), bdev_logical_block_size(bdev));
-	if (!max)
+	if (!(zero ? bdev_write_zeroes_sectors(bdev) : bdev_max_discard_sectors(bdev)))
 		return -EOPNOTSUPP;
 	while (len && !ret) {
 		u64 n = min(len, max);
 		struct bio *bio;
 
-		bio = bio_alloc(bdev, 0, REQ_OP_WRITE_ZEROES | (unmap ? 0 : REQ_NOUNMAP),
-				GFP_KERNEL);
+		bio = bio_alloc(bdev, 0, opf, GFP_KERNEL);
 		bio->bi_iter.bi_sector = off >> SECTOR_SHIFT;
 		bio->bi_iter.bi_size = n;
 		ret = submit_bio_wait(bio);
@@ -488,11 +492,8 @@ static void blk_discard_or_zero(int argc, char **argv, bool zero)
 		struct block_device *bdev = file_bdev(file);
 
 		ret = probe_check_range(bdev, off, len);
-		if (!ret && zero)
-			ret = probe_write_zeroes(bdev, off, len, unmap);
-		else if (!ret)
-			ret = blkdev_issue_discard(bdev, off >> SECTOR_SHIFT,
-						   len >> SECTOR_SHIFT, GFP_KERNEL);
+		if (!ret)
+			ret = probe_discard_or_zero(bdev, zero, off, len, unmap);
 		probe_disk_close(file);
 	}
 	if (zero)
