@@ -229,8 +229,8 @@ mod tests {
             ),
             (r#"{"boot": {"kernel": ""}}"#, "boot.kernel"),
             (
-                r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "cache": "none"}]}"#,
-                "unknown field `cache`",
+                r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "cache_mode": "none"}]}"#,
+                "unknown field `cache_mode`",
             ),
             (
                 r#"{"boot": {"kernel": "/k"}, "drives": [{"id": "a", "path": "/a", "engine": "aio"}]}"#,

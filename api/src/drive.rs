@@ -24,6 +24,18 @@ pub enum IoEngine {
     Sync,
 }
 
+/// Whether a drive's I/O goes through the host page cache.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum CacheMode {
+    /// Through the page cache (default): flushes (`fdatasync`) make writes durable.
+    #[default]
+    Writeback,
+    /// Direct I/O (`O_DIRECT`): no host page cache, less host CPU per byte, the guest's own cache is
+    /// the only one. Flushes still `fdatasync`.
+    None,
+}
+
 /// One virtio-blk drive on a raw image file.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -45,6 +57,9 @@ pub struct DriveConfig {
     /// The I/O engine.
     #[serde(default)]
     pub engine: IoEngine,
+    /// Host page cache use.
+    #[serde(default)]
+    pub cache: CacheMode,
     /// Throttling; none when absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rate_limiter: Option<RateLimiterConfig>,
@@ -57,7 +72,7 @@ impl DriveConfig {
     }
 
     /// Parses a `--drive` value: `path=P[,id=ID][,ro=on|off][,root=on|off][,serial=S]
-    /// [,engine=uring|sync][,bw=N][,bw_burst=N][,iops=N][,iops_burst=N]`. `index` names the drive
+    /// [,engine=uring|sync][,cache=writeback|none][,bw=N][,bw_burst=N][,iops=N][,iops_burst=N]`. `index` names the drive
     /// (`drive<index>`) when no id is given.
     pub fn from_cli(spec: &str, index: usize) -> Result<Self, String> {
         let mut path = None;
@@ -66,6 +81,7 @@ impl DriveConfig {
         let mut root = false;
         let mut serial = None;
         let mut engine = IoEngine::default();
+        let mut cache = CacheMode::default();
         let mut limits = RateLimiterCliKeys::default();
         let mut seen = Vec::new();
         for item in spec.split(',') {
@@ -89,6 +105,13 @@ impl DriveConfig {
                         _ => return Err(format!("engine must be uring or sync, got '{value}'")),
                     }
                 }
+                "cache" => {
+                    cache = match value {
+                        "writeback" => CacheMode::Writeback,
+                        "none" => CacheMode::None,
+                        _ => return Err(format!("cache must be writeback or none, got '{value}'")),
+                    }
+                }
                 _ => {
                     if !limits.set(key, value).map_err(|e| e.to_string())? {
                         return Err(format!("unknown key '{key}'"));
@@ -104,6 +127,7 @@ impl DriveConfig {
             root,
             serial,
             engine,
+            cache,
             rate_limiter: (!rate_limiter.is_unlimited()).then_some(rate_limiter),
         })
     }
@@ -180,13 +204,16 @@ mod tests {
         assert_eq!(d.serial(), "S1");
         assert_eq!(d.engine, IoEngine::Sync);
         assert_eq!(d.rate_limiter.and_then(|r| r.ops).map(|o| o.size), Some(100));
-        let d = DriveConfig::from_cli("path=/r.img,root=on", 2).unwrap();
+        assert_eq!(d.cache, CacheMode::Writeback);
+        let d = DriveConfig::from_cli("path=/r.img,root=on,cache=none", 2).unwrap();
+        assert_eq!(d.cache, CacheMode::None);
         assert_eq!((d.id.as_str(), d.root, d.serial()), ("drive2", true, "drive2"));
         assert!(d.rate_limiter.is_none());
         for (bad, why) in [
             ("id=x", "path"),
             ("path=/a,ro=maybe", "ro"),
             ("path=/a,engine=aio", "engine"),
+            ("path=/a,cache=unsafe", "cache"),
             ("path=/a,color=red", "unknown key"),
             ("path=/a,path=/b", "more than once"),
             ("path", "KEY=VALUE"),

@@ -7,5 +7,5 @@ pub mod drive;
 pub mod rate_limiter;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
-pub use drive::{DriveConfig, IoEngine};
+pub use drive::{CacheMode, DriveConfig, IoEngine};
 pub use rate_limiter::{RateLimiterConfig, RateLimiterConfigError, TokenBucketConfig};

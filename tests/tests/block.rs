@@ -74,12 +74,12 @@ fn read_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
     std::fs::read(path).expect("read image")[offset..offset + len].to_vec()
 }
 
-/// Boots with three drives on `engine`, runs every block action, kills the VMM with SIGKILL right
-/// after a flushed write, and checks the host files.
-fn block_suite(engine: &str) {
+/// Boots with three drives on `engine` and `cache`, runs every block action, kills the VMM with
+/// SIGKILL right after a flushed write, and checks the host files.
+fn block_suite(engine: &str, cache: &str) {
     require_kvm();
     let images = GuestImages::get().expect("guest images");
-    let scratch = Scratch::new(engine);
+    let scratch = Scratch::new(&format!("{engine}-{cache}"));
     let data = scratch.image("data.img", 4 << 20);
     let readonly = scratch.image("readonly.img", 1 << 20);
     let readonly_before = std::fs::read(&readonly).expect("read image");
@@ -102,12 +102,12 @@ fn block_suite(engine: &str) {
         .cmdline(&probe_cmdline(&actions))
         .arg("--drive")
         .arg(format!(
-            "path={},id=data,serial=DATA-{engine},engine={engine}",
+            "path={},id=data,serial=DATA-{engine},engine={engine},cache={cache}",
             data.display()
         ))
         .arg("--drive")
         .arg(format!(
-            "path={},id=scratch,ro=on,engine={engine}",
+            "path={},id=scratch,ro=on,engine={engine},cache={cache}",
             readonly.display()
         ))
         .arg("--drive")
@@ -176,12 +176,17 @@ fn block_suite(engine: &str) {
 
 #[test]
 fn block_suite_io_uring() {
-    block_suite("uring");
+    block_suite("uring", "writeback");
 }
 
 #[test]
 fn block_suite_sync() {
-    block_suite("sync");
+    block_suite("sync", "writeback");
+}
+
+#[test]
+fn block_suite_io_uring_direct_io() {
+    block_suite("uring", "none");
 }
 
 /// A writable image another process has locked is refused before anything boots.

@@ -24,6 +24,7 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --serial WHERE     guest serial console: stdout (default), off, or file:PATH
   --drive SPEC       a virtio-blk drive (repeatable; /dev/vda, /dev/vdb, ... in order, root first):
                      path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
+                     [,cache=writeback|none]
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
   -h, --help         this text
   -V, --version      version";

@@ -12,7 +12,7 @@ use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{EventSignal, IrqLine};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_api::{DriveConfig, IoEngine};
+use vmm_api::{CacheMode, DriveConfig, IoEngine};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::VirtioMmioDevice;
@@ -161,7 +161,8 @@ pub fn create_devices(
 }
 
 fn create_block(drive: &DriveConfig) -> Result<Block, DriveError> {
-    let disk = DiskImage::open(&drive.path, drive.read_only).map_err(BlockError::from)?;
+    let direct = drive.cache == CacheMode::None;
+    let disk = DiskImage::open(&drive.path, drive.read_only, direct).map_err(BlockError::from)?;
     let rate_limiter = match &drive.rate_limiter {
         Some(limits) => RateLimiter::new(limits)?,
         None => RateLimiter::unlimited()?,

@@ -24,7 +24,7 @@ fn image() -> &'static std::path::Path {
 fuzz_target!(|data: &[u8]| {
     let block = Block::new(BlockSpec {
         id: "fuzz".into(),
-        disk: DiskImage::open(image(), false).expect("image"),
+        disk: DiskImage::open(image(), false, false).expect("image"),
         serial: "fuzz".into(),
         engine: EngineKind::Sync,
         rate_limiter: RateLimiter::unlimited().expect("timerfd"),

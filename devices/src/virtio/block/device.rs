@@ -250,7 +250,7 @@ impl Block {
 
     /// Completes finished operations and interrupts the guest if it wants to hear about them.
     fn reap(&mut self, mut used_any: bool) {
-        self.engine.completions(self.disk.file(), &mut self.completions);
+        self.engine.completions(&self.disk, &mut self.completions);
         let Some(active) = self.active.as_mut() else {
             self.completions.clear();
             return;
@@ -397,7 +397,7 @@ fn start(
         used_len,
         kind,
     });
-    if let Err(e) = engine.submit(disk.file(), head, op) {
+    if let Err(e) = engine.submit(disk, head, op) {
         *slot = None;
         BlockMetrics::inc(&metrics.io_errors);
         log::warn!("block: cannot start request {head}: {e}");
@@ -546,7 +546,7 @@ impl VirtioDevice for Block {
 
     fn reset(&mut self) {
         // The kernel may still be writing into guest buffers: wait for it before forgetting them.
-        self.engine.drain(self.disk.file(), &mut self.completions);
+        self.engine.drain(&self.disk, &mut self.completions);
         self.completions.clear();
         self.pending.iter_mut().for_each(|p| *p = None);
         self.active = None;

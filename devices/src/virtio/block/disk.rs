@@ -3,6 +3,7 @@
 use std::fs::{File, OpenOptions};
 use std::io::{Seek, SeekFrom};
 use std::os::fd::AsRawFd;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
 /// Bytes per virtio-blk sector, whatever the host's block size.
@@ -22,6 +23,12 @@ pub enum DiskError {
     /// Another process (most likely another VM) holds a conflicting lock on the image.
     #[error("disk image {path} is in use by another process (it holds a lock on the file)")]
     Locked {
+        /// The image.
+        path: PathBuf,
+    },
+    /// The file system cannot do direct I/O (`cache=none`) on the image.
+    #[error("disk image {path} does not support direct I/O (use the page cache, cache=writeback)")]
+    NoDirectIo {
         /// The image.
         path: PathBuf,
     },
@@ -50,22 +57,34 @@ pub struct DiskImage {
     path: PathBuf,
     sectors: u64,
     read_only: bool,
+    /// With direct I/O: the same file through the page cache, for the rare request whose guest
+    /// buffers are not aligned the way `O_DIRECT` needs.
+    buffered: Option<File>,
 }
 
 impl DiskImage {
     /// Opens `path` and takes an advisory lock on it: exclusive for a writable drive, shared for a
     /// read-only one, so that two VMs can share a read-only base image but never write the same disk
     /// (or read one that another VM is writing). The lock lives as long as the file stays open.
-    pub fn open(path: &Path, read_only: bool) -> Result<Self, DiskError> {
+    /// `direct` bypasses the host page cache (`O_DIRECT`).
+    pub fn open(path: &Path, read_only: bool, direct: bool) -> Result<Self, DiskError> {
         let path_buf = path.to_path_buf();
-        let mut file = OpenOptions::new()
-            .read(true)
-            .write(!read_only)
-            .open(path)
-            .map_err(|source| DiskError::Open {
+        let open = |direct: bool| {
+            OpenOptions::new()
+                .read(true)
+                .write(!read_only)
+                .custom_flags(if direct { libc::O_DIRECT } else { 0 })
+                .open(path)
+        };
+        let mut file = open(direct).map_err(|source| match source.raw_os_error() {
+            Some(libc::EINVAL) if direct => DiskError::NoDirectIo {
+                path: path_buf.clone(),
+            },
+            _ => DiskError::Open {
                 path: path_buf.clone(),
                 source,
-            })?;
+            },
+        })?;
         lock(&file, read_only).map_err(|source| match source.raw_os_error() {
             Some(libc::EWOULDBLOCK) => DiskError::Locked {
                 path: path_buf.clone(),
@@ -83,17 +102,32 @@ impl DiskImage {
         if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
             return Err(DiskError::Size { path: path_buf, size });
         }
+        // Opened after the lock is held, so it is the same file; it shares the lock's fate.
+        let buffered = if direct {
+            Some(open(false).map_err(|source| DiskError::Open {
+                path: path_buf.clone(),
+                source,
+            })?)
+        } else {
+            None
+        };
         Ok(DiskImage {
             file,
             path: path_buf,
             sectors: size / SECTOR_SIZE,
             read_only,
+            buffered,
         })
     }
 
     /// The open image.
     pub fn file(&self) -> &File {
         &self.file
+    }
+
+    /// The image through the page cache when [`DiskImage::file`] is opened for direct I/O.
+    pub fn buffered(&self) -> Option<&File> {
+        self.buffered.as_ref()
     }
 
     /// Where it was opened from.
@@ -140,12 +174,12 @@ mod tests {
     #[test]
     fn rejects_sizes_that_are_not_sectors() {
         let (_dir, path) = image(1000);
-        let err = DiskImage::open(&path, false).unwrap_err();
+        let err = DiskImage::open(&path, false, false).unwrap_err();
         assert!(matches!(err, DiskError::Size { size: 1000, .. }), "{err}");
         assert!(err.to_string().contains("not a positive multiple of 512"));
         let (_dir, path) = image(0);
         assert!(matches!(
-            DiskImage::open(&path, true),
+            DiskImage::open(&path, true, false),
             Err(DiskError::Size { size: 0, .. })
         ));
     }
@@ -153,27 +187,27 @@ mod tests {
     #[test]
     fn writers_are_exclusive_readers_share() {
         let (_dir, path) = image(4096);
-        let disk = DiskImage::open(&path, false).unwrap();
+        let disk = DiskImage::open(&path, false, false).unwrap();
         assert_eq!(disk.sectors(), 8);
-        let err = DiskImage::open(&path, false).unwrap_err();
+        let err = DiskImage::open(&path, false, false).unwrap_err();
         assert!(matches!(err, DiskError::Locked { .. }), "{err}");
         assert!(matches!(
-            DiskImage::open(&path, true),
+            DiskImage::open(&path, true, false),
             Err(DiskError::Locked { .. })
         ));
         drop(disk);
-        let a = DiskImage::open(&path, true).unwrap();
-        let _b = DiskImage::open(&path, true).unwrap();
+        let a = DiskImage::open(&path, true, false).unwrap();
+        let _b = DiskImage::open(&path, true, true).unwrap();
         assert!(a.read_only());
         assert!(matches!(
-            DiskImage::open(&path, false),
+            DiskImage::open(&path, false, true),
             Err(DiskError::Locked { .. })
         ));
     }
 
     #[test]
     fn missing_file_names_the_path() {
-        let err = DiskImage::open(Path::new("/nonexistent/disk.img"), false).unwrap_err();
+        let err = DiskImage::open(Path::new("/nonexistent/disk.img"), false, false).unwrap_err();
         assert!(err.to_string().contains("/nonexistent/disk.img"), "{err}");
     }
 }

@@ -1,14 +1,14 @@
 //! I/O engines: io_uring (many requests in flight, completions through an eventfd) and a synchronous
 //! fallback that runs each operation in place.
 
-use std::fs::File;
 use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 
 use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
-use super::io::{discard_mode, finish_sync, iovecs, run_sync, zero_mode, DiskOp};
+use super::disk::DiskImage;
+use super::io::{discard_mode, finish_sync, iovecs, retry_buffered, run_sync, zero_mode, DiskOp};
 
 /// Which engine a drive uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -50,11 +50,11 @@ impl Engine {
 
     /// Starts `op`. Its result is returned later by [`Engine::completions`]; an `Err` here means it
     /// never started.
-    pub fn submit(&mut self, file: &File, token: u16, op: DiskOp) -> io::Result<()> {
+    pub fn submit(&mut self, disk: &DiskImage, token: u16, op: DiskOp) -> io::Result<()> {
         match self {
-            Engine::Uring(ring) => ring.submit(file, token, op),
+            Engine::Uring(ring) => ring.submit(disk, token, op),
             Engine::Sync(done) => {
-                done.push((token, run_sync(file, &op)));
+                done.push((token, run_sync(disk, &op)));
                 Ok(())
             }
         }
@@ -68,17 +68,17 @@ impl Engine {
     }
 
     /// Moves finished operations into `out`.
-    pub fn completions(&mut self, file: &File, out: &mut Vec<Completion>) {
+    pub fn completions(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
         match self {
-            Engine::Uring(ring) => ring.completions(file, out),
+            Engine::Uring(ring) => ring.completions(disk, out),
             Engine::Sync(done) => out.append(done),
         }
     }
 
     /// Waits until nothing is in flight, moving the results into `out` (used on device reset).
-    pub fn drain(&mut self, file: &File, out: &mut Vec<Completion>) {
+    pub fn drain(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
         match self {
-            Engine::Uring(ring) => ring.drain(file, out),
+            Engine::Uring(ring) => ring.drain(disk, out),
             Engine::Sync(done) => out.append(done),
         }
     }
@@ -134,11 +134,11 @@ impl UringEngine {
         })
     }
 
-    fn submit(&mut self, file: &File, token: u16, op: DiskOp) -> io::Result<()> {
+    fn submit(&mut self, disk: &DiskImage, token: u16, op: DiskOp) -> io::Result<()> {
         if !matches!(self.in_flight.get(usize::from(token)), Some(None)) {
             return Err(io::Error::from_raw_os_error(libc::EBUSY));
         }
-        let fd = types::Fd(file.as_raw_fd());
+        let fd = types::Fd(disk.file().as_raw_fd());
         let iov = match &op {
             DiskOp::Read { bufs, .. } | DiskOp::Write { bufs, .. } => iovecs(bufs),
             _ => Vec::new(),
@@ -197,7 +197,7 @@ impl UringEngine {
         }
     }
 
-    fn completions(&mut self, file: &File, out: &mut Vec<Completion>) {
+    fn completions(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
         let mut finished = Vec::new();
         for cqe in self.ring.completion() {
             finished.push((cqe.user_data(), cqe.result()));
@@ -212,12 +212,12 @@ impl UringEngine {
                 continue;
             };
             let result = if res < 0 {
-                Err(io::Error::from_raw_os_error(-res))
+                retry_buffered(disk, &done.op, 0, Err(io::Error::from_raw_os_error(-res)))
             } else {
                 let moved = res as usize;
                 if moved < done.op.expected_len() {
                     // A short transfer: rare enough to finish synchronously.
-                    finish_sync(file, &done.op, moved)
+                    finish_sync(disk, &done.op, moved)
                 } else {
                     Ok(moved)
                 }
@@ -228,7 +228,7 @@ impl UringEngine {
         self.kick();
     }
 
-    fn drain(&mut self, file: &File, out: &mut Vec<Completion>) {
+    fn drain(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
         self.kick();
         while self.in_flight.iter().any(Option::is_some) {
             if let Err(e) = self.ring.submit_and_wait(1) {
@@ -237,7 +237,7 @@ impl UringEngine {
                     break;
                 }
             }
-            self.completions(file, out);
+            self.completions(disk, out);
         }
         crate::virtio::drain_eventfd(&self.evt);
     }

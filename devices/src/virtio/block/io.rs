@@ -10,6 +10,7 @@ use std::os::fd::{AsRawFd, RawFd};
 
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
+use super::disk::DiskImage;
 use super::request::Segment;
 
 /// The most iovecs one operation may have (the kernel's `IOV_MAX`).
@@ -132,7 +133,32 @@ pub fn advance(bufs: &[HostBuf], mut done: usize) -> Vec<HostBuf> {
 }
 
 /// Runs `op` to completion on the calling thread. Returns the bytes transferred.
-pub fn run_sync(file: &File, op: &DiskOp) -> io::Result<usize> {
+pub fn run_sync(disk: &DiskImage, op: &DiskOp) -> io::Result<usize> {
+    let result = run_on(disk.file(), op);
+    retry_buffered(disk, op, 0, result)
+}
+
+/// Direct I/O refuses buffers that are not aligned to the host's block size (EINVAL); the guest
+/// decides the alignment, so such a request is redone through the page cache rather than failed.
+pub fn retry_buffered(
+    disk: &DiskImage,
+    op: &DiskOp,
+    done: usize,
+    result: io::Result<usize>,
+) -> io::Result<usize> {
+    match (result, disk.buffered()) {
+        (Err(e), Some(buffered)) if e.raw_os_error() == Some(libc::EINVAL) => {
+            if matches!(op, DiskOp::Read { .. } | DiskOp::Write { .. }) {
+                finish_on(buffered, op, done)
+            } else {
+                Err(e)
+            }
+        }
+        (result, _) => result,
+    }
+}
+
+fn run_on(file: &File, op: &DiskOp) -> io::Result<usize> {
     let fd = file.as_raw_fd();
     match op {
         DiskOp::Read { offset, bufs } => transfer_all(fd, *offset, bufs, false),
@@ -144,7 +170,12 @@ pub fn run_sync(file: &File, op: &DiskOp) -> io::Result<usize> {
 }
 
 /// Finishes a read or write that moved `done` of its bytes (io_uring may complete partially).
-pub fn finish_sync(file: &File, op: &DiskOp, done: usize) -> io::Result<usize> {
+pub fn finish_sync(disk: &DiskImage, op: &DiskOp, done: usize) -> io::Result<usize> {
+    let result = finish_on(disk.file(), op, done);
+    retry_buffered(disk, op, done, result)
+}
+
+fn finish_on(file: &File, op: &DiskOp, done: usize) -> io::Result<usize> {
     match op {
         DiskOp::Read { offset, bufs } | DiskOp::Write { offset, bufs } => {
             let write = matches!(op, DiskOp::Write { .. });

@@ -43,9 +43,13 @@ fn image(dir: &TempDir) -> PathBuf {
 }
 
 fn rig_with(engine: EngineKind, read_only: bool, limiter: RateLimiter) -> Rig {
+    rig_opts(engine, read_only, false, limiter)
+}
+
+fn rig_opts(engine: EngineKind, read_only: bool, direct: bool, limiter: RateLimiter) -> Rig {
     let dir = TempDir::new("blk");
     let path = image(&dir);
-    let disk = DiskImage::open(&path, read_only).unwrap();
+    let disk = DiskImage::open(&path, read_only, direct).unwrap();
     let block = Block::new(BlockSpec {
         id: "test".into(),
         disk,
@@ -187,6 +191,34 @@ fn write_read_flush_round_trip() {
         let m = r.driver.transport.device().metrics().snapshot();
         assert_eq!((m.reads, m.writes, m.flushes), (1, 1, 1), "{engine:?}");
         assert_eq!((m.read_bytes, m.write_bytes), (4096, 4096));
+    });
+}
+
+/// Direct I/O (cache=none): aligned buffers go straight to the file, and a buffer the host refuses
+/// for direct I/O (unaligned) is served through the page cache instead of failing.
+#[test]
+fn direct_io_serves_aligned_and_unaligned_buffers() {
+    both_engines(|engine| {
+        let mut r = rig_opts(engine, false, true, RateLimiter::unlimited().unwrap());
+        for (addr, sector) in [(DATA, 16u64), (DATA + 3, 24)] {
+            let data: Vec<u8> = (0..4096u32)
+                .map(|i| (i * 13 % 256) as u8 ^ sector as u8)
+                .collect();
+            r.driver.write(addr, &data);
+            assert_eq!(
+                r.request(VIRTIO_BLK_T_OUT, sector, Some(Desc::readable(addr, 4096))),
+                (1, OK)
+            );
+            assert_eq!(r.request(VIRTIO_BLK_T_FLUSH, 0, None), (1, OK));
+            assert_eq!(r.file_bytes(sector * 512, 4096), data, "{engine:?} at {addr:#x}");
+            r.driver.write(addr, &[0u8; 4096]);
+            assert_eq!(
+                r.request(VIRTIO_BLK_T_IN, sector, Some(Desc::writable(addr, 4096))),
+                (4097, OK)
+            );
+            assert_eq!(r.driver.read(addr, 4096), data);
+        }
+        assert_eq!(r.driver.transport.device().metrics().snapshot().io_errors, 0);
     });
 }
 
@@ -547,7 +579,7 @@ fn transport_refuses_out_of_order_setup() {
     let path = image(&dir);
     let block = Block::new(BlockSpec {
         id: "t".into(),
-        disk: DiskImage::open(&path, false).unwrap(),
+        disk: DiskImage::open(&path, false, false).unwrap(),
         serial: String::new(),
         engine: EngineKind::Sync,
         rate_limiter: RateLimiter::unlimited().unwrap(),
