@@ -6,27 +6,18 @@
 use std::path::PathBuf;
 use std::process::Command;
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
-use benches::{cell, ratio, write_json, Summary};
+use anyhow::{anyhow, bail, Result};
+use benches::{
+    bench_cmdline, cell, host_json, ms_since, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json,
+    Args, Summary, Vmm, BOOT_COMPLETE, FAILURE_MARKERS,
+};
 use harness::{
     read_smaps, try_vmm_binary, workspace_root, Guest, GuestBuilder, GuestImages, GuestMapping, Line,
     LineHook, RssBreakdown, Stream,
 };
 use serde_json::{json, Value};
-
-/// The line the guest probe prints when boot is done; it powers off right after.
-const BOOT_COMPLETE: &str = "BOOT-COMPLETE";
-
-/// Output that means the boot failed and will not complete: end the run at once instead of waiting for
-/// the timeout (QEMU stops the guest and keeps running on a KVM internal error; a panicked guest hangs).
-const FAILURE_MARKERS: [&str; 3] = ["KVM internal error", "emulation failure", "Kernel panic"];
-
-/// Same for both VMMs: `noxsave clearcpuid=popcnt,smap` are needed on kvm_pvm hosts (vmm adds them
-/// itself; QEMU gets them here so both guests boot the same way).
-const DEFAULT_CMDLINE: &str =
-    "console=ttyS0 quiet pci=off noxsave clearcpuid=popcnt,smap vmmprobe.action=poweroff";
 
 const USAGE: &str = "\
 usage: boot [--runs N] [--vcpus N] [--memory-mib N] [--timeout-secs S] [--exit-timeout-secs S]
@@ -57,7 +48,7 @@ struct Options {
 }
 
 impl Options {
-    fn parse(args: impl IntoIterator<Item = String>) -> Result<Options> {
+    fn parse<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Result<Options> {
         let mut opts = Options {
             runs: 5,
             vcpus: 1,
@@ -69,32 +60,27 @@ impl Options {
             vmm: true,
             kernel: None,
             initrd: None,
-            cmdline: DEFAULT_CMDLINE.to_string(),
+            // The probe only reports BOOT-COMPLETE and powers the guest off.
+            cmdline: bench_cmdline("poweroff"),
             paired: false,
         };
-        let mut args = args.into_iter();
-        while let Some(arg) = args.next() {
-            let mut value = || args.next().ok_or_else(|| anyhow!("{arg} needs a value\n{USAGE}"));
-            match arg.as_str() {
-                "--runs" => opts.runs = value()?.parse().context("--runs")?,
-                "--vcpus" => opts.vcpus = value()?.parse().context("--vcpus")?,
-                "--memory-mib" => opts.memory_mib = value()?.parse().context("--memory-mib")?,
-                "--timeout-secs" => {
-                    opts.timeout = Duration::from_secs(value()?.parse().context("--timeout-secs")?)
-                }
-                "--exit-timeout-secs" => {
-                    opts.exit_timeout = Duration::from_secs(value()?.parse().context("--exit-timeout-secs")?)
-                }
-                "--out" => opts.out = PathBuf::from(value()?),
-                "--qemu" => opts.qemu = Some(value()?),
+        let mut args = Args::new(args, USAGE);
+        while let Some(flag) = args.next_flag() {
+            match flag.as_str() {
+                "--runs" => opts.runs = args.parse(&flag)?,
+                "--vcpus" => opts.vcpus = args.parse(&flag)?,
+                "--memory-mib" => opts.memory_mib = args.parse(&flag)?,
+                "--timeout-secs" => opts.timeout = args.secs(&flag)?,
+                "--exit-timeout-secs" => opts.exit_timeout = args.secs(&flag)?,
+                "--out" => opts.out = args.path(&flag)?,
+                "--qemu" => opts.qemu = Some(args.value(&flag)?),
                 "--no-qemu" => opts.qemu = None,
                 "--no-vmm" => opts.vmm = false,
-                "--kernel" => opts.kernel = Some(PathBuf::from(value()?)),
-                "--initrd" => opts.initrd = Some(PathBuf::from(value()?)),
-                "--cmdline" => opts.cmdline = value()?,
+                "--kernel" => opts.kernel = Some(args.path(&flag)?),
+                "--initrd" => opts.initrd = Some(args.path(&flag)?),
+                "--cmdline" => opts.cmdline = args.value(&flag)?,
                 "--paired" => opts.paired = true,
-                "-h" | "--help" => bail!("{USAGE}"),
-                other => bail!("unknown argument {other:?}\n{USAGE}"),
+                _ => return Err(args.unexpected(&flag)),
             }
         }
         if !opts.vmm && opts.qemu.is_none() {
@@ -107,22 +93,6 @@ impl Options {
             bail!("--vcpus and --memory-mib must be at least 1");
         }
         Ok(opts)
-    }
-}
-
-/// Which VMM a run used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Vmm {
-    Ours,
-    Qemu,
-}
-
-impl Vmm {
-    fn name(self) -> &'static str {
-        match self {
-            Vmm::Ours => "vmm",
-            Vmm::Qemu => "qemu",
-        }
     }
 }
 
@@ -187,10 +157,6 @@ const METRICS: [Metric; 5] = [
     }),
 ];
 
-fn ms_since(start: Instant, at: Instant) -> f64 {
-    at.saturating_duration_since(start).as_secs_f64() * 1000.0
-}
-
 /// The number right after `marker` in `text`, e.g. `12.5` in `first KVM_RUN at 12.5 ms`.
 fn number_after(text: &str, marker: &str) -> Option<f64> {
     let rest = &text[text.find(marker)? + marker.len()..];
@@ -231,12 +197,8 @@ impl Bench {
                     .qemu
                     .as_deref()
                     .ok_or_else(|| anyhow!("QEMU disabled"))?;
-                let mut cmd = Command::new(qemu);
-                cmd.args(["-M", "microvm", "-enable-kvm", "-cpu", "host"])
-                    .args(["-m", &self.opts.memory_mib.to_string()])
-                    .args(["-smp", &self.opts.vcpus.to_string()])
-                    .args(["-nodefaults", "-no-user-config", "-nographic", "-serial", "stdio"])
-                    .arg("-kernel")
+                let mut cmd = qemu_microvm(qemu, "microvm", self.opts.memory_mib, self.opts.vcpus);
+                cmd.arg("-kernel")
                     .arg(&self.kernel)
                     .arg("-initrd")
                     .arg(&self.initrd)
@@ -314,16 +276,7 @@ impl Bench {
 
     fn wait_boot(&self, guest: &mut Guest, deadline: Instant, sample: &mut Sample) -> Result<()> {
         let left = || deadline.saturating_duration_since(Instant::now());
-        let mut wanted = vec![BOOT_COMPLETE];
-        wanted.extend(FAILURE_MARKERS);
-        let line = guest.wait_for_any_line(&wanted, left())?;
-        if !line.text.contains(BOOT_COMPLETE) {
-            bail!(
-                "boot failed: {:?}; last output:\n{}",
-                line.text,
-                guest.output_tail()
-            );
-        }
+        let line = wait_boot_complete(guest, left())?;
         sample.boot_complete_ms = Some(ms_since(guest.started_at(), line.at));
         // The guest powers off right after BOOT-COMPLETE; a VMM that hits an error on the way stays up
         // (QEMU does), so watch for the failure markers too.
@@ -453,11 +406,10 @@ fn report_json(opts: &Options, bench: &Bench, ours: &[Sample], qemu: &[Sample]) 
         let r = ratio(s_ours[i].map(|s| s.median), s_qemu[i].map(|s| s.median));
         ratios.insert(key.to_string(), json!(r));
     }
-    let osrelease = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_default();
     json!({
         "bench": "boot",
-        "unix_time": SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-        "host": { "kernel": osrelease.trim(), "cpus": std::thread::available_parallelism().map(|n| n.get()).ok() },
+        "unix_time": unix_time(),
+        "host": host_json(),
         "config": {
             "runs": opts.runs,
             "vcpus": opts.vcpus,
@@ -562,26 +514,25 @@ fn main() -> Result<()> {
 mod tests {
     use super::*;
 
-    fn args(s: &str) -> Vec<String> {
-        s.split_whitespace().map(String::from).collect()
-    }
-
     #[test]
     fn parses_options() {
-        let o = Options::parse(args("")).unwrap();
+        let o = Options::parse("".split_whitespace()).unwrap();
         assert_eq!((o.runs, o.vcpus, o.memory_mib), (5, 1, 128));
-        assert_eq!(o.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(
+            o.cmdline,
+            "console=ttyS0 quiet pci=off noxsave clearcpuid=popcnt,smap vmmprobe.action=poweroff"
+        );
         assert!(o.qemu.is_some());
-        let o = Options::parse(args(
-            "--runs 1 --vcpus 2 --memory-mib 256 --no-qemu --out /tmp/x.json",
-        ))
+        let o = Options::parse(
+            "--runs 1 --vcpus 2 --memory-mib 256 --no-qemu --out /tmp/x.json".split_whitespace(),
+        )
         .unwrap();
         assert_eq!((o.runs, o.vcpus, o.memory_mib), (1, 2, 256));
         assert!(o.qemu.is_none());
         assert_eq!(o.out, PathBuf::from("/tmp/x.json"));
-        assert!(Options::parse(args("--runs 0")).is_err());
-        assert!(Options::parse(args("--runs")).is_err());
-        assert!(Options::parse(args("--bogus")).is_err());
+        assert!(Options::parse("--runs 0".split_whitespace()).is_err());
+        assert!(Options::parse("--runs".split_whitespace()).is_err());
+        assert!(Options::parse("--bogus".split_whitespace()).is_err());
     }
 
     #[test]
@@ -606,7 +557,7 @@ mod tests {
 
     #[test]
     fn table_and_json_have_all_metrics() {
-        let opts = Options::parse(args("--runs 1")).unwrap();
+        let opts = Options::parse("--runs 1".split_whitespace()).unwrap();
         let ours = [Sample {
             boot_complete_ms: Some(100.0),
             exit_ms: Some(120.0),
