@@ -7,6 +7,11 @@ use std::time::Duration;
 
 use anyhow::{anyhow, Context, Result};
 
+/// Whether the command line asks for the usage text: the caller prints it and exits with 0.
+pub fn wants_help() -> bool {
+    std::env::args().skip(1).any(|a| a == "-h" || a == "--help")
+}
+
 /// The arguments of a benchmark (without the program name), taken flag by flag.
 ///
 /// ```

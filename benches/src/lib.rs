@@ -7,7 +7,7 @@ mod json_report;
 mod stats;
 mod vmms;
 
-pub use args::Args;
+pub use args::{wants_help, Args};
 pub use json_report::{host_json, unix_time, write_json};
 pub use stats::{cell, ratio, Summary};
 pub use vmms::{

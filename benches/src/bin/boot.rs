@@ -453,6 +453,10 @@ fn describe(vmm: Vmm, s: &Sample) -> String {
 }
 
 fn main() -> Result<()> {
+    if benches::wants_help() {
+        println!("{USAGE}");
+        return Ok(());
+    }
     let opts = Options::parse(std::env::args().skip(1))?;
     let (kernel, initrd) = match (&opts.kernel, &opts.initrd) {
         (Some(k), Some(i)) => (k.clone(), i.clone()),

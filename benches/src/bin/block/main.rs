@@ -49,6 +49,10 @@ impl Bench {
 }
 
 fn main() -> Result<()> {
+    if benches::wants_help() {
+        println!("{}", options::USAGE);
+        return Ok(());
+    }
     let opts = Options::parse(std::env::args().skip(1))?;
     let kernel = match &opts.kernel {
         Some(k) => k.clone(),

@@ -9,7 +9,7 @@ use harness::workspace_root;
 
 use crate::results::Phase;
 
-const USAGE: &str = "\
+pub const USAGE: &str = "\
 usage: block [--runs N] [--seconds S] [--file-mib N] [--dir DIR] [--rand-qd N] [--seq-qd N] [--memory-mib N]
              [--boot-timeout-secs S] [--engine uring|sync] [--vmm-cache none|writeback] [--out PATH]
              [--kernel PATH] [--no-vmm] [--no-qemu] [--no-fio] [--qemu PATH] [--fio PATH]
