@@ -188,7 +188,17 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
             .run()
             .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         if let Some(exit) = watcher.lock().unwrap_or_else(|p| p.into_inner()).outcome() {
+            log_device_counters(&devices.blocks);
             return Ok(exit.clone());
         }
+    }
+}
+
+/// Logs each drive's counters (at `info`): what the VM did, for whoever runs the VMM by hand.
+fn log_device_counters(blocks: &[device_manager::BlockHandle]) {
+    for block in blocks {
+        let transport = block.lock().unwrap_or_else(|p| p.into_inner());
+        let m = transport.device().metrics().snapshot();
+        log::info!("drive {}: {m:?}", transport.device().id());
     }
 }
