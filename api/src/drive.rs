@@ -7,8 +7,8 @@ use serde::{Deserialize, Serialize};
 use crate::config::ConfigError;
 use crate::rate_limiter::{RateLimiterCliKeys, RateLimiterConfig};
 
-/// Most drives a VM may have (each takes one of the guest's few ISA interrupt lines).
-pub const MAX_DRIVES: usize = 8;
+/// Most drives a VM may have (each takes one of the 17 interrupt lines left for virtio devices).
+pub const MAX_DRIVES: usize = 16;
 /// Longest drive serial (virtio-blk GET_ID returns 20 bytes).
 pub const MAX_SERIAL_LEN: usize = 20;
 

@@ -75,11 +75,11 @@ pub mod ports {
 pub mod irqs {
     /// COM1.
     pub const COM1: u32 = 4;
-    /// Interrupt lines for virtio-mmio devices, in allocation order. Only ISA lines: with ACPI, Linux
-    /// maps GSIs above 15 only for devices that ACPI describes, and `virtio_mmio.device=` devices are
-    /// described on the command line. (1, 3, 4, 8 and 13 belong to the keyboard, COM2, COM1, the RTC
-    /// and the FPU.)
-    pub const VIRTIO: [u32; 9] = [5, 6, 7, 9, 10, 11, 12, 14, 15];
+    /// Interrupt lines for virtio-mmio devices, in allocation order: the free ISA lines, then the
+    /// IOAPIC's other pins. (1, 3, 4, 8 and 13 belong to the keyboard, COM2, COM1, the RTC and the
+    /// FPU.) Lines above 15 work because the devices are described in the DSDT: Linux maps a GSI to
+    /// an interrupt only for a device that ACPI names.
+    pub const VIRTIO: [u32; 17] = [5, 6, 7, 9, 10, 11, 12, 14, 15, 16, 17, 18, 19, 20, 21, 22, 23];
 }
 
 /// Start of the virtio-mmio register windows (one 4 KiB page per device), inside the MMIO hole.
