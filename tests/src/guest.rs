@@ -68,6 +68,7 @@ pub struct GuestBuilder {
     vcpus: u32,
     memory_mib: u32,
     args: Vec<OsString>,
+    envs: Vec<(OsString, OsString)>,
     hook: Option<LineHookDebug>,
 }
 
@@ -92,6 +93,7 @@ impl GuestBuilder {
             vcpus: 1,
             memory_mib: 128,
             args: Vec::new(),
+            envs: Vec::new(),
             hook: None,
         }
     }
@@ -126,6 +128,12 @@ impl GuestBuilder {
         self
     }
 
+    /// Sets an environment variable of the VMM process (e.g. `VMM_LOG`).
+    pub fn env(mut self, key: impl Into<OsString>, value: impl Into<OsString>) -> Self {
+        self.envs.push((key.into(), value.into()));
+        self
+    }
+
     /// Runs this binary instead of [`vmm_binary`].
     pub fn binary(mut self, path: &Path) -> Self {
         self.binary = Some(path.to_path_buf());
@@ -154,6 +162,7 @@ impl GuestBuilder {
         cmd.arg("--memory-mib").arg(self.memory_mib.to_string());
         cmd.args(["--serial", "stdout"]);
         cmd.args(&self.args);
+        cmd.envs(self.envs.iter().map(|(k, v)| (k, v)));
         Ok(cmd)
     }
 

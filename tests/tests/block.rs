@@ -254,3 +254,49 @@ fn kernel_mounts_the_ext4_root_from_a_read_only_drive() {
         guest.stdout_text()
     );
 }
+
+/// An ops limit on a real guest's load: requests are held back (and counted) yet all complete.
+#[test]
+fn rate_limited_drive_throttles_and_completes_everything() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let scratch = Scratch::new("limited");
+    let disk = scratch.image("disk.img", 4 << 20);
+    let mut guest = GuestBuilder::new(&images.vmlinux)
+        .memory_mib(128)
+        .cmdline(&probe_cmdline("blk-load:vda:randread:4096:8:2,poweroff"))
+        .arg("--drive")
+        .arg(format!("path={},id=limited,iops=50", disk.display()))
+        .env("VMM_LOG", "info")
+        .spawn()
+        .unwrap();
+    let status = guest.wait_exit(BOOT_TIMEOUT).unwrap();
+    let (stdout, stderr) = (guest.stdout_text(), guest.stderr_text());
+    assert!(status.success(), "{stdout}\n{stderr}");
+    let load = probe_fields(&stdout, "blk-load dev=vda");
+    assert_eq!(
+        (load["result"].as_str(), load["errors"].as_str()),
+        ("0", "0"),
+        "{stdout}"
+    );
+    let counters: HashMap<String, String> = stderr
+        .lines()
+        .find(|l| l.contains("drive limited:"))
+        .unwrap_or_else(|| panic!("no drive counters in:\n{stderr}"))
+        .split_whitespace()
+        .filter_map(|w| w.split_once('='))
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+    let throttled: u64 = counters["throttled"].parse().unwrap();
+    assert!(
+        throttled > 0,
+        "the limiter never held a request back: {counters:?}"
+    );
+    let ios: u64 = load["ios"].parse().unwrap();
+    let reads: u64 = counters["reads"].parse().unwrap();
+    assert!(
+        reads >= ios,
+        "guest completed {ios} reads, the drive counted {reads}"
+    );
+    assert_eq!(counters["io_errors"], "0");
+}

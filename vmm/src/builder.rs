@@ -199,6 +199,22 @@ fn log_device_counters(blocks: &[device_manager::BlockHandle]) {
     for block in blocks {
         let transport = block.lock().unwrap_or_else(|p| p.into_inner());
         let m = transport.device().metrics().snapshot();
-        log::info!("drive {}: {m:?}", transport.device().id());
+        log::info!(
+            "drive {}: reads={} writes={} flushes={} discards={} get_ids={} read_bytes={} write_bytes={} \
+             invalid_requests={} io_errors={} throttled={} queue_events={} interrupts={}",
+            transport.device().id(),
+            m.reads,
+            m.writes,
+            m.flushes,
+            m.discards,
+            m.get_ids,
+            m.read_bytes,
+            m.write_bytes,
+            m.invalid_requests,
+            m.io_errors,
+            m.throttled,
+            m.queue_events,
+            m.interrupts
+        );
     }
 }
