@@ -1,8 +1,9 @@
 //! Data shared by the `vmm` and the tools that drive it: the VM configuration (as read from `vm.json`)
-//! and, later, the control-socket messages. Pure data: no KVM, no I/O beyond parsing.
+//! and the control-socket messages. Pure data: no KVM, no I/O beyond parsing.
 #![forbid(unsafe_code)]
 
 pub mod config;
+pub mod control;
 pub mod drive;
 pub mod rate_limiter;
 

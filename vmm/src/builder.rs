@@ -2,7 +2,7 @@
 
 use std::fs::File;
 use std::path::Path;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::Instant;
 
 use devices::legacy::SerialOutput;
@@ -12,6 +12,8 @@ use vmm_api::{SerialConfig, VmConfig};
 
 use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
+use crate::cli::RunOptions;
+use crate::control::{ControlError, ControlServer, VmHandles};
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitEvents, ExitWatcher, VmExit};
 use crate::vstate::memory::{self, MemoryError};
@@ -49,6 +51,9 @@ pub enum BuildError {
     /// A vCPU could not be created or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
     /// The main event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -97,7 +102,7 @@ fn write_boot_data(
 }
 
 /// Builds the VM described by `config`, runs it, and returns how it ended.
-pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, BuildError> {
+pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -> Result<VmExit, BuildError> {
     let flavor = KvmFlavor::detect();
     let mut kernel_file = open("kernel", &config.boot.kernel)?;
     let mut initrd_file = config
@@ -141,11 +146,13 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
     let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
+    let guest_boot = Arc::new(OnceLock::new());
     let device_ctx = device_manager::DeviceContext {
         vm: &vm,
         mem: &mem,
         exits: &exits,
         process_start,
+        guest_boot: Arc::clone(&guest_boot),
     };
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
@@ -170,6 +177,21 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
     for block in &devices.blocks {
         event_manager.add_subscriber(block.clone());
     }
+    let control = match &options.api_sock {
+        Some(path) => {
+            let handles = VmHandles {
+                config: config.clone(),
+                process_start,
+                blocks: devices.blocks.clone(),
+                exits: Arc::clone(&exits),
+                guest_boot,
+            };
+            let server = Arc::new(Mutex::new(ControlServer::bind(path, handles)?));
+            event_manager.add_subscriber(server.clone());
+            Some(server)
+        }
+        None => None,
+    };
 
     let ctx = ExitContext {
         pio: devices.pio,
@@ -189,6 +211,9 @@ pub fn run_vm(config: &VmConfig, process_start: Instant) -> Result<VmExit, Build
             .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
         if let Some(exit) = watcher.lock().unwrap_or_else(|p| p.into_inner()).outcome() {
             log_device_counters(&devices.blocks);
+            if let Some(server) = &control {
+                server.lock().unwrap_or_else(|p| p.into_inner()).remove_socket();
+            }
             return Ok(exit.clone());
         }
     }

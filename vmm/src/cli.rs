@@ -26,14 +26,23 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
                      [,cache=writeback|none]
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
+  --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
+                     must not exist; removed when the VMM exits (combines with --config)
   -h, --help         this text
   -V, --version      version";
 
 /// What the command line asks for.
+/// Process options that are not part of the VM's configuration.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RunOptions {
+    /// Where to serve the control socket.
+    pub api_sock: Option<PathBuf>,
+}
+
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     /// Boot this VM.
-    Run(VmConfig),
+    Run(VmConfig, RunOptions),
     /// Print usage.
     Help,
     /// Print the version.
@@ -91,6 +100,7 @@ struct Flags {
     memory_mib: Option<String>,
     serial: Option<String>,
     drives: Vec<String>,
+    api_sock: Option<String>,
 }
 
 /// Parses the arguments after the program name.
@@ -112,6 +122,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--vcpus" => &mut flags.vcpus,
             "--memory-mib" => &mut flags.memory_mib,
             "--serial" => &mut flags.serial,
+            "--api-sock" => &mut flags.api_sock,
             "--drive" => {
                 let value = match inline {
                     Some(v) => v,
@@ -130,7 +141,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             return Err(CliError::Repeated(name));
         }
     }
-    build(flags).map(Command::Run)
+    let api_sock = flags.api_sock.clone().map(PathBuf::from);
+    build(flags).map(|config| Command::Run(config, RunOptions { api_sock }))
 }
 
 fn build(flags: Flags) -> Result<VmConfig, CliError> {
@@ -222,7 +234,7 @@ mod tests {
 
     #[test]
     fn flags_build_a_config() {
-        let Command::Run(c) = parse(args(
+        let Command::Run(c, _) = parse(args(
             "--kernel /k --initrd=/i --vcpus 4 --memory-mib 3584 --serial file:/tmp/c",
         ))
         .unwrap() else {
@@ -242,7 +254,8 @@ mod tests {
         assert!(c.drives.is_empty());
         assert_eq!(parse(args("--help")).unwrap(), Command::Help);
 
-        let Command::Run(c) = parse(args("--kernel /k --drive path=/a,id=a --drive=path=/b,ro=on")).unwrap()
+        let Command::Run(c, _) =
+            parse(args("--kernel /k --drive path=/a,id=a --drive=path=/b,ro=on")).unwrap()
         else {
             panic!("expected run")
         };

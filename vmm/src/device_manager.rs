@@ -1,7 +1,8 @@
 //! Creates the devices and places them on the buses.
 
+use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusDevice, BusError};
 use devices::legacy::{AcpiPowerManagement, BootTimer, CmosRtc, PvPanic, SerialConsole, SerialOutput, I8042};
@@ -76,12 +77,8 @@ pub struct Devices {
 }
 
 /// Builds the legacy PC devices: COM1, i8042, CMOS RTC, boot timer, pvpanic and ACPI PM registers.
-fn legacy_devices(
-    vm: &VmFd,
-    exits: &ExitEvents,
-    serial: SerialOutput,
-    process_start: Instant,
-) -> Result<Bus, DeviceError> {
+fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, DeviceError> {
+    let (vm, exits) = (ctx.vm, ctx.exits);
     let signal = |evt: &EventFd| {
         evt.try_clone()
             .map(EventSignal::new)
@@ -92,9 +89,14 @@ fn legacy_devices(
     vm.register_irqfd(&serial_irq, irqs::COM1)
         .map_err(|e| DeviceError::Irqfd(irqs::COM1, e))?;
 
+    let guest_boot = Arc::clone(&ctx.guest_boot);
     let boot_timer = BootTimer::new(
-        process_start,
-        Box::new(|elapsed| eprintln!("vmm: guest booted in {} ms", elapsed.as_millis())),
+        ctx.process_start,
+        Box::new(move |elapsed| {
+            eprintln!("vmm: guest booted in {} ms", elapsed.as_millis());
+            // Only the first signal counts; a guest that writes the port again changes nothing.
+            let _ = guest_boot.set(elapsed);
+        }),
     );
 
     let mut pio = Bus::new();
@@ -123,6 +125,8 @@ pub struct DeviceContext<'a> {
     pub exits: &'a ExitEvents,
     /// When the VMM started (boot timer).
     pub process_start: Instant,
+    /// Where the boot timer records the guest's boot time.
+    pub guest_boot: Arc<OnceLock<Duration>>,
 }
 
 /// Creates every device of the VM.
@@ -131,7 +135,7 @@ pub fn create_devices(
     serial: SerialOutput,
     drives: &[DriveConfig],
 ) -> Result<Devices, DeviceError> {
-    let pio = legacy_devices(ctx.vm, ctx.exits, serial, ctx.process_start)?;
+    let pio = legacy_devices(ctx, serial)?;
     let mut virtio = VirtioSlots::new();
     let mut blocks = Vec::with_capacity(drives.len());
     // The root drive goes first so that it is /dev/vda.

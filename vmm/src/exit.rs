@@ -14,6 +14,8 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 /// Why the VM stopped. Ordered by severity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum VmExit {
+    /// A control-socket client stopped the VM.
+    Stopped,
     /// The guest powered off.
     PowerOff,
     /// The guest asked for a reset (reboot); the VMM exits like on power off.
@@ -28,7 +30,7 @@ impl VmExit {
     /// The process exit code: 0 for a guest that shut down cleanly, non-zero for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::Stopped | VmExit::PowerOff | VmExit::Reset => 0,
             VmExit::GuestPanic => 2,
             VmExit::VcpuFault(_) => 3,
         }
@@ -38,6 +40,7 @@ impl VmExit {
 impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VmExit::Stopped => write!(f, "stopped by a control request"),
             VmExit::PowerOff => write!(f, "guest powered off"),
             VmExit::Reset => write!(f, "guest requested a reset"),
             VmExit::GuestPanic => write!(f, "guest kernel panicked"),
@@ -54,6 +57,8 @@ pub struct ExitEvents {
     pub reset: EventFd,
     /// Raised by pvpanic or a KVM crash system event.
     pub panic: EventFd,
+    /// Raised by the control socket's `stop`.
+    pub stop: EventFd,
     fault: EventFd,
     fault_reasons: Mutex<Vec<String>>,
 }
@@ -65,6 +70,7 @@ impl ExitEvents {
             power_off: EventFd::new(EFD_NONBLOCK)?,
             reset: EventFd::new(EFD_NONBLOCK)?,
             panic: EventFd::new(EFD_NONBLOCK)?,
+            stop: EventFd::new(EFD_NONBLOCK)?,
             fault: EventFd::new(EFD_NONBLOCK)?,
             fault_reasons: Mutex::new(Vec::new()),
         }))
@@ -128,6 +134,8 @@ impl MutEventSubscriber for ExitWatcher {
             self.record(VmExit::Reset);
         } else if fd == ev.panic.as_raw_fd() && drained(&ev.panic) {
             self.record(VmExit::GuestPanic);
+        } else if fd == ev.stop.as_raw_fd() && drained(&ev.stop) {
+            self.record(VmExit::Stopped);
         } else if fd == ev.fault.as_raw_fd() && drained(&ev.fault) {
             let reasons = std::mem::take(&mut *ev.fault_reasons.lock().unwrap_or_else(|p| p.into_inner()));
             for reason in reasons {
@@ -141,6 +149,7 @@ impl MutEventSubscriber for ExitWatcher {
             &self.events.power_off,
             &self.events.reset,
             &self.events.panic,
+            &self.events.stop,
             &self.events.fault,
         ] {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {

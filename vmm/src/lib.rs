@@ -6,6 +6,7 @@
 pub mod arch;
 pub mod builder;
 pub mod cli;
+pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod logger;

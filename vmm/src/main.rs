@@ -18,7 +18,7 @@ fn main() {
             println!("vmm {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Command::Run(config)) => match vmm::builder::run_vm(&config, process_start) {
+        Ok(Command::Run(config, options)) => match vmm::builder::run_vm(&config, &options, process_start) {
             Ok(exit) => {
                 let code = exit.exit_code();
                 if code == 0 {
