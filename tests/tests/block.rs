@@ -197,30 +197,28 @@ fn locked_image_is_refused_with_a_clear_message() {
     let disk = scratch.image("disk.img", 1 << 20);
     let holder = File::options().read(true).write(true).open(&disk).unwrap();
     holder.lock().unwrap();
-    let out = Command::new(vmm_binary())
-        .arg("--kernel")
-        .arg(&images.vmlinux)
-        .arg("--drive")
-        .arg(format!("path={}", disk.display()))
-        .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    let stderr = refused_drive(&images.vmlinux, &disk);
     assert!(stderr.contains("in use by another process"), "{stderr}");
 
     // A size that is not whole sectors is refused as clearly.
     let odd = scratch.0.join("odd.img");
     std::fs::write(&odd, vec![1u8; 1000]).unwrap();
+    let stderr = refused_drive(&images.vmlinux, &odd);
+    assert!(stderr.contains("not a positive multiple of 512"), "{stderr}");
+}
+
+/// Runs the VMM with `image` as its drive, expects a setup error (exit 1), returns its stderr.
+fn refused_drive(kernel: &Path, image: &Path) -> String {
     let out = Command::new(vmm_binary())
         .arg("--kernel")
-        .arg(&images.vmlinux)
+        .arg(kernel)
         .arg("--drive")
-        .arg(format!("path={}", odd.display()))
+        .arg(format!("path={}", image.display()))
         .output()
-        .unwrap();
-    let stderr = String::from_utf8_lossy(&out.stderr);
+        .expect("run vmm");
+    let stderr = String::from_utf8_lossy(&out.stderr).into_owned();
     assert_eq!(out.status.code(), Some(1), "{stderr}");
-    assert!(stderr.contains("not a positive multiple of 512"), "{stderr}");
+    stderr
 }
 
 /// The kernel itself mounts an ext4 root from a read-only drive (the probe stays inert, so this is
