@@ -12,6 +12,8 @@
 //! <- {"id": 3, "error": {"kind": "bad-request", "message": "unknown variant `reboot`, ..."}}
 //! ```
 
+use std::collections::BTreeMap;
+
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
@@ -147,6 +149,9 @@ pub struct VmMetrics {
     pub guest_boot_ms: Option<u64>,
     /// Resident memory of the VMM process, guest memory included, in KiB.
     pub vmm_rss_kib: u64,
+    /// vCPU exits that reached the VMM, by reason (`io_in`, `io_out`, `mmio_read`, `mmio_write`,
+    /// `interrupted`, `other`), summed over all vCPUs.
+    pub vcpu_exits: BTreeMap<String, u64>,
     /// One entry per drive, in guest order.
     pub drives: Vec<DriveMetrics>,
 }

@@ -140,6 +140,9 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert!(m.vmm_rss_kib > 0);
     assert_eq!(m.drives.len(), 1);
     assert_eq!(m.drives[0].id, "data");
+    // The serial console writes ports; the virtio driver reads the device's MMIO registers.
+    assert!(m.vcpu_exits["io_out"] > 0, "{m:?}");
+    assert!(m.vcpu_exits["mmio_read"] > 0, "{m:?}");
 
     assert_eq!(c.ok(r#"{"id": 12, "request": "stop"}"#), Response::Stopping);
     let status = guest.wait_exit(Duration::from_secs(60)).unwrap();

@@ -17,7 +17,7 @@ use crate::control::{ControlError, ControlServer, VmHandles};
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitEvents, ExitWatcher, VmExit};
 use crate::vstate::memory::{self, MemoryError};
-use crate::vstate::vcpu::{ExitContext, Vcpu, VcpuError, VcpuSetup};
+use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
 use crate::vstate::vm::{self, VmError};
 
 /// Why a VM could not be built or run.
@@ -177,6 +177,7 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
     for block in &devices.blocks {
         event_manager.add_subscriber(block.clone());
     }
+    let exit_counters = Arc::new(ExitCounters::default());
     let control = match &options.api_sock {
         Some(path) => {
             let handles = VmHandles {
@@ -185,6 +186,7 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
                 blocks: devices.blocks.clone(),
                 exits: Arc::clone(&exits),
                 guest_boot,
+                exit_counters: Arc::clone(&exit_counters),
             };
             let server = Arc::new(Mutex::new(ControlServer::bind(path, handles)?));
             event_manager.add_subscriber(server.clone());
@@ -199,6 +201,7 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
         exits,
         process_start,
         guest_memory: mem.clone(),
+        exit_counters: Arc::clone(&exit_counters),
     };
     for vcpu in vcpus {
         // The threads are detached: the process exits once the VM has ended, which stops them.

@@ -22,6 +22,7 @@ use vmm_api::VmConfig;
 
 use crate::device_manager::BlockHandle;
 use crate::exit::ExitEvents;
+use crate::vstate::vcpu::ExitCounters;
 
 /// Unsent answers a client may accumulate before it is dropped.
 const MAX_PENDING_OUTPUT: usize = 1 << 20;
@@ -54,6 +55,8 @@ pub struct VmHandles {
     pub exits: Arc<ExitEvents>,
     /// Set by the boot timer when the guest signals boot completion.
     pub guest_boot: Arc<OnceLock<Duration>>,
+    /// vCPU exits by reason.
+    pub exit_counters: Arc<ExitCounters>,
 }
 
 struct Client {
@@ -272,6 +275,13 @@ impl ControlServer {
         VmMetrics {
             guest_boot_ms: self.vm.guest_boot.get().map(|d| millis(*d)),
             vmm_rss_kib: rss_kib().unwrap_or(0),
+            vcpu_exits: self
+                .vm
+                .exit_counters
+                .snapshot()
+                .into_iter()
+                .map(|(reason, count)| (reason.to_string(), count))
+                .collect(),
             drives,
         }
     }

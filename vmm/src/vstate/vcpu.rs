@@ -1,5 +1,6 @@
 //! vCPUs: creation, boot-state setup, and the thread that runs each one.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::thread::JoinHandle;
 use std::time::Instant;
@@ -44,6 +45,44 @@ pub struct ExitContext {
     /// Keeps guest memory mapped for as long as any vCPU thread exists, whatever the builder's
     /// thread does with its own handle.
     pub guest_memory: GuestMemoryMmap,
+    /// Exits to user space, by reason, summed over all vCPUs.
+    pub exit_counters: Arc<ExitCounters>,
+}
+
+/// vCPU exits that reached the VMM, by reason (relaxed atomics: statistics, not synchronisation).
+#[derive(Debug, Default)]
+pub struct ExitCounters {
+    /// Port reads.
+    pub io_in: AtomicU64,
+    /// Port writes.
+    pub io_out: AtomicU64,
+    /// MMIO reads (e.g. virtio interrupt status).
+    pub mmio_read: AtomicU64,
+    /// MMIO writes not absorbed by an ioeventfd.
+    pub mmio_write: AtomicU64,
+    /// KVM_RUN interrupted by a signal.
+    pub interrupted: AtomicU64,
+    /// Everything else (system events, failures).
+    pub other: AtomicU64,
+}
+
+impl ExitCounters {
+    fn count(counter: &AtomicU64) {
+        counter.fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// `(reason, count)` pairs, for metrics.
+    pub fn snapshot(&self) -> [(&'static str, u64); 6] {
+        let get = |c: &AtomicU64| c.load(Ordering::Relaxed);
+        [
+            ("io_in", get(&self.io_in)),
+            ("io_out", get(&self.io_out)),
+            ("mmio_read", get(&self.mmio_read)),
+            ("mmio_write", get(&self.mmio_write)),
+            ("interrupted", get(&self.interrupted)),
+            ("other", get(&self.other)),
+        ]
+    }
 }
 
 /// A configured vCPU, not yet running.
@@ -117,7 +156,17 @@ impl Vcpu {
 
     /// Runs the guest until its next exit and serves it. `Ok(false)` once the VM is ending.
     fn run_once(&mut self, ctx: &ExitContext) -> Result<bool, String> {
-        match self.fd.run() {
+        let exit = self.fd.run();
+        let n = &ctx.exit_counters;
+        ExitCounters::count(match &exit {
+            Ok(VcpuExit::IoIn(..)) => &n.io_in,
+            Ok(VcpuExit::IoOut(..)) => &n.io_out,
+            Ok(VcpuExit::MmioRead(..)) => &n.mmio_read,
+            Ok(VcpuExit::MmioWrite(..)) => &n.mmio_write,
+            Err(_) => &n.interrupted,
+            Ok(_) => &n.other,
+        });
+        match exit {
             Ok(VcpuExit::IoIn(port, data)) => {
                 if !ctx.pio.read(u64::from(port), data) {
                     data.fill(0xff);
