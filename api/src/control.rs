@@ -1,7 +1,8 @@
 //! The `vmm` control socket protocol: newline-delimited JSON over a Unix socket.
 //!
 //! A client writes one [`RequestLine`] per line and gets one [`ResponseLine`] per request, carrying the
-//! request's `id`. Lines are at most [`MAX_LINE_BYTES`] long.
+//! request's `id`. Between answers the VMM may send [`EventLine`]s (`{"event": ...}`) to every client.
+//! Lines are at most [`MAX_LINE_BYTES`] long.
 //!
 //! ```text
 //! -> {"id": 1, "request": "describe"}
@@ -89,6 +90,32 @@ pub enum Response {
     Stopping,
     /// Answer to [`Request::UpdateRateLimiter`].
     RateLimiterUpdated,
+}
+
+/// An asynchronous notice, sent to every connected client.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EventLine {
+    /// What happened.
+    pub event: Event,
+}
+
+/// Things that happen to the VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields)]
+pub enum Event {
+    /// The guest signalled that it finished booting (boot-timer port).
+    GuestBootComplete {
+        /// Milliseconds from VMM start.
+        boot_ms: u64,
+    },
+    /// The VM ended; the VMM exits right after.
+    Exit {
+        /// Why (guest power off, reboot, panic, vCPU failure, stop request).
+        reason: String,
+        /// The VMM's exit code.
+        code: i32,
+    },
 }
 
 /// Why a request failed.
@@ -235,5 +262,15 @@ mod tests {
         );
         let back: ResponseLine = serde_json::from_str(&serde_json::to_string(&err).unwrap()).unwrap();
         assert_eq!(back, err);
+        let event = EventLine {
+            event: Event::Exit {
+                reason: "guest powered off".into(),
+                code: 0,
+            },
+        };
+        assert_eq!(
+            serde_json::to_string(&event).unwrap(),
+            r#"{"event":{"exit":{"reason":"guest powered off","code":0}}}"#
+        );
     }
 }

@@ -7,13 +7,15 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages};
-use vmm_api::control::{ErrorKind, Outcome, Response, ResponseLine, VmState};
+use vmm_api::control::{ErrorKind, Event, EventLine, Outcome, Response, ResponseLine, VmState};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
 struct Client {
     writer: UnixStream,
     reader: BufReader<UnixStream>,
+    /// Event lines received so far.
+    events: Vec<Event>,
 }
 
 impl Client {
@@ -25,16 +27,43 @@ impl Client {
         Client {
             reader: BufReader::new(stream.try_clone().expect("clone stream")),
             writer: stream,
+            events: Vec::new(),
         }
     }
 
-    /// Sends one raw line and reads one answer.
+    /// Sends one raw line and reads one answer, keeping event lines that come before it.
     fn call(&mut self, line: &str) -> ResponseLine {
         self.writer.write_all(line.as_bytes()).expect("send");
         self.writer.write_all(b"\n").expect("send");
-        let mut answer = String::new();
-        self.reader.read_line(&mut answer).expect("answer");
-        serde_json::from_str(&answer).unwrap_or_else(|e| panic!("bad answer {answer:?}: {e}"))
+        loop {
+            let text = self.read_line();
+            if let Ok(event) = serde_json::from_str::<EventLine>(&text) {
+                self.events.push(event.event);
+                continue;
+            }
+            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad answer {text:?}: {e}"));
+        }
+    }
+
+    fn read_line(&mut self) -> String {
+        let mut text = String::new();
+        let n = self
+            .reader
+            .read_line(&mut text)
+            .expect("read from the control socket");
+        assert!(n > 0, "the VMM closed the connection");
+        text
+    }
+
+    /// Reads lines until an event line arrives (or returns one received earlier).
+    fn next_event(&mut self) -> Event {
+        if !self.events.is_empty() {
+            return self.events.remove(0);
+        }
+        let text = self.read_line();
+        serde_json::from_str::<EventLine>(&text)
+            .unwrap_or_else(|e| panic!("expected an event, got {text:?}: {e}"))
+            .event
     }
 
     fn ok(&mut self, line: &str) -> Response {
@@ -133,6 +162,11 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert_eq!(c.ok(r#"{"id": 10, "request": "ping"}"#), Response::Pong);
 
     guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
+    // The boot event reaches the client (the probe signals the boot timer right before that line).
+    let Event::GuestBootComplete { boot_ms } = c.next_event() else {
+        panic!("expected the boot event")
+    };
+    assert!(boot_ms > 0);
     let Response::Metrics(m) = c.ok(r#"{"id": 11, "request": "metrics"}"#) else {
         panic!("metrics")
     };
@@ -145,6 +179,13 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert!(m.vcpu_exits["mmio_read"] > 0, "{m:?}");
 
     assert_eq!(c.ok(r#"{"id": 12, "request": "stop"}"#), Response::Stopping);
+    assert_eq!(
+        c.next_event(),
+        Event::Exit {
+            reason: "stopped by a control request".into(),
+            code: 0
+        }
+    );
     let status = guest.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{}", guest.stderr_text());
     assert!(guest.stderr_text().contains("stopped by a control request"));

@@ -9,6 +9,7 @@ use devices::legacy::SerialOutput;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_api::{SerialConfig, VmConfig};
+use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
@@ -147,12 +148,14 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
     let (kvm, vm, initrd) = kvm_side?;
     let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
     let guest_boot = Arc::new(OnceLock::new());
+    let boot_event = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
     let device_ctx = device_manager::DeviceContext {
         vm: &vm,
         mem: &mem,
         exits: &exits,
         process_start,
         guest_boot: Arc::clone(&guest_boot),
+        boot_event: &boot_event,
     };
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
@@ -187,6 +190,7 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
                 exits: Arc::clone(&exits),
                 guest_boot,
                 exit_counters: Arc::clone(&exit_counters),
+                boot_event: boot_event.try_clone().map_err(DeviceError::EventFd)?,
             };
             let server = Arc::new(Mutex::new(ControlServer::bind(path, handles)?));
             event_manager.add_subscriber(server.clone());
@@ -215,7 +219,9 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
         if let Some(exit) = watcher.lock().unwrap_or_else(|p| p.into_inner()).outcome() {
             log_device_counters(&devices.blocks);
             if let Some(server) = &control {
-                server.lock().unwrap_or_else(|p| p.into_inner()).remove_socket();
+                let mut server = server.lock().unwrap_or_else(|p| p.into_inner());
+                server.announce_exit(exit.to_string(), exit.exit_code());
+                server.remove_socket();
             }
             return Ok(exit.clone());
         }

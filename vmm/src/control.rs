@@ -15,10 +15,11 @@ use std::time::{Duration, Instant};
 
 use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
 use vmm_api::control::{
-    DriveMetrics, ErrorKind, Outcome, Request, RequestLine, Response, ResponseLine, VmDescription, VmMetrics,
-    VmState, MAX_LINE_BYTES,
+    DriveMetrics, ErrorKind, Event, EventLine, Outcome, Request, RequestLine, Response, ResponseLine,
+    VmDescription, VmMetrics, VmState, MAX_LINE_BYTES,
 };
 use vmm_api::VmConfig;
+use vmm_sys_util::eventfd::EventFd;
 
 use crate::device_manager::BlockHandle;
 use crate::exit::ExitEvents;
@@ -57,6 +58,8 @@ pub struct VmHandles {
     pub guest_boot: Arc<OnceLock<Duration>>,
     /// vCPU exits by reason.
     pub exit_counters: Arc<ExitCounters>,
+    /// Raised (by the boot timer) when the guest has booted.
+    pub boot_event: EventFd,
 }
 
 struct Client {
@@ -93,6 +96,31 @@ impl ControlServer {
             clients: HashMap::new(),
             vm,
         })
+    }
+
+    /// Sends `event` to every client now, without waiting for slow ones.
+    fn broadcast(&mut self, event: Event, ops: &mut EventOps) {
+        let Some(line) = event_line(event) else {
+            return;
+        };
+        let fds: Vec<RawFd> = self.clients.keys().copied().collect();
+        for fd in fds {
+            if let Some(client) = self.clients.get_mut(&fd) {
+                client.output.extend_from_slice(&line);
+            }
+            self.serve(fd, EventSet::OUT, ops);
+        }
+    }
+
+    /// Tells every client how the VM ended (best effort: the VMM exits right after).
+    pub fn announce_exit(&mut self, reason: String, code: i32) {
+        let Some(line) = event_line(Event::Exit { reason, code }) else {
+            return;
+        };
+        for client in self.clients.values_mut() {
+            client.output.extend_from_slice(&line);
+            flush(client);
+        }
     }
 
     /// Removes the socket file (the VMM calls this on its way out).
@@ -142,7 +170,7 @@ impl ControlServer {
             alive = self.read_requests(&mut client);
         }
         if alive {
-            alive = flush(&mut client);
+            alive = flush(&mut client) && client.output.len() <= MAX_PENDING_OUTPUT;
         }
         if alive && client.closing && client.output.is_empty() {
             alive = false;
@@ -289,9 +317,10 @@ impl ControlServer {
 
 impl MutEventSubscriber for ControlServer {
     fn init(&mut self, ops: &mut EventOps) {
-        let fd = self.listener.as_raw_fd();
-        if let Err(e) = ops.add(Events::with_data_raw(fd, fd as u32, EventSet::IN)) {
-            log::error!("cannot watch the control socket: {e:?}");
+        for fd in [self.listener.as_raw_fd(), self.vm.boot_event.as_raw_fd()] {
+            if let Err(e) = ops.add(Events::with_data_raw(fd, fd as u32, EventSet::IN)) {
+                log::error!("cannot watch the control socket: {e:?}");
+            }
         }
     }
 
@@ -299,8 +328,30 @@ impl MutEventSubscriber for ControlServer {
         let fd = events.fd();
         if fd == self.listener.as_raw_fd() {
             self.accept(ops);
+        } else if fd == self.vm.boot_event.as_raw_fd() {
+            // Reading fails only if nothing is pending: a spurious wake-up.
+            let _ = self.vm.boot_event.read();
+            if let Some(boot) = self.vm.guest_boot.get() {
+                let event = Event::GuestBootComplete {
+                    boot_ms: millis(*boot),
+                };
+                self.broadcast(event, ops);
+            }
         } else {
             self.serve(fd, events.event_set(), ops);
+        }
+    }
+}
+
+fn event_line(event: Event) -> Option<Vec<u8>> {
+    match serde_json::to_vec(&EventLine { event }) {
+        Ok(mut line) => {
+            line.push(b'\n');
+            Some(line)
+        }
+        Err(e) => {
+            log::error!("control: cannot encode an event: {e}");
+            None
         }
     }
 }

@@ -90,12 +90,17 @@ fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, Devi
         .map_err(|e| DeviceError::Irqfd(irqs::COM1, e))?;
 
     let guest_boot = Arc::clone(&ctx.guest_boot);
+    let boot_event = ctx.boot_event.try_clone().map_err(DeviceError::EventFd)?;
     let boot_timer = BootTimer::new(
         ctx.process_start,
         Box::new(move |elapsed| {
             eprintln!("vmm: guest booted in {} ms", elapsed.as_millis());
             // Only the first signal counts; a guest that writes the port again changes nothing.
-            let _ = guest_boot.set(elapsed);
+            if guest_boot.set(elapsed).is_ok() {
+                if let Err(e) = boot_event.write(1) {
+                    log::warn!("cannot signal guest boot: {e}");
+                }
+            }
         }),
     );
 
@@ -127,6 +132,8 @@ pub struct DeviceContext<'a> {
     pub process_start: Instant,
     /// Where the boot timer records the guest's boot time.
     pub guest_boot: Arc<OnceLock<Duration>>,
+    /// Raised by the boot timer once the guest has booted.
+    pub boot_event: &'a EventFd,
 }
 
 /// Creates every device of the VM.
