@@ -4,6 +4,7 @@
 use std::os::unix::io::AsRawFd;
 
 use super::*;
+use crate::virtio::test_utils::readable_within;
 
 fn ms(n: u64) -> Duration {
     Duration::from_millis(n)
@@ -19,19 +20,6 @@ fn bucket_config(size: u64, one_time_burst: u64, refill_time_ms: u64) -> TokenBu
 
 fn limiter(bandwidth: Option<TokenBucketConfig>, ops: Option<TokenBucketConfig>) -> RateLimiter {
     RateLimiter::new(&RateLimiterConfig { bandwidth, ops }).unwrap()
-}
-
-/// Whether `fd` becomes readable within `timeout_ms`.
-fn readable_within(fd: RawFd, timeout_ms: i32) -> bool {
-    let mut pfd = libc::pollfd {
-        fd,
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: `pfd` is a valid pollfd for the duration of the call and the count is 1.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
-    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
-    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// Generous: these tests wait for timers of a few milliseconds, and must not flake on a loaded host.

@@ -234,16 +234,17 @@ impl<D: VirtioDevice> TestDriver<D> {
     }
 }
 
-/// Waits up to 5 s for `fd` to become readable; true if it did.
-pub fn wait_readable(fd: std::os::fd::RawFd) -> bool {
+/// Whether `fd` becomes readable within `timeout_ms` (0: whether it is readable now).
+pub fn readable_within(fd: std::os::fd::RawFd, timeout_ms: i32) -> bool {
     let mut pfd = libc::pollfd {
         fd,
         events: libc::POLLIN,
         revents: 0,
     };
     // SAFETY: poll reads and writes exactly one pollfd, which lives on this stack frame.
-    let ret = unsafe { libc::poll(&mut pfd, 1, 5000) };
-    ret == 1
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout_ms) };
+    assert!(n >= 0, "poll: {}", std::io::Error::last_os_error());
+    n == 1 && pfd.revents & libc::POLLIN != 0
 }
 
 /// A temporary directory removed on drop.

@@ -14,7 +14,9 @@ use vmm_api::rate_limiter::{RateLimiterConfig, TokenBucketConfig};
 
 use super::*;
 use crate::rate_limiter::RateLimiter;
-use crate::virtio::test_utils::{wait_readable, Desc, TempDir, TestDriver, DATA_START, F_INDIRECT, MEM_SIZE};
+use crate::virtio::test_utils::{
+    readable_within, Desc, TempDir, TestDriver, DATA_START, F_INDIRECT, MEM_SIZE,
+};
 use crate::virtio::{
     feature, VirtioDevice, VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
@@ -90,7 +92,7 @@ impl Rig {
             let fd = self
                 .completion_fd()
                 .expect("requests pending on a synchronous engine");
-            assert!(wait_readable(fd), "no completion within 5 s");
+            assert!(readable_within(fd, 5000), "no completion within 5 s");
             self.driver.transport.device_mut().handle_event(1);
             used.extend(self.driver.take_used());
         }
@@ -651,7 +653,7 @@ fn rate_limiter_holds_requests_until_its_timer_fires() {
         .unwrap()
         .0;
     while used.len() < 3 {
-        assert!(wait_readable(timer), "rate limiter timer never fired");
+        assert!(readable_within(timer, 5000), "rate limiter timer never fired");
         r.driver.transport.device_mut().handle_event(2);
         used.extend(r.driver.take_used());
     }
