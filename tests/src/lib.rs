@@ -9,6 +9,7 @@
 //! - [`probe_cmdline`] and [`parse_probe_facts`]: talk to the in-kernel guest probe (`vmmprobe`).
 //! - [`rss_breakdown`]: a process's resident memory split into guest RAM and VMM overhead.
 //! - [`crc32`]: zlib's CRC-32, to check what the guest probe reports about data we gave it.
+//! - [`TempDir`]: a scratch directory removed on drop.
 //!
 //! A typical end-to-end test:
 //!
@@ -36,6 +37,7 @@ mod images;
 mod output;
 mod probe;
 mod smaps;
+mod temp_dir;
 
 pub use crc32::crc32;
 pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
@@ -43,3 +45,4 @@ pub use images::{workspace_root, GuestImages};
 pub use output::{Line, LineHook, Stream};
 pub use probe::{parse_probe_facts, probe_cmdline, ProbeFacts};
 pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};
+pub use temp_dir::TempDir;

@@ -12,36 +12,18 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use harness::{crc32, probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages};
+use harness::{crc32, probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages, TempDir};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-/// A directory for the test's images, removed when dropped.
-struct Scratch(PathBuf);
-
-impl Scratch {
-    fn new(tag: &str) -> Self {
-        let dir = std::env::temp_dir().join(format!("vmm-block-{tag}-{}", std::process::id()));
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::create_dir_all(&dir).expect("scratch dir");
-        Scratch(dir)
-    }
-
-    /// A file of `len` deterministic, non-zero bytes (so every block is allocated).
-    fn image(&self, name: &str, len: usize) -> PathBuf {
-        let path = self.0.join(name);
-        let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
-        let mut f = File::create(&path).expect("create image");
-        f.write_all(&data).expect("write image");
-        f.sync_all().expect("sync image");
-        path
-    }
-}
-
-impl Drop for Scratch {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.0);
-    }
+/// A file of `len` deterministic, non-zero bytes (so every block is allocated) in `dir`.
+fn image(dir: &TempDir, name: &str, len: usize) -> PathBuf {
+    let path = dir.path().join(name);
+    let data: Vec<u8> = (0..len).map(|i| (i % 251) as u8 | 1).collect();
+    let mut f = File::create(&path).expect("create image");
+    f.write_all(&data).expect("write image");
+    f.sync_all().expect("sync image");
+    path
 }
 
 /// The probe's write pattern (guest-images/README.md): xorshift64 from `(seed << 32) | 0x9e3779b9`.
@@ -79,9 +61,9 @@ fn read_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
 fn block_suite(engine: &str, cache: &str) {
     require_kvm();
     let images = GuestImages::get().expect("guest images");
-    let scratch = Scratch::new(&format!("{engine}-{cache}"));
-    let data = scratch.image("data.img", 4 << 20);
-    let readonly = scratch.image("readonly.img", 1 << 20);
+    let scratch = TempDir::new(&format!("vmm-block-{engine}-{cache}")).expect("temp dir");
+    let data = image(&scratch, "data.img", 4 << 20);
+    let readonly = image(&scratch, "readonly.img", 1 << 20);
     let readonly_before = std::fs::read(&readonly).expect("read image");
     let data_blocks_before = std::fs::metadata(&data).expect("stat image").blocks();
 
@@ -193,15 +175,15 @@ fn block_suite_io_uring_direct_io() {
 #[test]
 fn locked_image_is_refused_with_a_clear_message() {
     let images = GuestImages::get().unwrap();
-    let scratch = Scratch::new("locked");
-    let disk = scratch.image("disk.img", 1 << 20);
+    let scratch = TempDir::new("vmm-block-locked").unwrap();
+    let disk = image(&scratch, "disk.img", 1 << 20);
     let holder = File::options().read(true).write(true).open(&disk).unwrap();
     holder.lock().unwrap();
     let stderr = refused_drive(&images.vmlinux, &disk);
     assert!(stderr.contains("in use by another process"), "{stderr}");
 
     // A size that is not whole sectors is refused as clearly.
-    let odd = scratch.0.join("odd.img");
+    let odd = scratch.path().join("odd.img");
     std::fs::write(&odd, vec![1u8; 1000]).unwrap();
     let stderr = refused_drive(&images.vmlinux, &odd);
     assert!(stderr.contains("not a positive multiple of 512"), "{stderr}");
@@ -258,8 +240,8 @@ fn kernel_mounts_the_ext4_root_from_a_read_only_drive() {
 fn rate_limited_drive_throttles_and_completes_everything() {
     require_kvm();
     let images = GuestImages::get().unwrap();
-    let scratch = Scratch::new("limited");
-    let disk = scratch.image("disk.img", 4 << 20);
+    let scratch = TempDir::new("vmm-block-limited").unwrap();
+    let disk = image(&scratch, "disk.img", 4 << 20);
     let mut guest = GuestBuilder::new(&images.vmlinux)
         .memory_mib(128)
         .cmdline(&probe_cmdline("blk-load:vda:randread:4096:8:2,poweroff"))

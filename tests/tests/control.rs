@@ -2,11 +2,11 @@
 
 use std::io::{BufRead, BufReader, Write};
 use std::os::unix::net::UnixStream;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use harness::{probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages};
+use harness::{probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages, TempDir};
 use vmm_api::control::{ErrorKind, Event, EventLine, Outcome, Response, ResponseLine, VmState};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
@@ -93,20 +93,13 @@ fn wait_for_path(path: &Path) {
     }
 }
 
-fn scratch(tag: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("vmm-control-{tag}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&dir);
-    std::fs::create_dir_all(&dir).expect("scratch dir");
-    dir
-}
-
 #[test]
 fn control_socket_serves_clients_and_stops_the_vm() {
     require_kvm();
     let images = GuestImages::get().unwrap();
-    let dir = scratch("serve");
-    let sock = dir.join("api.sock");
-    let disk = dir.join("disk.img");
+    let dir = TempDir::new("vmm-control-serve").unwrap();
+    let sock = dir.path().join("api.sock");
+    let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let mut guest = GuestBuilder::new(&images.vmlinux)
         .cmdline(&probe_cmdline("idle"))
@@ -190,14 +183,13 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert!(status.success(), "{}", guest.stderr_text());
     assert!(guest.stderr_text().contains("stopped by a control request"));
     assert!(!sock.exists(), "the socket file must be removed on exit");
-    let _ = std::fs::remove_dir_all(&dir);
 }
 
 #[test]
 fn an_existing_socket_path_is_refused() {
     let images = GuestImages::get().unwrap();
-    let dir = scratch("exists");
-    let sock = dir.join("api.sock");
+    let dir = TempDir::new("vmm-control-exists").unwrap();
+    let sock = dir.path().join("api.sock");
     std::fs::write(&sock, b"").unwrap();
     let out = Command::new(vmm_binary())
         .arg("--kernel")
@@ -209,5 +201,4 @@ fn an_existing_socket_path_is_refused() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("already exists"), "{stderr}");
-    let _ = std::fs::remove_dir_all(&dir);
 }

@@ -1,42 +1,12 @@
-//! The file the benchmark's disk lives in: a temporary directory for it, its contents, and keeping it
-//! out of the host page cache between runs.
+//! The file the benchmark's disk lives in: its contents, and keeping it out of the host page cache
+//! between runs.
 
 use std::fs::File;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result};
-
-/// A temporary directory, removed with everything in it when dropped.
-pub(crate) struct TempDir(PathBuf);
-
-impl TempDir {
-    /// Creates a new directory, named after this process, under `parent`.
-    pub(crate) fn new(parent: &Path) -> Result<TempDir> {
-        let nanos = SystemTime::now()
-            .duration_since(UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or(0);
-        let path = parent.join(format!("vmm-bench-block-{}-{nanos}", std::process::id()));
-        std::fs::create_dir(&path).with_context(|| format!("cannot create {}", path.display()))?;
-        Ok(TempDir(path))
-    }
-
-    /// Where it is.
-    pub(crate) fn path(&self) -> &Path {
-        &self.0
-    }
-}
-
-impl Drop for TempDir {
-    fn drop(&mut self) {
-        if let Err(e) = std::fs::remove_dir_all(&self.0) {
-            eprintln!("cannot remove {}: {e}", self.0.display());
-        }
-    }
-}
 
 /// Writes `mib` MiB of non-zero, non-repeating data to `path` and syncs it, so that every block is
 /// allocated and reads really reach the disk (a sparse or fallocated file reads as zeroes for free).
@@ -89,11 +59,12 @@ pub(crate) fn drop_page_cache(path: &Path) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use harness::TempDir;
 
     #[test]
     fn backing_file_and_temp_dir() {
         let parent = std::env::temp_dir();
-        let dir = TempDir::new(&parent).unwrap();
+        let dir = TempDir::new_in(&parent, "vmm-bench-block").unwrap();
         let path = dir.path().join("f");
         create_backing_file(&path, 2).unwrap();
         drop_page_cache(&path);

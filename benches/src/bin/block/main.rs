@@ -16,9 +16,9 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Result};
 use benches::{write_json, Vmm};
-use harness::{try_vmm_binary, GuestImages};
+use harness::{try_vmm_binary, GuestImages, TempDir};
 
-use backing_file::{create_backing_file, drop_page_cache, TempDir};
+use backing_file::{create_backing_file, drop_page_cache};
 use options::Options;
 use report::{describe, markdown, report_json};
 use results::Phase;
@@ -64,7 +64,7 @@ fn main() -> Result<()> {
     if opts.dir.to_string_lossy().contains(',') {
         bail!("--dir must not contain ','");
     }
-    let dir = TempDir::new(&opts.dir)?;
+    let dir = TempDir::new_in(&opts.dir, "vmm-bench-block")?;
     let file = dir.path().join("disk.img");
     eprintln!("writing {} MiB to {}", opts.file_mib, file.display());
     create_backing_file(&file, opts.file_mib)?;
