@@ -34,6 +34,13 @@ pub struct RequestLine {
     pub request: Request,
 }
 
+/// Longest graceful shutdown a client may ask for.
+pub const MAX_SHUTDOWN_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Graceful shutdown timeout when the request gives none.
+pub const DEFAULT_SHUTDOWN_TIMEOUT_MS: u64 = 30 * 1000;
+/// Most file descriptors one `add-fds` request may carry, and most the VMM holds in all.
+pub const MAX_PASSED_FDS: usize = 64;
+
 /// What a client can ask.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
@@ -44,6 +51,14 @@ pub enum Request {
     Describe,
     /// Device counters, guest boot time, VMM memory.
     Metrics,
+    /// Stops the vCPUs and device processing (requests in flight finish first). Pausing a paused
+    /// VM changes nothing and says so.
+    Pause,
+    /// Restarts devices and vCPUs of a paused VM.
+    Resume,
+    /// Asks the guest to shut down (Ctrl-Alt-Del on its keyboard) and stops the VM hard if it has
+    /// not ended after the timeout. A paused VM is resumed first, so that the guest can react.
+    Shutdown(ShutdownRequest),
     /// Stops the VM at once (no guest shutdown); the VMM exits with 0.
     Stop,
     /// Replaces a drive's rate limits while it runs.
@@ -53,6 +68,28 @@ pub enum Request {
         /// The new limits; an absent or all-zero bucket removes that limit.
         rate_limiter: RateLimiterConfig,
     },
+    /// Sets the VM's configuration (a VMM started without one, before `start`). May be repeated
+    /// until `start`; the last one counts.
+    Configure(VmConfig),
+    /// Builds and boots the configured VM.
+    Start,
+    /// Names the file descriptors sent with this line (SCM_RIGHTS ancillary data on the same
+    /// `sendmsg`), in order, so that a configuration can use them (`drives[].fd`). Only before
+    /// `start`; a name given again replaces its descriptor.
+    AddFds {
+        /// One name per descriptor (1-64 of `A-Z a-z 0-9 _ -`).
+        names: Vec<String>,
+    },
+}
+
+/// The parameters of [`Request::Shutdown`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShutdownRequest {
+    /// How long the guest may take before the VM is stopped hard, in milliseconds (default
+    /// [`DEFAULT_SHUTDOWN_TIMEOUT_MS`], at most [`MAX_SHUTDOWN_TIMEOUT_MS`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
 }
 
 /// One response line: `ok` or `error`, never both.
@@ -86,10 +123,33 @@ pub enum Response {
     Description(VmDescription),
     /// Answer to [`Request::Metrics`].
     Metrics(VmMetrics),
+    /// Answer to [`Request::Pause`] and [`Request::Resume`].
+    StateChange {
+        /// The state the VM is in now.
+        state: VmState,
+        /// False if it already was in that state (nothing was done).
+        changed: bool,
+    },
+    /// Answer to [`Request::Shutdown`]: the guest has been asked; an `exit` event follows.
+    ShuttingDown {
+        /// When the VM will be stopped hard if the guest has not ended, in milliseconds from now.
+        timeout_ms: u64,
+        /// False if the guest has disabled its keyboard, so only the timeout will end the VM.
+        keyboard: bool,
+    },
     /// Answer to [`Request::Stop`]: the VMM exits right after sending it.
     Stopping,
     /// Answer to [`Request::UpdateRateLimiter`].
     RateLimiterUpdated,
+    /// Answer to [`Request::Configure`].
+    Configured,
+    /// Answer to [`Request::Start`]: the VM is built and its vCPUs run.
+    Started,
+    /// Answer to [`Request::AddFds`].
+    FdsAdded {
+        /// The names now usable in the configuration.
+        names: Vec<String>,
+    },
 }
 
 /// An asynchronous notice, sent to every connected client.
@@ -104,14 +164,26 @@ pub struct EventLine {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields)]
 pub enum Event {
+    /// The VM entered a new state (started, paused, resumed).
+    StateChanged {
+        /// The new state.
+        state: VmState,
+    },
     /// The guest signalled that it finished booting (boot-timer port).
     GuestBootComplete {
         /// Milliseconds from VMM start.
         boot_ms: u64,
     },
+    /// The guest kernel panicked (pvpanic); an `exit` event follows.
+    GuestPanic,
+    /// A vCPU failed (triple fault, emulation failure, KVM error); an `exit` event follows.
+    VcpuError {
+        /// What happened.
+        message: String,
+    },
     /// The VM ended; the VMM exits right after.
     Exit {
-        /// Why (guest power off, reboot, panic, vCPU failure, stop request).
+        /// Why (guest power off, reboot, panic, vCPU failure, stop request, shutdown timeout).
         reason: String,
         /// The VMM's exit code.
         code: i32,
@@ -138,6 +210,8 @@ pub enum ErrorKind {
     InvalidArgument,
     /// The request names something the VM does not have.
     NotFound,
+    /// The VM is not in a state that allows the request (e.g. `resume` before `start`).
+    WrongState,
     /// The VMM failed to do it.
     Internal,
 }
@@ -146,23 +220,29 @@ pub enum ErrorKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum VmState {
+    /// Started without a configuration: waiting for `configure`.
+    NotConfigured,
+    /// Configured, waiting for `start`.
+    Configured,
     /// The vCPUs run.
     Running,
+    /// vCPUs and devices are stopped; `resume` continues.
+    Paused,
 }
 
 /// Answer to [`Request::Describe`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct VmDescription {
-    /// The configuration the VM was built from.
-    pub config: VmConfig,
+    /// The configuration the VM was (or will be) built from; none before `configure`.
+    pub config: Option<VmConfig>,
     /// Its state.
     pub state: VmState,
     /// Milliseconds since the VMM started.
     pub uptime_ms: u64,
-    /// vCPUs.
+    /// vCPUs (0 before `configure`).
     pub vcpus: u8,
-    /// Guest memory in MiB.
+    /// Guest memory in MiB (0 before `configure`).
     pub memory_mib: u64,
     /// The VMM's version.
     pub vmm_version: String,

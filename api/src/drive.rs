@@ -42,8 +42,15 @@ pub enum CacheMode {
 pub struct DriveConfig {
     /// Unique name of the drive within the VM (1-64 of `A-Z a-z 0-9 _ -`).
     pub id: String,
-    /// The raw image (a regular file or block device), its size a multiple of 512.
+    /// The raw image (a regular file or block device), its size a multiple of 512. Exactly one of
+    /// `path` and `fd` is given.
+    #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
+    /// The name of an already open image passed to the VMM over its control socket (`add-fds`),
+    /// instead of a path: a supervisor opens (and may sandbox away) the file itself. Such a drive
+    /// uses the page cache (`cache=writeback`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<String>,
     /// The guest may only read (VIRTIO_BLK_F_RO); the image is opened read-only.
     #[serde(default)]
     pub read_only: bool,
@@ -123,6 +130,7 @@ impl DriveConfig {
         Ok(DriveConfig {
             id: id.unwrap_or_else(|| format!("drive{index}")),
             path: path.ok_or("path=PATH is required")?,
+            fd: None,
             read_only,
             root,
             serial,
@@ -131,6 +139,19 @@ impl DriveConfig {
             rate_limiter: (!rate_limiter.is_unlimited()).then_some(rate_limiter),
         })
     }
+}
+
+fn is_empty_path(path: &std::path::Path) -> bool {
+    path.as_os_str().is_empty()
+}
+
+/// Whether `name` may name a drive, a passed file descriptor, or another VMM resource:
+/// 1-64 characters of `A-Z a-z 0-9 _ -`.
+pub fn is_valid_name(name: &str) -> bool {
+    (1..=64).contains(&name.len())
+        && name
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
 fn on_off(key: &str, value: &str) -> Result<bool, String> {
@@ -151,11 +172,7 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
     }
     for (i, d) in drives.iter().enumerate() {
         let field = |name: &str| format!("drives[{i}].{name}");
-        let id_ok = (1..=64).contains(&d.id.len())
-            && d.id
-                .bytes()
-                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-');
-        if !id_ok {
+        if !is_valid_name(&d.id) {
             return Err(ConfigError::invalid(
                 field("id"),
                 "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
@@ -167,8 +184,32 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
                 format!("duplicate drive id '{}'", d.id),
             ));
         }
-        if d.path.as_os_str().is_empty() {
-            return Err(ConfigError::invalid(field("path"), "must not be empty".into()));
+        match (&d.fd, d.path.as_os_str().is_empty()) {
+            (None, true) => {
+                return Err(ConfigError::invalid(
+                    field("path"),
+                    "must not be empty (give path or fd)".into(),
+                ))
+            }
+            (Some(_), false) => {
+                return Err(ConfigError::invalid(
+                    field("fd"),
+                    "give either path or fd, not both".into(),
+                ))
+            }
+            (Some(name), true) if !is_valid_name(name) => {
+                return Err(ConfigError::invalid(
+                    field("fd"),
+                    "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
+                ))
+            }
+            (Some(_), true) if d.cache == CacheMode::None => {
+                return Err(ConfigError::invalid(
+                    field("cache"),
+                    "cache=none needs a path: direct I/O opens the image a second time".into(),
+                ))
+            }
+            _ => {}
         }
         let serial = d.serial();
         if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
@@ -233,6 +274,14 @@ mod tests {
             d
         };
         assert!(validate_drives(std::slice::from_ref(&ok)).is_ok());
+        let by_fd = with(&|d| {
+            d.path = PathBuf::new();
+            d.fd = Some("disk-1".into())
+        });
+        assert!(validate_drives(std::slice::from_ref(&by_fd)).is_ok());
+        let json = serde_json::to_string(&by_fd).unwrap();
+        assert!(!json.contains("path"), "{json}");
+        assert_eq!(serde_json::from_str::<DriveConfig>(&json).unwrap(), by_fd);
         let cases: Vec<(Vec<DriveConfig>, &str)> = vec![
             (vec![with(&|d| d.id = "a b".into())], "drives[0].id"),
             (vec![ok.clone(), ok.clone()], "duplicate"),
@@ -241,6 +290,22 @@ mod tests {
                 "drives[0].serial",
             ),
             (vec![with(&|d| d.path = PathBuf::new())], "drives[0].path"),
+            (vec![with(&|d| d.fd = Some("f".into()))], "drives[0].fd"),
+            (
+                vec![with(&|d| {
+                    d.path = PathBuf::new();
+                    d.fd = Some("bad name".into())
+                })],
+                "drives[0].fd",
+            ),
+            (
+                vec![with(&|d| {
+                    d.path = PathBuf::new();
+                    d.fd = Some("f".into());
+                    d.cache = CacheMode::None
+                })],
+                "drives[0].cache",
+            ),
             (
                 vec![
                     with(&|d| d.root = true),

@@ -23,6 +23,7 @@
 #include <linux/init.h>
 #include <linux/init_syscalls.h>
 #include <linux/initrd.h>
+#include <linux/input.h>
 #include <linux/io.h>
 #include <linux/kernel.h>
 #include <linux/ktime.h>
@@ -63,6 +64,15 @@ module_param(count, uint, 0);
  */
 static bool initrd_crc;
 module_param(initrd_crc, bool, 0);
+
+/*
+ * What Ctrl-Alt-Del from the keyboard does: "reboot" hands it to the
+ * kernel's ctrl_alt_del() (a restart, as with the VT keyboard driver and no
+ * init that took it over); "ignore" only reports it, like a guest that has
+ * hung or disabled the key combination.
+ */
+static char *cad = "reboot";
+module_param(cad, charp, 0);
 
 /* Captured before populate_rootfs() frees the initrd memory. */
 static bool initrd_seen;
@@ -115,6 +125,107 @@ static void act_idle(int argc, char **argv)
 {
 	probe_print("vmmprobe: idle");
 	probe_idle_forever();
+}
+
+/* ---- Keyboard and shutdown path ------------------------------------------ */
+
+/*
+ * The guest has no VT (serial console only), so nothing in the kernel turns
+ * Ctrl-Alt-Del into ctrl_alt_del(): this input handler does, for every
+ * keyboard (the VMM's i8042 with the AT keyboard driver).
+ */
+static void probe_kbd_event(struct input_handle *handle, unsigned int type,
+			    unsigned int code, int value)
+{
+	unsigned long *keys = handle->dev->key;
+	bool ctrl, alt;
+
+	if (type != EV_KEY || code != KEY_DELETE || value != 1)
+		return;
+	ctrl = test_bit(KEY_LEFTCTRL, keys) || test_bit(KEY_RIGHTCTRL, keys);
+	alt = test_bit(KEY_LEFTALT, keys) || test_bit(KEY_RIGHTALT, keys);
+	if (!ctrl || !alt)
+		return;
+	if (!strcmp(cad, "ignore")) {
+		probe_print("vmmprobe: ctrl-alt-del ignored");
+		return;
+	}
+	probe_print("vmmprobe: ctrl-alt-del");
+	/* Safe in interrupt context: it only schedules the restart work. */
+	ctrl_alt_del();
+}
+
+static int probe_kbd_connect(struct input_handler *handler, struct input_dev *dev,
+			     const struct input_device_id *id)
+{
+	struct input_handle *handle;
+	int err;
+
+	handle = kzalloc(sizeof(*handle), GFP_KERNEL);
+	if (!handle)
+		return -ENOMEM;
+	handle->dev = dev;
+	handle->handler = handler;
+	handle->name = "vmmprobe";
+	err = input_register_handle(handle);
+	if (err)
+		goto free;
+	err = input_open_device(handle);
+	if (err)
+		goto unregister;
+	probe_print("vmmprobe: keyboard name=%s", dev->name ? dev->name : "-");
+	return 0;
+unregister:
+	input_unregister_handle(handle);
+free:
+	kfree(handle);
+	return err;
+}
+
+static void probe_kbd_disconnect(struct input_handle *handle)
+{
+	input_close_device(handle);
+	input_unregister_handle(handle);
+	kfree(handle);
+}
+
+static const struct input_device_id probe_kbd_ids[] = {
+	{ .flags = INPUT_DEVICE_ID_MATCH_EVBIT, .evbit = { BIT_MASK(EV_KEY) } },
+	{ },
+};
+
+static struct input_handler probe_kbd_handler = {
+	.event = probe_kbd_event,
+	.connect = probe_kbd_connect,
+	.disconnect = probe_kbd_disconnect,
+	.name = "vmmprobe",
+	.id_table = probe_kbd_ids,
+};
+
+/* Shows the test that the guest ran its shutdown path, not just stopped. */
+static int probe_reboot_notify(struct notifier_block *nb, unsigned long event, void *unused)
+{
+	const char *what = event == SYS_RESTART ? "restart" :
+			   event == SYS_POWER_OFF ? "power-off" : "halt";
+
+	probe_print("vmmprobe: reboot-notifier event=%s", what);
+	return NOTIFY_DONE;
+}
+
+static struct notifier_block probe_reboot_nb = {
+	.notifier_call = probe_reboot_notify,
+};
+
+static void __init watch_shutdown_path(void)
+{
+	int err;
+
+	err = register_reboot_notifier(&probe_reboot_nb);
+	if (err)
+		probe_print("vmmprobe: reboot notifier error=%d", err);
+	err = input_register_handler(&probe_kbd_handler);
+	if (err)
+		probe_print("vmmprobe: keyboard handler error=%d", err);
 }
 
 /* ---- Block devices ------------------------------------------------------ */
@@ -976,6 +1087,7 @@ static int __init vmmprobe_main(void)
 	if (!action)
 		return 0;
 
+	watch_shutdown_path();
 	outb(BOOT_TIMER_VALUE, BOOT_TIMER_PORT);
 	probe_print("BOOT-COMPLETE");
 	report_facts();

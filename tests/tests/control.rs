@@ -119,7 +119,7 @@ fn control_socket_serves_clients_and_stops_the_vm() {
         panic!("describe")
     };
     assert_eq!((d.state, d.vcpus, d.memory_mib), (VmState::Running, 1, 128));
-    assert_eq!(d.config.drives[0].id, "data");
+    assert_eq!(d.config.expect("configured").drives[0].id, "data");
 
     // Malformed input gets an error and the connection keeps working.
     assert_eq!(c.error("this is not json"), ErrorKind::BadRequest);

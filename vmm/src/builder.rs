@@ -1,9 +1,9 @@
-//! The linear recipe that turns a [`VmConfig`] into a running VM, and the loop that waits for its end.
+//! The linear recipe that turns a [`VmConfig`] into a VM whose vCPUs wait, paused, to be resumed.
 
 use std::fs::File;
 use std::path::Path;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use devices::legacy::SerialOutput;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
@@ -13,12 +13,12 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
-use crate::cli::RunOptions;
-use crate::control::{ControlError, ControlServer, VmHandles};
-use crate::device_manager::{self, DeviceError};
-use crate::exit::{ExitEvents, ExitWatcher, VmExit};
+use crate::device_manager::{self, DeviceError, PassedFds};
+use crate::exit::ExitEvents;
+use crate::machine::Machine;
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
+use crate::vstate::vcpu_control::VcpuSet;
 use crate::vstate::vm::{self, VmError};
 
 /// Why a VM could not be built or run.
@@ -52,12 +52,29 @@ pub enum BuildError {
     /// A vCPU could not be created or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
-    /// The control socket could not be set up.
-    #[error(transparent)]
-    Control(#[from] ControlError),
     /// The main event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
+    /// `start` before `configure`.
+    #[error("the VM is not configured")]
+    NotConfigured,
+    /// The built VM's vCPUs did not start.
+    #[error("cannot start the vCPUs: {0}")]
+    Start(crate::machine::MachineError),
+}
+
+impl BuildError {
+    /// How the control socket classifies this failure: the request's fault, or the VMM's.
+    pub fn kind(&self) -> vmm_api::control::ErrorKind {
+        use vmm_api::control::ErrorKind;
+        match self {
+            BuildError::Open { .. }
+            | BuildError::Boot(_)
+            | BuildError::Devices(DeviceError::Drive { .. }) => ErrorKind::InvalidArgument,
+            BuildError::NotConfigured => ErrorKind::WrongState,
+            _ => ErrorKind::Internal,
+        }
+    }
 }
 
 fn open(what: &'static str, path: &Path) -> Result<File, BuildError> {
@@ -102,17 +119,39 @@ fn write_boot_data(
     Ok(())
 }
 
-/// Builds the VM described by `config`, runs it, and returns how it ended.
-pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -> Result<VmExit, BuildError> {
-    let flavor = KvmFlavor::detect();
-    let mut kernel_file = open("kernel", &config.boot.kernel)?;
-    let mut initrd_file = config
-        .boot
-        .initrd
-        .as_deref()
-        .map(|p| open("initrd", p))
-        .transpose()?;
-    let serial = match &config.serial {
+/// What outlives any one VM of the process: how the VM's end and the guest's boot are signalled,
+/// and the counters the control socket reads.
+pub struct ProcessEvents {
+    /// When the process started.
+    pub process_start: Instant,
+    /// How the VM ends.
+    pub exits: Arc<ExitEvents>,
+    /// Set by the boot timer when the guest signals boot completion.
+    pub guest_boot: Arc<OnceLock<Duration>>,
+    /// Raised by the boot timer when the guest has booted.
+    pub boot_event: EventFd,
+    /// vCPU exits by reason.
+    pub exit_counters: Arc<ExitCounters>,
+}
+
+impl ProcessEvents {
+    /// Fresh events for a process that started at `process_start`.
+    pub fn new(process_start: Instant) -> std::io::Result<Self> {
+        Ok(ProcessEvents {
+            process_start,
+            exits: ExitEvents::new()?,
+            guest_boot: Arc::new(OnceLock::new()),
+            boot_event: EventFd::new(EFD_NONBLOCK)?,
+            exit_counters: Arc::new(ExitCounters::default()),
+        })
+    }
+}
+
+/// The main loop's event manager, whose subscribers are shared with the rest of the VMM.
+pub type VmmEventManager = EventManager<Arc<Mutex<dyn MutEventSubscriber + Send>>>;
+
+fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
+    Ok(match config {
         SerialConfig::Stdout => SerialOutput::Stdout,
         SerialConfig::Off => SerialOutput::Sink,
         SerialConfig::File(path) => {
@@ -122,7 +161,27 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
                 source,
             })?)
         }
-    };
+    })
+}
+
+/// Builds the VM described by `config`: memory, kernel, firmware tables, devices (watched by
+/// `event_manager`) and vCPU threads, which wait paused for [`Machine::resume`]. Drives given by
+/// file descriptor take theirs out of `fds`.
+pub fn build_vm(
+    config: &VmConfig,
+    events: &ProcessEvents,
+    event_manager: &mut VmmEventManager,
+    fds: &mut PassedFds,
+) -> Result<Machine, BuildError> {
+    let flavor = KvmFlavor::detect();
+    let mut kernel_file = open("kernel", &config.boot.kernel)?;
+    let mut initrd_file = config
+        .boot
+        .initrd
+        .as_deref()
+        .map(|p| open("initrd", p))
+        .transpose()?;
+    let serial = serial_output(&config.serial)?;
 
     let mem = memory::create_guest_memory(config.machine.memory_mib)?;
     // KVM's first memory slot costs milliseconds on some hosts, and loading kernel and initrd costs
@@ -146,18 +205,15 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
     });
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
-    let exits = ExitEvents::new().map_err(DeviceError::EventFd)?;
-    let guest_boot = Arc::new(OnceLock::new());
-    let boot_event = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
     let device_ctx = device_manager::DeviceContext {
         vm: &vm,
         mem: &mem,
-        exits: &exits,
-        process_start,
-        guest_boot: Arc::clone(&guest_boot),
-        boot_event: &boot_event,
+        exits: &events.exits,
+        process_start: events.process_start,
+        guest_boot: Arc::clone(&events.guest_boot),
+        boot_event: &events.boot_event,
     };
-    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives)?;
+    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, fds)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
     // guest's own page faults benefit from them.
@@ -172,83 +228,33 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
     let vcpus = (0..config.machine.vcpus)
         .map(|i| Vcpu::new(&vm, i, &setup))
         .collect::<Result<Vec<_>, _>>()?;
-
-    let mut event_manager = EventManager::<Arc<Mutex<dyn MutEventSubscriber + Send>>>::new()
-        .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
-    let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&exits))));
-    event_manager.add_subscriber(watcher.clone());
     for block in &devices.blocks {
         event_manager.add_subscriber(block.clone());
     }
-    let exit_counters = Arc::new(ExitCounters::default());
-    let control = match &options.api_sock {
-        Some(path) => {
-            let handles = VmHandles {
-                config: config.clone(),
-                process_start,
-                blocks: devices.blocks.clone(),
-                exits: Arc::clone(&exits),
-                guest_boot,
-                exit_counters: Arc::clone(&exit_counters),
-                boot_event: boot_event.try_clone().map_err(DeviceError::EventFd)?,
-            };
-            let server = Arc::new(Mutex::new(ControlServer::bind(path, handles)?));
-            event_manager.add_subscriber(server.clone());
-            Some(server)
-        }
-        None => None,
-    };
 
     let ctx = ExitContext {
         pio: devices.pio,
         mmio: devices.mmio,
-        exits,
-        process_start,
+        exits: Arc::clone(&events.exits),
+        process_start: events.process_start,
         guest_memory: mem.clone(),
-        exit_counters: Arc::clone(&exit_counters),
+        exit_counters: Arc::clone(&events.exit_counters),
     };
+    let mut vcpu_set = VcpuSet::new();
     for vcpu in vcpus {
-        // The threads are detached: the process exits once the VM has ended, which stops them.
-        vcpu.start(ctx.clone())?;
+        let index = vcpu.index();
+        let channel = vcpu_set.channel(index);
+        // The threads are never joined: the process exits once the VM has ended, which stops them.
+        let thread = vcpu.start(ctx.clone(), channel)?;
+        vcpu_set.started(index, thread);
     }
-
-    loop {
-        event_manager
-            .run()
-            .map_err(|e| BuildError::EventLoop(format!("{e:?}")))?;
-        if let Some(exit) = watcher.lock().unwrap_or_else(|p| p.into_inner()).outcome() {
-            log_device_counters(&devices.blocks);
-            if let Some(server) = &control {
-                let mut server = server.lock().unwrap_or_else(|p| p.into_inner());
-                server.announce_exit(exit.to_string(), exit.exit_code());
-                server.remove_socket();
-            }
-            return Ok(exit.clone());
-        }
-    }
-}
-
-/// Logs each drive's counters (at `info`): what the VM did, for whoever runs the VMM by hand.
-fn log_device_counters(blocks: &[device_manager::BlockHandle]) {
-    for block in blocks {
-        let transport = block.lock().unwrap_or_else(|p| p.into_inner());
-        let m = transport.device().metrics().snapshot();
-        log::info!(
-            "drive {}: reads={} writes={} flushes={} discards={} get_ids={} read_bytes={} write_bytes={} \
-             invalid_requests={} io_errors={} throttled={} queue_events={} interrupts={}",
-            transport.device().id(),
-            m.reads,
-            m.writes,
-            m.flushes,
-            m.discards,
-            m.get_ids,
-            m.read_bytes,
-            m.write_bytes,
-            m.invalid_requests,
-            m.io_errors,
-            m.throttled,
-            m.queue_events,
-            m.interrupts
-        );
-    }
+    // The VM fd must stay open for as long as the vCPUs run; the machine keeps it.
+    Ok(Machine::new(
+        config.clone(),
+        vm,
+        vcpu_set,
+        devices.blocks,
+        devices.keyboard,
+        Arc::clone(&events.exits),
+    ))
 }

@@ -8,9 +8,10 @@ use vmm_api::{
 
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
-usage: vmm --config vm.json
+usage: vmm --config vm.json [--api-sock PATH]
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
-           [--serial stdout|off|file:PATH] [--drive SPEC]...
+           [--serial stdout|off|file:PATH] [--drive SPEC]... [--api-sock PATH]
+       vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
 
 Boots one virtual machine on /dev/kvm and exits when the guest powers off or reboots (code 0),
 panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
@@ -27,7 +28,8 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      [,cache=writeback|none]
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
   --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
-                     must not exist; removed when the VMM exits (combines with --config)
+                     must not exist; removed when the VMM exits. Alone, the VMM starts empty and
+                     waits for `configure` and `start` requests
   -h, --help         this text
   -V, --version      version";
 
@@ -41,8 +43,8 @@ pub struct RunOptions {
 
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
-    /// Boot this VM.
-    Run(VmConfig, RunOptions),
+    /// Boot this VM, or (none) wait for a configuration on the control socket.
+    Run(Option<VmConfig>, RunOptions),
     /// Print usage.
     Help,
     /// Print the version.
@@ -74,9 +76,12 @@ pub enum CliError {
     /// `--config` mixed with VM flags.
     #[error("--config cannot be combined with {0}")]
     ConfigAndFlags(String),
-    /// Neither `--config` nor `--kernel`.
-    #[error("nothing to boot: give --config FILE or --kernel PATH (see --help)")]
+    /// Neither `--config` nor `--kernel` (nor `--api-sock` to be configured through).
+    #[error("nothing to boot: give --config FILE or --kernel PATH, or --api-sock PATH to configure it later (see --help)")]
     NothingToBoot,
+    /// A VM flag in the empty start mode.
+    #[error("{0} needs --kernel (a VMM started with only --api-sock is configured through the socket)")]
+    WithoutKernel(String),
     /// The config file could not be read.
     #[error("cannot read config {path}: {source}")]
     ReadConfig {
@@ -142,7 +147,26 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         }
     }
     let api_sock = flags.api_sock.clone().map(PathBuf::from);
-    build(flags).map(|config| Command::Run(config, RunOptions { api_sock }))
+    let options = RunOptions { api_sock };
+    let nothing_to_boot = flags.config.is_none() && flags.kernel.is_none();
+    if nothing_to_boot && options.api_sock.is_some() {
+        // Started empty: the configuration comes over the control socket.
+        let stray = [
+            ("--initrd", &flags.initrd),
+            ("--cmdline", &flags.cmdline),
+            ("--vcpus", &flags.vcpus),
+            ("--memory-mib", &flags.memory_mib),
+            ("--serial", &flags.serial),
+        ];
+        if let Some((flag, _)) = stray.iter().find(|(_, v)| v.is_some()) {
+            return Err(CliError::WithoutKernel((*flag).to_string()));
+        }
+        if !flags.drives.is_empty() {
+            return Err(CliError::WithoutKernel("--drive".to_string()));
+        }
+        return Ok(Command::Run(None, options));
+    }
+    build(flags).map(|config| Command::Run(Some(config), options))
 }
 
 fn build(flags: Flags) -> Result<VmConfig, CliError> {
@@ -234,7 +258,7 @@ mod tests {
 
     #[test]
     fn flags_build_a_config() {
-        let Command::Run(c, _) = parse(args(
+        let Command::Run(Some(c), _) = parse(args(
             "--kernel /k --initrd=/i --vcpus 4 --memory-mib 3584 --serial file:/tmp/c",
         ))
         .unwrap() else {
@@ -254,7 +278,7 @@ mod tests {
         assert!(c.drives.is_empty());
         assert_eq!(parse(args("--help")).unwrap(), Command::Help);
 
-        let Command::Run(c, _) =
+        let Command::Run(Some(c), _) =
             parse(args("--kernel /k --drive path=/a,id=a --drive=path=/b,ro=on")).unwrap()
         else {
             panic!("expected run")
@@ -265,6 +289,11 @@ mod tests {
             ("a", "drive1")
         );
         assert!(c.drives[1].read_only);
+
+        let Command::Run(None, options) = parse(args("--api-sock /run/v.sock")).unwrap() else {
+            panic!("expected an empty start")
+        };
+        assert_eq!(options.api_sock, Some(PathBuf::from("/run/v.sock")));
     }
 
     #[test]
@@ -283,6 +312,8 @@ mod tests {
                 "--config cannot be combined with --kernel",
             ),
             ("--vcpus 2", "nothing to boot"),
+            ("--api-sock /s --vcpus 2", "--vcpus needs --kernel"),
+            ("--api-sock /s --drive path=/a", "--drive needs --kernel"),
             (
                 "--kernel /k --drive id=x",
                 "invalid value 'id=x' for --drive: path=PATH is required",

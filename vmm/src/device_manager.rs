@@ -1,5 +1,8 @@
 //! Creates the devices and places them on the buses.
 
+use std::collections::HashMap;
+use std::fs::File;
+use std::os::fd::OwnedFd;
 use std::sync::OnceLock;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
@@ -54,6 +57,9 @@ pub enum DriveError {
     /// Image or device creation failed.
     #[error(transparent)]
     Block(#[from] BlockError),
+    /// The drive names a file descriptor nobody passed.
+    #[error("no file descriptor named {0:?} was passed (add-fds)")]
+    MissingFd(String),
     /// The rate limiter could not be created.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
@@ -61,6 +67,12 @@ pub enum DriveError {
 
 /// A virtio-blk drive as the rest of the VMM holds it.
 pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
+
+/// The i8042 as the VMM holds it (to type Ctrl-Alt-Del).
+pub type KeyboardHandle = Arc<Mutex<I8042>>;
+
+/// File descriptors passed over the control socket, by name, until a device takes them.
+pub type PassedFds = HashMap<String, OwnedFd>;
 
 /// The buses with every device of the VM attached.
 pub struct Devices {
@@ -70,6 +82,8 @@ pub struct Devices {
     pub mmio: Arc<Bus>,
     /// The drives, in guest order (`/dev/vda` first).
     pub blocks: Vec<BlockHandle>,
+    /// The keyboard controller.
+    pub keyboard: KeyboardHandle,
     /// The virtio-mmio devices, for the ACPI tables.
     pub virtio: Vec<VirtioMmioDevice>,
     /// Kernel command line words the devices need (the root drive).
@@ -77,7 +91,7 @@ pub struct Devices {
 }
 
 /// Builds the legacy PC devices: COM1, i8042, CMOS RTC, boot timer, pvpanic and ACPI PM registers.
-fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, DeviceError> {
+fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<(Bus, KeyboardHandle), DeviceError> {
     let (vm, exits) = (ctx.vm, ctx.exits);
     let signal = |evt: &EventFd| {
         evt.try_clone()
@@ -85,9 +99,12 @@ fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, Devi
             .map_err(DeviceError::EventFd)
     };
 
-    let serial_irq = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
-    vm.register_irqfd(&serial_irq, irqs::COM1)
-        .map_err(|e| DeviceError::Irqfd(irqs::COM1, e))?;
+    let irq_line = |gsi: u32| -> Result<IrqLine, DeviceError> {
+        let evt = EventFd::new(EFD_NONBLOCK).map_err(DeviceError::EventFd)?;
+        vm.register_irqfd(&evt, gsi)
+            .map_err(|e| DeviceError::Irqfd(gsi, e))?;
+        Ok(IrqLine::new(evt))
+    };
 
     let guest_boot = Arc::clone(&ctx.guest_boot);
     let boot_event = ctx.boot_event.try_clone().map_err(DeviceError::EventFd)?;
@@ -106,17 +123,21 @@ fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<Bus, Devi
     let mut pio = Bus::new();
     let mut add = |device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64| pio.insert(device, base, len);
     add(
-        shared(SerialConsole::new(IrqLine::new(serial_irq), serial)),
+        shared(SerialConsole::new(irq_line(irqs::COM1)?, serial)),
         ports::COM1,
         8,
     )?;
-    add(shared(I8042::new(signal(&exits.reset)?)), ports::I8042, 5)?;
+    let keyboard = Arc::new(Mutex::new(I8042::new(
+        signal(&exits.reset)?,
+        irq_line(irqs::KEYBOARD)?,
+    )));
+    add(keyboard.clone(), ports::I8042, 5)?;
     add(shared(CmosRtc::new()), ports::RTC, 2)?;
     add(shared(boot_timer), ports::BOOT_TIMER, 1)?;
     add(shared(PvPanic::new(signal(&exits.panic)?)), ports::PVPANIC, 1)?;
     let pm = AcpiPowerManagement::new(signal(&exits.power_off)?, signal(&exits.reset)?);
     add(shared(pm), ports::ACPI_PM, AcpiPowerManagement::LEN)?;
-    Ok(pio)
+    Ok((pio, keyboard))
 }
 
 /// Everything the devices need from the VM being built.
@@ -140,8 +161,9 @@ pub fn create_devices(
     ctx: &DeviceContext,
     serial: SerialOutput,
     drives: &[DriveConfig],
+    fds: &mut PassedFds,
 ) -> Result<Devices, DeviceError> {
-    let pio = legacy_devices(ctx, serial)?;
+    let (pio, keyboard) = legacy_devices(ctx, serial)?;
     let mut virtio = VirtioSlots::new();
     let mut blocks = Vec::with_capacity(drives.len());
     // The root drive goes first so that it is /dev/vda.
@@ -150,7 +172,7 @@ pub fn create_devices(
         .filter(|d| d.root)
         .chain(drives.iter().filter(|d| !d.root));
     for drive in ordered {
-        let block = create_block(drive).map_err(|source| DeviceError::Drive {
+        let block = create_block(drive, fds).map_err(|source| DeviceError::Drive {
             id: drive.id.clone(),
             source,
         })?;
@@ -165,14 +187,24 @@ pub fn create_devices(
         pio: Arc::new(pio),
         mmio: Arc::new(virtio.bus),
         blocks,
+        keyboard,
         virtio: virtio.described,
         cmdline_args,
     })
 }
 
-fn create_block(drive: &DriveConfig) -> Result<Block, DriveError> {
+fn create_block(drive: &DriveConfig, fds: &mut PassedFds) -> Result<Block, DriveError> {
     let direct = drive.cache == CacheMode::None;
-    let disk = DiskImage::open(&drive.path, drive.read_only, direct).map_err(BlockError::from)?;
+    let disk = match &drive.fd {
+        Some(name) => {
+            let fd = fds
+                .remove(name)
+                .ok_or_else(|| DriveError::MissingFd(name.clone()))?;
+            DiskImage::from_file(File::from(fd), name, drive.read_only)
+        }
+        None => DiskImage::open(&drive.path, drive.read_only, direct),
+    }
+    .map_err(BlockError::from)?;
     let rate_limiter = match &drive.rate_limiter {
         Some(limits) => RateLimiter::new(limits)?,
         None => RateLimiter::unlimited()?,

@@ -4,18 +4,22 @@
 //! event-manager loop watches them and decides the outcome. When several arrive together the most
 //! severe wins: a panic is reported even if the guest then reboots (`panic=1`).
 
-use std::os::fd::AsRawFd;
+use std::os::fd::{AsRawFd, RawFd};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use event_manager::{EventOps, Events, MutEventSubscriber};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 /// Why the VM stopped. Ordered by severity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum VmExit {
     /// A control-socket client stopped the VM.
     Stopped,
+    /// A graceful shutdown was asked for and the guest did not end in time: stopped hard.
+    ShutdownTimedOut,
     /// The guest powered off.
     PowerOff,
     /// The guest asked for a reset (reboot); the VMM exits like on power off.
@@ -30,7 +34,7 @@ impl VmExit {
     /// The process exit code: 0 for a guest that shut down cleanly, non-zero for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Stopped | VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::Stopped | VmExit::ShutdownTimedOut | VmExit::PowerOff | VmExit::Reset => 0,
             VmExit::GuestPanic => 2,
             VmExit::VcpuFault(_) => 3,
         }
@@ -41,6 +45,7 @@ impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             VmExit::Stopped => write!(f, "stopped by a control request"),
+            VmExit::ShutdownTimedOut => write!(f, "the guest did not shut down in time: stopped"),
             VmExit::PowerOff => write!(f, "guest powered off"),
             VmExit::Reset => write!(f, "guest requested a reset"),
             VmExit::GuestPanic => write!(f, "guest kernel panicked"),
@@ -59,6 +64,9 @@ pub struct ExitEvents {
     pub panic: EventFd,
     /// Raised by the control socket's `stop`.
     pub stop: EventFd,
+    /// Fires when a graceful shutdown has taken too long.
+    shutdown_timer: Mutex<TimerFd>,
+    shutdown_timer_fd: RawFd,
     fault: EventFd,
     fault_reasons: Mutex<Vec<String>>,
 }
@@ -66,14 +74,27 @@ pub struct ExitEvents {
 impl ExitEvents {
     /// Fresh, unsignalled events.
     pub fn new() -> std::io::Result<Arc<Self>> {
+        let shutdown_timer = TimerFd::new().map_err(std::io::Error::from)?;
         Ok(Arc::new(ExitEvents {
             power_off: EventFd::new(EFD_NONBLOCK)?,
             reset: EventFd::new(EFD_NONBLOCK)?,
             panic: EventFd::new(EFD_NONBLOCK)?,
             stop: EventFd::new(EFD_NONBLOCK)?,
+            shutdown_timer_fd: shutdown_timer.as_raw_fd(),
+            shutdown_timer: Mutex::new(shutdown_timer),
             fault: EventFd::new(EFD_NONBLOCK)?,
             fault_reasons: Mutex::new(Vec::new()),
         }))
+    }
+
+    /// Stops the VM hard after `timeout` unless it ends before (a graceful shutdown's deadline).
+    /// A later call moves the deadline.
+    pub fn stop_after(&self, timeout: Duration) -> std::io::Result<()> {
+        let mut timer = self.shutdown_timer.lock().unwrap_or_else(|p| p.into_inner());
+        // A zero duration would disarm the timer.
+        timer
+            .reset(timeout.max(Duration::from_nanos(1)), None)
+            .map_err(std::io::Error::from)
     }
 
     /// Reports a vCPU failure.
@@ -136,6 +157,16 @@ impl MutEventSubscriber for ExitWatcher {
             self.record(VmExit::GuestPanic);
         } else if fd == ev.stop.as_raw_fd() && drained(&ev.stop) {
             self.record(VmExit::Stopped);
+        } else if fd == ev.shutdown_timer_fd {
+            let expired = ev
+                .shutdown_timer
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .wait()
+                .is_ok_and(|n| n > 0);
+            if expired {
+                self.record(VmExit::ShutdownTimedOut);
+            }
         } else if fd == ev.fault.as_raw_fd() && drained(&ev.fault) {
             let reasons = std::mem::take(&mut *ev.fault_reasons.lock().unwrap_or_else(|p| p.into_inner()));
             for reason in reasons {
@@ -155,6 +186,10 @@ impl MutEventSubscriber for ExitWatcher {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {
                 log::error!("cannot watch exit event: {e:?}");
             }
+        }
+        let timer = self.events.shutdown_timer_fd;
+        if let Err(e) = ops.add(Events::with_data_raw(timer, timer as u32, EventSet::IN)) {
+            log::error!("cannot watch the shutdown timer: {e:?}");
         }
     }
 }

@@ -1,7 +1,9 @@
 //! The `vmm` library: builds and runs one virtual machine on KVM.
 //!
-//! [`builder::run_vm`] is the whole life of a VM: a linear recipe (KVM, memory, kernel, firmware
-//! tables, devices, vCPUs) followed by the main event loop, which waits for the guest to end.
+//! [`runtime::run`] is the whole life of the process: it builds the VM (at once, or when the control
+//! socket says `start`) with [`builder::build_vm`], a linear recipe (KVM, memory, kernel, firmware
+//! tables, devices, vCPU threads that wait paused), resumes it, and runs the main event loop until
+//! the guest ends. [`machine::Machine`] is the built VM: pause, resume, shutdown.
 
 pub mod arch;
 pub mod builder;
@@ -10,4 +12,7 @@ pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod logger;
+pub mod machine;
+pub mod metrics;
+pub mod runtime;
 pub mod vstate;

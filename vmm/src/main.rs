@@ -9,6 +9,7 @@ fn main() {
     // Taken first thing so that "booted in" and "first KVM_RUN" are measured from process start.
     let process_start = Instant::now();
     vmm::logger::init();
+    vmm::metrics::init();
     let code = match cli::parse(std::env::args().skip(1)) {
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
@@ -18,7 +19,7 @@ fn main() {
             println!("vmm {}", env!("CARGO_PKG_VERSION"));
             0
         }
-        Ok(Command::Run(config, options)) => match vmm::builder::run_vm(&config, &options, process_start) {
+        Ok(Command::Run(config, options)) => match vmm::runtime::run(config, &options, process_start) {
             Ok(exit) => {
                 let code = exit.exit_code();
                 if code == 0 {

@@ -105,6 +105,16 @@ impl<D: VirtioDevice> MmioTransport<D> {
         &mut self.device
     }
 
+    /// Stops the device's queue processing (see [`VirtioDevice::pause`]).
+    pub fn pause(&mut self) {
+        self.device.pause();
+    }
+
+    /// Restarts the device's queue processing.
+    pub fn resume(&mut self) {
+        self.device.resume();
+    }
+
     /// Whether the driver has started the device.
     pub fn is_activated(&self) -> bool {
         self.activated

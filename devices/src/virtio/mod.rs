@@ -140,6 +140,12 @@ pub trait VirtioDevice: Send {
     /// Stops processing, waits for requests in flight, and drops the queues. Afterwards the device
     /// can be activated again.
     fn reset(&mut self);
+    /// Stops taking requests from the queues (the VM is being paused) and finishes the ones in
+    /// flight, so that guest memory and the rings no longer change. Notifications that arrive
+    /// meanwhile are remembered for [`VirtioDevice::resume`].
+    fn pause(&mut self);
+    /// Takes requests again, including any queued while paused.
+    fn resume(&mut self);
     /// Every file descriptor the event loop should watch for this device, each with a token that
     /// is passed back to [`VirtioDevice::handle_event`]. Queue eventfds use their queue index.
     fn event_sources(&self) -> Vec<(RawFd, u32)>;

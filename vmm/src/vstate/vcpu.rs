@@ -16,6 +16,7 @@ use crate::arch::boot::EntryPoint;
 use crate::arch::cpuid;
 use crate::arch::regs::{self, RegsError};
 use crate::exit::ExitEvents;
+use crate::vstate::vcpu_control::{KickTarget, Order, VcpuChannel, VcpuCommand, VcpuRunState};
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -85,6 +86,16 @@ impl ExitCounters {
     }
 }
 
+/// What one trip into the guest ended with.
+enum Step {
+    /// An exit the VMM served; enter the guest again.
+    Continue,
+    /// KVM_RUN was interrupted by the kick signal: look for orders.
+    Kicked,
+    /// The guest powered off, reset or panicked.
+    VmEnded,
+}
+
 /// A configured vCPU, not yet running.
 pub struct Vcpu {
     index: u8,
@@ -128,24 +139,52 @@ impl Vcpu {
         Ok(Vcpu { index, fd })
     }
 
-    /// Starts the vCPU on its own thread, named `vcpuN`.
-    pub fn start(self, ctx: ExitContext) -> Result<JoinHandle<()>, VcpuError> {
+    /// Its index (the APIC ID).
+    pub fn index(&self) -> u8 {
+        self.index
+    }
+
+    /// Starts the vCPU on its own thread, named `vcpuN`, paused: it enters the guest on the first
+    /// [`VcpuCommand::Resume`] it gets through `channel`.
+    pub fn start(self, ctx: ExitContext, channel: VcpuChannel) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&ctx))
+            .spawn(move || {
+                self.run(&ctx, &channel);
+                channel.exited();
+            })
             .map_err(|e| VcpuError::Spawn(index, e))
     }
 
-    fn run(mut self, ctx: &ExitContext) {
-        if self.index == 0 {
-            let ms = ctx.process_start.elapsed().as_secs_f64() * 1000.0;
-            eprintln!("vmm: first KVM_RUN at {ms:.3} ms after process start");
-        }
+    /// The thread body: the Paused / Running state machine around KVM_RUN.
+    fn run(mut self, ctx: &ExitContext, channel: &VcpuChannel) {
+        let _kick = KickTarget::new(self.fd.get_kvm_run());
+        let mut running = false;
+        let mut first_run = self.index == 0;
         loop {
+            if !running {
+                // Paused: block until told otherwise (no spinning, no KVM_RUN).
+                let Some(order) = channel.wait() else {
+                    return;
+                };
+                running = self.obey(order, channel);
+                continue;
+            }
+            if first_run {
+                first_run = false;
+                let ms = ctx.process_start.elapsed().as_secs_f64() * 1000.0;
+                eprintln!("vmm: first KVM_RUN at {ms:.3} ms after process start");
+            }
             match self.run_once(ctx) {
-                Ok(true) => {}
-                Ok(false) => return,
+                Ok(Step::Continue) => {}
+                Ok(Step::Kicked) => {
+                    self.fd.set_kvm_immediate_exit(0);
+                    while let Some(order) = channel.poll() {
+                        running = self.obey(order, channel);
+                    }
+                }
+                Ok(Step::VmEnded) => return,
                 Err(reason) => {
                     ctx.exits.vcpu_fault(format!("vCPU {}: {reason}", self.index));
                     return;
@@ -154,8 +193,20 @@ impl Vcpu {
         }
     }
 
-    /// Runs the guest until its next exit and serves it. `Ok(false)` once the VM is ending.
-    fn run_once(&mut self, ctx: &ExitContext) -> Result<bool, String> {
+    /// Acknowledges `order`; true if the vCPU should now run.
+    fn obey(&self, order: Order, channel: &VcpuChannel) -> bool {
+        let running = order.command == VcpuCommand::Resume;
+        let state = if running {
+            VcpuRunState::Running
+        } else {
+            VcpuRunState::Paused
+        };
+        channel.ack(order, state);
+        running
+    }
+
+    /// Runs the guest until its next exit and serves it.
+    fn run_once(&mut self, ctx: &ExitContext) -> Result<Step, String> {
         let exit = self.fd.run();
         let n = &ctx.exit_counters;
         ExitCounters::count(match &exit {
@@ -191,7 +242,7 @@ impl Vcpu {
                     other => return Err(format!("unknown system event {other}")),
                 };
                 ExitEvents::raise(evt);
-                return Ok(false);
+                return Ok(Step::VmEnded);
             }
             Ok(VcpuExit::Shutdown) => return Err("triple fault (KVM_EXIT_SHUTDOWN)".into()),
             Ok(VcpuExit::Hlt) => return Err("halted with interrupts off (KVM_EXIT_HLT)".into()),
@@ -202,9 +253,10 @@ impl Vcpu {
             }
             Ok(VcpuExit::InternalError) => return Err("KVM internal error (emulation failure)".into()),
             Ok(other) => return Err(format!("unexpected exit {other:?}")),
-            Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {}
+            Err(e) if e.errno() == libc::EINTR => return Ok(Step::Kicked),
+            Err(e) if e.errno() == libc::EAGAIN => {}
             Err(e) => return Err(format!("KVM_RUN failed: {e}")),
         }
-        Ok(true)
+        Ok(Step::Continue)
     }
 }

@@ -110,6 +110,8 @@ pub struct Block {
     pending: Vec<Option<Pending>>,
     /// Requests are held back until the rate limiter's timer fires.
     throttled: bool,
+    /// The VM is paused: the queue is left alone until `resume`.
+    paused: bool,
     completions: Vec<Completion>,
 }
 
@@ -162,6 +164,7 @@ impl Block {
             active: None,
             pending: vec![None; usize::from(QUEUE_SIZE)],
             throttled: false,
+            paused: false,
             completions: Vec::new(),
         })
     }
@@ -188,6 +191,9 @@ impl Block {
     }
 
     fn process_queue(&mut self) {
+        if self.paused || self.throttled {
+            return;
+        }
         let Some(active) = self.active.as_mut() else {
             return;
         };
@@ -244,8 +250,13 @@ impl Block {
     }
 
     /// Completes finished operations and interrupts the guest if it wants to hear about them.
-    fn reap(&mut self, mut used_any: bool) {
+    fn reap(&mut self, used_any: bool) {
         self.engine.completions(&self.disk, &mut self.completions);
+        self.finish_completions(used_any);
+    }
+
+    /// Writes the results in `self.completions` to the guest.
+    fn finish_completions(&mut self, mut used_any: bool) {
         let Some(active) = self.active.as_mut() else {
             self.completions.clear();
             return;
@@ -548,6 +559,21 @@ impl VirtioDevice for Block {
         self.throttled = false;
     }
 
+    fn pause(&mut self) {
+        self.paused = true;
+        // The kernel may still be writing into guest buffers: let it finish and report the results,
+        // so that nothing touches guest memory while the VM is paused.
+        self.engine.drain(&self.disk, &mut self.completions);
+        self.finish_completions(false);
+    }
+
+    fn resume(&mut self) {
+        self.paused = false;
+        // The queue may hold requests whose notification arrived while paused (or that the guest
+        // queued just before the pause); the rate limiter's own timer wakes a throttled drive.
+        self.process_queue();
+    }
+
     fn event_sources(&self) -> Vec<(RawFd, u32)> {
         let mut sources = vec![(self.queue_evts[0].as_raw_fd(), TOKEN_QUEUE)];
         if let Some(fd) = self.engine.completion_fd() {
@@ -562,9 +588,7 @@ impl VirtioDevice for Block {
             TOKEN_QUEUE => {
                 drain_eventfd(&self.queue_evts[0]);
                 BlockMetrics::inc(&self.metrics.queue_events);
-                if !self.throttled {
-                    self.process_queue();
-                }
+                self.process_queue();
             }
             TOKEN_COMPLETION => {
                 self.engine.clear_completion_event();

@@ -76,7 +76,7 @@ impl DiskImage {
                 .custom_flags(if direct { libc::O_DIRECT } else { 0 })
                 .open(path)
         };
-        let mut file = open(direct).map_err(|source| match source.raw_os_error() {
+        let file = open(direct).map_err(|source| match source.raw_os_error() {
             Some(libc::EINVAL) if direct => DiskError::NoDirectIo {
                 path: path_buf.clone(),
             },
@@ -85,25 +85,8 @@ impl DiskImage {
                 source,
             },
         })?;
-        lock(&file, read_only).map_err(|source| match source.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => DiskError::Locked {
-                path: path_buf.clone(),
-            },
-            _ => DiskError::Lock {
-                path: path_buf.clone(),
-                source,
-            },
-        })?;
-        // Seeking also gives the size of block devices, whose metadata length is 0.
-        let size = file.seek(SeekFrom::End(0)).map_err(|source| DiskError::Open {
-            path: path_buf.clone(),
-            source,
-        })?;
-        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
-            return Err(DiskError::Size { path: path_buf, size });
-        }
-        // Opened after the lock is held, so it is the same file; it shares the lock's fate.
         let buffered = if direct {
+            // The same image through the page cache; closed again if the image is refused.
             Some(open(false).map_err(|source| DiskError::Open {
                 path: path_buf.clone(),
                 source,
@@ -111,9 +94,53 @@ impl DiskImage {
         } else {
             None
         };
+        Self::locked(file, path_buf, read_only, buffered)
+    }
+
+    /// Uses an image someone else opened (a supervisor passing file descriptors), locked and
+    /// checked like [`DiskImage::open`]; `name` stands for its path in messages. Buffered I/O only.
+    pub fn from_file(file: File, name: &str, read_only: bool) -> Result<Self, DiskError> {
+        let path = PathBuf::from(format!("fd:{name}"));
+        if !read_only {
+            // SAFETY: F_GETFL takes a descriptor `file` keeps open and no memory.
+            let flags = unsafe { libc::fcntl(file.as_raw_fd(), libc::F_GETFL) };
+            if flags < 0 || flags & libc::O_ACCMODE != libc::O_RDWR {
+                return Err(DiskError::Open {
+                    path,
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::PermissionDenied,
+                        "a writable drive needs a descriptor opened read-write",
+                    ),
+                });
+            }
+        }
+        Self::locked(file, path, read_only, None)
+    }
+
+    fn locked(
+        mut file: File,
+        path: PathBuf,
+        read_only: bool,
+        buffered: Option<File>,
+    ) -> Result<Self, DiskError> {
+        lock(&file, read_only).map_err(|source| match source.raw_os_error() {
+            Some(libc::EWOULDBLOCK) => DiskError::Locked { path: path.clone() },
+            _ => DiskError::Lock {
+                path: path.clone(),
+                source,
+            },
+        })?;
+        // Seeking also gives the size of block devices, whose metadata length is 0.
+        let size = file.seek(SeekFrom::End(0)).map_err(|source| DiskError::Open {
+            path: path.clone(),
+            source,
+        })?;
+        if size == 0 || !size.is_multiple_of(SECTOR_SIZE) {
+            return Err(DiskError::Size { path, size });
+        }
         Ok(DiskImage {
             file,
-            path: path_buf,
+            path,
             sectors: size / SECTOR_SIZE,
             read_only,
             buffered,

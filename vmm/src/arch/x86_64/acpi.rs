@@ -16,14 +16,14 @@ use acpi_tables::Aml;
 use devices::legacy::{AcpiPowerManagement, ACPI_RESET_VALUE, ACPI_SLEEP_TYPE_S5};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
 
-use super::layout::{self, ports};
+use super::layout::{self, irqs, ports};
 
 const OEM_ID: [u8; 6] = *b"VMMRS ";
 const OEM_REVISION: u32 = 1;
-/// FADT boot flags: legacy devices present, no VGA, and no i8042 for the guest's keyboard driver to
-/// probe. The i8042 only implements the CPU-reset line (`reboot=k` writes it without any driver), and
-/// probing a controller that never answers costs the guest over half a second of timeouts.
-const IAPC_BOOT_ARCH: u16 = (1 << 0) | (1 << 2);
+/// FADT boot flags: legacy devices present, an i8042 (bit 1; without it, and without a PNP0303
+/// device in the DSDT, Linux leaves the keyboard alone and Ctrl-Alt-Del cannot reach the guest), no
+/// VGA. The i8042 answers every probe at once, so the guest's keyboard driver costs it no timeouts.
+const IAPC_BOOT_ARCH: u16 = (1 << 0) | (1 << 1) | (1 << 2);
 
 /// Errors writing the tables.
 #[derive(Debug, thiserror::Error)]
@@ -155,11 +155,30 @@ fn dsdt(virtio: &[VirtioMmioDevice]) -> Sdt {
     let crs = aml::Name::new("_CRS".into(), &aml::ResourceTemplate::new(vec![&io]));
     let pvpanic = aml::Device::new("PEVT".into(), vec![&hid, &crs]);
     aml::Scope::new("\\_SB_".into(), vec![&pvpanic]).to_aml_bytes(&mut dsdt);
+    write_keyboard_device(&mut dsdt);
     for (i, dev) in virtio.iter().enumerate() {
         write_virtio_device(i, dev, &mut dsdt);
     }
     dsdt.update_checksum();
     dsdt
+}
+
+/// Emits `\_SB.PS2K`: the i8042 with its keyboard (PNP0303) on IRQ 1. Without it Linux has no
+/// interrupt for the keyboard (no legacy PIC under hardware-reduced ACPI: the driver's `request_irq`
+/// fails with EINVAL), so Ctrl-Alt-Del could not reach the guest.
+fn write_keyboard_device(sink: &mut Sdt) {
+    let hid = aml::Name::new("_HID".into(), &aml::EISAName::new("PNP0303"));
+    let data = ports::I8042 as u16;
+    let command = data + 4;
+    let data_io = aml::IO::new(data, data, 1, 1);
+    let command_io = aml::IO::new(command, command, 1, 1);
+    let irq = aml::Interrupt::new(true, true, false, false, irqs::KEYBOARD);
+    let crs = aml::Name::new(
+        "_CRS".into(),
+        &aml::ResourceTemplate::new(vec![&data_io, &command_io, &irq]),
+    );
+    let device = aml::Device::new("PS2K".into(), vec![&hid, &crs]);
+    aml::Scope::new("\\_SB_".into(), vec![&device]).to_aml_bytes(sink);
 }
 
 /// Emits `\_SB.Vnnn`: one virtio-mmio device with its window and edge-triggered interrupt.
@@ -230,5 +249,6 @@ mod tests {
         assert!(dsdt.windows(8).any(|w| w == b"QEMU0001"));
         assert!(dsdt.windows(8).any(|w| w == b"LNRO0005"));
         assert!(dsdt.windows(4).any(|w| w == b"V000"));
+        assert!(dsdt.windows(4).any(|w| w == b"PS2K"));
     }
 }

@@ -73,6 +73,8 @@ pub mod ports {
 
 /// Legacy interrupt lines (GSIs on the IOAPIC).
 pub mod irqs {
+    /// The i8042's keyboard.
+    pub const KEYBOARD: u32 = 1;
     /// COM1.
     pub const COM1: u32 = 4;
     /// Interrupt lines for virtio-mmio devices, in allocation order: the free ISA lines, then the

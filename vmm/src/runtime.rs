@@ -1,0 +1,434 @@
+//! The life of a `vmm` process: not configured, configured, then one VM that runs (or is paused)
+//! until it ends; the requests of the control socket act on it, and the main loop drives it all.
+
+use std::os::fd::OwnedFd;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vmm_api::control::{
+    ErrorKind, Event, Request, Response, ShutdownRequest, VmDescription, VmMetrics, VmState,
+    DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_PASSED_FDS, MAX_SHUTDOWN_TIMEOUT_MS,
+};
+use vmm_api::drive::is_valid_name;
+use vmm_api::VmConfig;
+
+use event_manager::SubscriberOps;
+
+use crate::builder::{self, BuildError, ProcessEvents, VmmEventManager};
+use crate::cli::RunOptions;
+use crate::control::{ClientId, ControlError, ControlServer};
+use crate::device_manager::PassedFds;
+use crate::exit::{ExitWatcher, VmExit};
+use crate::machine::{Machine, MachineError};
+use crate::vstate::vcpu_control::install_kick_handler;
+
+/// A request's failure, as the control socket reports it.
+pub type Failure = (ErrorKind, String);
+
+/// What handling a request produced.
+// One lives for the duration of a request; boxing the common case would only add an allocation.
+#[allow(clippy::large_enum_variant)]
+pub enum Reply {
+    /// The answer, and an event for every client if the request changed something they should hear.
+    Now(Result<Response, Failure>, Option<Event>),
+    /// `start`: answered by the main loop once the VM is built.
+    Later,
+}
+
+enum Lifecycle {
+    NotConfigured,
+    Configured(VmConfig),
+    Live(Machine),
+}
+
+/// A `start` waiting for the main loop.
+pub struct PendingStart {
+    /// Who asked.
+    pub client: ClientId,
+    /// The request's id.
+    pub id: u64,
+}
+
+/// The process's VM and everything the control socket may touch.
+pub struct Runtime {
+    events: Arc<ProcessEvents>,
+    lifecycle: Lifecycle,
+    fds: PassedFds,
+    pending_start: Option<PendingStart>,
+}
+
+impl Runtime {
+    /// A process with no VM yet.
+    pub fn new(events: Arc<ProcessEvents>) -> Self {
+        Runtime {
+            events,
+            lifecycle: Lifecycle::NotConfigured,
+            fds: PassedFds::new(),
+            pending_start: None,
+        }
+    }
+
+    fn state(&self) -> VmState {
+        match &self.lifecycle {
+            Lifecycle::NotConfigured => VmState::NotConfigured,
+            Lifecycle::Configured(_) => VmState::Configured,
+            Lifecycle::Live(m) => m.state(),
+        }
+    }
+
+    fn config(&self) -> Option<&VmConfig> {
+        match &self.lifecycle {
+            Lifecycle::NotConfigured => None,
+            Lifecycle::Configured(c) => Some(c),
+            Lifecycle::Live(m) => Some(m.config()),
+        }
+    }
+
+    fn machine(&mut self) -> Result<&mut Machine, Failure> {
+        let state = self.state();
+        match &mut self.lifecycle {
+            Lifecycle::Live(m) => Ok(m),
+            _ => Err(wrong_state(state, "the VM has not been started")),
+        }
+    }
+
+    /// The VM, once built.
+    pub fn live_machine(&self) -> Option<&Machine> {
+        match &self.lifecycle {
+            Lifecycle::Live(m) => Some(m),
+            _ => None,
+        }
+    }
+
+    /// Serves one request; `fds` are the descriptors that came with its line.
+    pub fn handle(&mut self, request: Request, fds: Vec<OwnedFd>, client: ClientId, id: u64) -> Reply {
+        if !fds.is_empty() && !matches!(request, Request::AddFds { .. }) {
+            let n = fds.len();
+            return now(Err((
+                ErrorKind::BadRequest,
+                format!("{n} file descriptor(s) came with a request that takes none; closed"),
+            )));
+        }
+        match request {
+            Request::Ping => now(Ok(Response::Pong)),
+            Request::Describe => now(Ok(Response::Description(self.describe()))),
+            Request::Metrics => now(Ok(Response::Metrics(self.metrics()))),
+            Request::Pause => self.change_state(Machine::pause),
+            Request::Resume => self.change_state(Machine::resume),
+            Request::Shutdown(params) => now(self.shutdown(params)),
+            Request::Stop => {
+                crate::exit::ExitEvents::raise(&self.events.exits.stop);
+                now(Ok(Response::Stopping))
+            }
+            Request::UpdateRateLimiter { drive, rate_limiter } => now(self
+                .machine()
+                .and_then(|m| m.update_rate_limiter(&drive, &rate_limiter).map_err(failure))
+                .map(|()| Response::RateLimiterUpdated)),
+            Request::Configure(config) => now(self.configure(config)),
+            Request::Start => match self.admit_start() {
+                Ok(()) => {
+                    self.pending_start = Some(PendingStart { client, id });
+                    Reply::Later
+                }
+                Err(f) => now(Err(f)),
+            },
+            Request::AddFds { names } => now(self.add_fds(names, fds)),
+        }
+    }
+
+    fn describe(&self) -> VmDescription {
+        let config = self.config().cloned();
+        VmDescription {
+            state: self.state(),
+            uptime_ms: millis(self.events.process_start.elapsed()),
+            vcpus: config.as_ref().map_or(0, |c| c.machine.vcpus),
+            memory_mib: config.as_ref().map_or(0, |c| c.machine.memory_mib),
+            config,
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        }
+    }
+
+    fn metrics(&self) -> VmMetrics {
+        VmMetrics {
+            guest_boot_ms: self.events.guest_boot.get().map(|d| millis(*d)),
+            vmm_rss_kib: crate::metrics::rss_kib().unwrap_or(0),
+            vcpu_exits: self
+                .events
+                .exit_counters
+                .snapshot()
+                .into_iter()
+                .map(|(reason, count)| (reason.to_string(), count))
+                .collect(),
+            drives: self
+                .live_machine()
+                .map(Machine::drive_metrics)
+                .unwrap_or_default(),
+        }
+    }
+
+    fn change_state(&mut self, op: fn(&mut Machine) -> Result<bool, MachineError>) -> Reply {
+        let machine = match self.machine() {
+            Ok(m) => m,
+            Err(f) => return now(Err(f)),
+        };
+        match op(machine) {
+            Ok(changed) => {
+                let state = machine.state();
+                let event = changed.then_some(Event::StateChanged { state });
+                Reply::Now(Ok(Response::StateChange { state, changed }), event)
+            }
+            Err(e) => now(Err(failure(e))),
+        }
+    }
+
+    fn shutdown(&mut self, params: ShutdownRequest) -> Result<Response, Failure> {
+        let timeout_ms = params.timeout_ms.unwrap_or(DEFAULT_SHUTDOWN_TIMEOUT_MS);
+        if timeout_ms > MAX_SHUTDOWN_TIMEOUT_MS {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!("timeout_ms: at most {MAX_SHUTDOWN_TIMEOUT_MS}, got {timeout_ms}"),
+            ));
+        }
+        let started = self
+            .machine()?
+            .shutdown(Duration::from_millis(timeout_ms))
+            .map_err(failure)?;
+        Ok(Response::ShuttingDown {
+            timeout_ms,
+            keyboard: started.keyboard,
+        })
+    }
+
+    fn configure(&mut self, config: VmConfig) -> Result<Response, Failure> {
+        self.before_start("configure")?;
+        config
+            .validate()
+            .map_err(|e| (ErrorKind::InvalidArgument, e.to_string()))?;
+        self.lifecycle = Lifecycle::Configured(config);
+        Ok(Response::Configured)
+    }
+
+    fn before_start(&self, what: &str) -> Result<(), Failure> {
+        if self.pending_start.is_some() {
+            return Err(wrong_state(
+                self.state(),
+                &format!("cannot {what}: the VM is starting"),
+            ));
+        }
+        match self.lifecycle {
+            Lifecycle::Live(_) => Err(wrong_state(
+                self.state(),
+                &format!("cannot {what}: the VM has been started"),
+            )),
+            _ => Ok(()),
+        }
+    }
+
+    fn admit_start(&self) -> Result<(), Failure> {
+        self.before_start("start")?;
+        match &self.lifecycle {
+            Lifecycle::NotConfigured => Err(wrong_state(self.state(), "configure the VM first")),
+            _ => Ok(()),
+        }
+    }
+
+    fn add_fds(&mut self, names: Vec<String>, fds: Vec<OwnedFd>) -> Result<Response, Failure> {
+        self.before_start("add file descriptors")?;
+        if names.len() != fds.len() {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!(
+                    "{} name(s) for {} file descriptor(s) received with the line; all closed",
+                    names.len(),
+                    fds.len()
+                ),
+            ));
+        }
+        if let Some(bad) = names.iter().find(|n| !is_valid_name(n)) {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!("names: {bad:?} is not 1-64 characters of A-Z a-z 0-9 _ -"),
+            ));
+        }
+        let new = names.iter().filter(|n| !self.fds.contains_key(*n)).count();
+        if self.fds.len() + new > MAX_PASSED_FDS {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!("at most {MAX_PASSED_FDS} passed file descriptors in all"),
+            ));
+        }
+        for (name, fd) in names.iter().zip(fds) {
+            self.fds.insert(name.clone(), fd);
+        }
+        Ok(Response::FdsAdded { names })
+    }
+
+    /// The `start` the main loop has to carry out, if one was asked for.
+    pub fn take_pending_start(&mut self) -> Option<PendingStart> {
+        self.pending_start.take()
+    }
+
+    /// Builds the configured VM and resumes its vCPUs. On failure the VMM stays configured.
+    pub fn launch(&mut self, event_manager: &mut VmmEventManager) -> Result<(), BuildError> {
+        let Lifecycle::Configured(config) = &self.lifecycle else {
+            return Err(BuildError::NotConfigured);
+        };
+        let mut machine = builder::build_vm(config, &self.events, event_manager, &mut self.fds)?;
+        machine.resume().map_err(BuildError::Start)?;
+        // Descriptors no device took are of no further use.
+        self.fds.clear();
+        self.lifecycle = Lifecycle::Live(machine);
+        Ok(())
+    }
+
+    fn set_config(&mut self, config: VmConfig) {
+        self.lifecycle = Lifecycle::Configured(config);
+    }
+}
+
+fn now(result: Result<Response, Failure>) -> Reply {
+    Reply::Now(result, None)
+}
+
+fn wrong_state(state: VmState, why: &str) -> Failure {
+    let state = serde_json::to_value(state)
+        .ok()
+        .and_then(|v| v.as_str().map(str::to_string))
+        .unwrap_or_default();
+    (ErrorKind::WrongState, format!("{why} (state: {state})"))
+}
+
+fn failure(e: MachineError) -> Failure {
+    let kind = match &e {
+        MachineError::NoSuchDrive(_) => ErrorKind::NotFound,
+        MachineError::RateLimiter { .. } => ErrorKind::InvalidArgument,
+        MachineError::Vcpus(crate::vstate::vcpu_control::VcpuControlError::Exited(_)) => {
+            ErrorKind::WrongState
+        }
+        MachineError::Vcpus(_) | MachineError::Timer(_) => ErrorKind::Internal,
+    };
+    (kind, error_chain(&e))
+}
+
+/// `e` and its sources, joined with ": ".
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        text.push_str(": ");
+        text.push_str(&s.to_string());
+        source = s.source();
+    }
+    text
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Why the process could not run at all.
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    /// Building or starting the VM of `--config` failed.
+    #[error(transparent)]
+    Build(#[from] BuildError),
+    /// The control socket could not be set up.
+    #[error(transparent)]
+    Control(#[from] ControlError),
+    /// Process-level setup (eventfds, the kick signal, the event loop) failed.
+    #[error("{0}")]
+    Setup(String),
+}
+
+/// Runs the process: boots `config` at once if given, serves the control socket if asked, and
+/// returns how the VM ended.
+pub fn run(
+    config: Option<VmConfig>,
+    options: &RunOptions,
+    process_start: Instant,
+) -> Result<VmExit, RunError> {
+    install_kick_handler()
+        .map_err(|e| RunError::Setup(format!("cannot install the vCPU kick handler: {e}")))?;
+    let events =
+        Arc::new(ProcessEvents::new(process_start).map_err(|e| RunError::Setup(format!("eventfd: {e}")))?);
+    let mut event_manager =
+        VmmEventManager::new().map_err(|e| RunError::Setup(format!("event loop: {e:?}")))?;
+    let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&events.exits))));
+    event_manager.add_subscriber(watcher.clone());
+    let runtime = Arc::new(Mutex::new(Runtime::new(Arc::clone(&events))));
+    let server = match &options.api_sock {
+        Some(path) => {
+            let server = Arc::new(Mutex::new(ControlServer::bind(
+                path,
+                Arc::clone(&runtime),
+                Arc::clone(&events),
+            )?));
+            event_manager.add_subscriber(server.clone());
+            Some(server)
+        }
+        None => None,
+    };
+    if let Some(config) = config {
+        let mut rt = lock(&runtime);
+        rt.set_config(config);
+        if let Err(e) = rt.launch(&mut event_manager) {
+            drop(rt);
+            if let Some(server) = &server {
+                lock(server).remove_socket();
+            }
+            return Err(e.into());
+        }
+        drop(rt);
+        if let Some(server) = &server {
+            lock(server).broadcast_now(Event::StateChanged {
+                state: VmState::Running,
+            });
+        }
+    }
+
+    loop {
+        event_manager
+            .run()
+            .map_err(|e| RunError::Setup(format!("event loop: {e:?}")))?;
+        let pending = lock(&runtime).take_pending_start();
+        if let (Some(start), Some(server)) = (pending, &server) {
+            let result = lock(&runtime).launch(&mut event_manager);
+            let mut server = lock(server);
+            match result {
+                Ok(()) => {
+                    server.answer(start.client, start.id, Ok(Response::Started));
+                    server.broadcast_now(Event::StateChanged {
+                        state: VmState::Running,
+                    });
+                }
+                Err(e) => server.answer(start.client, start.id, Err((e.kind(), error_chain(&e)))),
+            }
+        }
+        let outcome = lock(&watcher).outcome().cloned();
+        if let Some(exit) = outcome {
+            if let Some(machine) = lock(&runtime).live_machine() {
+                machine.log_device_counters();
+            }
+            if let Some(server) = &server {
+                let mut server = lock(server);
+                match &exit {
+                    VmExit::GuestPanic => server.broadcast_now(Event::GuestPanic),
+                    VmExit::VcpuFault(message) => server.broadcast_now(Event::VcpuError {
+                        message: message.clone(),
+                    }),
+                    _ => {}
+                }
+                server.broadcast_now(Event::Exit {
+                    reason: exit.to_string(),
+                    code: exit.exit_code(),
+                });
+                server.remove_socket();
+            }
+            return Ok(exit);
+        }
+    }
+}
