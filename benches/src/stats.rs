@@ -1,6 +1,6 @@
 //! Summary statistics and how the Markdown tables show them.
 
-/// Median and 90th percentile of a set of samples.
+/// Median, 90th and 99th percentile of a set of samples.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Summary {
     /// How many samples.
@@ -9,6 +9,8 @@ pub struct Summary {
     pub median: f64,
     /// The 90th percentile, nearest-rank method (the largest sample for fewer than 10 samples).
     pub p90: f64,
+    /// The 99th percentile, nearest-rank method.
+    pub p99: f64,
 }
 
 impl Summary {
@@ -25,18 +27,19 @@ impl Summary {
         } else {
             (sorted[n / 2 - 1] + sorted[n / 2]) / 2.0
         };
-        // Nearest rank: the smallest value with at least 90% of the samples at or below it.
-        let rank = (n * 9).div_ceil(10).max(1);
+        // Nearest rank: the smallest value with at least p% of the samples at or below it.
+        let rank = |percent: usize| (n * percent).div_ceil(100).max(1);
         Some(Summary {
             n,
             median,
-            p90: sorted[rank - 1],
+            p90: sorted[rank(90) - 1],
+            p99: sorted[rank(99) - 1],
         })
     }
 
-    /// As JSON: `{"n":..,"median":..,"p90":..}`.
+    /// As JSON: `{"n":..,"median":..,"p90":..,"p99":..}`.
     pub fn to_json(&self) -> serde_json::Value {
-        serde_json::json!({ "n": self.n, "median": self.median, "p90": self.p90 })
+        serde_json::json!({ "n": self.n, "median": self.median, "p90": self.p90, "p99": self.p99 })
     }
 }
 
@@ -70,6 +73,9 @@ mod tests {
         assert_eq!(Summary::of(&ten).unwrap().p90, 9.0);
         let twenty: Vec<f64> = (1..=20).map(f64::from).collect();
         assert_eq!(Summary::of(&twenty).unwrap().p90, 18.0);
+        let thousand: Vec<f64> = (1..=1000).map(f64::from).collect();
+        let s = Summary::of(&thousand).unwrap();
+        assert_eq!((s.p90, s.p99), (900.0, 990.0));
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //! - [`rss_breakdown`]: a process's resident memory split into guest RAM and VMM overhead.
 //! - [`crc32`]: zlib's CRC-32, to check what the guest probe reports about data we gave it.
 //! - [`TempDir`]: a scratch directory removed on drop.
+//! - [`ControlClient`]: requests and events on a VMM's control socket (file descriptors too).
 //!
 //! A typical end-to-end test:
 //!
@@ -31,6 +32,7 @@
 //! # }
 //! ```
 
+mod control_client;
 mod crc32;
 mod guest;
 mod images;
@@ -39,6 +41,7 @@ mod probe;
 mod smaps;
 mod temp_dir;
 
+pub use control_client::ControlClient;
 pub use crc32::crc32;
 pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
 pub use images::{workspace_root, GuestImages};

@@ -1,96 +1,65 @@
 //! The control socket end to end: a real guest, real clients on the Unix socket, hostile ones too.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::{Read, Write};
 use std::os::unix::net::UnixStream;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
-use harness::{probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages, TempDir};
-use vmm_api::control::{ErrorKind, Event, EventLine, Outcome, Response, ResponseLine, VmState};
+use harness::{probe_cmdline, require_kvm, vmm_binary, ControlClient, GuestBuilder, GuestImages, TempDir};
+use vmm_api::control::{ErrorKind, Event, Outcome, Response, ResponseLine, VmState};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
-struct Client {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-    /// Event lines received so far.
-    events: Vec<Event>,
-}
+/// A deterministic stream of pseudo-random bytes (xorshift64), so a failure can be replayed.
+struct Noise(u64);
 
-impl Client {
-    fn connect(path: &Path) -> Client {
-        let stream = UnixStream::connect(path).expect("connect to the control socket");
-        stream
-            .set_read_timeout(Some(Duration::from_secs(30)))
-            .expect("socket timeout");
-        Client {
-            reader: BufReader::new(stream.try_clone().expect("clone stream")),
-            writer: stream,
-            events: Vec::new(),
-        }
+impl Noise {
+    fn byte(&mut self) -> u8 {
+        self.0 ^= self.0 << 13;
+        self.0 ^= self.0 >> 7;
+        self.0 ^= self.0 << 17;
+        (self.0 >> 24) as u8
     }
 
-    /// Sends one raw line and reads one answer, keeping event lines that come before it.
-    fn call(&mut self, line: &str) -> ResponseLine {
-        self.writer.write_all(line.as_bytes()).expect("send");
-        self.writer.write_all(b"\n").expect("send");
-        loop {
-            let text = self.read_line();
-            if let Ok(event) = serde_json::from_str::<EventLine>(&text) {
-                self.events.push(event.event);
-                continue;
-            }
-            return serde_json::from_str(&text).unwrap_or_else(|e| panic!("bad answer {text:?}: {e}"));
-        }
-    }
-
-    fn read_line(&mut self) -> String {
-        let mut text = String::new();
-        let n = self
-            .reader
-            .read_line(&mut text)
-            .expect("read from the control socket");
-        assert!(n > 0, "the VMM closed the connection");
-        text
-    }
-
-    /// Reads lines until an event line arrives (or returns one received earlier).
-    fn next_event(&mut self) -> Event {
-        if !self.events.is_empty() {
-            return self.events.remove(0);
-        }
-        let text = self.read_line();
-        serde_json::from_str::<EventLine>(&text)
-            .unwrap_or_else(|e| panic!("expected an event, got {text:?}: {e}"))
-            .event
-    }
-
-    fn ok(&mut self, line: &str) -> Response {
-        match self.call(line).result {
-            Outcome::Ok(r) => r,
-            Outcome::Error(e) => panic!("{line}: {e:?}"),
-        }
-    }
-
-    fn error(&mut self, line: &str) -> ErrorKind {
-        match self.call(line).result {
-            Outcome::Error(e) => e.kind,
-            Outcome::Ok(r) => panic!("{line}: expected an error, got {r:?}"),
-        }
+    /// A line of 1-200 random bytes, none of them a newline.
+    fn line(&mut self) -> Vec<u8> {
+        let len = 1 + usize::from(self.byte()) % 200;
+        (0..len)
+            .map(|_| match self.byte() {
+                b'\n' => b' ',
+                b => b,
+            })
+            .collect()
     }
 }
 
-fn wait_for_path(path: &Path) {
-    let deadline = Instant::now() + Duration::from_secs(60);
-    while !path.exists() {
-        assert!(
-            Instant::now() < deadline,
-            "control socket {} never appeared",
-            path.display()
-        );
-        std::thread::sleep(Duration::from_millis(20));
+/// Sends 10,000 random lines in one go and expects exactly one `bad-request` answer per line.
+fn random_lines_get_one_error_each(sock: &Path) -> anyhow::Result<()> {
+    let mut c = ControlClient::connect(sock)?;
+    let mut noise = Noise(0x2545_f491_4f6c_dd1d);
+    let lines = 10_000;
+    let mut writer = c.stream().try_clone()?;
+    let sender = std::thread::spawn(move || -> std::io::Result<()> {
+        for _ in 0..lines {
+            let mut line = noise.line();
+            line.push(b'\n');
+            writer.write_all(&line)?;
+        }
+        Ok(())
+    });
+    for i in 0..lines {
+        let text = c.read_line()?;
+        let answer: ResponseLine =
+            serde_json::from_str(&text).map_err(|e| anyhow::anyhow!("line {i}: bad answer {text:?}: {e}"))?;
+        match answer.result {
+            Outcome::Error(e) if e.kind == ErrorKind::BadRequest => {}
+            other => anyhow::bail!("line {i}: expected bad-request, got {other:?}"),
+        }
     }
+    sender.join().map_err(|_| anyhow::anyhow!("sender panicked"))??;
+    anyhow::ensure!(c.ok(r#"{"id": 1, "request": "ping"}"#)? == Response::Pong);
+    Ok(())
 }
 
 #[test]
@@ -109,58 +78,81 @@ fn control_socket_serves_clients_and_stops_the_vm() {
         .arg(format!("path={},id=data", disk.display()))
         .spawn()
         .unwrap();
-    wait_for_path(&sock);
-    let mut c = Client::connect(&sock);
-    assert_eq!(c.ok(r#"{"id": 1, "request": "ping"}"#), Response::Pong);
-    let echoed = c.call(r#"{"id": 77, "request": "ping"}"#);
+    ControlClient::wait_for_socket(&sock, Duration::from_secs(60)).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    assert_eq!(c.ok(r#"{"id": 1, "request": "ping"}"#).unwrap(), Response::Pong);
+    let echoed = c.call(r#"{"id": 77, "request": "ping"}"#).unwrap();
     assert_eq!(echoed.id, 77);
 
-    let Response::Description(d) = c.ok(r#"{"id": 2, "request": "describe"}"#) else {
+    let Response::Description(d) = c.ok(r#"{"id": 2, "request": "describe"}"#).unwrap() else {
         panic!("describe")
     };
     assert_eq!((d.state, d.vcpus, d.memory_mib), (VmState::Running, 1, 128));
     assert_eq!(d.config.expect("configured").drives[0].id, "data");
 
     // Malformed input gets an error and the connection keeps working.
-    assert_eq!(c.error("this is not json"), ErrorKind::BadRequest);
+    let kind = |c: &mut ControlClient, line: &str| c.error(line).unwrap().0;
+    assert_eq!(kind(&mut c, "this is not json"), ErrorKind::BadRequest);
     assert_eq!(
-        c.error(r#"{"id": 3, "request": "reboot"}"#),
+        kind(&mut c, r#"{"id": 3, "request": "reboot"}"#),
         ErrorKind::BadRequest
     );
     assert_eq!(
-        c.error(r#"{"id": 3, "request": "ping", "x": 1}"#),
+        kind(&mut c, r#"{"id": 3, "request": "ping", "x": 1}"#),
         ErrorKind::BadRequest
     );
     let nobody = r#"{"id": 4, "request": {"update-rate-limiter": {"drive": "nope", "rate_limiter": {}}}}"#;
-    assert_eq!(c.error(nobody), ErrorKind::NotFound);
+    assert_eq!(kind(&mut c, nobody), ErrorKind::NotFound);
     let invalid = r#"{"id": 5, "request": {"update-rate-limiter": {"drive": "data",
         "rate_limiter": {"ops": {"size": 0, "refill_time_ms": 100}}}}}"#
         .replace('\n', " ");
-    assert_eq!(c.error(&invalid), ErrorKind::InvalidArgument);
+    assert_eq!(kind(&mut c, &invalid), ErrorKind::InvalidArgument);
     let valid = r#"{"id": 6, "request": {"update-rate-limiter": {"drive": "data",
         "rate_limiter": {"ops": {"size": 1000, "refill_time_ms": 1000}}}}}"#
         .replace('\n', " ");
-    assert_eq!(c.ok(&valid), Response::RateLimiterUpdated);
+    assert_eq!(c.ok(&valid).unwrap(), Response::RateLimiterUpdated);
+    // Requests that only make sense before `start`, or that take no descriptors, are refused.
+    assert_eq!(
+        kind(&mut c, r#"{"id": 7, "request": "start"}"#),
+        ErrorKind::WrongState
+    );
+    let names = r#"{"id": 8, "request": {"add-fds": {"names": ["x"]}}}"#;
+    assert_eq!(kind(&mut c, names), ErrorKind::WrongState);
+    let file = std::fs::File::open(&disk).unwrap();
+    let with_fd = c
+        .call_with_fds(
+            r#"{"id": 9, "request": "ping"}"#,
+            &[std::os::fd::AsRawFd::as_raw_fd(&file)],
+        )
+        .unwrap();
+    assert!(
+        matches!(with_fd.result, Outcome::Error(ref e) if e.kind == ErrorKind::BadRequest),
+        "{with_fd:?}"
+    );
+    let too_long = r#"{"id": 10, "request": {"shutdown": {"timeout_ms": 99999999999}}}"#;
+    assert_eq!(kind(&mut c, too_long), ErrorKind::InvalidArgument);
 
-    // A client that leaves mid-request, and one that sends an endless line, harm nobody else.
+    // A client that leaves mid-request, one that sends an endless line, and one that sends random
+    // bytes harm nobody else.
     {
         let mut quitter = UnixStream::connect(&sock).unwrap();
         quitter.write_all(br#"{"id": 9, "request": "des"#).unwrap();
     }
     {
-        let mut flooder = Client::connect(&sock);
+        let mut flooder = ControlClient::connect(&sock).unwrap();
         let long = "x".repeat(70 * 1024);
-        assert_eq!(flooder.error(&long), ErrorKind::BadRequest);
+        assert_eq!(flooder.error(&long).unwrap().0, ErrorKind::BadRequest);
     }
-    assert_eq!(c.ok(r#"{"id": 10, "request": "ping"}"#), Response::Pong);
+    random_lines_get_one_error_each(&sock).unwrap();
+    assert_eq!(c.ok(r#"{"id": 10, "request": "ping"}"#).unwrap(), Response::Pong);
 
     guest.wait_for_line("BOOT-COMPLETE", BOOT_TIMEOUT).unwrap();
     // The boot event reaches the client (the probe signals the boot timer right before that line).
-    let Event::GuestBootComplete { boot_ms } = c.next_event() else {
+    let Event::GuestBootComplete { boot_ms } = c.next_event().unwrap() else {
         panic!("expected the boot event")
     };
     assert!(boot_ms > 0);
-    let Response::Metrics(m) = c.ok(r#"{"id": 11, "request": "metrics"}"#) else {
+    let Response::Metrics(m) = c.ok(r#"{"id": 11, "request": "metrics"}"#).unwrap() else {
         panic!("metrics")
     };
     assert!(m.guest_boot_ms.is_some(), "{m:?}");
@@ -171,9 +163,12 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert!(m.vcpu_exits["io_out"] > 0, "{m:?}");
     assert!(m.vcpu_exits["mmio_read"] > 0, "{m:?}");
 
-    assert_eq!(c.ok(r#"{"id": 12, "request": "stop"}"#), Response::Stopping);
     assert_eq!(
-        c.next_event(),
+        c.ok(r#"{"id": 12, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+    assert_eq!(
+        c.next_event().unwrap(),
         Event::Exit {
             reason: "stopped by a control request".into(),
             code: 0
@@ -183,6 +178,12 @@ fn control_socket_serves_clients_and_stops_the_vm() {
     assert!(status.success(), "{}", guest.stderr_text());
     assert!(guest.stderr_text().contains("stopped by a control request"));
     assert!(!sock.exists(), "the socket file must be removed on exit");
+    // A request on the dead VM's connection gets the connection's end, not a hang.
+    let mut rest = Vec::new();
+    let _ = c.stream().write_all(b"{\"id\": 13, \"request\": \"ping\"}\n");
+    let mut stream = c.stream().try_clone().unwrap();
+    assert_eq!(stream.read_to_end(&mut rest).unwrap_or(0), 0, "{rest:?}");
+    assert!(UnixStream::connect(&sock).is_err());
 }
 
 #[test]

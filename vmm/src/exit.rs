@@ -209,5 +209,26 @@ mod tests {
         assert_eq!(VmExit::Reset.exit_code(), 0);
         assert_ne!(VmExit::GuestPanic.exit_code(), 0);
         assert_ne!(VmExit::VcpuFault("x".into()).exit_code(), 0);
+        assert_eq!(VmExit::ShutdownTimedOut.exit_code(), 0);
+    }
+
+    #[test]
+    fn a_shutdown_that_takes_too_long_ends_in_a_hard_stop() {
+        use event_manager::{EventManager, SubscriberOps};
+        let events = ExitEvents::new().unwrap();
+        let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&events))));
+        let mut manager = EventManager::<Arc<Mutex<ExitWatcher>>>::new().unwrap();
+        manager.add_subscriber(watcher.clone());
+        events.stop_after(Duration::from_secs(3600)).unwrap();
+        // A later deadline replaces the first.
+        events.stop_after(Duration::from_millis(20)).unwrap();
+        while watcher.lock().unwrap().outcome().is_none() {
+            manager.run_with_timeout(5000).unwrap();
+        }
+        assert_eq!(watcher.lock().unwrap().outcome(), Some(&VmExit::ShutdownTimedOut));
+        // A more severe outcome arriving later still wins.
+        ExitEvents::raise(&events.panic);
+        manager.run_with_timeout(5000).unwrap();
+        assert_eq!(watcher.lock().unwrap().outcome(), Some(&VmExit::GuestPanic));
     }
 }
