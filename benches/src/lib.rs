@@ -11,6 +11,6 @@ pub use args::{wants_help, Args};
 pub use json_report::{host_json, unix_time, write_json};
 pub use stats::{cell, ratio, Summary};
 pub use vmms::{
-    bench_cmdline, ms_since, qemu_microvm, wait_boot_complete, Vmm, BOOT_COMPLETE, FAILURE_MARKERS,
-    GUEST_CMDLINE_BASE,
+    bench_cmdline, ms_since, qemu_microvm, sample_memory, wait_boot_complete, Vmm, BOOT_COMPLETE,
+    FAILURE_MARKERS, GUEST_CMDLINE_BASE,
 };

@@ -5,7 +5,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Result};
-use harness::{Guest, Line};
+use harness::{read_smaps, Guest, GuestMapping, Line, RssBreakdown};
 
 /// The line the guest probe prints when boot is done (it then runs its actions, e.g. powers off).
 pub const BOOT_COMPLETE: &str = "BOOT-COMPLETE";
@@ -68,6 +68,26 @@ pub fn wait_boot_complete(guest: &Guest, timeout: Duration) -> Result<Line> {
         );
     }
     Ok(line)
+}
+
+/// Reads the memory of `pid` and splits off guest RAM: for vmm its `[anon:vmm-guest-ram]` mappings
+/// where the host kernel supports naming them; otherwise (and for QEMU) anonymous mappings at least
+/// as large as guest memory. Returns the split and the rule used.
+pub fn sample_memory(vmm: Vmm, memory_mib: u32, pid: u32) -> Result<(RssBreakdown, String)> {
+    let mappings = read_smaps(pid)?;
+    let named = GuestMapping::VMM;
+    if vmm == Vmm::Ours && mappings.iter().any(|m| m.is_guest(named)) {
+        return Ok((
+            RssBreakdown::of(&mappings, named),
+            "named [anon:vmm-guest-ram]".into(),
+        ));
+    }
+    let bytes = u64::from(memory_mib) << 20;
+    let rule = format!("anonymous mappings >= {memory_mib} MiB");
+    Ok((
+        RssBreakdown::of(&mappings, GuestMapping::LargestAnonAtLeast(bytes)),
+        rule,
+    ))
 }
 
 /// Milliseconds from `start` to `at` (0 if `at` is earlier).

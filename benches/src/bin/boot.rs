@@ -10,12 +10,11 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Result};
 use benches::{
-    bench_cmdline, cell, host_json, ms_since, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json,
-    Args, Summary, Vmm, BOOT_COMPLETE, FAILURE_MARKERS,
+    bench_cmdline, cell, host_json, ms_since, qemu_microvm, ratio, sample_memory, unix_time,
+    wait_boot_complete, write_json, Args, Summary, Vmm, BOOT_COMPLETE, FAILURE_MARKERS,
 };
 use harness::{
-    read_smaps, try_vmm_binary, workspace_root, Guest, GuestBuilder, GuestImages, GuestMapping, Line,
-    LineHook, RssBreakdown, Stream,
+    try_vmm_binary, workspace_root, Guest, GuestBuilder, GuestImages, Line, LineHook, RssBreakdown, Stream,
 };
 use serde_json::{json, Value};
 
@@ -208,26 +207,6 @@ impl Bench {
         }
     }
 
-    /// Reads the memory of `pid` and splits off guest RAM: for vmm its `[anon:vmm-guest-ram]` mappings
-    /// where the host kernel supports naming them; otherwise (and for QEMU) anonymous mappings at least
-    /// as large as guest memory. Returns the split and the rule used.
-    fn sample_memory(vmm: Vmm, memory_mib: u32, pid: u32) -> Result<(RssBreakdown, String)> {
-        let mappings = read_smaps(pid)?;
-        let named = GuestMapping::VMM;
-        if vmm == Vmm::Ours && mappings.iter().any(|m| m.is_guest(named)) {
-            return Ok((
-                RssBreakdown::of(&mappings, named),
-                "named [anon:vmm-guest-ram]".into(),
-            ));
-        }
-        let bytes = u64::from(memory_mib) << 20;
-        let rule = format!("anonymous mappings >= {memory_mib} MiB");
-        Ok((
-            RssBreakdown::of(&mappings, GuestMapping::LargestAnonAtLeast(bytes)),
-            rule,
-        ))
-    }
-
     /// Boots once; failures are recorded in the sample, not returned.
     fn run_once(&self, vmm: Vmm, run: usize) -> Sample {
         let mut sample = Sample {
@@ -252,7 +231,7 @@ impl Bench {
             if line.stream == Stream::Stdout && line.text.contains(BOOT_COMPLETE) {
                 let mut slot = slot.lock().unwrap_or_else(|p| p.into_inner());
                 if slot.is_none() {
-                    *slot = Some(Self::sample_memory(vmm, memory_mib, pid).map_err(|e| format!("{e:#}")));
+                    *slot = Some(sample_memory(vmm, memory_mib, pid).map_err(|e| format!("{e:#}")));
                 }
             }
         });

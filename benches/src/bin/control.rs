@@ -10,12 +10,10 @@ use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 use benches::{
-    bench_cmdline, cell, host_json, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json, Args,
-    Summary,
+    bench_cmdline, cell, host_json, qemu_microvm, ratio, sample_memory, unix_time, wait_boot_complete,
+    write_json, Args, Summary, Vmm,
 };
-use harness::{
-    rss_breakdown, try_vmm_binary, ControlClient, Guest, GuestBuilder, GuestImages, GuestMapping, TempDir,
-};
+use harness::{try_vmm_binary, ControlClient, Guest, GuestBuilder, GuestImages, TempDir};
 use serde_json::{json, Value};
 use vmm_api::control::{Outcome, ResponseLine};
 
@@ -184,13 +182,10 @@ fn time_operations(peer: &mut dyn ControlPeer, calls: usize) -> Result<[Vec<f64>
     Ok(out)
 }
 
-fn overhead_kib(pid: u32, memory_mib: u32, named: bool) -> Option<u64> {
-    let guest = if named {
-        GuestMapping::VMM
-    } else {
-        GuestMapping::LargestAnonAtLeast(u64::from(memory_mib) << 20)
-    };
-    rss_breakdown(pid, guest).ok().map(|b| b.overhead_kib())
+fn overhead_kib(vmm: Vmm, pid: u32, memory_mib: u32) -> Option<u64> {
+    sample_memory(vmm, memory_mib, pid)
+        .ok()
+        .map(|(b, _)| b.overhead_kib())
 }
 
 fn measure_vmm(opts: &Options, kernel: &Path, name: &str, extra: &[String]) -> Result<Measured> {
@@ -214,7 +209,7 @@ fn measure_vmm(opts: &Options, kernel: &Path, name: &str, extra: &[String]) -> R
         Ok(Measured {
             name: name.to_string(),
             latencies_us,
-            overhead_kib: overhead_kib(guest.pid(), opts.memory_mib, true),
+            overhead_kib: overhead_kib(Vmm::Ours, guest.pid(), opts.memory_mib),
         })
     })();
     let _ = guest.kill();
@@ -239,7 +234,7 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path) -> Result<Measured> {
         Ok(Measured {
             name: "qemu".into(),
             latencies_us,
-            overhead_kib: overhead_kib(guest.pid(), opts.memory_mib, false),
+            overhead_kib: overhead_kib(Vmm::Qemu, guest.pid(), opts.memory_mib),
         })
     })();
     let _ = guest.kill();
