@@ -10,4 +10,5 @@ pub mod control;
 pub mod device_manager;
 pub mod exit;
 pub mod logger;
+pub mod seccomp;
 pub mod vstate;
