@@ -17,6 +17,7 @@ use crate::cli::RunOptions;
 use crate::control::{ControlError, ControlServer, VmHandles};
 use crate::device_manager::{self, DeviceError};
 use crate::exit::{ExitEvents, ExitWatcher, VmExit};
+use crate::seccomp::{SeccompError, SeccompFilter, ThreadCategory};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
 use crate::vstate::vm::{self, VmError};
@@ -55,6 +56,9 @@ pub enum BuildError {
     /// The control socket could not be set up.
     #[error(transparent)]
     Control(#[from] ControlError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The main event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -199,6 +203,7 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
         None => None,
     };
 
+    let main_filter = SeccompFilter::build(ThreadCategory::MainLoop, options.seccomp)?;
     let ctx = ExitContext {
         pio: devices.pio,
         mmio: devices.mmio,
@@ -206,11 +211,14 @@ pub fn run_vm(config: &VmConfig, options: &RunOptions, process_start: Instant) -
         process_start,
         guest_memory: mem.clone(),
         exit_counters: Arc::clone(&exit_counters),
+        seccomp: SeccompFilter::build(ThreadCategory::Vcpu, options.seccomp)?,
     };
     for vcpu in vcpus {
         // The threads are detached: the process exits once the VM has ended, which stops them.
         vcpu.start(ctx.clone())?;
     }
+    // Only now: threads inherit their creator's filter, and the vCPUs have their own.
+    main_filter.apply()?;
 
     loop {
         event_manager

@@ -6,8 +6,10 @@
 //! away mid-request only loses its own answers.
 
 use std::collections::HashMap;
+use std::fs::File;
 use std::io::{ErrorKind as IoErrorKind, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, OnceLock};
@@ -76,6 +78,8 @@ pub struct ControlServer {
     path: PathBuf,
     clients: HashMap<RawFd, Client>,
     vm: VmHandles,
+    /// `/proc/self/statm`, opened here because the main loop's seccomp filter allows no `openat`.
+    statm: Option<File>,
 }
 
 impl ControlServer {
@@ -95,6 +99,7 @@ impl ControlServer {
             path: path.to_path_buf(),
             clients: HashMap::new(),
             vm,
+            statm: File::open("/proc/self/statm").ok(),
         })
     }
 
@@ -301,7 +306,7 @@ impl ControlServer {
             .collect();
         VmMetrics {
             guest_boot_ms: self.vm.guest_boot.get().map(|d| millis(*d)),
-            vmm_rss_kib: rss_kib().unwrap_or(0),
+            vmm_rss_kib: rss_kib(self.statm.as_ref()).unwrap_or(0),
             vcpu_exits: self
                 .vm
                 .exit_counters
@@ -402,9 +407,11 @@ fn error_chain(e: &dyn std::error::Error) -> String {
     text
 }
 
-/// Resident set size of this process from `/proc/self/statm`.
-fn rss_kib() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+/// Resident set size of this process from `/proc/self/statm` (opened once, re-read from the start).
+fn rss_kib(statm: Option<&File>) -> Option<u64> {
+    let mut buf = [0u8; 256];
+    let n = statm?.read_at(&mut buf, 0).ok()?;
+    let text = std::str::from_utf8(buf.get(..n)?).ok()?;
+    let pages: u64 = text.split_whitespace().nth(1)?.parse().ok()?;
     Some(pages * 4)
 }

@@ -16,6 +16,7 @@ use crate::arch::boot::EntryPoint;
 use crate::arch::cpuid;
 use crate::arch::regs::{self, RegsError};
 use crate::exit::ExitEvents;
+use crate::seccomp::{SeccompError, SeccompFilter};
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -29,6 +30,9 @@ pub enum VcpuError {
     /// The thread could not be started.
     #[error("vCPU {0}: cannot start thread: {1}")]
     Spawn(u8, std::io::Error),
+    /// The thread could not install its seccomp filter.
+    #[error("vCPU {0}: {1}")]
+    Seccomp(u8, SeccompError),
 }
 
 /// What a vCPU thread needs to serve guest exits.
@@ -47,6 +51,8 @@ pub struct ExitContext {
     pub guest_memory: GuestMemoryMmap,
     /// Exits to user space, by reason, summed over all vCPUs.
     pub exit_counters: Arc<ExitCounters>,
+    /// The vCPU threads' seccomp filter, built once; each thread installs it before KVM_RUN.
+    pub seccomp: SeccompFilter,
 }
 
 /// vCPU exits that reached the VMM, by reason (relaxed atomics: statistics, not synchronisation).
@@ -128,13 +134,31 @@ impl Vcpu {
         Ok(Vcpu { index, fd })
     }
 
-    /// Starts the vCPU on its own thread, named `vcpuN`.
+    /// Starts the vCPU on its own thread, named `vcpuN`, once that thread has installed its
+    /// seccomp filter.
     pub fn start(self, ctx: ExitContext) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
-            .spawn(move || self.run(&ctx))
-            .map_err(|e| VcpuError::Spawn(index, e))
+            .spawn(move || {
+                // First, before any guest-facing work: the thread's own seccomp filter.
+                let installed = ctx.seccomp.apply();
+                let ok = installed.is_ok();
+                let _ = filtered_tx.send(installed);
+                if ok {
+                    self.run(&ctx);
+                }
+            })
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        match filtered.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(VcpuError::Seccomp(index, e)),
+            Err(_) => Err(VcpuError::Spawn(
+                index,
+                std::io::Error::other("thread ended at start"),
+            )),
+        }
     }
 
     fn run(mut self, ctx: &ExitContext) {
