@@ -107,6 +107,11 @@ fn thread_seccomp(pid: u32) -> BTreeMap<u32, (String, Option<String>, Option<Str
     threads
 }
 
+/// Threads the kernel adds to a process for its own work (KVM, io_uring), by name.
+fn kernel_worker(name: &str) -> bool {
+    name.starts_with("kvm-") || name.starts_with("iou-")
+}
+
 fn wait_for_path(path: &Path) {
     let deadline = Instant::now() + Duration::from_secs(60);
     while !path.exists() {
@@ -168,18 +173,18 @@ fn a_guest_runs_to_power_off_under_the_default_kill_filters() {
     };
     // The main thread (tid = pid) and two vCPUs, each under exactly one filter of its own: the vCPU
     // threads were created before the main thread installed its filter, so they did not inherit it.
-    // KVM may add kernel workers to the process (e.g. `kvm-nx-lpage-recovery`), which never run
-    // user code; they are filtered too, having been forked from a filtered thread.
+    // KVM and io_uring may add kernel workers to the process (`kvm-nx-lpage-recovery`, `iou-wrk-N`),
+    // which never run user code; they are filtered too, having been forked from a filtered thread.
     let mut names: Vec<&str> = threads
         .values()
         .map(|(name, _, _)| name.as_str())
-        .filter(|name| !name.starts_with("kvm-"))
+        .filter(|name| !kernel_worker(name))
         .collect();
     names.sort_unstable();
     assert_eq!(names, ["vcpu0", "vcpu1", "vmm"], "{threads:?}");
     assert!(threads.contains_key(&guest.pid()), "{threads:?}");
     for (tid, (name, _, filters)) in &threads {
-        if let (Some(filters), false) = (filters, name.starts_with("kvm-")) {
+        if let (Some(filters), false) = (filters, kernel_worker(name)) {
             assert_eq!(filters, "1", "thread {tid} ({name}) runs under {filters} filters");
         }
     }
