@@ -520,3 +520,74 @@ fn allowed_calls_work_under_the_kill_filter() {
         );
     }
 }
+
+/// Set in the environment of the fresh test process that runs [`filtered_thread_child`].
+const THREAD_CHILD_ENV: &str = "VMM_SECCOMP_THREAD_CHILD";
+
+/// A whole Rust thread's life after its filter — allocating small and large, locking, logging,
+/// handing a result over, ending, being joined — works under each category's kill filter. Runs
+/// in a fresh copy of the test binary (threads cannot be spawned safely in a forked child), so a
+/// missing call kills that copy, not the test run.
+#[test]
+fn a_rust_thread_lives_and_ends_under_each_filter() {
+    let exe = std::env::current_exe().expect("test binary");
+    for category in ["main", "vcpu", "io"] {
+        let out = std::process::Command::new(&exe)
+            .args([
+                "--ignored",
+                "--exact",
+                "seccomp::tests::filtered_thread_child",
+                "--nocapture",
+            ])
+            .env(THREAD_CHILD_ENV, category)
+            .output()
+            .expect("run the test binary");
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success() && stdout.contains("1 passed"),
+            "{category}: {:?} (signal 31 = SIGSYS)\n{stdout}\n{}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+}
+
+#[test]
+#[ignore = "run by a_rust_thread_lives_and_ends_under_each_filter, in its own process"]
+fn filtered_thread_child() {
+    use std::io::Write;
+
+    let category = match std::env::var(THREAD_CHILD_ENV).as_deref() {
+        Ok("main") => ThreadCategory::MainLoop,
+        Ok("vcpu") => ThreadCategory::Vcpu,
+        Ok("io") => ThreadCategory::IoWorker,
+        _ => return,
+    };
+    let filter = SeccompFilter::build(category, SeccompMode::Kill).expect("filter builds");
+    let (tx, rx) = std::sync::mpsc::channel();
+    let thread = std::thread::Builder::new()
+        .name("filtered".into())
+        .spawn(move || {
+            filter.apply().expect("filter installs");
+            let big = vec![1u8; 16 << 20];
+            let small: Vec<String> = (0..10_000).map(|i| format!("line {i}")).collect();
+            let mut grown = Vec::new();
+            for chunk in 0..64 {
+                grown.extend_from_slice(&[chunk as u8; 64 << 10]);
+            }
+            let lock = std::sync::Mutex::new(0usize);
+            *lock.lock().expect("lock") += big.len() + small.len() + grown.len();
+            let started = std::time::Instant::now();
+            let _ = writeln!(
+                std::io::stderr(),
+                "filtered {category} thread: {:?}",
+                started.elapsed()
+            );
+            let total = *lock.lock().expect("lock");
+            tx.send(total).expect("send");
+        })
+        .expect("spawn");
+    let total = rx.recv().expect("the filtered thread's result");
+    thread.join().expect("the filtered thread ends");
+    assert_eq!(total, (16 << 20) + 10_000 + 64 * (64 << 10));
+}
