@@ -16,6 +16,7 @@ use crate::arch::{acpi, boot, layout};
 use crate::device_manager::{self, DeviceError, PassedFds};
 use crate::exit::ExitEvents;
 use crate::machine::Machine;
+use crate::seccomp::{SeccompError, SeccompFilter, SeccompMode, ThreadCategory};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
 use crate::vstate::vcpu_control::VcpuSet;
@@ -52,6 +53,9 @@ pub enum BuildError {
     /// A vCPU could not be created or started.
     #[error(transparent)]
     Vcpu(#[from] VcpuError),
+    /// A seccomp filter could not be built or installed.
+    #[error(transparent)]
+    Seccomp(#[from] SeccompError),
     /// The main event loop failed.
     #[error("event loop: {0}")]
     EventLoop(String),
@@ -72,6 +76,7 @@ impl BuildError {
             | BuildError::Boot(_)
             | BuildError::Devices(DeviceError::Drive { .. }) => ErrorKind::InvalidArgument,
             BuildError::NotConfigured => ErrorKind::WrongState,
+            BuildError::Seccomp(_) => ErrorKind::Internal,
             _ => ErrorKind::Internal,
         }
     }
@@ -166,12 +171,14 @@ fn serial_output(config: &SerialConfig) -> Result<SerialOutput, BuildError> {
 
 /// Builds the VM described by `config`: memory, kernel, firmware tables, devices (watched by
 /// `event_manager`) and vCPU threads, which wait paused for [`Machine::resume`]. Drives given by
-/// file descriptor take theirs out of `fds`.
+/// file descriptor take theirs out of `fds`. Each vCPU thread installs its `seccomp` filter before
+/// it first enters the guest.
 pub fn build_vm(
     config: &VmConfig,
     events: &ProcessEvents,
     event_manager: &mut VmmEventManager,
     fds: &mut PassedFds,
+    seccomp: SeccompMode,
 ) -> Result<Machine, BuildError> {
     let flavor = KvmFlavor::detect();
     let mut kernel_file = open("kernel", &config.boot.kernel)?;
@@ -239,6 +246,7 @@ pub fn build_vm(
         process_start: events.process_start,
         guest_memory: mem.clone(),
         exit_counters: Arc::clone(&events.exit_counters),
+        seccomp: SeccompFilter::build(ThreadCategory::Vcpu, seccomp)?,
     };
     let mut vcpu_set = VcpuSet::new();
     for vcpu in vcpus {

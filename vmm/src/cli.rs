@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::seccomp::SeccompMode;
 use vmm_api::{
     config::default_cmdline, BootSource, ConfigError, DriveConfig, MachineConfig, SerialConfig, VmConfig,
 };
@@ -12,6 +13,7 @@ usage: vmm --config vm.json [--api-sock PATH]
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
            [--serial stdout|off|file:PATH] [--drive SPEC]... [--api-sock PATH]
        vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
+       (every form also takes [--seccomp kill|log|off])
 
 Boots one virtual machine on /dev/kvm and exits when the guest powers off or reboots (code 0),
 panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
@@ -30,6 +32,9 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
                      must not exist; removed when the VMM exits. Alone, the VMM starts empty and
                      waits for `configure` and `start` requests
+  --seccomp MODE     what a thread's seccomp filter does with a system call outside its list:
+                     kill (default: the process dies with SIGSYS), log (allowed, logged by the
+                     kernel's audit, type=1326), off (no filters)
   -h, --help         this text
   -V, --version      version";
 
@@ -39,6 +44,8 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
 pub struct RunOptions {
     /// Where to serve the control socket.
     pub api_sock: Option<PathBuf>,
+    /// What the per-thread seccomp filters do with a call outside their lists.
+    pub seccomp: SeccompMode,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -106,6 +113,7 @@ struct Flags {
     serial: Option<String>,
     drives: Vec<String>,
     api_sock: Option<String>,
+    seccomp: Option<String>,
 }
 
 /// Parses the arguments after the program name.
@@ -128,6 +136,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--memory-mib" => &mut flags.memory_mib,
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
+            "--seccomp" => &mut flags.seccomp,
             "--drive" => {
                 let value = match inline {
                     Some(v) => v,
@@ -147,7 +156,17 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         }
     }
     let api_sock = flags.api_sock.clone().map(PathBuf::from);
-    let options = RunOptions { api_sock };
+    let seccomp = match flags.seccomp.take() {
+        Some(value) => value
+            .parse()
+            .map_err(|e: crate::seccomp::SeccompError| CliError::BadValue {
+                flag: "--seccomp".into(),
+                value,
+                reason: e.to_string(),
+            })?,
+        None => SeccompMode::default(),
+    };
+    let options = RunOptions { api_sock, seccomp };
     let nothing_to_boot = flags.config.is_none() && flags.kernel.is_none();
     if nothing_to_boot && options.api_sock.is_some() {
         // Started empty: the configuration comes over the control socket.
@@ -297,6 +316,18 @@ mod tests {
     }
 
     #[test]
+    fn seccomp_mode_defaults_to_kill() {
+        let mode = |line: &str| match parse(args(line)).unwrap() {
+            Command::Run(_, options) => options.seccomp,
+            other => panic!("expected run, got {other:?}"),
+        };
+        assert_eq!(mode("--kernel /k"), SeccompMode::Kill);
+        assert_eq!(mode("--kernel /k --seccomp=log"), SeccompMode::Log);
+        assert_eq!(mode("--kernel /k --seccomp off"), SeccompMode::Off);
+        assert_eq!(mode("--seccomp kill --kernel /k"), SeccompMode::Kill);
+    }
+
+    #[test]
     fn bad_flags_are_clear_errors() {
         let cases = [
             ("--kernel /k --vcpus 0", "machine.vcpus"),
@@ -305,6 +336,11 @@ mod tests {
             ("--kernel /k --vcpus -1", "invalid value '-1' for --vcpus"),
             ("--kernel /k --serial tty", "invalid value 'tty' for --serial"),
             ("--kernel /k --bogus", "unknown argument '--bogus'"),
+            (
+                "--kernel /k --seccomp=allow",
+                "invalid value 'allow' for --seccomp: unknown seccomp mode",
+            ),
+            ("--kernel /k --seccomp", "--seccomp needs a value"),
             ("--kernel", "--kernel needs a value"),
             ("--kernel /a --kernel /b", "--kernel given more than once"),
             (

@@ -15,4 +15,5 @@ pub mod logger;
 pub mod machine;
 pub mod metrics;
 pub mod runtime;
+pub mod seccomp;
 pub mod vstate;

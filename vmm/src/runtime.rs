@@ -20,6 +20,7 @@ use crate::control::{ClientId, ControlError, ControlServer};
 use crate::device_manager::PassedFds;
 use crate::exit::{ExitWatcher, VmExit};
 use crate::machine::{Machine, MachineError};
+use crate::seccomp::{SeccompFilter, SeccompMode, ThreadCategory};
 use crate::vstate::vcpu_control::install_kick_handler;
 
 /// A request's failure, as the control socket reports it.
@@ -52,16 +53,18 @@ pub struct PendingStart {
 /// The process's VM and everything the control socket may touch.
 pub struct Runtime {
     events: Arc<ProcessEvents>,
+    seccomp: SeccompMode,
     lifecycle: Lifecycle,
     fds: PassedFds,
     pending_start: Option<PendingStart>,
 }
 
 impl Runtime {
-    /// A process with no VM yet.
-    pub fn new(events: Arc<ProcessEvents>) -> Self {
+    /// A process with no VM yet, whose threads will run under `seccomp` filters once it has one.
+    pub fn new(events: Arc<ProcessEvents>, seccomp: SeccompMode) -> Self {
         Runtime {
             events,
+            seccomp,
             lifecycle: Lifecycle::NotConfigured,
             fds: PassedFds::new(),
             pending_start: None,
@@ -268,13 +271,20 @@ impl Runtime {
         self.pending_start.take()
     }
 
-    /// Builds the configured VM and resumes its vCPUs. On failure the VMM stays configured.
+    /// Builds the configured VM, resumes its vCPUs, and from then on confines the main thread to
+    /// its seccomp allow-list (each vCPU thread installs its own). On failure the VMM stays
+    /// configured, unconfined, and can be configured and started again.
     pub fn launch(&mut self, event_manager: &mut VmmEventManager) -> Result<(), BuildError> {
         let Lifecycle::Configured(config) = &self.lifecycle else {
             return Err(BuildError::NotConfigured);
         };
-        let mut machine = builder::build_vm(config, &self.events, event_manager, &mut self.fds)?;
+        // Built before any thread exists that it must not apply to, applied once the VM runs: filters
+        // are inherited by threads created later, and vCPU threads have their own.
+        let main_filter = SeccompFilter::build(ThreadCategory::MainLoop, self.seccomp)?;
+        let mut machine =
+            builder::build_vm(config, &self.events, event_manager, &mut self.fds, self.seccomp)?;
         machine.resume().map_err(BuildError::Start)?;
+        main_filter.apply()?;
         // Descriptors no device took are of no further use.
         self.fds.clear();
         self.lifecycle = Lifecycle::Live(machine);
@@ -359,7 +369,7 @@ pub fn run(
         VmmEventManager::new().map_err(|e| RunError::Setup(format!("event loop: {e:?}")))?;
     let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&events.exits))));
     event_manager.add_subscriber(watcher.clone());
-    let runtime = Arc::new(Mutex::new(Runtime::new(Arc::clone(&events))));
+    let runtime = Arc::new(Mutex::new(Runtime::new(Arc::clone(&events), options.seccomp)));
     let server = match &options.api_sock {
         Some(path) => {
             let server = Arc::new(Mutex::new(ControlServer::bind(

@@ -16,6 +16,7 @@ use crate::arch::boot::EntryPoint;
 use crate::arch::cpuid;
 use crate::arch::regs::{self, RegsError};
 use crate::exit::ExitEvents;
+use crate::seccomp::{SeccompError, SeccompFilter};
 use crate::vstate::vcpu_control::{KickTarget, Order, VcpuChannel, VcpuCommand, VcpuRunState};
 
 /// Errors creating or configuring a vCPU.
@@ -30,6 +31,9 @@ pub enum VcpuError {
     /// The thread could not be started.
     #[error("vCPU {0}: cannot start thread: {1}")]
     Spawn(u8, std::io::Error),
+    /// The thread could not install its seccomp filter.
+    #[error("vCPU {0}: {1}")]
+    Seccomp(u8, SeccompError),
 }
 
 /// What a vCPU thread needs to serve guest exits.
@@ -48,6 +52,8 @@ pub struct ExitContext {
     pub guest_memory: GuestMemoryMmap,
     /// Exits to user space, by reason, summed over all vCPUs.
     pub exit_counters: Arc<ExitCounters>,
+    /// The vCPU threads' seccomp filter, built once; each thread installs it before KVM_RUN.
+    pub seccomp: SeccompFilter,
 }
 
 /// vCPU exits that reached the VMM, by reason (relaxed atomics: statistics, not synchronisation).
@@ -144,17 +150,33 @@ impl Vcpu {
         self.index
     }
 
-    /// Starts the vCPU on its own thread, named `vcpuN`, paused: it enters the guest on the first
-    /// [`VcpuCommand::Resume`] it gets through `channel`.
+    /// Starts the vCPU on its own thread, named `vcpuN`, once that thread has installed its seccomp
+    /// filter. It starts paused: it enters the guest on the first [`VcpuCommand::Resume`] it gets
+    /// through `channel`.
     pub fn start(self, ctx: ExitContext, channel: VcpuChannel) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
-        std::thread::Builder::new()
+        let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
+        let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
-                self.run(&ctx, &channel);
+                // First, before any guest-facing work: the thread's own seccomp filter.
+                let installed = ctx.seccomp.apply();
+                let ok = installed.is_ok();
+                let _ = filtered_tx.send(installed);
+                if ok {
+                    self.run(&ctx, &channel);
+                }
                 channel.exited();
             })
-            .map_err(|e| VcpuError::Spawn(index, e))
+            .map_err(|e| VcpuError::Spawn(index, e))?;
+        match filtered.recv() {
+            Ok(Ok(())) => Ok(thread),
+            Ok(Err(e)) => Err(VcpuError::Seccomp(index, e)),
+            Err(_) => Err(VcpuError::Spawn(
+                index,
+                std::io::Error::other("thread ended at start"),
+            )),
+        }
     }
 
     /// The thread body: the Paused / Running state machine around KVM_RUN.
