@@ -42,6 +42,8 @@
 #include <linux/unaligned.h>
 #include <linux/wait.h>
 
+#include "vmmprobe.h"
+
 /* Parameters are "vmmprobe.<name>=" whatever the object file is called. */
 #undef MODULE_PARAM_PREFIX
 #define MODULE_PARAM_PREFIX "vmmprobe."
@@ -78,12 +80,6 @@ module_param(cad, charp, 0);
 static bool initrd_seen;
 static unsigned long initrd_size;
 static u32 initrd_crc_value;
-
-/*
- * All probe output goes through this: KERN_EMERG reaches the console even
- * with "quiet", and the text is printed exactly, without any prefix.
- */
-#define probe_print(fmt, ...) pr_emerg(fmt "\n", ##__VA_ARGS__)
 
 /* Longest action item (name plus ':'-separated arguments) and most fields. */
 #define ACTION_ITEM_MAX		256
@@ -246,36 +242,6 @@ static void __init watch_shutdown_path(void)
 #define BLK_ROOT_NODE		"/vmmprobe-root.dev"
 #define BLK_ROOT_DIR		"/vmmprobe-root"
 
-/* zlib/IEEE CRC-32 (python's zlib.crc32) is crc32_le(~0, ...) ^ ~0. */
-#define CRC_INIT		(~0U)
-#define crc_final(c)		((c) ^ ~0U)
-
-/*
- * The data blk-write writes, documented in guest-images/README.md so that
- * host-side tests can reproduce it: Marsaglia's xorshift64 (13, 7, 17) with
- * the initial state (SEED << 32) | 0x9e3779b9 (never zero, one stream per
- * 32-bit seed); every step's 64-bit state is stored little-endian, 8 bytes,
- * the first step's at the first byte written.
- */
-static inline u64 pattern_init(u32 seed)
-{
-	return ((u64)seed << 32) | 0x9e3779b9;
-}
-
-static void pattern_fill(u8 *buf, size_t len, u64 *state)
-{
-	u64 x = *state;
-	size_t i;
-
-	for (i = 0; i + 8 <= len; i += 8) {
-		x ^= x << 13;
-		x ^= x >> 7;
-		x ^= x << 17;
-		put_unaligned_le64(x, buf + i);
-	}
-	*state = x;
-}
-
 /* "vdb" or "/dev/vdb" -> "vdb". */
 static const char *probe_disk_name(const char *name)
 {
@@ -374,25 +340,6 @@ static int probe_disk_rw(struct block_device *bdev, bool write, u64 off, u64 len
 }
 
 /* Parses a byte count or offset: decimal or 0x hex, optional K/M/G suffix. */
-static int parse_bytes(const char *s, u64 *value)
-{
-	char *end;
-
-	if (!*s)
-		return -EINVAL;
-	*value = memparse(s, &end);
-	return *end ? -EINVAL : 0;
-}
-
-/* Formats a CRC-32 for an output line: 8 hex digits, or "-" after an error. */
-static const char *crc_str(char buf[9], u32 crc, int result)
-{
-	if (result)
-		return "-";
-	snprintf(buf, 9, "%08x", crc);
-	return buf;
-}
-
 /*
  * The disk's "serial" sysfs attribute (the virtio-blk driver's GET_ID
  * request), called directly: sysfs is not mounted this early. Empty when the
@@ -1009,6 +956,11 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "blk-zero",	act_blk_zero, 3, 4, "blk-zero:DEV:OFFSET:LEN[:nounmap]" },
 	{ "blk-load",	act_blk_load, 5, 6, "blk-load:DEV:MODE:BS:QD:SECONDS[:SPAN]" },
 	{ "blk-root",	act_blk_root, 1, 1, "blk-root:PATH" },
+	{ "net-info",	act_net_info, 0, 0, "net-info" },
+	{ "net-echo",	act_net_echo, 1, 1, "net-echo:PORT" },
+	{ "net-udp-echo", act_net_udp_echo, 1, 1, "net-udp-echo:PORT" },
+	{ "net-send",	act_net_send, 3, 4, "net-send:IP:PORT:BYTES[:STREAMS]" },
+	{ "net-recv",	act_net_recv, 2, 3, "net-recv:IP:PORT[:STREAMS]" },
 };
 
 /* Runs one action item "name[:arg[:arg...]]" of @len characters at @item. */
