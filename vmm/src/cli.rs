@@ -28,6 +28,11 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
   --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
                      must not exist; removed when the VMM exits (combines with --config)
+  --jail DIR         run jailed (docs/jail.md): DIR (absolute, absent or empty) becomes the VMM's
+                     root; with --uid N --gid N (non-zero), optionally --jail-id NAME (default: DIR's
+                     last component), --netns PATH, --cpu-limit CORES (e.g. 1.5), --memory-limit-mib N,
+                     --pids-limit N (default 128), --nofile N (default 1024). --api-sock and
+                     --serial file: paths must then lie in a directory under DIR
   -h, --help         this text
   -V, --version      version";
 
@@ -37,6 +42,8 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
 pub struct RunOptions {
     /// Where to serve the control socket.
     pub api_sock: Option<PathBuf>,
+    /// Run jailed (`--jail DIR ...`, see [`crate::jail`]).
+    pub jail: Option<Box<crate::jail::JailConfig>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -101,6 +108,7 @@ struct Flags {
     serial: Option<String>,
     drives: Vec<String>,
     api_sock: Option<String>,
+    jail: crate::jail::JailFlags,
 }
 
 /// Parses the arguments after the program name.
@@ -131,7 +139,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 flags.drives.push(value);
                 continue;
             }
-            _ => return Err(CliError::Unknown(arg)),
+            other => match flags.jail.slot(other) {
+                Some(slot) => slot,
+                None => return Err(CliError::Unknown(arg)),
+            },
         };
         let value = match inline {
             Some(v) => v,
@@ -142,7 +153,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         }
     }
     let api_sock = flags.api_sock.clone().map(PathBuf::from);
-    build(flags).map(|config| Command::Run(config, RunOptions { api_sock }))
+    let jail = std::mem::take(&mut flags.jail).into_config()?;
+    build(flags).map(|config| Command::Run(config, RunOptions { api_sock, jail }))
 }
 
 fn build(flags: Flags) -> Result<VmConfig, CliError> {

@@ -9,5 +9,6 @@ pub mod cli;
 pub mod control;
 pub mod device_manager;
 pub mod exit;
+pub mod jail;
 pub mod logger;
 pub mod vstate;
