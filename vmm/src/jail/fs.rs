@@ -111,6 +111,14 @@ fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Resu
     }
 
     let dir = &jail.dir;
+    if let Some(parent) = dir.parent() {
+        // Missing parents (e.g. /srv/jail) are created and stay: other VMs' jails share them.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(io("cannot create", parent))?;
+    }
     match std::fs::create_dir(dir) {
         Ok(()) => host.created_dir = true,
         Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
