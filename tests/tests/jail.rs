@@ -102,15 +102,15 @@ fn sigterm(pid: u32) {
     assert!(status.success());
 }
 
-fn ping(socket: &Path) -> String {
+/// Sends one request line on a new connection and returns the answer line (events skipped).
+fn request(socket: &Path, request: &str) -> String {
     let stream = UnixStream::connect(socket).expect("connect to the jailed control socket");
     stream
         .set_read_timeout(Some(Duration::from_secs(30)))
         .expect("timeout");
     let mut writer = stream.try_clone().expect("clone");
-    writer
-        .write_all(b"{\"id\": 1, \"request\": \"ping\"}\n")
-        .expect("send");
+    let line = format!("{{\"id\": 1, \"request\": {request}}}\n");
+    writer.write_all(line.as_bytes()).expect("send");
     let mut reader = BufReader::new(stream);
     loop {
         let mut line = String::new();
@@ -285,7 +285,12 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
 
     // The writable image belongs to the jail uid while the VM runs; the host reaches the socket.
     assert_eq!(std::fs::metadata(&data).unwrap().uid(), UID);
-    assert!(ping(&socket).contains("pong"));
+    assert!(request(&socket, "\"ping\"").contains("pong"));
+    // The VMM's metrics read /proc/self/statm: the jail's own procfs provides it.
+    let metrics = request(&socket, "\"metrics\"");
+    let value: serde_json::Value = serde_json::from_str(&metrics).expect("metrics JSON");
+    let rss = value["ok"]["metrics"]["vmm_rss_kib"].as_u64();
+    assert!(rss.is_some_and(|kib| kib > 0), "{metrics}");
 
     // The guest wrote its data drive and could not write its read-only root drive.
     let stdout = guest.stdout_text();
