@@ -271,21 +271,37 @@ fn remove_dir(dir: &Path) -> Result<(), CgroupError> {
 
 /// Makes cpu, memory (and pids, where offered) available to the VM groups: enabled in the root's
 /// and in `vmm/`'s `cgroup.subtree_control`.
+/// Only controllers not enabled yet are written: a host whose init system already enabled them may
+/// not let the root's `cgroup.subtree_control` be written at all.
 fn enable_v2_controllers(root: &Path, parent: &Path) -> Result<(), CgroupError> {
     let offered = std::fs::read_to_string(root.join("cgroup.controllers")).unwrap_or_default();
-    let wanted: Vec<String> = CONTROLLERS
+    let offered: Vec<&str> = offered.split_whitespace().collect();
+    let wanted: Vec<&str> = CONTROLLERS
         .iter()
-        .filter(|c| offered.split_whitespace().any(|o| o == **c))
-        .map(|c| format!("+{c}"))
+        .copied()
+        .filter(|c| offered.contains(c))
         .collect();
-    let wanted = wanted.join(" ");
-    write(&root.join("cgroup.subtree_control"), &wanted)?;
+    enable_missing(root, &wanted)?;
     match std::fs::create_dir(parent) {
         Ok(()) => {}
         Err(e) if e.kind() == ErrorKind::AlreadyExists => {}
         Err(e) => return Err(io("cannot create", parent)(e)),
     }
-    write(&parent.join("cgroup.subtree_control"), &wanted)
+    enable_missing(parent, &wanted)
+}
+
+fn enable_missing(group: &Path, wanted: &[&str]) -> Result<(), CgroupError> {
+    let file = group.join("cgroup.subtree_control");
+    let enabled = std::fs::read_to_string(&file).unwrap_or_default();
+    let missing: Vec<String> = wanted
+        .iter()
+        .filter(|c| !enabled.split_whitespace().any(|e| e == **c))
+        .map(|c| format!("+{c}"))
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    write(&file, &missing.join(" "))
 }
 
 #[cfg(test)]
@@ -345,6 +361,56 @@ mod tests {
         assert_eq!((v2[0].2.as_str(), v2[1].2.as_str()), ("max 100000", "max"));
         let v1 = limit_files(&Hierarchy::V1("/x".into()), &none);
         assert_eq!((v1[1].2.as_str(), v1[2].2.as_str()), ("-1", "-1"));
+    }
+
+    /// Creates groups in a plain directory standing in for the cgroup file system: the files a real
+    /// cgroupfs would offer are not there, so this checks the paths and what is written.
+    #[test]
+    fn creates_groups_and_writes_limits_in_both_layouts() {
+        let base = std::env::temp_dir().join(format!("vmm-cgroup-create-{}", std::process::id()));
+        let limits = Limits {
+            cpu: Some(CpuLimit::parse("2").unwrap()),
+            memory_bytes: Some(1 << 30),
+            pids: 32,
+        };
+        let v2 = base.join("v2");
+        std::fs::create_dir_all(&v2).unwrap();
+        std::fs::write(v2.join("cgroup.controllers"), "cpu io memory pids").unwrap();
+        std::fs::write(v2.join("cgroup.subtree_control"), "memory").unwrap();
+        let group = Cgroup::create(Hierarchy::V2(v2.clone()), "vm1", &limits).unwrap();
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap();
+        // Only what was missing is enabled.
+        assert_eq!(read(v2.join("cgroup.subtree_control")), "+cpu +pids");
+        assert_eq!(read(v2.join("vmm/cgroup.subtree_control")), "+cpu +memory +pids");
+        let dir = v2.join("vmm/vm1");
+        assert_eq!(group.dirs().collect::<Vec<_>>(), [dir.as_path()]);
+        assert_eq!(read(dir.join("cpu.max")), "200000 100000");
+        assert_eq!(read(dir.join("memory.max")), "1073741824");
+        assert_eq!(read(dir.join("pids.max")), "32");
+        group.add(4242).unwrap();
+        assert_eq!(read(dir.join("cgroup.procs")), "4242");
+        // A group holding a process is in use.
+        let err = Cgroup::create(Hierarchy::V2(v2.clone()), "vm1", &limits).unwrap_err();
+        assert!(matches!(err, CgroupError::InUse(_)), "{err}");
+
+        let v1 = base.join("v1");
+        let group = Cgroup::create(Hierarchy::V1(v1.clone()), "vm1", &limits).unwrap();
+        let dirs: Vec<PathBuf> = group.dirs().map(Path::to_path_buf).collect();
+        assert_eq!(
+            dirs,
+            ["cpu", "memory", "pids"].map(|c| v1.join(c).join("vmm/vm1"))
+        );
+        assert_eq!(read(v1.join("cpu/vmm/vm1/cpu.cfs_quota_us")), "200000");
+        assert_eq!(
+            read(v1.join("memory/vmm/vm1/memory.limit_in_bytes")),
+            "1073741824"
+        );
+        assert_eq!(read(v1.join("pids/vmm/vm1/pids.max")), "32");
+        group.add(7).unwrap();
+        for c in ["cpu", "memory", "pids"] {
+            assert_eq!(read(v1.join(c).join("vmm/vm1/cgroup.procs")), "7");
+        }
+        std::fs::remove_dir_all(&base).unwrap();
     }
 
     #[test]
