@@ -35,6 +35,11 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --seccomp MODE     what a thread's seccomp filter does with a system call outside its list:
                      kill (default: the process dies with SIGSYS), log (allowed, logged by the
                      kernel's audit, type=1326), off (no filters)
+  --jail DIR         run jailed (docs/jail.md): DIR (absolute, absent or empty) becomes the VMM's
+                     root; with --uid N --gid N (non-zero), optionally --jail-id NAME (default: DIR's
+                     last component), --netns PATH, --cpu-limit CORES (e.g. 1.5), --memory-limit-mib N,
+                     --pids-limit N (default 128), --nofile N (default 1024). --api-sock and
+                     --serial file: paths must then lie in a directory under DIR
   -h, --help         this text
   -V, --version      version";
 
@@ -46,6 +51,8 @@ pub struct RunOptions {
     pub api_sock: Option<PathBuf>,
     /// What the per-thread seccomp filters do with a call outside their lists.
     pub seccomp: SeccompMode,
+    /// Run jailed (`--jail DIR ...`, see [`crate::jail`]).
+    pub jail: Option<Box<crate::jail::JailConfig>>,
 }
 
 #[derive(Debug, PartialEq, Eq)]
@@ -114,6 +121,7 @@ struct Flags {
     drives: Vec<String>,
     api_sock: Option<String>,
     seccomp: Option<String>,
+    jail: crate::jail::JailFlags,
 }
 
 /// Parses the arguments after the program name.
@@ -145,7 +153,10 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 flags.drives.push(value);
                 continue;
             }
-            _ => return Err(CliError::Unknown(arg)),
+            other => match flags.jail.slot(other) {
+                Some(slot) => slot,
+                None => return Err(CliError::Unknown(arg)),
+            },
         };
         let value = match inline {
             Some(v) => v,
@@ -166,7 +177,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             })?,
         None => SeccompMode::default(),
     };
-    let options = RunOptions { api_sock, seccomp };
+    let jail = std::mem::take(&mut flags.jail).into_config()?;
+    let options = RunOptions {
+        api_sock,
+        seccomp,
+        jail,
+    };
     let nothing_to_boot = flags.config.is_none() && flags.kernel.is_none();
     if nothing_to_boot && options.api_sock.is_some() {
         // Started empty: the configuration comes over the control socket.

@@ -92,6 +92,17 @@ impl ExitCounters {
     }
 }
 
+/// Asynchronous signals vCPU threads leave to the main thread.
+const PROCESS_SIGNALS: [i32; 7] = [
+    libc::SIGTERM,
+    libc::SIGINT,
+    libc::SIGHUP,
+    libc::SIGQUIT,
+    libc::SIGUSR1,
+    libc::SIGUSR2,
+    libc::SIGCHLD,
+];
+
 /// What one trip into the guest ended with.
 enum Step {
     /// An exit the VMM served; enter the guest again.
@@ -159,6 +170,14 @@ impl Vcpu {
         let thread = std::thread::Builder::new()
             .name(format!("vcpu{index}"))
             .spawn(move || {
+                // Signals meant for the process (SIGTERM from a supervisor or the jail's launcher) are
+                // handled by the main thread, whose filter allows what their handlers do.
+                for signo in PROCESS_SIGNALS {
+                    match vmm_sys_util::signal::block_signal(signo) {
+                        Ok(()) | Err(vmm_sys_util::signal::Error::SignalAlreadyBlocked(_)) => {}
+                        Err(e) => log::warn!("vCPU {index}: cannot block signal {signo}: {e}"),
+                    }
+                }
                 // First, before any guest-facing work: the thread's own seccomp filter.
                 let installed = ctx.seccomp.apply();
                 let ok = installed.is_ok();

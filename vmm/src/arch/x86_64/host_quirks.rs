@@ -34,13 +34,17 @@ pub enum KvmFlavor {
 }
 
 impl KvmFlavor {
-    /// Detects the flavor from the loaded KVM vendor module.
+    /// Detects the flavor from the loaded KVM vendor module. Remembered after the first call: a
+    /// jailed VMM (no /sys) asks before it enters the jail.
     pub fn detect() -> Self {
-        if Path::new("/sys/module/kvm_pvm").exists() {
-            KvmFlavor::Pvm
-        } else {
-            KvmFlavor::Hardware
-        }
+        static FLAVOR: std::sync::OnceLock<KvmFlavor> = std::sync::OnceLock::new();
+        *FLAVOR.get_or_init(|| {
+            if Path::new("/sys/module/kvm_pvm").exists() {
+                KvmFlavor::Pvm
+            } else {
+                KvmFlavor::Hardware
+            }
+        })
     }
 
     /// Kernel arguments appended to the user's command line (see the module docs for why).

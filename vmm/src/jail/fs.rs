@@ -1,0 +1,398 @@
+//! The jail's file system: the per-VM directory on the host (prepared and cleaned up by the
+//! launcher), and the mounts and `pivot_root` that make it the VMM's whole world (done by the child
+//! in its own mount namespace).
+
+use std::ffi::CString;
+use std::fs::{DirBuilder, File, OpenOptions};
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{chown, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use super::layout::{JailLayout, Owner};
+use super::{JailConfig, JailError};
+
+/// What the launcher created or changed on the host, to undo at the end.
+#[derive(Debug, Default)]
+pub struct HostFiles {
+    dir: PathBuf,
+    created_dir: bool,
+    /// Directories created in the jail directory, parents first.
+    dirs: Vec<PathBuf>,
+    /// Empty files created as bind-mount targets.
+    mount_points: Vec<PathBuf>,
+    /// The control socket's host path (the VMM removes it, unless it was killed).
+    socket: Option<PathBuf>,
+    /// Writable images chowned to the jail uid, with their original owners.
+    chowned: Vec<(PathBuf, u32, u32)>,
+    /// Each bound file's resolved host path and its mount point, and whether it is writable.
+    pub binds: Vec<(PathBuf, PathBuf, bool)>,
+}
+
+fn io<'a>(what: &'static str, path: &'a Path) -> impl FnOnce(std::io::Error) -> JailError + 'a {
+    move |source| JailError::io(what, path, source)
+}
+
+fn access(what: &str, path: &Path, reason: String) -> JailError {
+    JailError::Access {
+        what: what.to_string(),
+        path: path.display().to_string(),
+        reason,
+    }
+}
+
+/// Whether the mode bits let `uid`/`gid` (not root) read, or read and write, a file.
+pub fn mode_allows(mode: u32, owner: (u32, u32), uid: u32, gid: u32, write: bool) -> bool {
+    let want = if write { 0o6 } else { 0o4 };
+    let bits = if owner.0 == uid {
+        mode >> 6
+    } else if owner.1 == gid {
+        mode >> 3
+    } else {
+        mode
+    };
+    bits & want == want
+}
+
+/// Creates the jail directory's contents on the host: directories, empty bind-mount targets, the
+/// serial log; chowns writable images to the jail uid. Undoes its own work if it fails.
+pub fn prepare_host(jail: &JailConfig, layout: &JailLayout) -> Result<HostFiles, JailError> {
+    let mut host = HostFiles {
+        dir: jail.dir.clone(),
+        ..HostFiles::default()
+    };
+    match prepare(jail, layout, &mut host) {
+        Ok(()) => Ok(host),
+        Err(e) => {
+            cleanup(host);
+            Err(e)
+        }
+    }
+}
+
+fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Result<(), JailError> {
+    // Resolve and check every source first: a missing kernel or an unreadable disk is an error
+    // before anything is created.
+    let mut sources = Vec::new();
+    for file in &layout.files {
+        let what = file.what.as_str();
+        let path = std::fs::canonicalize(&file.source)
+            .map_err(|e| access(what, &file.source, format!("cannot be used: {e}")))?;
+        let meta =
+            std::fs::metadata(&path).map_err(|e| access(what, &path, format!("cannot be used: {e}")))?;
+        let kind = meta.file_type();
+        if !(kind.is_file() || (kind.is_block_device() && what.starts_with("drive"))) {
+            return Err(access(what, &path, "is not a regular file".into()));
+        }
+        if !file.writable && !mode_allows(meta.mode(), (meta.uid(), meta.gid()), jail.uid, jail.gid, false) {
+            return Err(access(
+                what,
+                &path,
+                format!(
+                    "is not readable by the jail's uid {} / gid {} (mode {:o}, owner {}:{})",
+                    jail.uid,
+                    jail.gid,
+                    meta.mode() & 0o7777,
+                    meta.uid(),
+                    meta.gid()
+                ),
+            ));
+        }
+        if file.writable && meta.mode() & 0o600 != 0o600 {
+            return Err(access(
+                what,
+                &path,
+                format!(
+                    "is writable but its owner may not read and write it (mode {:o})",
+                    meta.mode() & 0o7777
+                ),
+            ));
+        }
+        sources.push((path, meta));
+    }
+
+    let dir = &jail.dir;
+    if let Some(parent) = dir.parent() {
+        // Missing parents (e.g. /srv/jail) are created and stay: other VMs' jails share them.
+        DirBuilder::new()
+            .recursive(true)
+            .mode(0o755)
+            .create(parent)
+            .map_err(io("cannot create", parent))?;
+    }
+    match std::fs::create_dir(dir) {
+        Ok(()) => host.created_dir = true,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+            let mut entries = std::fs::read_dir(dir).map_err(io("cannot read", dir))?;
+            if entries.next().is_some() {
+                return Err(access(
+                    "jail directory",
+                    dir,
+                    "is not empty (a jail left behind? remove it or use another directory)".into(),
+                ));
+            }
+        }
+        Err(e) => return Err(io("cannot create", dir)(e)),
+    }
+    let real = std::fs::canonicalize(dir).map_err(io("cannot resolve", dir))?;
+    if &real != dir {
+        return Err(access(
+            "jail directory",
+            dir,
+            format!("resolves to {} (no symbolic links, please)", real.display()),
+        ));
+    }
+    // The VMM's "/": root-owned and not writable by the jail.
+    chown(dir, Some(0), Some(0)).map_err(io("cannot chown", dir))?;
+    std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o755)).map_err(io("cannot chmod", dir))?;
+
+    for (rel, owner) in &layout.dirs {
+        let path = dir.join(rel);
+        let mode = match owner {
+            Owner::Root => 0o755,
+            Owner::Jail => 0o750,
+        };
+        DirBuilder::new()
+            .mode(mode)
+            .create(&path)
+            .map_err(io("cannot create", &path))?;
+        host.dirs.push(path.clone());
+        if *owner == Owner::Jail {
+            chown(&path, Some(jail.uid), Some(jail.gid)).map_err(io("cannot chown", &path))?;
+        }
+    }
+    for (file, (source, meta)) in layout.files.iter().zip(sources) {
+        let target = dir.join(&file.target);
+        OpenOptions::new()
+            .write(true)
+            .create_new(true)
+            .mode(0o400)
+            .open(&target)
+            .map_err(io("cannot create", &target))?;
+        host.mount_points.push(target.clone());
+        if file.writable && (meta.uid(), meta.gid()) != (jail.uid, jail.gid) {
+            chown(&source, Some(jail.uid), Some(jail.gid)).map_err(io("cannot chown", &source))?;
+            host.chowned.push((source.clone(), meta.uid(), meta.gid()));
+        }
+        host.binds.push((source, target, file.writable));
+    }
+    if let Some(log) = &layout.serial_log {
+        let path = dir.join(log);
+        File::create(&path).map_err(io("cannot create", &path))?;
+        chown(&path, Some(jail.uid), Some(jail.gid)).map_err(io("cannot chown", &path))?;
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o640))
+            .map_err(io("cannot chmod", &path))?;
+    }
+    host.socket = layout
+        .api_sock
+        .as_ref()
+        .and_then(|s| s.strip_prefix("/").ok())
+        .map(|s| dir.join(s));
+    Ok(())
+}
+
+/// Undoes [`prepare_host`]: removes the mount points, a leftover socket, the directories (those
+/// still holding a serial log stay, with the log), the jail directory if the launcher created it and
+/// it is empty; gives chowned images back to their owners. Best effort: failures are logged.
+pub fn cleanup(host: HostFiles) {
+    let warn = |what: &str, path: &Path, e: std::io::Error| {
+        if e.kind() != std::io::ErrorKind::NotFound {
+            log::warn!("jail cleanup: cannot {what} {}: {e}", path.display());
+        }
+    };
+    for path in host.mount_points.iter().chain(host.socket.iter()) {
+        if let Err(e) = std::fs::remove_file(path) {
+            warn("remove", path, e);
+        }
+    }
+    for (path, uid, gid) in &host.chowned {
+        if let Err(e) = chown(path, Some(*uid), Some(*gid)) {
+            warn("chown back", path, e);
+        }
+    }
+    for path in host.dirs.iter().rev() {
+        match std::fs::remove_dir(path) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOTEMPTY) => warn("remove", path, e),
+            _ => {}
+        }
+    }
+    if host.created_dir {
+        match std::fs::remove_dir(&host.dir) {
+            Err(e) if e.raw_os_error() != Some(libc::ENOTEMPTY) => warn("remove", &host.dir, e),
+            _ => {}
+        }
+    }
+}
+
+fn cstr(path: &Path) -> Result<CString, JailError> {
+    CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| JailError::NotConfined(format!("path {} contains NUL", path.display())))
+}
+
+fn mount(
+    source: Option<&Path>,
+    target: &Path,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+    what: &'static str,
+) -> Result<(), JailError> {
+    let source = source.map(cstr).transpose()?;
+    let target = cstr(target)?;
+    let fstype = fstype.map(|t| CString::new(t).unwrap_or_default());
+    let data = data.map(|d| CString::new(d).unwrap_or_default());
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call.
+    let ret = unsafe {
+        libc::mount(
+            ptr(&source),
+            target.as_ptr(),
+            ptr(&fstype),
+            flags,
+            ptr(&data).cast::<libc::c_void>(),
+        )
+    };
+    if ret != 0 {
+        return Err(JailError::sys(what));
+    }
+    Ok(())
+}
+
+/// Device nodes the VMM needs: (path under /dev, major, minor).
+const DEVICES: [(&str, u32, u32); 2] = [("kvm", 10, 232), ("net/tun", 10, 200)];
+
+/// In the child's new mount namespace: builds the jail's mounts and `pivot_root`s into the jail
+/// directory, leaving nothing of the host's tree reachable.
+pub fn enter_root(jail: &JailConfig, host: &HostFiles) -> Result<(), JailError> {
+    let dir = &jail.dir;
+    // Nothing done from here on propagates back to the host's mount namespace.
+    mount(
+        None,
+        Path::new("/"),
+        None,
+        libc::MS_REC | libc::MS_PRIVATE,
+        None,
+        "make / private",
+    )?;
+    // The jail directory becomes a mount point (pivot_root needs one), without the host's mounts
+    // below it (not MS_REC), and without set-uid programs or device nodes.
+    mount(
+        Some(dir),
+        dir,
+        None,
+        libc::MS_BIND,
+        None,
+        "bind the jail directory",
+    )?;
+    let base = libc::MS_BIND | libc::MS_REMOUNT | libc::MS_NOSUID;
+    mount(
+        None,
+        dir,
+        None,
+        base | libc::MS_NODEV,
+        None,
+        "remount the jail directory nosuid,nodev",
+    )?;
+    for (source, target, writable) in &host.binds {
+        mount(
+            Some(source),
+            target,
+            None,
+            libc::MS_BIND,
+            None,
+            "bind a file into the jail",
+        )?;
+        let mut flags = base | libc::MS_NOEXEC;
+        if !writable {
+            flags |= libc::MS_RDONLY;
+        }
+        let is_device = std::fs::metadata(source).is_ok_and(|m| m.file_type().is_block_device());
+        if !is_device {
+            flags |= libc::MS_NODEV;
+        }
+        mount(None, target, None, flags, None, "remount a bound file")?;
+    }
+    let dev = dir.join("dev");
+    let dev_opts = "mode=0755,size=64k,nr_inodes=16";
+    let dev_flags = libc::MS_NOSUID | libc::MS_NOEXEC;
+    mount(
+        Some(Path::new("tmpfs")),
+        &dev,
+        Some("tmpfs"),
+        dev_flags,
+        Some(dev_opts),
+        "mount /dev",
+    )?;
+    DirBuilder::new()
+        .mode(0o755)
+        .create(dev.join("net"))
+        .map_err(io("cannot create", &dev))?;
+    for (name, major, minor) in DEVICES {
+        let path = dev.join(name);
+        let c = cstr(&path)?;
+        // SAFETY: a NUL-terminated path that outlives the call; mknod only creates the node.
+        if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(major, minor)) } != 0 {
+            return Err(JailError::sys("mknod"));
+        }
+        chown(&path, Some(jail.uid), Some(jail.gid)).map_err(io("cannot chown", &path))?;
+    }
+    mount(
+        None,
+        &dev,
+        None,
+        libc::MS_REMOUNT | libc::MS_RDONLY | dev_flags,
+        Some(dev_opts),
+        "remount /dev read-only",
+    )?;
+    // The jail's own procfs: only the processes of its PID namespace, and (subset=pid) none of the
+    // system-wide files (/proc/sys, /proc/kcore, ...). The VMM reads /proc/self/statm for metrics.
+    let proc_flags = libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
+    if let Err(e) = mount(
+        Some(Path::new("proc")),
+        &dir.join("proc"),
+        Some("proc"),
+        proc_flags,
+        Some("subset=pid"),
+        "mount /proc",
+    ) {
+        log::warn!("jail: no /proc in the jail ({e}); the VMM's memory metrics will be missing");
+    }
+
+    // pivot_root(".", "."): the old root ends up stacked on the new one, and is detached at once.
+    let c = cstr(dir)?;
+    // SAFETY: a NUL-terminated path that outlives the call.
+    if unsafe { libc::chdir(c.as_ptr()) } != 0 {
+        return Err(JailError::sys("chdir to the jail directory"));
+    }
+    let dot = c".";
+    // SAFETY: both arguments are the NUL-terminated string ".".
+    if unsafe { libc::syscall(libc::SYS_pivot_root, dot.as_ptr(), dot.as_ptr()) } != 0 {
+        return Err(JailError::sys("pivot_root"));
+    }
+    // SAFETY: "." is NUL-terminated; MNT_DETACH unmounts the old root lazily.
+    if unsafe { libc::umount2(dot.as_ptr(), libc::MNT_DETACH) } != 0 {
+        return Err(JailError::sys("detach the old root"));
+    }
+    let root = c"/";
+    // SAFETY: "/" is NUL-terminated.
+    if unsafe { libc::chdir(root.as_ptr()) } != 0 {
+        return Err(JailError::sys("chdir /"));
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn mode_bits_decide_access_for_the_jail_uid() {
+        let (uid, gid) = (1000, 2000);
+        assert!(mode_allows(0o644, (0, 0), uid, gid, false));
+        assert!(!mode_allows(0o640, (0, 0), uid, gid, false));
+        assert!(mode_allows(0o640, (0, gid), uid, gid, false));
+        assert!(mode_allows(0o600, (uid, 0), uid, gid, true));
+        assert!(!mode_allows(0o400, (uid, 0), uid, gid, true));
+        // The owner class decides alone, as in the kernel: an owner without bits gets nothing.
+        assert!(!mode_allows(0o044, (uid, gid), uid, gid, false));
+    }
+}
