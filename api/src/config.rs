@@ -5,6 +5,10 @@ use std::path::PathBuf;
 use serde::{Deserialize, Serialize};
 
 use crate::drive::{validate_drives, DriveConfig};
+use crate::net::{validate_nets, NetConfig};
+
+/// virtio-mmio devices a VM may have in all (one interrupt line each).
+pub const MAX_VIRTIO_DEVICES: usize = 17;
 
 /// Most vCPUs a VM may have.
 pub const MAX_VCPUS: u8 = 32;
@@ -43,6 +47,9 @@ pub struct VmConfig {
     /// the root drive, if any, always comes first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub drives: Vec<DriveConfig>,
+    /// virtio-net NICs, in the order the guest sees them (`eth0`, `eth1`, ...).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetConfig>,
 }
 
 /// What to boot.
@@ -142,7 +149,16 @@ impl VmConfig {
         if self.boot.cmdline.bytes().any(|b| b == 0) {
             return Err(invalid("boot.cmdline", "must not contain NUL bytes".into()));
         }
-        validate_drives(&self.drives)
+        validate_drives(&self.drives)?;
+        validate_nets(&self.nets)?;
+        let devices = self.drives.len() + self.nets.len();
+        if devices > MAX_VIRTIO_DEVICES {
+            return Err(invalid(
+                "nets",
+                format!("at most {MAX_VIRTIO_DEVICES} drives and NICs together, got {devices}"),
+            ));
+        }
+        Ok(())
     }
 }
 

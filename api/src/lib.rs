@@ -5,8 +5,10 @@
 pub mod config;
 pub mod control;
 pub mod drive;
+pub mod net;
 pub mod rate_limiter;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
 pub use drive::{CacheMode, DriveConfig, IoEngine};
+pub use net::{MacAddr, NetConfig};
 pub use rate_limiter::{RateLimiterConfig, RateLimiterConfigError, TokenBucketConfig};

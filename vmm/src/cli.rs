@@ -4,14 +4,15 @@ use std::path::PathBuf;
 
 use crate::seccomp::SeccompMode;
 use vmm_api::{
-    config::default_cmdline, BootSource, ConfigError, DriveConfig, MachineConfig, SerialConfig, VmConfig,
+    config::default_cmdline, BootSource, ConfigError, DriveConfig, MachineConfig, NetConfig, SerialConfig,
+    VmConfig,
 };
 
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 usage: vmm --config vm.json [--api-sock PATH]
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
-           [--serial stdout|off|file:PATH] [--drive SPEC]... [--api-sock PATH]
+           [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
        vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
        (every form also takes [--seccomp kill|log|off])
 
@@ -29,6 +30,9 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
                      [,cache=writeback|none]
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
+  --net SPEC         a virtio-net NIC on an existing TAP device (repeatable; eth0, eth1, ... in order):
+                     tap=NAME[,mac=02:00:00:00:00:01][,id=NAME]
+                     [,rx_bw=..][,rx_iops=..][,tx_bw=..][,tx_iops=..] (and _burst variants)
   --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
                      must not exist; removed when the VMM exits. Alone, the VMM starts empty and
                      waits for `configure` and `start` requests
@@ -119,6 +123,7 @@ struct Flags {
     memory_mib: Option<String>,
     serial: Option<String>,
     drives: Vec<String>,
+    nets: Vec<String>,
     api_sock: Option<String>,
     seccomp: Option<String>,
     jail: crate::jail::JailFlags,
@@ -145,12 +150,16 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
             "--seccomp" => &mut flags.seccomp,
-            "--drive" => {
+            "--drive" | "--net" => {
                 let value = match inline {
                     Some(v) => v,
                     None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
                 };
-                flags.drives.push(value);
+                if name == "--drive" {
+                    flags.drives.push(value);
+                } else {
+                    flags.nets.push(value);
+                }
                 continue;
             }
             other => match flags.jail.slot(other) {
@@ -199,6 +208,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         if !flags.drives.is_empty() {
             return Err(CliError::WithoutKernel("--drive".to_string()));
         }
+        if !flags.nets.is_empty() {
+            return Err(CliError::WithoutKernel("--net".to_string()));
+        }
         return Ok(Command::Run(None, options));
     }
     build(flags).map(|config| Command::Run(Some(config), options))
@@ -219,6 +231,9 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
         }
         if !flags.drives.is_empty() {
             return Err(CliError::ConfigAndFlags("--drive".to_string()));
+        }
+        if !flags.nets.is_empty() {
+            return Err(CliError::ConfigAndFlags("--net".to_string()));
         }
         let text = std::fs::read_to_string(&path).map_err(|source| CliError::ReadConfig { path, source })?;
         return Ok(VmConfig::from_json(&text)?);
@@ -243,6 +258,18 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
             .map(|(i, spec)| {
                 DriveConfig::from_cli(&spec, i).map_err(|reason| CliError::BadValue {
                     flag: "--drive".into(),
+                    value: spec.clone(),
+                    reason,
+                })
+            })
+            .collect::<Result<_, _>>()?,
+        nets: flags
+            .nets
+            .into_iter()
+            .enumerate()
+            .map(|(i, spec)| {
+                NetConfig::from_cli(&spec, i).map_err(|reason| CliError::BadValue {
+                    flag: "--net".into(),
                     value: spec.clone(),
                     reason,
                 })
