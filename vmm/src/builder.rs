@@ -220,7 +220,7 @@ pub fn build_vm(
         guest_boot: Arc::clone(&events.guest_boot),
         boot_event: &events.boot_event,
     };
-    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, fds)?;
+    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
     // guest's own page faults benefit from them.

@@ -16,7 +16,7 @@ use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{EventSignal, IrqLine};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_api::{CacheMode, DriveConfig, IoEngine};
+use vmm_api::{CacheMode, DriveConfig, IoEngine, NetConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::VirtioMmioDevice;
@@ -38,6 +38,9 @@ pub enum DeviceError {
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
+    /// The configuration asks for NICs, which this build cannot provide yet.
+    #[error("nets: virtio-net is not available in this build")]
+    NetsUnsupported,
     /// More virtio devices than interrupt lines.
     #[error("too many virtio devices: at most {0}")]
     TooManyVirtioDevices(usize),
@@ -161,8 +164,12 @@ pub fn create_devices(
     ctx: &DeviceContext,
     serial: SerialOutput,
     drives: &[DriveConfig],
+    nets: &[NetConfig],
     fds: &mut PassedFds,
 ) -> Result<Devices, DeviceError> {
+    if !nets.is_empty() {
+        return Err(DeviceError::NetsUnsupported);
+    }
     let (pio, keyboard) = legacy_devices(ctx, serial)?;
     let mut virtio = VirtioSlots::new();
     let mut blocks = Vec::with_capacity(drives.len());
