@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-packages=(linux-source-6.12 busybox-static e2fsprogs cpio xz-utils bc flex bison libelf-dev make gcc
+packages=(linux-source-6.12 busybox-static e2fsprogs cpio xz-utils bc flex bison libelf-dev make gcc iproute2 iputils-ping
           libc6-dev qemu-system-x86)
 missing=()
 for p in "${packages[@]}"; do

@@ -10,6 +10,7 @@
 //! - [`rss_breakdown`]: a process's resident memory split into guest RAM and VMM overhead.
 //! - [`crc32`]: zlib's CRC-32, to check what the guest probe reports about data we gave it.
 //! - [`TempDir`]: a scratch directory removed on drop.
+//! - [`NetNs`]: a network namespace with TAP devices for a test, removed with what is in it.
 //! - [`ControlClient`]: requests and events on a VMM's control socket (file descriptors too).
 //!
 //! A typical end-to-end test:
@@ -36,6 +37,7 @@ mod control_client;
 mod crc32;
 mod guest;
 mod images;
+mod netns;
 mod output;
 mod probe;
 mod smaps;
@@ -45,6 +47,7 @@ pub use control_client::ControlClient;
 pub use crc32::crc32;
 pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
 pub use images::{workspace_root, GuestImages};
+pub use netns::NetNs;
 pub use output::{Line, LineHook, Stream};
 pub use probe::{parse_probe_facts, probe_cmdline, ProbeFacts};
 pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};

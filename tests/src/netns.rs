@@ -1,0 +1,105 @@
+//! Network namespaces that a test creates, fills with TAP devices, runs a VMM in, and removes
+//! again with everything in them. Traffic never leaves them: the only addresses are the ones the
+//! test gives its own TAP devices and guests.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::process::Command;
+use std::thread::JoinHandle;
+
+use anyhow::{bail, Context, Result};
+
+/// A named network namespace (`ip netns add`), deleted on drop with the processes in it.
+pub struct NetNs {
+    name: String,
+}
+
+fn run(cmd: &mut Command) -> Result<String> {
+    let out = cmd.output().with_context(|| format!("run {cmd:?}"))?;
+    if !out.status.success() {
+        bail!("{cmd:?} failed: {}", String::from_utf8_lossy(&out.stderr).trim());
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+}
+
+impl NetNs {
+    /// Creates `vmmt-<tag>-<pid>` with its loopback up. `tag` keeps parallel tests apart.
+    pub fn new(tag: &str) -> Result<NetNs> {
+        let name = format!("vmmt-{tag}-{}", std::process::id());
+        // A namespace left by a killed earlier run of this very test and pid is stale.
+        let _ = Command::new("ip").args(["netns", "del", &name]).output();
+        run(Command::new("ip").args(["netns", "add", &name]))?;
+        let ns = NetNs { name };
+        ns.ip(&["link", "set", "lo", "up"])?;
+        Ok(ns)
+    }
+
+    /// Its name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// Runs `ip -n NS ARGS...`.
+    pub fn ip(&self, args: &[&str]) -> Result<String> {
+        run(Command::new("ip").args(["-n", &self.name]).args(args))
+    }
+
+    /// Adds a TAP device `tap` with `cidr` (e.g. `10.77.0.1/24`) on the host side, up.
+    pub fn add_tap(&self, tap: &str, cidr: &str) -> Result<()> {
+        self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+        self.ip(&["addr", "add", cidr, "dev", tap])?;
+        self.ip(&["link", "set", tap, "up"])?;
+        Ok(())
+    }
+
+    /// `program` run inside the namespace (`ip netns exec`, which keeps the process id).
+    pub fn command(&self, program: &std::path::Path) -> Command {
+        let mut cmd = Command::new("ip");
+        cmd.args(["netns", "exec", &self.name]).arg(program);
+        cmd
+    }
+
+    /// The interface names in the namespace.
+    pub fn links(&self) -> Result<Vec<String>> {
+        let out = self.ip(&["-o", "link", "show"])?;
+        Ok(out
+            .lines()
+            .filter_map(|l| l.split(": ").nth(1))
+            .map(|n| n.split('@').next().unwrap_or(n).to_string())
+            .collect())
+    }
+
+    /// Process ids of the processes in the namespace.
+    pub fn pids(&self) -> Result<Vec<u32>> {
+        let out = run(Command::new("ip").args(["netns", "pids", &self.name]))?;
+        Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+    }
+
+    /// Runs `f` on a new thread that has joined the namespace, so its sockets live there.
+    pub fn spawn<T: Send + 'static>(
+        &self,
+        f: impl FnOnce() -> T + Send + 'static,
+    ) -> Result<JoinHandle<Result<T>>> {
+        let path = format!("/var/run/netns/{}", self.name);
+        let ns = File::open(&path).with_context(|| format!("open {path}"))?;
+        Ok(std::thread::spawn(move || {
+            // SAFETY: setns takes a descriptor `ns` keeps open and a flag; it moves only the calling
+            // thread (this new one) into the namespace.
+            if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
+                bail!("setns: {}", std::io::Error::last_os_error());
+            }
+            Ok(f())
+        }))
+    }
+}
+
+impl Drop for NetNs {
+    fn drop(&mut self) {
+        if let Ok(pids) = self.pids() {
+            for pid in pids {
+                let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
+            }
+        }
+        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+    }
+}
