@@ -141,6 +141,23 @@ impl DriveConfig {
     }
 }
 
+/// Checks `ids[i]`, the id of entry `i` of `section` (`drives`, `nets`): a valid name that no
+/// earlier entry uses.
+pub(crate) fn check_id(section: &str, ids: &[&str], i: usize, what: &str) -> Result<(), ConfigError> {
+    let field = format!("{section}[{i}].id");
+    let id = ids[i];
+    if !is_valid_name(id) {
+        return Err(ConfigError::invalid(
+            field,
+            "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
+        ));
+    }
+    if ids[..i].contains(&id) {
+        return Err(ConfigError::invalid(field, format!("duplicate {what} id '{id}'")));
+    }
+    Ok(())
+}
+
 fn is_empty_path(path: &std::path::Path) -> bool {
     path.as_os_str().is_empty()
 }
@@ -170,20 +187,10 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
             format!("at most {MAX_DRIVES} drives, got {}", drives.len()),
         ));
     }
+    let ids: Vec<&str> = drives.iter().map(|d| d.id.as_str()).collect();
     for (i, d) in drives.iter().enumerate() {
         let field = |name: &str| format!("drives[{i}].{name}");
-        if !is_valid_name(&d.id) {
-            return Err(ConfigError::invalid(
-                field("id"),
-                "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
-            ));
-        }
-        if drives[..i].iter().any(|other| other.id == d.id) {
-            return Err(ConfigError::invalid(
-                field("id"),
-                format!("duplicate drive id '{}'", d.id),
-            ));
-        }
+        check_id("drives", &ids, i, "drive")?;
         match (&d.fd, d.path.as_os_str().is_empty()) {
             (None, true) => {
                 return Err(ConfigError::invalid(

@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::ConfigError;
-use crate::drive::is_valid_name;
+use crate::drive::{check_id, is_valid_name};
 use crate::rate_limiter::{RateLimiterCliKeys, RateLimiterConfig};
 
 /// Most NICs a VM may have.
@@ -165,20 +165,10 @@ pub fn validate_nets(nets: &[NetConfig]) -> Result<(), ConfigError> {
             format!("at most {MAX_NETS} NICs, got {}", nets.len()),
         ));
     }
+    let ids: Vec<&str> = nets.iter().map(|n| n.id.as_str()).collect();
     for (i, n) in nets.iter().enumerate() {
         let field = |name: &str| format!("nets[{i}].{name}");
-        if !is_valid_name(&n.id) {
-            return Err(ConfigError::invalid(
-                field("id"),
-                "must be 1-64 characters of A-Z a-z 0-9 _ -".into(),
-            ));
-        }
-        if nets[..i].iter().any(|other| other.id == n.id) {
-            return Err(ConfigError::invalid(
-                field("id"),
-                format!("duplicate NIC id '{}'", n.id),
-            ));
-        }
+        check_id("nets", &ids, i, "NIC")?;
         match (&n.tap, &n.fd) {
             (Some(tap), None) => {
                 let ok = (1..=MAX_TAP_NAME_LEN).contains(&tap.len())
