@@ -1,0 +1,68 @@
+//! virtio-net on a TAP interface (virtio 1.2, section 5.1).
+//!
+//! `tap` opens and configures the back end, `rx` and `tx` move frames in each direction, `ring`
+//! writes used entries and decides on interrupts, `device` ties them to the transport, and
+//! `metrics` counts what happened. Every frame on either side is preceded by the 12-byte
+//! `virtio_net_hdr_v1`; the tap is configured with the same header, so it passes through unchanged
+//! apart from `num_buffers`.
+
+mod device;
+pub mod metrics;
+mod ring;
+mod rx;
+pub mod tap;
+mod tx;
+
+#[cfg(any(test, feature = "test-utils"))]
+pub mod test_tap;
+#[cfg(test)]
+mod tests;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+
+pub use device::{
+    Net, NetError, NetSpec, QUEUE_SIZE, RX_QUEUE, TOKEN_RX_LIMITER, TOKEN_RX_QUEUE, TOKEN_TAP,
+    TOKEN_TX_LIMITER, TOKEN_TX_QUEUE, TX_QUEUE,
+};
+pub use metrics::{NetMetrics, NetMetricsSnapshot};
+pub use tap::{Tap, TapError, TapIo, TxFrame};
+
+use crate::rate_limiter::{RateLimiter, TokenType};
+
+/// Size of the virtio-net header on both sides (`virtio_net_hdr_v1`, with `num_buffers`).
+pub const HDR_LEN: usize = 12;
+/// The largest frame either way, header included: a 64 KiB segmentation-offload packet, its
+/// Ethernet header and the virtio-net header (12 + 14 + 65536).
+pub const MAX_FRAME_LEN: usize = 65562;
+
+/// Charges one frame of `bytes` to a limiter; false if it must wait for the limiter's timer.
+fn admit(limiter: &mut RateLimiter, bytes: u64) -> bool {
+    if !limiter.consume(1, TokenType::Ops) {
+        return false;
+    }
+    if !limiter.consume(bytes, TokenType::Bytes) {
+        // The frame will be retried in full, so its operation must not count twice.
+        limiter.manual_replenish(1, TokenType::Ops);
+        return false;
+    }
+    true
+}
+
+/// Gives back what [`admit`] took for a frame that then did not go through.
+fn refund(limiter: &mut RateLimiter, bytes: u64) {
+    limiter.manual_replenish(1, TokenType::Ops);
+    limiter.manual_replenish(bytes, TokenType::Bytes);
+}
+
+/// Adds one to `counter` and returns the new value.
+fn bump(counter: &AtomicU64) -> u64 {
+    counter.fetch_add(1, Ordering::Relaxed) + 1
+}
+
+/// Logs the `n`th occurrence of something the guest or the network can repeat at will only when
+/// `n` is a power of two, so that a flood costs a few dozen log lines, not a full disk.
+fn log_every(n: u64, message: impl FnOnce() -> String) {
+    if n.is_power_of_two() {
+        log::warn!("{} (occurrence {n})", message());
+    }
+}
