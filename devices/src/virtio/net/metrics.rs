@@ -35,9 +35,11 @@ pub struct NetMetrics {
     pub tx_tap_full: AtomicU64,
     /// Times the transmit rate limiter held frames back.
     pub tx_throttled: AtomicU64,
-    /// Receive queue notifications handled.
+    /// Receive queue notifications handled (including the ones the device sends itself when a pass
+    /// used up its budget).
     pub rx_queue_events: AtomicU64,
-    /// Transmit queue notifications handled.
+    /// Transmit queue notifications handled (including the ones the device sends itself when a pass
+    /// used up its budget).
     pub tx_queue_events: AtomicU64,
     /// Tap readiness events handled.
     pub tap_events: AtomicU64,

@@ -13,6 +13,8 @@ mod rx;
 pub mod tap;
 mod tx;
 
+#[cfg(test)]
+mod real_tap_tests;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_tap;
 #[cfg(test)]

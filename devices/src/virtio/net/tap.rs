@@ -31,11 +31,16 @@ pub enum TapError {
     #[error("tap name {0:?} is empty, longer than 15 bytes, or contains a NUL or '/'")]
     InvalidName(String),
     /// `/dev/net/tun` does not exist.
-    #[error("/dev/net/tun does not exist (is the tun module loaded?)")]
-    NoTunDevice,
+    #[error("tap {0}: /dev/net/tun does not exist (is the tun module loaded?)")]
+    NoTunDevice(String),
     /// `/dev/net/tun` could not be opened.
-    #[error("cannot open /dev/net/tun")]
-    OpenTun(#[source] io::Error),
+    #[error("tap {name}: cannot open /dev/net/tun")]
+    OpenTun {
+        /// The tap.
+        name: String,
+        /// Why.
+        source: io::Error,
+    },
     /// The caller may not create or attach this tap.
     #[error("tap {0}: permission denied (creating a tap needs CAP_NET_ADMIN; attaching a persistent one needs its owner)")]
     PermissionDenied(String),
@@ -238,8 +243,13 @@ impl Tap {
         if fd < 0 {
             let e = io::Error::last_os_error();
             return Err(match e.raw_os_error() {
-                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => TapError::NoTunDevice,
-                _ => TapError::OpenTun(e),
+                Some(libc::ENOENT) | Some(libc::ENODEV) | Some(libc::ENXIO) => {
+                    TapError::NoTunDevice(name.to_string())
+                }
+                _ => TapError::OpenTun {
+                    name: name.to_string(),
+                    source: e,
+                },
             });
         }
         // SAFETY: `fd` was just opened and nothing else owns it.
