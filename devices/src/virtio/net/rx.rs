@@ -27,7 +27,8 @@ use super::{admit, bump, log_every, refund, HDR_LEN, MAX_FRAME_LEN};
 use crate::rate_limiter::RateLimiter;
 use crate::virtio::feature;
 
-/// Frames delivered in one pass before the device yields to the rest of the event loop.
+/// Frames taken from the tap (delivered or dropped) in one pass before the device yields to the
+/// rest of the event loop.
 pub const RX_BUDGET: usize = 256;
 /// Consecutive failed tap reads after which a pass gives up (until the next event).
 const MAX_READ_ERRORS: usize = 8;
@@ -118,16 +119,19 @@ fn run(
     limiter: &mut RateLimiter,
     metrics: &NetMetrics,
 ) -> RxStop {
-    let mut delivered = 0usize;
+    let mut frames = 0usize;
     let mut read_errors = 0usize;
     loop {
-        if delivered == RX_BUDGET {
+        if frames == RX_BUDGET {
             return RxStop::Budget;
         }
         let len = match rx.pending {
             Some(len) => len,
             None => match tap.read_frame(&mut rx.buf) {
                 Ok(n) if n > MAX_FRAME_LEN => {
+                    // Dropped frames count against the budget too: a flood of them must not hold
+                    // the event loop either.
+                    frames += 1;
                     let n = bump(&metrics.rx_dropped_oversized);
                     log_every(n, || {
                         format!(
@@ -148,6 +152,7 @@ fn run(
                     continue;
                 }
                 Ok(n) => {
+                    frames += 1;
                     read_errors = 0;
                     rx.pending = Some(n);
                     n
@@ -178,7 +183,6 @@ fn run(
         match deliver(&mut rx.segs, &mut rx.taken, active, &mut rx.buf[..len], metrics) {
             Ok(Delivery::Delivered) => {
                 rx.pending = None;
-                delivered += 1;
                 NetMetrics::inc(&metrics.rx_frames);
                 NetMetrics::add(&metrics.rx_bytes, bytes);
             }
@@ -197,8 +201,15 @@ fn run(
                 refund(limiter, bytes);
                 // Ask for the driver's next notification, then look again in case buffers came
                 // in between: otherwise both sides could wait for each other.
+                let size = active.rx.size();
                 match request_notification(&active.mem, &mut active.rx) {
-                    Ok(avail) if avail.wrapping_sub(active.rx.next_avail()) > available => {
+                    // More chains than before, and no more than a ring can hold (a driver whose
+                    // index runs further ahead has broken its ring; it gets retried on its next
+                    // notification, not in a loop).
+                    Ok(avail)
+                        if (available.saturating_add(1)..=size)
+                            .contains(&avail.wrapping_sub(active.rx.next_avail())) =>
+                    {
                         if let Err(e) = active.rx.disable_notification(&active.mem) {
                             log::warn!("net {}: {e}", tap.name());
                         }
@@ -252,11 +263,19 @@ fn deliver(
     };
     let mut buffers = 0usize;
     let mut capacity = 0usize;
+    let mut examined = 0usize;
     while capacity < frame.len() {
         if buffers == max_buffers {
             put_back(queue, taken.len());
             return Ok(Delivery::TooBig);
         }
+        // A driver that keeps adding bad chains as fast as they are returned must not hold the
+        // event loop: after a ring's worth, wait for its next notification.
+        if examined == usize::from(queue.size()) {
+            put_back(queue, taken.len());
+            return Ok(Delivery::NoBuffers { available: u16::MAX });
+        }
+        examined += 1;
         let Some(chain) = queue.pop_descriptor_chain(mem) else {
             put_back(queue, taken.len());
             let available = u16::try_from(taken.len()).unwrap_or(u16::MAX);

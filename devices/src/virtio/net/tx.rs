@@ -21,7 +21,8 @@ use super::tap::{TapIo, TxFrame, TxFrameError};
 use super::{admit, bump, log_every, refund, HDR_LEN, MAX_FRAME_LEN};
 use crate::rate_limiter::RateLimiter;
 
-/// Frames sent in one pass before the device yields to the rest of the event loop.
+/// Chains taken (sent or dropped) in one pass before the device yields to the rest of the event
+/// loop.
 pub const TX_BUDGET: usize = 256;
 
 /// Why a transmit pass ended.
@@ -86,17 +87,27 @@ fn run(
 ) -> TxStop {
     let mem = &active.mem;
     let queue = &mut active.tx;
-    let mut sent = 0usize;
+    let mut chains = 0usize;
     let mut retried = false;
     loop {
         if let Err(e) = queue.disable_notification(mem) {
             log::warn!("net {}: {e}", tap.name());
         }
+        // A driver whose available index runs more than a ring ahead has broken its ring: serve
+        // nothing until it resets the device (otherwise "more is available" would never end).
+        if let Err(e) = queue.iter(mem) {
+            let n = bump(&metrics.tx_malformed_chains);
+            log_every(n, || format!("net {}: transmit queue: {e}", tap.name()));
+            return TxStop::Done;
+        }
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
-            if sent == TX_BUDGET {
+            // Every chain counts, sent or dropped: a driver adding bad chains as fast as they are
+            // returned must not hold the event loop either.
+            if chains == TX_BUDGET {
                 queue.go_to_previous_position();
                 return TxStop::Budget;
             }
+            chains += 1;
             let head = chain.head_index();
             if let Err(why) = gather(chain, mem, &mut tx.frame) {
                 let counter = match why {
@@ -116,7 +127,6 @@ fn run(
             }
             match tap.write_frame(&tx.frame) {
                 Ok(_) => {
-                    sent += 1;
                     NetMetrics::inc(&metrics.tx_frames);
                     NetMetrics::add(&metrics.tx_bytes, bytes);
                 }

@@ -391,3 +391,44 @@ fn randomized_traffic_never_breaks_the_device() {
     assert!(rx_outstanding > 0);
     r.assert_still_serves();
 }
+
+/// A driver whose available index runs more than a ring ahead gets nothing served, and nothing
+/// loops; after a reset everything works.
+#[test]
+fn a_lying_available_index_does_not_hang_the_device() {
+    let mut r = rig();
+    r.peer.send(&frame(100, 1));
+    r.driver.set_avail_idx_of(RXQ, 1000);
+    r.driver.set_avail_idx_of(TXQ, 1000);
+    r.kick_rx();
+    r.tap_event();
+    r.kick_tx();
+    assert!(r.driver.take_used_from(RXQ).is_empty());
+    assert!(r.driver.take_used_from(TXQ).is_empty());
+    assert!(r.peer.recv_all().is_empty());
+    let features = r.driver.device_features();
+    assert_eq!(r.driver.init(features, QUEUE_SIZE) & 0x4, 0x4);
+    r.next_rx = RX_AREA;
+    r.peer.recv_all();
+    r.assert_still_serves();
+}
+
+/// A driver that fills the receive ring with chains the device may not write: each goes back
+/// once, and the frame waits for a usable buffer instead of looping.
+#[test]
+fn a_ring_full_of_bad_receive_chains_is_returned_once() {
+    let mut r = rig();
+    for _ in 0..QUEUE_SIZE {
+        r.driver.add_chain_to(RXQ, &[Desc::readable(RX_AREA, 2048)]);
+    }
+    r.kick_rx();
+    r.peer.send(&frame(100, 1));
+    r.tap_event();
+    assert_eq!(r.driver.take_used_from(RXQ).len(), usize::from(QUEUE_SIZE));
+    assert!(r.dev().rx_frame_waiting());
+    assert_eq!(r.metrics().rx_malformed_chains, u64::from(QUEUE_SIZE));
+    let (head, addr) = r.post_rx(2048);
+    r.kick_rx();
+    assert_eq!(r.driver.take_used_from(RXQ), vec![(u32::from(head), 112)]);
+    assert_eq!(r.driver.read(addr, 112), as_received(&frame(100, 1), 1));
+}
