@@ -5,6 +5,23 @@
 //! `metrics` counts what happened. Every frame on either side is preceded by the 12-byte
 //! `virtio_net_hdr_v1`; the tap is configured with the same header, so it passes through unchanged
 //! apart from `num_buffers`.
+//!
+//! # Using it in the VMM
+//!
+//! 1. Get a back end: [`Tap::open`] for a named tap (needs CAP_NET_ADMIN unless the tap is
+//!    persistent and owned by the caller), or [`Tap::from_fd`] for one a supervisor opened.
+//! 2. [`Net::new`] with a [`NetSpec`] (id, tap, guest MAC, one [`RateLimiter`] per direction).
+//! 3. Put it behind an [`MmioTransport`](crate::virtio::mmio::MmioTransport) like any virtio
+//!    device: its two queue eventfds ([`RX_QUEUE`], [`TX_QUEUE`]) become ioeventfds on QueueNotify
+//!    with their queue index as datamatch, and the transport registered with the event manager
+//!    watches every [`EventSource`](crate::virtio::EventSource) the device names: the two queue
+//!    eventfds and both limiters' timerfds level-triggered, the tap edge-triggered for readable
+//!    and writable (see `rx` for why).
+//! 4. At run time: [`Net::update_rate_limiters`], [`Net::set_link_up`], [`Net::metrics`].
+//!
+//! Activation and reset run on the vCPU thread that writes the status register: they set the
+//! tap's offloads (`TUNSETOFFLOAD`) and may move frames (`read`, `writev`, `poll`), like event
+//! handling on the event loop thread.
 
 mod device;
 pub mod metrics;

@@ -149,6 +149,11 @@ fn real_tap_ioctls_work() {
             Err(TapError::Busy(name)) => assert_eq!(name, NAME),
             other => panic!("expected Busy, got {other:?}"),
         }
+        // An interface that is not a tap.
+        match Tap::open("lo") {
+            Err(TapError::NotATapInterface(name)) => assert_eq!(name, "lo"),
+            other => panic!("expected NotATapInterface, got {other:?}"),
+        }
         // A descriptor passed by a supervisor is accepted once checked.
         // SAFETY: dup returns a new descriptor that we own below.
         let dup = unsafe { libc::dup(tap.as_raw_fd()) };

@@ -146,6 +146,13 @@ impl Peer {
         assert_eq!(n, frame.len() as isize, "send: {}", io::Error::last_os_error());
     }
 
+    /// Sends one frame if there is room; false if the device's side is full.
+    pub fn try_send(&self, frame: &[u8]) -> bool {
+        // SAFETY: the kernel reads `frame.len()` bytes from `frame`.
+        let n = unsafe { libc::send(self.sock.as_raw_fd(), frame.as_ptr().cast(), frame.len(), 0) };
+        n == frame.len() as isize
+    }
+
     /// The next frame the device sent, if any.
     pub fn recv(&self) -> Option<Vec<u8>> {
         let mut buf = vec![0u8; super::MAX_FRAME_LEN + 1];
