@@ -56,8 +56,8 @@ pub enum RxStop {
 #[derive(Debug)]
 struct Taken {
     head: u16,
-    /// Its writable pieces in [`RxState::segs`]; `None` if the chain was malformed.
-    segs: Option<Range<usize>>,
+    /// Its writable pieces in [`RxState::segs`], or what is wrong with it.
+    segs: Result<Range<usize>, &'static str>,
 }
 
 /// The receive side's buffers, kept across passes so that the hot path does not allocate.
@@ -289,20 +289,18 @@ fn deliver(
                 capacity += cap;
                 taken.push(Taken {
                     head,
-                    segs: Some(start..segs.len()),
+                    segs: Ok(start..segs.len()),
                 });
             }
             Err(why) => {
                 segs.truncate(start);
-                let n = bump(&metrics.rx_malformed_chains);
-                log_every(n, || format!("net: receive chain {head}: {why}"));
                 if taken.is_empty() {
                     // Nothing of this frame is held, so the chain can go back to the driver now.
-                    batch.push(mem, queue, head, 0)?;
+                    refuse(&mut batch, mem, queue, head, why, metrics)?;
                     batch.publish(mem, queue)?;
                 } else {
                     // It lies between chains that may have to be put back: return it with them.
-                    taken.push(Taken { head, segs: None });
+                    taken.push(Taken { head, segs: Err(why) });
                 }
             }
         }
@@ -313,7 +311,7 @@ fn deliver(
     // The frame's buffers first and together, as `num_buffers` tells the driver to expect; bad
     // chains taken in between go back after them.
     for t in taken.iter() {
-        let Some(range) = &t.segs else {
+        let Ok(range) = &t.segs else {
             continue;
         };
         let mut written = 0usize;
@@ -331,11 +329,31 @@ fn deliver(
         }
         batch.push(mem, queue, t.head, written as u32)?;
     }
-    for t in taken.iter().filter(|t| t.segs.is_none()) {
-        batch.push(mem, queue, t.head, 0)?;
+    for t in taken.iter() {
+        if let Err(why) = t.segs {
+            refuse(&mut batch, mem, queue, t.head, why, metrics)?;
+        }
     }
     batch.publish(mem, queue)?;
     Ok(Delivery::Delivered)
+}
+
+/// Returns a malformed chain unused. A head beyond the queue names no descriptor and cannot be
+/// returned at all; it is only counted.
+fn refuse(
+    batch: &mut UsedBatch,
+    mem: &GuestMemoryMmap,
+    queue: &virtio_queue::Queue,
+    head: u16,
+    why: &str,
+    metrics: &NetMetrics,
+) -> Result<(), RingError> {
+    let n = bump(&metrics.rx_malformed_chains);
+    log_every(n, || format!("net: receive chain {head}: {why}"));
+    match batch.push(mem, queue, head, 0) {
+        Err(RingError::HeadOutOfRange(_)) => Ok(()),
+        other => other,
+    }
 }
 
 fn put_back(queue: &mut virtio_queue::Queue, chains: usize) {
@@ -355,7 +373,6 @@ fn writable_segments(
     let mut capacity = 0usize;
     let mut any = false;
     let mut cut_short = false;
-    let start = segs.len();
     for desc in chain {
         any = true;
         if !desc.is_write_only() {
@@ -366,7 +383,9 @@ fn writable_segments(
             return Err("buffer outside guest memory");
         }
         if len > 0 {
-            if segs.len() - start == MAX_IOVECS {
+            // One bound for the whole frame keeps the scratch vector small whatever the driver
+            // does; real drivers use one or two pieces per buffer.
+            if segs.len() == MAX_IOVECS {
                 return Err("too many descriptors");
             }
             segs.push((desc.addr(), len));

@@ -432,3 +432,23 @@ fn a_ring_full_of_bad_receive_chains_is_returned_once() {
     assert_eq!(r.driver.take_used_from(RXQ), vec![(u32::from(head), 112)]);
     assert_eq!(r.driver.read(addr, 112), as_received(&frame(100, 1), 1));
 }
+
+/// Heads beyond the queue name no descriptor: nothing can be returned for them, and the next
+/// good chain still serves.
+#[test]
+fn out_of_range_heads_are_skipped() {
+    let mut r = rig();
+    r.driver.publish_to(RXQ, QUEUE_SIZE + 5);
+    let (head, _) = r.post_rx(2048);
+    r.kick_rx();
+    r.peer.send(&frame(100, 1));
+    r.tap_event();
+    assert_eq!(r.driver.take_used_from(RXQ), vec![(u32::from(head), 112)]);
+    r.driver.publish_to(TXQ, QUEUE_SIZE + 5);
+    let f = frame(100, 2);
+    let h = r.queue_tx(&f);
+    r.kick_tx();
+    assert_eq!(r.driver.take_used_from(TXQ), vec![(u32::from(h), 0)]);
+    assert_eq!(r.peer.recv_all(), vec![f]);
+    r.assert_still_serves();
+}
