@@ -283,6 +283,8 @@ impl Tap {
 
     /// Takes a tap that a supervisor opened and attached (`TUNSETIFF` with `IFF_TAP | IFF_NO_PI |
     /// IFF_VNET_HDR`), makes it non-blocking and close-on-exec, and sets the header size.
+    /// Non-blocking is a property of the open file, so a copy the supervisor kept becomes
+    /// non-blocking too; the supervisor is not meant to use it for I/O.
     pub fn from_fd(fd: OwnedFd) -> Result<Tap, TapError> {
         let file = File::from(fd);
         let mut ifr = empty_ifreq();
