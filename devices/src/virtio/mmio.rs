@@ -6,7 +6,7 @@
 
 use std::sync::Arc;
 
-use event_manager::{EventOps, EventSet, Events, MutEventSubscriber};
+use event_manager::{EventOps, Events, MutEventSubscriber};
 use virtio_bindings::virtio_config::{
     VIRTIO_CONFIG_S_ACKNOWLEDGE, VIRTIO_CONFIG_S_DRIVER, VIRTIO_CONFIG_S_DRIVER_OK, VIRTIO_CONFIG_S_FAILED,
     VIRTIO_CONFIG_S_FEATURES_OK, VIRTIO_CONFIG_S_NEEDS_RESET,
@@ -380,8 +380,8 @@ impl<D: VirtioDevice> BusDevice for MmioTransport<D> {
 /// The event loop side: queue eventfds and the device's own sources (I/O completions, timers).
 impl<D: VirtioDevice> MutEventSubscriber for MmioTransport<D> {
     fn init(&mut self, ops: &mut EventOps) {
-        for (fd, token) in self.device.event_sources() {
-            if let Err(e) = ops.add(Events::with_data_raw(fd, token, EventSet::IN)) {
+        for source in self.device.event_sources() {
+            if let Err(e) = ops.add(Events::with_data_raw(source.fd, source.token, source.events)) {
                 log::error!("virtio: cannot watch device event source: {e:?}");
             }
         }

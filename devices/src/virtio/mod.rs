@@ -7,12 +7,14 @@
 
 pub mod block;
 pub mod mmio;
+pub mod net;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
 use std::os::fd::RawFd;
 use std::sync::atomic::{AtomicU32, Ordering};
 
+use event_manager::EventSet;
 use virtio_queue::Queue;
 use vm_memory::GuestMemoryMmap;
 use vmm_sys_util::eventfd::EventFd;
@@ -114,6 +116,30 @@ pub enum ActivateError {
     Backend(String),
 }
 
+/// A file descriptor a device wants the event loop to watch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EventSource {
+    /// The descriptor.
+    pub fd: RawFd,
+    /// Passed back to [`VirtioDevice::handle_event`].
+    pub token: u32,
+    /// What to wait for, and how: level-triggered readability for eventfds and timers; a device
+    /// that drains a source itself until `EAGAIN` (a tap) may ask for edge-triggered events so the
+    /// loop does not wake it again for data it has chosen to leave unread.
+    pub events: EventSet,
+}
+
+impl EventSource {
+    /// Level-triggered readability: the loop calls the device for as long as `fd` is readable.
+    pub fn readable(fd: RawFd, token: u32) -> Self {
+        EventSource {
+            fd,
+            token,
+            events: EventSet::IN,
+        }
+    }
+}
+
 /// A virtio device behind a transport.
 ///
 /// The transport calls everything here with the device's lock held: register accesses come from
@@ -148,8 +174,8 @@ pub trait VirtioDevice: Send {
     fn resume(&mut self);
     /// Every file descriptor the event loop should watch for this device, each with a token that
     /// is passed back to [`VirtioDevice::handle_event`]. Queue eventfds use their queue index.
-    fn event_sources(&self) -> Vec<(RawFd, u32)>;
-    /// Called when the source with `token` is readable. Called even before activation (a hostile
+    fn event_sources(&self) -> Vec<EventSource>;
+    /// Called when the source with `token` is ready. Called even before activation (a hostile
     /// driver may notify early): the device must then just consume the event.
     fn handle_event(&mut self, token: u32);
 }

@@ -27,9 +27,12 @@ pub const F_INDIRECT: u16 = 4;
 pub const MEM_SIZE: usize = 16 << 20;
 /// Where tests may put data buffers.
 pub const DATA_START: u64 = 0x10_0000;
+/// Queue `q`'s rings live at these offsets plus `q * QUEUE_STRIDE` (up to 15 queues fit below
+/// [`DATA_START`]).
 const DESC_ADDR: u64 = 0x1000;
 const AVAIL_ADDR: u64 = 0x8000;
 const USED_ADDR: u64 = 0x9000;
+const QUEUE_STRIDE: u64 = 0x1_0000;
 
 /// One descriptor as the test writes it.
 #[derive(Debug, Clone, Copy)]
@@ -57,7 +60,23 @@ impl Desc {
     }
 }
 
-/// A guest driver for one single-queue-or-more device behind an [`MmioTransport`].
+/// The driver's side of one virtqueue.
+#[derive(Debug, Default, Clone, Copy)]
+struct DriverQueue {
+    size: u16,
+    next_desc: u16,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    fn base(q: u16) -> u64 {
+        u64::from(q) * QUEUE_STRIDE
+    }
+}
+
+/// A guest driver for a device with one or more queues behind an [`MmioTransport`]. The methods
+/// without a queue argument act on queue 0.
 pub struct TestDriver<D: VirtioDevice> {
     /// The device under test, behind its transport.
     pub transport: MmioTransport<D>,
@@ -65,10 +84,7 @@ pub struct TestDriver<D: VirtioDevice> {
     pub mem: GuestMemoryMmap,
     /// The irqfd the device signals.
     pub irq: EventFd,
-    queue_size: u16,
-    next_desc: u16,
-    avail_idx: u16,
-    used_seen: u16,
+    queues: Vec<DriverQueue>,
 }
 
 impl<D: VirtioDevice> TestDriver<D> {
@@ -77,14 +93,12 @@ impl<D: VirtioDevice> TestDriver<D> {
         let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).expect("guest memory");
         let irq = EventFd::new(EFD_NONBLOCK).expect("eventfd");
         let interrupt = Arc::new(Interrupt::new(irq.try_clone().expect("eventfd clone")));
+        let queues = vec![DriverQueue::default(); device.queue_max_sizes().len()];
         TestDriver {
             transport: MmioTransport::new(device, mem.clone(), interrupt),
             mem,
             irq,
-            queue_size: 0,
-            next_desc: 0,
-            avail_idx: 0,
-            used_seen: 0,
+            queues,
         }
     }
 
@@ -109,8 +123,8 @@ impl<D: VirtioDevice> TestDriver<D> {
         u64::from(low) | (u64::from(high) << 32)
     }
 
-    /// Runs the initialisation sequence accepting `features`, with queue 0 of `queue_size` entries.
-    /// Returns the device status afterwards.
+    /// Runs the initialisation sequence accepting `features`, with every queue of `queue_size`
+    /// entries. Returns the device status afterwards.
     pub fn init(&mut self, features: u64, queue_size: u16) -> u32 {
         self.write_reg(0x70, 0);
         self.write_reg(0x70, VIRTIO_CONFIG_S_ACKNOWLEDGE);
@@ -124,35 +138,48 @@ impl<D: VirtioDevice> TestDriver<D> {
         if self.read_reg(0x70) & VIRTIO_CONFIG_S_FEATURES_OK == 0 {
             return self.read_reg(0x70);
         }
-        self.setup_queue(queue_size);
+        for q in 0..self.queues.len() as u16 {
+            self.setup_queue(q, queue_size);
+        }
         self.write_reg(0x70, s | VIRTIO_CONFIG_S_DRIVER_OK);
         self.read_reg(0x70)
     }
 
-    fn setup_queue(&mut self, size: u16) {
-        self.queue_size = size;
-        self.next_desc = 0;
-        self.avail_idx = 0;
-        self.used_seen = 0;
+    fn setup_queue(&mut self, q: u16, size: u16) {
+        self.queues[usize::from(q)] = DriverQueue {
+            size,
+            ..DriverQueue::default()
+        };
+        let base = DriverQueue::base(q);
         // Clean rings, as a freshly allocated driver ring would be.
         let zeroes = vec![0u8; (USED_ADDR + 0x1000 - DESC_ADDR) as usize];
         self.mem
-            .write_slice(&zeroes, GuestAddress(DESC_ADDR))
+            .write_slice(&zeroes, GuestAddress(base + DESC_ADDR))
             .expect("ring memory");
-        self.write_reg(0x30, 0);
+        let reg64 = |d: &mut Self, low: u64, addr: u64| {
+            d.write_reg(low, addr as u32);
+            d.write_reg(low + 4, (addr >> 32) as u32);
+        };
+        self.write_reg(0x30, u32::from(q));
         self.write_reg(0x38, u32::from(size));
-        self.write_reg(0x80, DESC_ADDR as u32);
-        self.write_reg(0x84, 0);
-        self.write_reg(0x90, AVAIL_ADDR as u32);
-        self.write_reg(0x94, 0);
-        self.write_reg(0xa0, USED_ADDR as u32);
-        self.write_reg(0xa4, 0);
+        reg64(self, 0x80, base + DESC_ADDR);
+        reg64(self, 0x90, base + AVAIL_ADDR);
+        reg64(self, 0xa0, base + USED_ADDR);
         self.write_reg(0x44, 1);
     }
 
-    /// Writes one raw descriptor at `index` of the descriptor table.
+    fn queue(&self, q: u16) -> DriverQueue {
+        self.queues[usize::from(q)]
+    }
+
+    /// Writes one raw descriptor at `index` of queue 0's descriptor table.
     pub fn write_desc(&self, index: u16, desc: Desc, next: u16) {
-        let addr = GuestAddress(DESC_ADDR + 16 * u64::from(index));
+        self.write_desc_to(0, index, desc, next);
+    }
+
+    /// Writes one raw descriptor at `index` of queue `q`'s descriptor table.
+    pub fn write_desc_to(&self, q: u16, index: u16, desc: Desc, next: u16) {
+        let addr = GuestAddress(DriverQueue::base(q) + DESC_ADDR + 16 * u64::from(index));
         let mut raw = [0u8; 16];
         raw[0..8].copy_from_slice(&desc.addr.to_le_bytes());
         raw[8..12].copy_from_slice(&desc.len.to_le_bytes());
@@ -161,60 +188,106 @@ impl<D: VirtioDevice> TestDriver<D> {
         self.mem.write_slice(&raw, addr).expect("descriptor table");
     }
 
-    /// Writes `descs` as one chain into free table slots and makes it available. Returns its head.
+    /// Writes `descs` as one chain into free table slots of queue 0 and makes it available.
+    /// Returns its head.
     pub fn add_chain(&mut self, descs: &[Desc]) -> u16 {
-        let size = self.queue_size;
-        let head = self.next_desc % size;
+        self.add_chain_to(0, descs)
+    }
+
+    /// [`TestDriver::add_chain`] on queue `q`.
+    pub fn add_chain_to(&mut self, q: u16, descs: &[Desc]) -> u16 {
+        let dq = self.queue(q);
+        let size = dq.size;
+        let head = dq.next_desc % size;
         for (i, d) in descs.iter().enumerate() {
-            let index = (self.next_desc + i as u16) % size;
+            let index = (dq.next_desc + i as u16) % size;
             let next = (index + 1) % size;
             let mut d = *d;
             if i + 1 < descs.len() {
                 d.flags |= F_NEXT;
             }
-            self.write_desc(index, d, next);
+            self.write_desc_to(q, index, d, next);
         }
-        self.next_desc = self.next_desc.wrapping_add(descs.len().max(1) as u16);
-        self.publish(head);
+        self.queues[usize::from(q)].next_desc = dq.next_desc.wrapping_add(descs.len().max(1) as u16);
+        self.publish_to(q, head);
         head
     }
 
-    /// Puts `head` on the available ring (for hand-built, possibly malformed, chains).
+    /// Puts `head` on queue 0's available ring (for hand-built, possibly malformed, chains).
     pub fn publish(&mut self, head: u16) {
-        let slot = AVAIL_ADDR + 4 + 2 * u64::from(self.avail_idx % self.queue_size);
+        self.publish_to(0, head);
+    }
+
+    /// [`TestDriver::publish`] on queue `q`.
+    pub fn publish_to(&mut self, q: u16, head: u16) {
+        let dq = self.queue(q);
+        let avail = DriverQueue::base(q) + AVAIL_ADDR;
+        let slot = avail + 4 + 2 * u64::from(dq.avail_idx % dq.size);
         self.mem.write_obj(head, GuestAddress(slot)).expect("avail ring");
-        self.avail_idx = self.avail_idx.wrapping_add(1);
-        self.mem
-            .write_obj(self.avail_idx, GuestAddress(AVAIL_ADDR + 2))
-            .expect("avail idx");
+        self.set_avail_idx_of(q, dq.avail_idx.wrapping_add(1));
     }
 
-    /// Overwrites the available index (to test a driver that lies about it).
+    /// Overwrites queue 0's available index (to test a driver that lies about it).
     pub fn set_avail_idx(&mut self, idx: u16) {
-        self.avail_idx = idx;
+        self.set_avail_idx_of(0, idx);
+    }
+
+    /// [`TestDriver::set_avail_idx`] on queue `q`.
+    pub fn set_avail_idx_of(&mut self, q: u16, idx: u16) {
+        self.queues[usize::from(q)].avail_idx = idx;
+        let avail = DriverQueue::base(q) + AVAIL_ADDR;
         self.mem
-            .write_obj(idx, GuestAddress(AVAIL_ADDR + 2))
+            .write_obj(idx, GuestAddress(avail + 2))
             .expect("avail idx");
     }
 
-    /// Used entries `(head, len)` added since the last call.
+    /// Sets queue `q`'s `used_event` (VIRTIO_RING_F_EVENT_IDX): the driver wants an interrupt once
+    /// the device has used the entry with this index.
+    pub fn set_used_event(&mut self, q: u16, idx: u16) {
+        let dq = self.queue(q);
+        let addr = DriverQueue::base(q) + AVAIL_ADDR + 4 + 2 * u64::from(dq.size);
+        self.mem.write_obj(idx, GuestAddress(addr)).expect("used_event");
+    }
+
+    /// Queue `q`'s `avail_event` (VIRTIO_RING_F_EVENT_IDX): the device wants a notification once
+    /// the driver makes the entry with this index available.
+    pub fn avail_event(&self, q: u16) -> u16 {
+        let dq = self.queue(q);
+        let addr = DriverQueue::base(q) + USED_ADDR + 4 + 8 * u64::from(dq.size);
+        self.mem.read_obj(GuestAddress(addr)).expect("avail_event")
+    }
+
+    /// Used entries `(head, len)` of queue 0 added since the last call.
     pub fn take_used(&mut self) -> Vec<(u32, u32)> {
-        let used_idx: u16 = self.mem.read_obj(GuestAddress(USED_ADDR + 2)).expect("used idx");
+        self.take_used_from(0)
+    }
+
+    /// [`TestDriver::take_used`] on queue `q`.
+    pub fn take_used_from(&mut self, q: u16) -> Vec<(u32, u32)> {
+        let used = DriverQueue::base(q) + USED_ADDR;
+        let used_idx: u16 = self.mem.read_obj(GuestAddress(used + 2)).expect("used idx");
+        let dq = &mut self.queues[usize::from(q)];
         let mut out = Vec::new();
-        while self.used_seen != used_idx {
-            let slot = USED_ADDR + 4 + 8 * u64::from(self.used_seen % self.queue_size);
+        while dq.used_seen != used_idx {
+            let slot = used + 4 + 8 * u64::from(dq.used_seen % dq.size);
             let id: u32 = self.mem.read_obj(GuestAddress(slot)).expect("used elem");
             let len: u32 = self.mem.read_obj(GuestAddress(slot + 4)).expect("used elem");
             out.push((id, len));
-            self.used_seen = self.used_seen.wrapping_add(1);
+            dq.used_seen = dq.used_seen.wrapping_add(1);
         }
         out
     }
 
     /// Notifies queue 0 through the QueueNotify register and lets the device handle the event.
     pub fn kick(&mut self) {
-        self.write_reg(0x50, 0);
-        self.transport.device_mut().handle_event(0);
+        self.kick_queue(0);
+    }
+
+    /// Notifies queue `q` through the QueueNotify register and lets the device handle the event
+    /// (queue eventfds use their queue index as token).
+    pub fn kick_queue(&mut self, q: u16) {
+        self.write_reg(0x50, u32::from(q));
+        self.transport.device_mut().handle_event(u32::from(q));
     }
 
     /// Writes `data` at guest address `addr`.

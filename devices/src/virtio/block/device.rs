@@ -1,6 +1,6 @@
 //! The virtio-blk device: queue processing, completions, and rate limiting.
 
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::AsRawFd;
 use std::sync::Arc;
 
 use virtio_bindings::virtio_blk::{
@@ -18,7 +18,7 @@ use super::metrics::BlockMetrics;
 use super::request::{self, DiskLimits, Request, RequestError, RequestKind, ID_BYTES, STATUS_IOERR};
 use crate::rate_limiter::{RateLimiter, RateLimiterError, TokenType};
 use crate::virtio::{
-    drain_eventfd, feature, ActivateError, Activation, Interrupt, VirtioDevice, TYPE_BLOCK,
+    drain_eventfd, feature, ActivateError, Activation, EventSource, Interrupt, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
 };
 use vmm_api::rate_limiter::RateLimiterConfig;
@@ -574,12 +574,15 @@ impl VirtioDevice for Block {
         self.process_queue();
     }
 
-    fn event_sources(&self) -> Vec<(RawFd, u32)> {
-        let mut sources = vec![(self.queue_evts[0].as_raw_fd(), TOKEN_QUEUE)];
+    fn event_sources(&self) -> Vec<EventSource> {
+        let mut sources = vec![EventSource::readable(self.queue_evts[0].as_raw_fd(), TOKEN_QUEUE)];
         if let Some(fd) = self.engine.completion_fd() {
-            sources.push((fd, TOKEN_COMPLETION));
+            sources.push(EventSource::readable(fd, TOKEN_COMPLETION));
         }
-        sources.push((self.rate_limiter.as_raw_fd(), TOKEN_RATE_LIMITER));
+        sources.push(EventSource::readable(
+            self.rate_limiter.as_raw_fd(),
+            TOKEN_RATE_LIMITER,
+        ));
         sources
     }
 

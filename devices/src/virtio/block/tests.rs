@@ -105,8 +105,8 @@ impl Rig {
             .device()
             .event_sources()
             .into_iter()
-            .find(|&(_, token)| token == 1)
-            .map(|(fd, _)| fd)
+            .find(|s| s.token == 1)
+            .map(|s| s.fd)
     }
 
     fn status(&self) -> u8 {
@@ -703,9 +703,9 @@ fn rate_limiter_holds_requests_until_its_timer_fires() {
         .device()
         .event_sources()
         .into_iter()
-        .find(|&(_, t)| t == 2)
+        .find(|s| s.token == 2)
         .unwrap()
-        .0;
+        .fd;
     while used.len() < 3 {
         assert!(readable_within(timer, 5000), "rate limiter timer never fired");
         r.driver.transport.device_mut().handle_event(2);
