@@ -68,6 +68,17 @@ pub enum Request {
         /// The new limits; an absent or all-zero bucket removes that limit.
         rate_limiter: RateLimiterConfig,
     },
+    /// Replaces a NIC's rate limits while it runs; an absent direction keeps its limits.
+    UpdateNetRateLimiters {
+        /// The NIC's id.
+        net: String,
+        /// New limits for frames to the guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        rx_rate_limiter: Option<RateLimiterConfig>,
+        /// New limits for frames from the guest.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        tx_rate_limiter: Option<RateLimiterConfig>,
+    },
     /// Sets the VM's configuration (a VMM started without one, before `start`). May be repeated
     /// until `start`; the last one counts.
     Configure(VmConfig),
@@ -261,6 +272,34 @@ pub struct VmMetrics {
     pub vcpu_exits: BTreeMap<String, u64>,
     /// One entry per drive, in guest order.
     pub drives: Vec<DriveMetrics>,
+    /// One entry per NIC, in guest order.
+    #[serde(default)]
+    pub nets: Vec<NetMetrics>,
+}
+
+/// Counters of one NIC ("rx": to the guest, "tx": from the guest).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetMetrics {
+    /// The NIC's id.
+    pub id: String,
+    /// Frames delivered to the guest.
+    pub rx_frames: u64,
+    /// Bytes delivered to the guest (virtio-net headers excluded).
+    pub rx_bytes: u64,
+    /// Frames sent by the guest.
+    pub tx_frames: u64,
+    /// Bytes sent by the guest (virtio-net headers excluded).
+    pub tx_bytes: u64,
+    /// Frames dropped either way: too large, offloads the guest refused, malformed chains, tap
+    /// errors.
+    pub dropped: u64,
+    /// Times the guest had no receive buffers when a frame arrived.
+    pub rx_no_buffers: u64,
+    /// Times a rate limiter held frames back, either way.
+    pub throttled: u64,
+    /// Interrupts raised.
+    pub interrupts: u64,
 }
 
 /// Counters of one drive.

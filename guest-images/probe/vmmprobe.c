@@ -957,6 +957,7 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "blk-load",	act_blk_load, 5, 6, "blk-load:DEV:MODE:BS:QD:SECONDS[:SPAN]" },
 	{ "blk-root",	act_blk_root, 1, 1, "blk-root:PATH" },
 	{ "net-info",	act_net_info, 0, 0, "net-info" },
+	{ "net-addr",	act_net_addr, 3, 3, "net-addr:DEV:IP:PREFIXLEN" },
 	{ "net-echo",	act_net_echo, 1, 1, "net-echo:PORT" },
 	{ "net-udp-echo", act_net_udp_echo, 1, 1, "net-udp-echo:PORT" },
 	{ "net-send",	act_net_send, 3, 4, "net-send:IP:PORT:BYTES[:STREAMS]" },

@@ -71,6 +71,7 @@ static inline const char *crc_str(char buf[9], u32 crc, int result)
 
 /* Network actions (vmmprobe_net.c). */
 void act_net_info(int argc, char **argv);
+void act_net_addr(int argc, char **argv);
 void act_net_echo(int argc, char **argv);
 void act_net_udp_echo(int argc, char **argv);
 void act_net_send(int argc, char **argv);

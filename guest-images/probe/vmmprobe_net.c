@@ -55,6 +55,44 @@ void act_net_info(int argc, char **argv)
 	rtnl_unlock();
 }
 
+/* Brings @name up and gives it @ip/@prefix, like "ip addr add" and "ip link set up". */
+static int net_set_addr(const char *name, __be32 ip, unsigned int prefix)
+{
+	struct ifreq ifr = { };
+	struct sockaddr_in *sin = (struct sockaddr_in *)&ifr.ifr_addr;
+	struct net_device *dev;
+	int err;
+
+	rtnl_lock();
+	dev = __dev_get_by_name(&init_net, name);
+	err = dev ? dev_change_flags(dev, dev->flags | IFF_UP, NULL) : -ENODEV;
+	rtnl_unlock();
+	if (err)
+		return err;
+	strscpy(ifr.ifr_name, name, IFNAMSIZ);
+	sin->sin_family = AF_INET;
+	sin->sin_addr.s_addr = ip;
+	err = devinet_ioctl(&init_net, SIOCSIFADDR, &ifr);
+	if (err)
+		return err;
+	sin->sin_addr.s_addr = prefix ? htonl(~0U << (32 - prefix)) : 0;
+	return devinet_ioctl(&init_net, SIOCSIFNETMASK, &ifr);
+}
+
+void act_net_addr(int argc, char **argv)
+{
+	unsigned int prefix;
+	__be32 ip;
+
+	if (!in4_pton(argv[2], -1, (u8 *)&ip, -1, NULL) || kstrtouint(argv[3], 10, &prefix) ||
+	    prefix > 32 || strlen(argv[1]) >= IFNAMSIZ) {
+		probe_print("vmmprobe: bad action arguments: %s:%s:%s", argv[1], argv[2], argv[3]);
+		return;
+	}
+	probe_print("vmmprobe: net-addr dev=%s ip=%pI4/%u result=%d", argv[1], &ip, prefix,
+		    net_set_addr(argv[1], ip, prefix));
+}
+
 static int parse_port(const char *s, u16 *port)
 {
 	return kstrtou16(s, 10, port) || !*port ? -EINVAL : 0;

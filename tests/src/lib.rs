@@ -44,11 +44,13 @@ mod smaps;
 mod temp_dir;
 
 pub use control_client::ControlClient;
-pub use crc32::crc32;
+pub use crc32::{crc32, Crc32};
 pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
 pub use images::{workspace_root, GuestImages};
 pub use netns::NetNs;
 pub use output::{Line, LineHook, Stream};
-pub use probe::{parse_probe_facts, probe_cmdline, ProbeFacts};
+pub use probe::{
+    find_probe_fields, parse_probe_facts, probe_cmdline, probe_fields, ProbeFacts, ProbePattern,
+};
 pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};
 pub use temp_dir::TempDir;

@@ -1,11 +1,77 @@
 //! Talking to the in-kernel guest probe: its command line and the facts it prints.
 
+use std::collections::HashMap;
+
 /// The guest kernel command line that runs the probe with `actions` (e.g. `"poweroff"`):
 /// `console=ttyS0 quiet pci=off vmmprobe.action=<actions>`. `pci=off` because the guest kernel has
 /// PCI only for ACPI's sake and the VMM has no PCI bus to probe. The vmm appends host-specific
 /// workaround arguments itself.
 pub fn probe_cmdline(actions: &str) -> String {
     format!("console=ttyS0 quiet pci=off vmmprobe.action={actions}")
+}
+
+/// The `key=value` fields of the first probe line containing `vmmprobe: <prefix>` (e.g.
+/// `"blk-write dev=vdb"`), or `None` if there is none.
+pub fn find_probe_fields(stdout: &str, prefix: &str) -> Option<HashMap<String, String>> {
+    let marker = format!("vmmprobe: {prefix}");
+    let line = stdout.lines().find(|l| l.contains(&marker))?;
+    Some(
+        line.split_whitespace()
+            .filter_map(|w| w.split_once('='))
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect(),
+    )
+}
+
+/// Like [`find_probe_fields`], for a line that must be there: panics with the output otherwise.
+pub fn probe_fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
+    find_probe_fields(stdout, prefix)
+        .unwrap_or_else(|| panic!("no probe line \"vmmprobe: {prefix}\" in:\n{stdout}"))
+}
+
+/// The probe's data pattern (blk-write, net-send; guest-images/README.md): xorshift64 (13, 7, 17)
+/// from `(seed << 32) | 0x9e3779b9`, each 64-bit state stored little-endian, as a stream.
+#[derive(Debug, Clone)]
+pub struct ProbePattern {
+    state: u64,
+    /// The last step's bytes not handed out yet.
+    pending: [u8; 8],
+    used: usize,
+}
+
+impl ProbePattern {
+    /// The stream for `seed`.
+    pub fn new(seed: u32) -> Self {
+        ProbePattern {
+            state: (u64::from(seed) << 32) | 0x9e37_79b9,
+            pending: [0; 8],
+            used: 8,
+        }
+    }
+
+    /// Fills `buf` with the next bytes of the stream.
+    pub fn fill(&mut self, buf: &mut [u8]) {
+        for b in buf {
+            if self.used == 8 {
+                let mut x = self.state;
+                x ^= x << 13;
+                x ^= x >> 7;
+                x ^= x << 17;
+                self.state = x;
+                self.pending = x.to_le_bytes();
+                self.used = 0;
+            }
+            *b = self.pending[self.used];
+            self.used += 1;
+        }
+    }
+
+    /// The first `len` bytes of the stream for `seed`.
+    pub fn bytes(seed: u32, len: usize) -> Vec<u8> {
+        let mut out = vec![0u8; len];
+        ProbePattern::new(seed).fill(&mut out);
+        out
+    }
 }
 
 /// Facts the guest probe reported on the console; `None` for a fact it did not print.

@@ -12,7 +12,10 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use harness::{crc32, probe_cmdline, require_kvm, vmm_binary, GuestBuilder, GuestImages, TempDir};
+use harness::{
+    crc32, probe_cmdline, probe_fields, require_kvm, vmm_binary, GuestBuilder, GuestImages, ProbePattern,
+    TempDir,
+};
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 
@@ -24,32 +27,6 @@ fn image(dir: &TempDir, name: &str, len: usize) -> PathBuf {
     f.write_all(&data).expect("write image");
     f.sync_all().expect("sync image");
     path
-}
-
-/// The probe's write pattern (guest-images/README.md): xorshift64 from `(seed << 32) | 0x9e3779b9`.
-fn pattern(seed: u32, len: usize) -> Vec<u8> {
-    let mut x = (u64::from(seed) << 32) | 0x9e37_79b9;
-    let mut out = Vec::with_capacity(len);
-    for _ in 0..len / 8 {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        out.extend_from_slice(&x.to_le_bytes());
-    }
-    out
-}
-
-/// The `key=value` fields of the first probe line starting with `prefix` (e.g. `"blk-write dev=vdb"`).
-fn probe_fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
-    let marker = format!("vmmprobe: {prefix}");
-    let line = stdout
-        .lines()
-        .find(|l| l.contains(&marker))
-        .unwrap_or_else(|| panic!("no probe line {marker:?} in:\n{stdout}"));
-    line.split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }
 
 fn read_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
@@ -144,7 +121,7 @@ fn block_suite(engine: &str, cache: &str) {
     assert_eq!(read_range(&data, 1 << 20, 4096), vec![0u8; 4096]);
     let written = probe_fields(&stdout, "blk-write dev=vdb");
     assert_eq!(written["result"], "0");
-    let expected = pattern(7, 64 << 10);
+    let expected = ProbePattern::bytes(7, 64 << 10);
     assert!(
         read_range(&data, 0, 64 << 10) == expected,
         "flushed pattern missing after SIGKILL"

@@ -327,3 +327,49 @@ fn an_empty_vmm_is_configured_given_descriptors_and_started_over_its_socket() {
     assert!(status.success(), "{}", guest.stderr_text());
     assert!(!sock.exists());
 }
+
+#[test]
+fn a_guest_panic_is_announced_to_clients_before_the_exit() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let dir = TempDir::new("vmm-lifecycle-panic").unwrap();
+    let sock = dir.path().join("api.sock");
+    let mut cmd = Command::new(vmm_binary());
+    cmd.arg("--api-sock").arg(&sock);
+    let mut guest = Guest::spawn_command(cmd, None).unwrap();
+    ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    // Started over the socket so that the client is there before anything happens.
+    let configure = serde_json::json!({"id": 1, "request": {"configure": {
+        "boot": {"kernel": images.vmlinux, "cmdline": probe_cmdline("panic")},
+    }}})
+    .to_string();
+    assert_eq!(c.ok(&configure).unwrap(), Response::Configured);
+    assert_eq!(
+        c.ok(r#"{"id": 2, "request": "start"}"#).unwrap(),
+        Response::Started
+    );
+    let mut seen = Vec::new();
+    loop {
+        let event = c.next_event().unwrap();
+        let last = matches!(event, Event::Exit { .. });
+        seen.push(event);
+        if last {
+            break;
+        }
+    }
+    let panic_at = seen.iter().position(|e| *e == Event::GuestPanic);
+    assert!(panic_at.is_some(), "{seen:?}");
+    assert_eq!(
+        seen.last(),
+        Some(&Event::Exit {
+            reason: "guest kernel panicked".into(),
+            code: 2
+        })
+    );
+    assert!(seen.contains(&Event::StateChanged {
+        state: VmState::Running
+    }));
+    let status = guest.wait_exit(Duration::from_secs(120)).unwrap();
+    assert_eq!(status.code(), Some(2), "{}", guest.stderr_text());
+}

@@ -15,7 +15,7 @@ use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
 use crate::device_manager::{self, DeviceError, PassedFds};
 use crate::exit::ExitEvents;
-use crate::machine::Machine;
+use crate::machine::{Machine, MachineDevices};
 use crate::seccomp::{SeccompError, SeccompFilter, SeccompMode, ThreadCategory};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
@@ -238,6 +238,9 @@ pub fn build_vm(
     for block in &devices.blocks {
         event_manager.add_subscriber(block.clone());
     }
+    for net in &devices.nets {
+        event_manager.add_subscriber(net.clone());
+    }
 
     let ctx = ExitContext {
         pio: devices.pio,
@@ -257,12 +260,16 @@ pub fn build_vm(
         vcpu_set.started(index, thread);
     }
     // The VM fd must stay open for as long as the vCPUs run; the machine keeps it.
+    let handles = MachineDevices {
+        blocks: devices.blocks,
+        nets: devices.nets,
+        keyboard: devices.keyboard,
+    };
     Ok(Machine::new(
         config.clone(),
         vm,
         vcpu_set,
-        devices.blocks,
-        devices.keyboard,
+        handles,
         Arc::clone(&events.exits),
     ))
 }

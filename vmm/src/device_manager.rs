@@ -12,11 +12,12 @@ use devices::legacy::{AcpiPowerManagement, BootTimer, CmosRtc, PvPanic, SerialCo
 use devices::rate_limiter::{RateLimiter, RateLimiterError};
 use devices::virtio::block::{Block, BlockError, BlockSpec, DiskImage, EngineKind};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
+use devices::virtio::net::{Net, NetError, NetSpec, Tap, TapError};
 use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{EventSignal, IrqLine};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_api::{CacheMode, DriveConfig, IoEngine, NetConfig};
+use vmm_api::{CacheMode, DriveConfig, IoEngine, NetConfig, RateLimiterConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::VirtioMmioDevice;
@@ -38,9 +39,14 @@ pub enum DeviceError {
     /// Two devices claim the same addresses.
     #[error("device layout: {0}")]
     Bus(#[from] BusError),
-    /// The configuration asks for NICs, which this build cannot provide yet.
-    #[error("nets: virtio-net is not available in this build")]
-    NetsUnsupported,
+    /// A NIC could not be set up.
+    #[error("NIC {id}: {source}")]
+    Net {
+        /// The NIC.
+        id: String,
+        /// Why.
+        source: NicError,
+    },
     /// More virtio devices than interrupt lines.
     #[error("too many virtio devices: at most {0}")]
     TooManyVirtioDevices(usize),
@@ -68,6 +74,26 @@ pub enum DriveError {
     RateLimiter(#[from] RateLimiterError),
 }
 
+/// Why one NIC could not be set up.
+#[derive(Debug, thiserror::Error)]
+pub enum NicError {
+    /// The tap could not be opened or is not usable.
+    #[error(transparent)]
+    Tap(#[from] TapError),
+    /// The device refused its configuration.
+    #[error(transparent)]
+    Device(#[from] NetError),
+    /// A rate limiter could not be created.
+    #[error("rate limiter: {0}")]
+    RateLimiter(#[from] RateLimiterError),
+    /// The NIC names a file descriptor nobody passed.
+    #[error("no file descriptor named {0:?} was passed (add-fds)")]
+    MissingFd(String),
+}
+
+/// A virtio-net NIC as the rest of the VMM holds it.
+pub type NetHandle = Arc<Mutex<MmioTransport<Net>>>;
+
 /// A virtio-blk drive as the rest of the VMM holds it.
 pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 
@@ -85,6 +111,8 @@ pub struct Devices {
     pub mmio: Arc<Bus>,
     /// The drives, in guest order (`/dev/vda` first).
     pub blocks: Vec<BlockHandle>,
+    /// The NICs, in guest order (`eth0` first).
+    pub nets: Vec<NetHandle>,
     /// The keyboard controller.
     pub keyboard: KeyboardHandle,
     /// The virtio-mmio devices, for the ACPI tables.
@@ -167,9 +195,6 @@ pub fn create_devices(
     nets: &[NetConfig],
     fds: &mut PassedFds,
 ) -> Result<Devices, DeviceError> {
-    if !nets.is_empty() {
-        return Err(DeviceError::NetsUnsupported);
-    }
     let (pio, keyboard) = legacy_devices(ctx, serial)?;
     let mut virtio = VirtioSlots::new();
     let mut blocks = Vec::with_capacity(drives.len());
@@ -185,6 +210,14 @@ pub fn create_devices(
         })?;
         blocks.push(virtio.attach(ctx, block)?);
     }
+    let mut nics = Vec::with_capacity(nets.len());
+    for net in nets {
+        let nic = create_net(net, fds).map_err(|source| DeviceError::Net {
+            id: net.id.clone(),
+            source,
+        })?;
+        nics.push(virtio.attach(ctx, nic)?);
+    }
     let mut cmdline_args = Vec::new();
     if let Some(root) = drives.iter().find(|d| d.root) {
         cmdline_args.push("root=/dev/vda".into());
@@ -194,6 +227,7 @@ pub fn create_devices(
         pio: Arc::new(pio),
         mmio: Arc::new(virtio.bus),
         blocks,
+        nets: nics,
         keyboard,
         virtio: virtio.described,
         cmdline_args,
@@ -227,6 +261,30 @@ fn create_block(drive: &DriveConfig, fds: &mut PassedFds) -> Result<Block, Drive
         rate_limiter,
     })?;
     Ok(block)
+}
+
+fn create_net(net: &NetConfig, fds: &mut PassedFds) -> Result<Net, NicError> {
+    let tap = match (&net.fd, &net.tap) {
+        (Some(name), _) => {
+            let fd = fds
+                .remove(name)
+                .ok_or_else(|| NicError::MissingFd(name.clone()))?;
+            Tap::from_fd(fd)?
+        }
+        // Validation guarantees one of the two.
+        (None, tap) => Tap::open(tap.as_deref().unwrap_or_default())?,
+    };
+    let limiter = |limits: &Option<RateLimiterConfig>| match limits {
+        Some(limits) => RateLimiter::new(limits),
+        None => RateLimiter::unlimited(),
+    };
+    Ok(Net::new(NetSpec {
+        id: net.id.clone(),
+        tap: Box::new(tap),
+        mac: net.mac().0,
+        rx_rate_limiter: limiter(&net.rx_rate_limiter)?,
+        tx_rate_limiter: limiter(&net.tx_rate_limiter)?,
+    })?)
 }
 
 /// Hands out MMIO windows and interrupt lines to virtio devices.

@@ -1,16 +1,16 @@
 //! A built VM and what can be done to it while it lives: pause, resume, graceful shutdown, rate
 //! limits, counters. The main thread owns it; vCPU threads are driven through [`VcpuSet`].
 
-use std::sync::{Arc, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use devices::virtio::block::Block;
 use devices::virtio::mmio::MmioTransport;
+use devices::virtio::VirtioDevice;
 use kvm_ioctls::VmFd;
-use vmm_api::control::{DriveMetrics, VmState};
+use vmm_api::control::{DriveMetrics, NetMetrics, VmState};
 use vmm_api::{RateLimiterConfig, VmConfig};
 
-use crate::device_manager::{BlockHandle, KeyboardHandle};
+use crate::device_manager::{BlockHandle, KeyboardHandle, NetHandle};
 use crate::exit::ExitEvents;
 use crate::vstate::vcpu_control::{VcpuCommand, VcpuControlError, VcpuSet};
 
@@ -23,10 +23,13 @@ pub enum MachineError {
     /// No drive has that id.
     #[error("no drive {0:?}")]
     NoSuchDrive(String),
+    /// No NIC has that id.
+    #[error("no NIC {0:?}")]
+    NoSuchNet(String),
     /// The new limits are invalid.
-    #[error("drive {drive}: {source}")]
+    #[error("{drive}: {source}")]
     RateLimiter {
-        /// The drive.
+        /// The drive or NIC.
         drive: String,
         /// Why.
         source: devices::rate_limiter::RateLimiterError,
@@ -43,6 +46,16 @@ pub struct ShutdownStarted {
     pub keyboard: bool,
 }
 
+/// The devices a running VM is driven through.
+pub struct MachineDevices {
+    /// The drives, in guest order.
+    pub blocks: Vec<BlockHandle>,
+    /// The NICs, in guest order.
+    pub nets: Vec<NetHandle>,
+    /// The keyboard controller (graceful shutdown).
+    pub keyboard: KeyboardHandle,
+}
+
 /// A VM whose devices and vCPU threads exist.
 pub struct Machine {
     config: VmConfig,
@@ -50,6 +63,7 @@ pub struct Machine {
     _vm: VmFd,
     vcpus: VcpuSet,
     blocks: Vec<BlockHandle>,
+    nets: Vec<NetHandle>,
     keyboard: KeyboardHandle,
     exits: Arc<ExitEvents>,
     state: VmState,
@@ -63,16 +77,16 @@ impl Machine {
         config: VmConfig,
         vm: VmFd,
         vcpus: VcpuSet,
-        blocks: Vec<BlockHandle>,
-        keyboard: KeyboardHandle,
+        devices: MachineDevices,
         exits: Arc<ExitEvents>,
     ) -> Self {
         Machine {
             config,
             _vm: vm,
             vcpus,
-            blocks,
-            keyboard,
+            blocks: devices.blocks,
+            nets: devices.nets,
+            keyboard: devices.keyboard,
             exits,
             state: VmState::Paused,
             started_at: None,
@@ -106,9 +120,7 @@ impl Machine {
             }
             return Err(e.into());
         }
-        for block in &self.blocks {
-            lock(block).pause();
-        }
+        self.pause_devices();
         self.state = VmState::Paused;
         Ok(true)
     }
@@ -121,19 +133,29 @@ impl Machine {
         for block in &self.blocks {
             lock(block).resume();
         }
+        for net in &self.nets {
+            lock(net).resume();
+        }
         if let Err(e) = self.vcpus.command(VcpuCommand::Resume) {
             // Leave it paused: the devices stop again so that nothing moves without the vCPUs.
             if let Err(again) = self.vcpus.command(VcpuCommand::Pause) {
                 log::error!("resume failed ({e}), and pausing again failed too: {again}");
             }
-            for block in &self.blocks {
-                lock(block).pause();
-            }
+            self.pause_devices();
             return Err(e.into());
         }
         self.started_at.get_or_insert_with(Instant::now);
         self.state = VmState::Running;
         Ok(true)
+    }
+
+    fn pause_devices(&self) {
+        for block in &self.blocks {
+            lock(block).pause();
+        }
+        for net in &self.nets {
+            lock(net).pause();
+        }
     }
 
     /// Types Ctrl-Alt-Del on the guest's keyboard (resuming a paused VM first, so that the guest
@@ -163,6 +185,49 @@ impl Machine {
                 drive: drive.to_string(),
                 source,
             })
+    }
+
+    /// Replaces a NIC's rate limits (a `None` direction keeps its limits).
+    pub fn update_net_rate_limiters(
+        &self,
+        net: &str,
+        rx: Option<&RateLimiterConfig>,
+        tx: Option<&RateLimiterConfig>,
+    ) -> Result<(), MachineError> {
+        let nic = self
+            .nets
+            .iter()
+            .find(|n| lock(n).device().id() == net)
+            .ok_or_else(|| MachineError::NoSuchNet(net.to_string()))?;
+        lock(nic)
+            .device_mut()
+            .update_rate_limiters(rx, tx)
+            .map_err(|source| MachineError::RateLimiter {
+                drive: net.to_string(),
+                source,
+            })
+    }
+
+    /// Counters of every NIC, in guest order.
+    pub fn net_metrics(&self) -> Vec<NetMetrics> {
+        self.nets
+            .iter()
+            .map(|n| {
+                let transport = lock(n);
+                let m = transport.device().metrics().snapshot();
+                NetMetrics {
+                    id: transport.device().id().to_string(),
+                    rx_frames: m.rx_frames,
+                    rx_bytes: m.rx_bytes,
+                    tx_frames: m.tx_frames,
+                    tx_bytes: m.tx_bytes,
+                    dropped: m.dropped(),
+                    rx_no_buffers: m.rx_no_buffers,
+                    throttled: m.throttled(),
+                    interrupts: m.interrupts,
+                }
+            })
+            .collect()
     }
 
     /// Counters of every drive, in guest order.
@@ -214,12 +279,31 @@ impl Machine {
         }
     }
 
+    /// Logs each NIC's counters (at `info`).
+    pub fn log_net_counters(&self) {
+        for m in self.net_metrics() {
+            log::info!(
+                "NIC {}: rx_frames={} rx_bytes={} tx_frames={} tx_bytes={} dropped={} rx_no_buffers={} \
+                 throttled={} interrupts={}",
+                m.id,
+                m.rx_frames,
+                m.rx_bytes,
+                m.tx_frames,
+                m.tx_bytes,
+                m.dropped,
+                m.rx_no_buffers,
+                m.throttled,
+                m.interrupts
+            );
+        }
+    }
+
     /// Time since the vCPUs first ran.
     pub fn running_for(&self) -> Option<Duration> {
         self.started_at.map(|t| t.elapsed())
     }
 }
 
-fn lock(block: &BlockHandle) -> MutexGuard<'_, MmioTransport<Block>> {
-    block.lock().unwrap_or_else(|p| p.into_inner())
+fn lock<D: VirtioDevice>(device: &Arc<Mutex<MmioTransport<D>>>) -> MutexGuard<'_, MmioTransport<D>> {
+    device.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -127,6 +127,17 @@ impl Runtime {
                 .machine()
                 .and_then(|m| m.update_rate_limiter(&drive, &rate_limiter).map_err(failure))
                 .map(|()| Response::RateLimiterUpdated)),
+            Request::UpdateNetRateLimiters {
+                net,
+                rx_rate_limiter,
+                tx_rate_limiter,
+            } => now(self
+                .machine()
+                .and_then(|m| {
+                    m.update_net_rate_limiters(&net, rx_rate_limiter.as_ref(), tx_rate_limiter.as_ref())
+                        .map_err(failure)
+                })
+                .map(|()| Response::RateLimiterUpdated)),
             Request::Configure(config) => now(self.configure(config)),
             Request::Start => match self.admit_start() {
                 Ok(()) => {
@@ -166,6 +177,7 @@ impl Runtime {
                 .live_machine()
                 .map(Machine::drive_metrics)
                 .unwrap_or_default(),
+            nets: self.live_machine().map(Machine::net_metrics).unwrap_or_default(),
         }
     }
 
@@ -310,7 +322,7 @@ fn wrong_state(state: VmState, why: &str) -> Failure {
 
 fn failure(e: MachineError) -> Failure {
     let kind = match &e {
-        MachineError::NoSuchDrive(_) => ErrorKind::NotFound,
+        MachineError::NoSuchDrive(_) | MachineError::NoSuchNet(_) => ErrorKind::NotFound,
         MachineError::RateLimiter { .. } => ErrorKind::InvalidArgument,
         MachineError::Vcpus(crate::vstate::vcpu_control::VcpuControlError::Exited(_)) => {
             ErrorKind::WrongState
@@ -422,6 +434,7 @@ pub fn run(
         if let Some(exit) = outcome {
             if let Some(machine) = lock(&runtime).live_machine() {
                 machine.log_device_counters();
+                machine.log_net_counters();
             }
             if let Some(server) = &server {
                 let mut server = lock(server);

@@ -24,8 +24,12 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
     r.allow(libc::SYS_read);
     // Signalling eventfds, control-socket answers, log lines and the exit line on stderr/stdout.
     r.allow(libc::SYS_write);
-    // Vectored writes to stdout/stderr by std's buffered writers; I/O workers' tap writes.
+    // Vectored writes to stdout/stderr by std's buffered writers; NICs' frames to their taps.
     r.allow(libc::SYS_writev);
+    // A NIC checking whether its full tap has room again (zero timeout).
+    r.allow(libc::SYS_poll);
+    // The same, where libc implements poll with ppoll.
+    r.allow(libc::SYS_ppoll);
     // std's vectored reads; I/O workers' tap reads (workers spawned later inherit this filter).
     r.allow(libc::SYS_readv);
     // Control socket: fds passed with SCM_RIGHTS, and std's socket reads.

@@ -258,6 +258,8 @@ pub(crate) mod ioctl {
     pub const FIONBIO: u64 = libc::FIONBIO;
     /// Set close-on-exec.
     pub const FIOCLEX: u64 = libc::FIOCLEX;
+    /// A tap's offloads, set when the guest's virtio-net driver starts (or resets) the device.
+    pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 }
 
 /// What every thread category needs, whatever its work: memory for the allocator (never

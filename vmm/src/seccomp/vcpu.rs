@@ -6,7 +6,9 @@
 //! timer signal eventfds; and a virtio status or reset write activates or resets a device, which
 //! for a block device processes its queue in place (io_uring submissions, or the synchronous
 //! engine's reads and writes), arms its rate limiter, and on reset waits for requests in flight.
-//! It opens nothing, creates no socket and no fd of any kind, and ioctls only `KVM_RUN`.
+//! A virtio-net status write sets the tap's offloads and may move frames (read, writev, a
+//! zero-timeout poll of the tap). It opens nothing, creates no socket and no fd of any kind, and
+//! ioctls only `KVM_RUN` and `TUNSETOFFLOAD`.
 
 use seccompiler::BackendError;
 
@@ -14,11 +16,22 @@ use super::{arg_in, base_rules, ioctl, Rules};
 
 pub(super) fn rules() -> Result<Rules, BackendError> {
     let mut r = base_rules()?;
-    // KVM_RUN on this thread's vCPU fd; nothing else (the vCPU was configured before).
-    r.allow_if(libc::SYS_ioctl, arg_in(1, &[ioctl::KVM_RUN])?);
+    // KVM_RUN on this thread's vCPU fd (the vCPU was configured before); a NIC's activation
+    // setting the offloads the guest accepted on its tap.
+    r.allow_if(
+        libc::SYS_ioctl,
+        arg_in(1, &[ioctl::KVM_RUN, ioctl::TUNSETOFFLOAD])?,
+    );
+    // NIC activation: frames the guest queued before DRIVER_OK go to the tap, one writev each.
+    r.allow(libc::SYS_writev);
+    // NIC activation: whether a full tap has room again (zero timeout).
+    r.allow(libc::SYS_poll);
+    // The same, where libc implements poll with ppoll.
+    r.allow(libc::SYS_ppoll);
     // Serial output (stdout or file), eventfd signals (irqs, exits, boot), log lines on stderr.
     r.allow(libc::SYS_write);
-    // Block device reset: consuming its io_uring completion eventfd.
+    // Block device reset: consuming its io_uring completion eventfd; NIC activation: frames from
+    // the tap.
     r.allow(libc::SYS_read);
     // Block device activate/reset (MMIO write): submitting queued requests, waiting for them.
     r.allow(libc::SYS_io_uring_enter);

@@ -32,11 +32,33 @@ fn in_netns(test: impl FnOnce() + Send + 'static) {
                 io::Error::last_os_error()
             );
         }
+        create_persistent_tap(NAME);
         test();
     });
     if let Err(panic) = handle.join() {
         std::panic::resume_unwind(panic);
     }
+}
+
+/// What an operator does before starting the VMM (`ip tuntap add`): the VMM only attaches.
+fn create_persistent_tap(name: &str) {
+    // SAFETY: a NUL-terminated path; the descriptor is owned below.
+    let fd = unsafe { libc::open(c"/dev/net/tun".as_ptr(), libc::O_RDWR | libc::O_CLOEXEC) };
+    check(fd, "open /dev/net/tun");
+    // SAFETY: `fd` was just opened and nothing else owns it.
+    let tun = unsafe { OwnedFd::from_raw_fd(fd) };
+    let mut ifr = ifreq_for(name);
+    ifr.ifr_ifru.ifru_flags = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IFF_VNET_HDR) as libc::c_short;
+    // SAFETY: TUNSETIFF reads and writes one ifreq on this stack frame.
+    check(
+        unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETIFF, &mut ifr) },
+        "TUNSETIFF",
+    );
+    // SAFETY: TUNSETPERSIST takes its argument by value.
+    check(
+        unsafe { libc::ioctl(tun.as_raw_fd(), libc::TUNSETPERSIST, 1 as libc::c_ulong) },
+        "TUNSETPERSIST",
+    );
 }
 
 fn check(ret: libc::c_int, what: &str) {
@@ -148,6 +170,11 @@ fn real_tap_ioctls_work() {
         match Tap::open(NAME) {
             Err(TapError::Busy(name)) => assert_eq!(name, NAME),
             other => panic!("expected Busy, got {other:?}"),
+        }
+        // A tap that does not exist is not created behind the operator's back.
+        match Tap::open("vmmnosuch0") {
+            Err(TapError::NoSuchInterface(name)) => assert_eq!(name, "vmmnosuch0"),
+            other => panic!("expected NoSuchInterface, got {other:?}"),
         }
         // An interface that is not a tap.
         match Tap::open("lo") {

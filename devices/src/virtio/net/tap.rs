@@ -30,6 +30,9 @@ pub enum TapError {
     /// The name is empty, too long for the kernel (`IFNAMSIZ` - 1 bytes), or has a NUL or `/`.
     #[error("tap name {0:?} is empty, longer than 15 bytes, or contains a NUL or '/'")]
     InvalidName(String),
+    /// No interface has that name (in this network namespace).
+    #[error("tap {0} does not exist (create it first, e.g. ip tuntap add dev {0} mode tap)")]
+    NoSuchInterface(String),
     /// `/dev/net/tun` does not exist.
     #[error("tap {0}: /dev/net/tun does not exist (is the tun module loaded?)")]
     NoTunDevice(String),
@@ -229,10 +232,16 @@ pub struct Tap {
 }
 
 impl Tap {
-    /// Opens (creating it if needed and allowed) the tap `name` with a virtio-net header and without
-    /// packet information, non-blocking. A name may use `%d` for the kernel to pick a number.
+    /// Attaches to the existing tap `name` with a virtio-net header and without packet information,
+    /// non-blocking. It never creates one: a tap the VMM made would vanish with it, unknown to
+    /// whoever set up the host's network, so a missing tap is an error.
     pub fn open(name: &str) -> Result<Tap, TapError> {
         let ifr_name = ifr_name(name)?;
+        let c_name = std::ffi::CString::new(name).map_err(|_| TapError::InvalidName(name.to_string()))?;
+        // SAFETY: if_nametoindex reads a NUL-terminated string that lives across the call.
+        if unsafe { libc::if_nametoindex(c_name.as_ptr()) } == 0 {
+            return Err(TapError::NoSuchInterface(name.to_string()));
+        }
         // SAFETY: a valid NUL-terminated path; the returned descriptor is checked and owned below.
         let fd = unsafe {
             libc::open(
