@@ -3,11 +3,13 @@
 //! command, waiting for the guest probe's `BOOT-COMPLETE`).
 
 mod args;
+mod cpu;
 mod json_report;
 mod stats;
 mod vmms;
 
 pub use args::{wants_help, Args};
+pub use cpu::{CpuMs, CpuTicks};
 pub use json_report::{host_json, unix_time, write_json};
 pub use stats::{cell, ratio, Summary};
 pub use vmms::{

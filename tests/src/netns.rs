@@ -78,7 +78,7 @@ impl NetNs {
     /// Runs `f` on a new thread that has joined the namespace, so its sockets live there.
     pub fn spawn<T: Send + 'static>(
         &self,
-        f: impl FnOnce() -> T + Send + 'static,
+        f: impl FnOnce() -> Result<T> + Send + 'static,
     ) -> Result<JoinHandle<Result<T>>> {
         let path = format!("/var/run/netns/{}", self.name);
         let ns = File::open(&path).with_context(|| format!("open {path}"))?;
@@ -88,7 +88,7 @@ impl NetNs {
             if unsafe { libc::setns(ns.as_raw_fd(), libc::CLONE_NEWNET) } != 0 {
                 bail!("setns: {}", std::io::Error::last_os_error());
             }
-            Ok(f())
+            f()
         }))
     }
 }

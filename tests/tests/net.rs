@@ -52,7 +52,6 @@ fn receive_one(ns: &NetNs, addr: &'static str) -> std::thread::JoinHandle<anyhow
         }
     })
     .expect("thread in the namespace")
-    .join_flat()
 }
 
 /// Accepts one connection on `addr` and sends `len` bytes of the probe pattern of `seed`.
@@ -86,22 +85,6 @@ fn send_one(
         })
     })
     .expect("thread in the namespace")
-    .join_flat()
-}
-
-/// Flattens the namespace thread's `Result<Result<T>>` once joined.
-trait JoinFlat<T> {
-    fn join_flat(self) -> std::thread::JoinHandle<anyhow::Result<T>>;
-}
-
-impl<T: Send + 'static> JoinFlat<T> for std::thread::JoinHandle<anyhow::Result<anyhow::Result<T>>> {
-    fn join_flat(self) -> std::thread::JoinHandle<anyhow::Result<T>> {
-        std::thread::spawn(move || match self.join() {
-            Ok(Ok(inner)) => inner,
-            Ok(Err(e)) => Err(e),
-            Err(_) => Err(anyhow::anyhow!("namespace thread panicked")),
-        })
-    }
 }
 
 fn ping(ns: &NetNs, addr: &str) -> String {
@@ -220,7 +203,6 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         .unwrap()
         .join()
         .unwrap()
-        .unwrap()
         .unwrap();
     assert_eq!(echo, b"hello over eth1");
 
@@ -278,7 +260,6 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         })
         .unwrap()
         .join()
-        .unwrap()
         .unwrap()
         .unwrap();
     let expected = LIMIT_BYTES_PER_S as f64 * LIMIT_WINDOW.as_secs_f64();

@@ -6,9 +6,9 @@ use std::process::Command;
 use anyhow::{anyhow, bail, Context, Result};
 use serde_json::Value;
 
-use crate::cpu::CpuMs;
 use crate::results::{Phase, PhaseResult, RunResult};
 use crate::Bench;
+use benches::CpuMs;
 
 impl Bench {
     /// Runs every phase with fio on the host against the same file; stops at the first failure.

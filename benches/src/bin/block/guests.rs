@@ -9,9 +9,9 @@ use anyhow::{anyhow, bail, Result};
 use benches::{bench_cmdline, ms_since, qemu_microvm, wait_boot_complete, Vmm, FAILURE_MARKERS};
 use harness::{Guest, GuestBuilder, Line, LineHook, Stream};
 
-use crate::cpu::CpuTicks;
 use crate::results::{PhaseResult, RunResult};
 use crate::Bench;
+use benches::CpuTicks;
 
 /// The probe's line when a phase starts.
 const LOAD_START: &str = "vmmprobe: blk-load-start ";

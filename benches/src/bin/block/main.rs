@@ -5,7 +5,6 @@
 //! `cargo run --release -p benches --bin block` (see benches/README.md).
 
 mod backing_file;
-mod cpu;
 mod fio;
 mod guests;
 mod options;

@@ -184,7 +184,7 @@ pub(crate) fn describe(name: &str, run: usize, phases: &[Phase], r: &RunResult) 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::cpu::CpuMs;
+    use benches::CpuMs;
 
     /// A vmm run in which only seqread reported: 1000 I/Os of 1 MiB in 10 s, 2 s of CPU, half of it in
     /// the vCPU thread.

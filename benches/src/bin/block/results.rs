@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::cpu::CpuMs;
+use benches::CpuMs;
 
 /// One load: the probe's `blk-load` mode (fio's `--rw` differs for the sequential ones).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -8,17 +8,17 @@ const USER_HZ: f64 = 100.0;
 
 /// CPU times of a process from `/proc/PID/stat`, in clock ticks.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub(crate) struct CpuTicks {
+pub struct CpuTicks {
     /// utime of the whole process (all threads, exited ones included).
-    pub(crate) user: u64,
+    pub user: u64,
     /// stime of the whole process.
-    pub(crate) system: u64,
+    pub system: u64,
     /// Time spent running a guest (also counted in `user`), where the host kernel accounts it (not on
     /// kvm_pvm hosts, where it is 0 and the guest's time shows up as `system`).
-    pub(crate) guest: u64,
+    pub guest: u64,
     /// utime + stime of the live vCPU threads: threads whose name contains "cpu" in any case (vmm's
     /// `vcpu0`, QEMU's `CPU 0/KVM`).
-    pub(crate) vcpu: u64,
+    pub vcpu: u64,
 }
 
 /// The command name (field 2) of a `/proc/.../stat` text.
@@ -53,7 +53,7 @@ impl CpuTicks {
     }
 
     /// The process's times plus those of its vCPU threads (`/proc/PID/task/*/stat`).
-    pub(crate) fn read(pid: u32) -> Result<CpuTicks> {
+    pub fn read(pid: u32) -> Result<CpuTicks> {
         let path = format!("/proc/{pid}/stat");
         let text = std::fs::read_to_string(&path).with_context(|| format!("cannot read {path}"))?;
         let mut ticks = Self::parse(&text)?;
@@ -72,7 +72,7 @@ impl CpuTicks {
     }
 
     /// `self - earlier` as milliseconds.
-    pub(crate) fn since(&self, earlier: &CpuTicks) -> CpuMs {
+    pub fn since(&self, earlier: &CpuTicks) -> CpuMs {
         let ms = |a: u64, b: u64| a.saturating_sub(b) as f64 * 1000.0 / USER_HZ;
         CpuMs {
             user: ms(self.user, earlier.user),
@@ -85,30 +85,30 @@ impl CpuTicks {
 
 /// CPU time in milliseconds.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub(crate) struct CpuMs {
+pub struct CpuMs {
     /// User time.
-    pub(crate) user: f64,
+    pub user: f64,
     /// System time.
-    pub(crate) system: f64,
+    pub system: f64,
     /// Guest time (part of `user`).
-    pub(crate) guest: f64,
+    pub guest: f64,
     /// The vCPU threads' part of `user + system` (VMMs only).
-    pub(crate) vcpu: Option<f64>,
+    pub vcpu: Option<f64>,
 }
 
 impl CpuMs {
     /// User plus system time.
-    pub(crate) fn total(&self) -> f64 {
+    pub fn total(&self) -> f64 {
         self.user + self.system
     }
 
     /// What the VMM's other threads (device emulation, I/O, main loop) used.
-    pub(crate) fn non_vcpu(&self) -> Option<f64> {
+    pub fn non_vcpu(&self) -> Option<f64> {
         self.vcpu.map(|v| (self.total() - v).max(0.0))
     }
 
     /// As JSON, every part in milliseconds.
-    pub(crate) fn to_json(self) -> Value {
+    pub fn to_json(self) -> Value {
         json!({
             "user_ms": self.user,
             "system_ms": self.system,

@@ -1,0 +1,490 @@
+//! Network throughput and latency: TCP bulk transfers between the guest probe and a host endpoint in
+//! a test namespace (guest to host and host to guest, 1 and 4 streams) and ping round trips, for vmm
+//! and for QEMU microvm's userspace virtio-net-device on a tap, side by side, with a veth pair
+//! between two namespaces as the physical reference.
+
+use std::io::{Read, Write};
+use std::net::{Shutdown, TcpListener, TcpStream};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use benches::{
+    bench_cmdline, cell, host_json, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json, Args,
+    CpuTicks,
+};
+use harness::{try_vmm_binary, Guest, GuestBuilder, GuestImages, NetNs, ProbePattern};
+use serde_json::{json, Value};
+
+const USAGE: &str = "\
+usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--out PATH] [--no-qemu] [--qemu PATH]
+
+Boots one guest per VMM with a virtio-net NIC on a tap in a private network namespace and moves
+N MiB per TCP stream each way (1 stream, then 4), measured on the host from the first byte to the
+last, with the VMM process's CPU time over each transfer; then pings the guest. A veth pair between
+two namespaces is measured the same way as the reference. Prints a Markdown table (Gbit/s, host
+CPU seconds per Gbit, ping RTT) with vmm/QEMU ratios; JSON goes to --out.
+
+  --mib-per-stream N  MiB each stream carries (default 256)
+  --pings N           ping round trips (default 50)
+  --memory-mib N      guest memory (default 256)
+  --out PATH          JSON report (default target/bench/net.json)
+  --qemu PATH         QEMU binary (default qemu-system-x86_64); --no-qemu skips it";
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const HOST_IP: &str = "10.99.0.1";
+const GUEST_IP: &str = "10.99.0.2";
+const GUEST_MAC: &str = "02:00:00:00:99:02";
+/// (direction, streams, host port) of every transfer, in the order the guest runs them.
+const TRANSFERS: [(Direction, u32, u16); 4] = [
+    (Direction::GuestToHost, 1, 9100),
+    (Direction::HostToGuest, 1, 9101),
+    (Direction::GuestToHost, 4, 9102),
+    (Direction::HostToGuest, 4, 9103),
+];
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Direction {
+    GuestToHost,
+    HostToGuest,
+}
+
+impl Direction {
+    fn label(self) -> &'static str {
+        match self {
+            Direction::GuestToHost => "guest->host",
+            Direction::HostToGuest => "host->guest",
+        }
+    }
+}
+
+struct Options {
+    mib: u64,
+    pings: u32,
+    memory_mib: u32,
+    out: PathBuf,
+    qemu: Option<String>,
+}
+
+impl Options {
+    fn parse(args: impl IntoIterator<Item = String>) -> Result<Options> {
+        let mut o = Options {
+            mib: 256,
+            pings: 50,
+            memory_mib: 256,
+            out: PathBuf::from("target/bench/net.json"),
+            qemu: Some("qemu-system-x86_64".into()),
+        };
+        let mut args = Args::new(args, USAGE);
+        while let Some(flag) = args.next_flag() {
+            match flag.as_str() {
+                "--mib-per-stream" => o.mib = args.parse(&flag)?,
+                "--pings" => o.pings = args.parse(&flag)?,
+                "--memory-mib" => o.memory_mib = args.parse(&flag)?,
+                "--out" => o.out = PathBuf::from(args.value(&flag)?),
+                "--qemu" => o.qemu = Some(args.value(&flag)?),
+                "--no-qemu" => o.qemu = None,
+                _ => return Err(args.unexpected(&flag)),
+            }
+        }
+        if o.mib == 0 || o.pings == 0 {
+            bail!("--mib-per-stream and --pings must be positive\n{USAGE}");
+        }
+        Ok(o)
+    }
+}
+
+/// One transfer's result.
+#[derive(Debug, Clone)]
+struct Transfer {
+    direction: Direction,
+    streams: u32,
+    bytes: u64,
+    seconds: f64,
+    /// VMM process CPU seconds over the transfer (none for the veth reference).
+    cpu_seconds: Option<f64>,
+}
+
+impl Transfer {
+    fn gbit_per_s(&self) -> f64 {
+        self.bytes as f64 * 8.0 / self.seconds / 1e9
+    }
+
+    fn cpu_per_gbit(&self) -> Option<f64> {
+        self.cpu_seconds.map(|c| c / (self.bytes as f64 * 8.0 / 1e9))
+    }
+}
+
+struct Measured {
+    name: String,
+    transfers: Vec<Transfer>,
+    ping_avg_ms: Option<f64>,
+}
+
+/// Where the host side of each stream starts and ends, to time the whole transfer.
+#[derive(Default)]
+struct Span {
+    first: Option<Instant>,
+    last: Option<Instant>,
+    bytes: u64,
+}
+
+fn note(span: &Mutex<Span>, bytes: u64) {
+    let mut s = span.lock().unwrap_or_else(|p| p.into_inner());
+    let now = Instant::now();
+    s.first.get_or_insert(now);
+    s.last = Some(now);
+    s.bytes += bytes;
+}
+
+/// Serves `streams` connections on `HOST_IP:port` in the namespace: reads them to the end
+/// (guest to host) or writes `bytes` to each (host to guest); returns bytes and seconds.
+fn host_side(
+    ns: &NetNs,
+    direction: Direction,
+    streams: u32,
+    port: u16,
+    bytes: u64,
+) -> Result<std::thread::JoinHandle<Result<(u64, f64)>>> {
+    ns.spawn(move || -> Result<(u64, f64)> {
+        let listener = TcpListener::bind((HOST_IP, port))?;
+        let span = Arc::new(Mutex::new(Span::default()));
+        let workers: Vec<_> = (0..streams)
+            .map(|i| -> Result<_> {
+                let (conn, _) = listener.accept()?;
+                let span = Arc::clone(&span);
+                Ok(std::thread::spawn(move || {
+                    stream(conn, direction, bytes, i + 100, &span)
+                }))
+            })
+            .collect::<Result<_>>()?;
+        for w in workers {
+            w.join()
+                .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
+        }
+        let s = span.lock().unwrap_or_else(|p| p.into_inner());
+        let seconds = match (s.first, s.last) {
+            (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
+            _ => bail!("no data moved"),
+        };
+        Ok((s.bytes, seconds))
+    })
+}
+
+fn stream(
+    mut conn: TcpStream,
+    direction: Direction,
+    bytes: u64,
+    seed: u32,
+    span: &Mutex<Span>,
+) -> Result<()> {
+    conn.set_read_timeout(Some(Duration::from_secs(120)))?;
+    conn.set_write_timeout(Some(Duration::from_secs(120)))?;
+    let mut buf = vec![0u8; 1 << 17];
+    match direction {
+        Direction::GuestToHost => loop {
+            let n = conn.read(&mut buf)?;
+            if n == 0 {
+                return Ok(());
+            }
+            note(span, n as u64);
+        },
+        Direction::HostToGuest => {
+            ProbePattern::new(seed).fill(&mut buf);
+            let mut left = bytes;
+            while left > 0 {
+                let n = left.min(buf.len() as u64) as usize;
+                conn.write_all(&buf[..n])?;
+                note(span, n as u64);
+                left -= n as u64;
+            }
+            conn.shutdown(Shutdown::Write)?;
+            let _ = conn.read(&mut [0u8; 1]);
+            Ok(())
+        }
+    }
+}
+
+fn ping_avg_ms(ns: &NetNs, addr: &str, count: u32) -> Option<f64> {
+    let out = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "ping",
+            "-q",
+            "-c",
+            &count.to_string(),
+            "-i",
+            "0.05",
+            addr,
+        ])
+        .output()
+        .ok()?;
+    // "rtt min/avg/max/mdev = 0.1/0.2/0.3/0.04 ms"
+    let text = String::from_utf8_lossy(&out.stdout);
+    let stats = text.lines().find(|l| l.contains("min/avg/max"))?;
+    stats.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok()
+}
+
+fn guest_actions(mib: u64) -> String {
+    let mut actions: Vec<String> = TRANSFERS
+        .iter()
+        .map(|(dir, streams, port)| match dir {
+            Direction::GuestToHost => format!("net-send:{HOST_IP}:{port}:{mib}m:{streams}"),
+            Direction::HostToGuest => format!("net-recv:{HOST_IP}:{port}:{streams}"),
+        })
+        .collect();
+    actions.push("idle".into());
+    actions.join(",")
+}
+
+fn guest_cmdline(mib: u64) -> String {
+    format!(
+        "{} ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off",
+        bench_cmdline(&guest_actions(mib))
+    )
+}
+
+/// Runs every transfer against the guest whose VMM is `pid`, then pings it.
+fn measure(ns: &NetNs, name: &str, guest: &Guest, opts: &Options) -> Result<Measured> {
+    let bytes = opts.mib << 20;
+    let mut transfers = Vec::new();
+    for (direction, streams, port) in TRANSFERS {
+        let host = host_side(ns, direction, streams, port, bytes)?;
+        let before = CpuTicks::read(guest.pid())?;
+        let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
+        let after = CpuTicks::read(guest.pid())?;
+        let t = Transfer {
+            direction,
+            streams,
+            bytes: moved,
+            seconds,
+            cpu_seconds: Some(after.since(&before).total() / 1000.0),
+        };
+        eprintln!(
+            "{name}: {} x{streams}: {:.3} Gbit/s",
+            direction.label(),
+            t.gbit_per_s()
+        );
+        transfers.push(t);
+    }
+    guest.wait_for_line("vmmprobe: idle", BOOT_TIMEOUT)?;
+    Ok(Measured {
+        name: name.into(),
+        transfers,
+        ping_avg_ms: ping_avg_ms(ns, GUEST_IP, opts.pings),
+    })
+}
+
+fn vmm_command(ns: &NetNs, kernel: &Path, tap: &str, opts: &Options) -> Result<Command> {
+    let inner = GuestBuilder::new(kernel)
+        .binary(&try_vmm_binary()?)
+        .cmdline(&guest_cmdline(opts.mib))
+        .memory_mib(opts.memory_mib)
+        .arg("--net")
+        .arg(format!("tap={tap},mac={GUEST_MAC},id=eth0"))
+        .command()?;
+    let mut cmd = ns.command(Path::new(inner.get_program()));
+    cmd.args(inner.get_args());
+    Ok(cmd)
+}
+
+fn qemu_command(ns: &NetNs, qemu: &str, kernel: &Path, tap: &str, opts: &Options) -> Command {
+    let inner = qemu_microvm(qemu, "microvm", opts.memory_mib, 1);
+    let mut cmd = ns.command(Path::new(inner.get_program()));
+    cmd.args(inner.get_args())
+        .arg("-kernel")
+        .arg(kernel)
+        .args(["-append", &guest_cmdline(opts.mib)])
+        .args([
+            "-netdev",
+            &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+        ])
+        .args(["-device", &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}")]);
+    cmd
+}
+
+fn run_vmm(name: &str, opts: &Options, kernel: &Path, qemu: Option<&str>) -> Result<Measured> {
+    let ns = NetNs::new(&format!("b{name}"))?;
+    let tap = "btap0";
+    ns.add_tap(tap, &format!("{HOST_IP}/24"))?;
+    let cmd = match qemu {
+        Some(q) => qemu_command(&ns, q, kernel, tap, opts),
+        None => vmm_command(&ns, kernel, tap, opts)?,
+    };
+    let mut guest = Guest::spawn_command(cmd, None)?;
+    let result = wait_boot_complete(&guest, BOOT_TIMEOUT).and_then(|_| measure(&ns, name, &guest, opts));
+    let _ = guest.kill();
+    result.with_context(|| format!("{name}; last output:\n{}", guest.output_tail()))
+}
+
+/// The same transfers between two namespaces joined by a veth pair: what the host's own stack does.
+fn run_veth(opts: &Options) -> Result<Measured> {
+    let a = NetNs::new("bva")?;
+    let b = NetNs::new("bvb")?;
+    a.ip(&[
+        "link",
+        "add",
+        "bveth0",
+        "type",
+        "veth",
+        "peer",
+        "name",
+        "bveth1",
+        "netns",
+        b.name(),
+    ])?;
+    a.ip(&["addr", "add", &format!("{HOST_IP}/24"), "dev", "bveth0"])?;
+    a.ip(&["link", "set", "bveth0", "up"])?;
+    b.ip(&["addr", "add", &format!("{GUEST_IP}/24"), "dev", "bveth1"])?;
+    b.ip(&["link", "set", "bveth1", "up"])?;
+    let bytes = opts.mib << 20;
+    let mut transfers = Vec::new();
+    for (direction, streams, port) in TRANSFERS {
+        let host = host_side(&a, direction, streams, port, bytes)?;
+        // The other end plays the guest probe's part.
+        let peer = b.spawn(move || -> Result<()> {
+            let deadline = Instant::now() + Duration::from_secs(30);
+            let conns: Vec<TcpStream> = (0..streams)
+                .map(|_| loop {
+                    match TcpStream::connect((HOST_IP, port)) {
+                        Ok(c) => break Ok(c),
+                        Err(_) if Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
+                        Err(e) => break Err(e),
+                    }
+                })
+                .collect::<std::io::Result<_>>()?;
+            let span = Arc::new(Mutex::new(Span::default()));
+            let peer_dir = match direction {
+                Direction::GuestToHost => Direction::HostToGuest,
+                Direction::HostToGuest => Direction::GuestToHost,
+            };
+            let workers: Vec<_> = conns
+                .into_iter()
+                .enumerate()
+                .map(|(i, c)| {
+                    let span = Arc::clone(&span);
+                    std::thread::spawn(move || stream(c, peer_dir, bytes, i as u32 + 1, &span))
+                })
+                .collect();
+            for w in workers {
+                w.join().map_err(|_| anyhow::anyhow!("peer stream panicked"))??;
+            }
+            Ok(())
+        })?;
+        let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
+        peer.join().map_err(|_| anyhow::anyhow!("peer panicked"))??;
+        transfers.push(Transfer {
+            direction,
+            streams,
+            bytes: moved,
+            seconds,
+            cpu_seconds: None,
+        });
+    }
+    Ok(Measured {
+        name: "veth".into(),
+        transfers,
+        ping_avg_ms: ping_avg_ms(&a, GUEST_IP, opts.pings),
+    })
+}
+
+fn markdown(results: &[Measured]) -> String {
+    let find = |name: &str| results.iter().find(|m| m.name == name);
+    let (ours, qemu) = (find("vmm"), find("qemu"));
+    let mut t = String::from(
+        "| transfer | streams | VMM | Gbit/s | host CPU s per Gbit | vmm/QEMU throughput |\n|---|---:|---|---:|---:|---:|\n",
+    );
+    for (i, (direction, streams, _)) in TRANSFERS.iter().enumerate() {
+        let ours_gbit = ours.and_then(|m| m.transfers.get(i)).map(Transfer::gbit_per_s);
+        let qemu_gbit = qemu.and_then(|m| m.transfers.get(i)).map(Transfer::gbit_per_s);
+        for m in results {
+            let Some(tr) = m.transfers.get(i) else { continue };
+            let r = if m.name == "vmm" {
+                ratio(ours_gbit, qemu_gbit)
+            } else {
+                None
+            };
+            t.push_str(&format!(
+                "| {} | {streams} | {} | {:.3} | {} | {} |\n",
+                direction.label(),
+                m.name,
+                tr.gbit_per_s(),
+                cell(tr.cpu_per_gbit(), 2),
+                cell(r, 2)
+            ));
+        }
+    }
+    t.push_str("\n| VMM | ping RTT avg, ms |\n|---|---:|\n");
+    for m in results {
+        t.push_str(&format!("| {} | {} |\n", m.name, cell(m.ping_avg_ms, 3)));
+    }
+    t
+}
+
+fn report(opts: &Options, results: &[Measured]) -> Value {
+    let runs: Vec<Value> = results
+        .iter()
+        .map(|m| {
+            let transfers: Vec<Value> = m
+                .transfers
+                .iter()
+                .map(|t| {
+                    json!({"direction": t.direction.label(), "streams": t.streams, "bytes": t.bytes,
+                           "seconds": t.seconds, "gbit_per_s": t.gbit_per_s(), "cpu_seconds": t.cpu_seconds,
+                           "cpu_seconds_per_gbit": t.cpu_per_gbit()})
+                })
+                .collect();
+            json!({"name": m.name, "transfers": transfers, "ping_avg_ms": m.ping_avg_ms})
+        })
+        .collect();
+    json!({"bench": "net", "time": unix_time(), "host": host_json(), "mib_per_stream": opts.mib,
+           "memory_mib": opts.memory_mib, "results": runs})
+}
+
+fn main() -> Result<()> {
+    if benches::wants_help() {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let opts = Options::parse(std::env::args().skip(1))?;
+    let kernel = GuestImages::get()?.vmlinux.clone();
+    let mut results = vec![run_vmm("vmm", &opts, &kernel, None)?];
+    if let Some(qemu) = &opts.qemu {
+        results.push(run_vmm("qemu", &opts, &kernel, Some(qemu))?);
+    }
+    results.push(run_veth(&opts)?);
+    println!("{}", markdown(&results));
+    write_json(&opts.out, &report(&opts, &results))?;
+    eprintln!("wrote {}", opts.out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options_and_actions() {
+        let o = Options::parse(["--mib-per-stream", "8", "--no-qemu"].map(String::from)).unwrap();
+        assert_eq!((o.mib, o.qemu.is_none()), (8, true));
+        assert!(Options::parse(["--pings", "0"].map(String::from)).is_err());
+        assert_eq!(
+            guest_actions(8),
+            "net-send:10.99.0.1:9100:8m:1,net-recv:10.99.0.1:9101:1,net-send:10.99.0.1:9102:8m:4,\
+             net-recv:10.99.0.1:9103:4,idle"
+        );
+        let t = Transfer {
+            direction: Direction::GuestToHost,
+            streams: 1,
+            bytes: 125_000_000,
+            seconds: 1.0,
+            cpu_seconds: Some(0.5),
+        };
+        assert!((t.gbit_per_s() - 1.0).abs() < 1e-9);
+        assert_eq!(t.cpu_per_gbit(), Some(0.5));
+    }
+}
