@@ -29,6 +29,9 @@ pub fn probe_fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
         .unwrap_or_else(|| panic!("no probe line \"vmmprobe: {prefix}\" in:\n{stdout}"))
 }
 
+/// The block the probe's `net-send` repeats.
+pub const NET_SEND_BLOCK: usize = 64 << 10;
+
 /// The probe's data pattern (blk-write, net-send; guest-images/README.md): xorshift64 (13, 7, 17)
 /// from `(seed << 32) | 0x9e3779b9`, each 64-bit state stored little-endian, as a stream.
 #[derive(Debug, Clone)]
@@ -71,6 +74,13 @@ impl ProbePattern {
         let mut out = vec![0u8; len];
         ProbePattern::new(seed).fill(&mut out);
         out
+    }
+
+    /// What the probe's `net-send` sends for `seed`: the first [`NET_SEND_BLOCK`] bytes of the
+    /// stream, repeated, cut at `len`.
+    pub fn net_send_bytes(seed: u32, len: usize) -> Vec<u8> {
+        let block = Self::bytes(seed, NET_SEND_BLOCK);
+        block.iter().copied().cycle().take(len).collect()
     }
 }
 

@@ -1,7 +1,11 @@
 //! virtio-net end to end: a real guest kernel with two NICs on two TAP devices in a network
 //! namespace the test creates (and removes, with everything in it). The host side talks to the
-//! guest's in-kernel probe: ping, TCP echo, UDP echo, 64 MiB bulk transfers each way with
-//! checksums, and a rate limit set at run time that caps a transfer.
+//! guest's in-kernel probe: ping, TCP echo, UDP echo, bulk transfers each way with checksums, and
+//! a rate limit set at run time that caps a transfer.
+//!
+//! Sizes and rates are small for a reason: guest kernel code is emulated instruction by
+//! instruction on kvm_pvm hosts (docs/kvm_pvm.md), so the guest itself moves about a megabit per
+//! second when it checksums what it receives. The device is not what limits them.
 //!
 //! Every address lives in the test's namespace; nothing is sent anywhere else.
 
@@ -17,11 +21,15 @@ use harness::{
 use vmm_api::control::Response;
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
-const BULK_BYTES: u64 = 64 << 20;
-/// The run-time transmit limit: 10 Mbit/s.
-const LIMIT_BYTES_PER_S: u64 = 10_000_000 / 8;
-/// How long the limited transfer is measured.
-const LIMIT_WINDOW: Duration = Duration::from_secs(8);
+/// Guest to host (the guest sends a repeated block, checksummed cheaply).
+const BULK_TO_HOST: u64 = 16 << 20;
+/// Host to guest (the guest checksums every byte, which is what costs).
+const BULK_TO_GUEST: u64 = 1 << 20;
+/// The run-time transmit limit: 256 kbit/s, well below what the guest sends unthrottled.
+const LIMIT_BYTES_PER_S: u64 = 256_000 / 8;
+/// How long the limited transfer is measured: long enough that one frame more or less (the
+/// limiter lets a frame through on credit) stays within the 10%.
+const LIMIT_WINDOW: Duration = Duration::from_secs(24);
 
 /// What a host-side TCP endpoint saw of one connection.
 #[derive(Debug)]
@@ -125,15 +133,15 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
 
     // Host endpoints first: the guest's transfers connect (and retry) as soon as it runs them.
     let from_guest = receive_one(&ns, "10.77.0.1:9000");
-    let to_guest = send_one(&ns, "10.77.0.1:9001", 42, BULK_BYTES);
+    let to_guest = send_one(&ns, "10.77.0.1:9001", 42, BULK_TO_GUEST);
     let actions = [
         "net-info",
         "net-addr:eth1:10.78.0.2:24",
         "net-echo:7000",
         "net-udp-echo:7001",
-        "net-send:10.77.0.1:9000:64m",
+        "net-send:10.77.0.1:9000:16m",
         "net-recv:10.77.0.1:9001",
-        "net-send:10.77.0.1:9002:1g",
+        "net-send:10.77.0.1:9002:64m",
         "idle",
     ]
     .join(",");
@@ -206,19 +214,19 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         .unwrap();
     assert_eq!(echo, b"hello over eth1");
 
-    // 64 MiB each way, checksums on both ends.
+    // Bulk each way, checksums on both ends.
     let got = from_guest.join().unwrap().unwrap();
     guest
         .wait_for_line("vmmprobe: net-send total", BOOT_TIMEOUT)
         .unwrap();
     let sent = probe_fields(&guest.stdout_text(), "net-send stream=0 peer=10.77.0.1:9000");
     assert_eq!(sent["result"], "0");
-    assert_eq!(got.bytes, BULK_BYTES);
-    assert_eq!(sent["bytes"], BULK_BYTES.to_string());
+    assert_eq!(got.bytes, BULK_TO_HOST);
+    assert_eq!(sent["bytes"], BULK_TO_HOST.to_string());
     assert_eq!(format!("{:08x}", got.crc), sent["crc32"]);
     assert_eq!(
         got.crc,
-        harness::crc32(&ProbePattern::bytes(1, BULK_BYTES as usize))
+        harness::crc32(&ProbePattern::net_send_bytes(1, BULK_TO_HOST as usize))
     );
     let put = to_guest.join().unwrap().unwrap();
     guest
@@ -226,14 +234,14 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         .unwrap();
     let recv = probe_fields(&guest.stdout_text(), "net-recv stream=0");
     assert_eq!(recv["result"], "0");
-    assert_eq!(recv["bytes"], BULK_BYTES.to_string());
+    assert_eq!(recv["bytes"], BULK_TO_GUEST.to_string());
     assert_eq!(format!("{:08x}", put.crc), recv["crc32"]);
 
-    // A 10 Mbit/s limit on what eth0 sends, set while the VM runs, caps the next transfer: the
-    // bytes that arrive over a window match the rate within 10%.
+    // A limit on what eth0 sends, set while the VM runs, caps the next transfer: the bytes that
+    // arrive over a window match the rate within 10%.
     let mut c = ControlClient::connect(&sock).unwrap();
     let limit = serde_json::json!({"id": 1, "request": {"update-net-rate-limiters": {"net": "eth0",
-        "tx_rate_limiter": {"bandwidth": {"size": LIMIT_BYTES_PER_S / 5, "refill_time_ms": 200}}}}})
+        "tx_rate_limiter": {"bandwidth": {"size": LIMIT_BYTES_PER_S / 10, "refill_time_ms": 100}}}}})
     .to_string();
     assert_eq!(c.ok(&limit).unwrap(), Response::RateLimiterUpdated);
     let nobody = r#"{"id": 2, "request": {"update-net-rate-limiters": {"net": "eth9"}}}"#;
@@ -275,7 +283,7 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
     };
     let eth0 = m.nets.iter().find(|n| n.id == "eth0").expect("eth0 metrics");
     assert!(
-        eth0.tx_bytes >= BULK_BYTES && eth0.rx_bytes >= BULK_BYTES,
+        eth0.tx_bytes >= BULK_TO_HOST && eth0.rx_bytes >= BULK_TO_GUEST,
         "{eth0:?}"
     );
     assert!(eth0.throttled > 0, "{eth0:?}");
