@@ -30,17 +30,36 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
     assert_eq!(synced.revision, 0);
 
     let id = "life".to_string();
-    let vm = vms
-        .create_vm(CreateVmRequest {
-            vm_id: id.clone(),
-            spec: Some(probe_spec("idle")?),
-            request_id: String::new(),
-        })
-        .await?
-        .into_inner();
+    let create = CreateVmRequest {
+        vm_id: id.clone(),
+        spec: Some(probe_spec("idle")?),
+        request_id: "create-life-1".into(),
+    };
+    let vm = vms.create_vm(create.clone()).await?.into_inner();
     assert_eq!(vm.state(), VmState::Running, "{vm:?}");
     let pid = vm.pid;
     assert!(alive(pid));
+    // A retry with the same request id answers the first result and starts nothing.
+    let retry = vms.create_vm(create.clone()).await?.into_inner();
+    assert_eq!(retry, vm);
+    assert_eq!(vmm_processes_under(dir.path()), vec![pid]);
+    // The same id without that request id, or with another spec, is ALREADY_EXISTS; the request
+    // id with a different request is INVALID_ARGUMENT.
+    let mut other = create.clone();
+    other.request_id = String::new();
+    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    other.request_id = "create-life-2".into();
+    if let Some(s) = other.spec.as_mut() {
+        s.vcpus = 2;
+    }
+    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
+    other.request_id = create.request_id.clone();
+    let err = vms.create_vm(other).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    assert!(err.message().starts_with("request_id"), "{}", err.message());
+    assert_eq!(vmm_processes_under(dir.path()), vec![pid]);
     let console = wait_console(&mut vms, &id, "BOOT-COMPLETE", BOOT_TIMEOUT).await?;
     assert!(console.contains("vmmprobe"), "{console}");
 
