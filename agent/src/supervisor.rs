@@ -463,6 +463,11 @@ impl VmActor {
             }
             (None, None) => "the vmm process vanished".to_string(),
         };
+        let reason = if self.stopping {
+            format!("stopped on request ({reason})")
+        } else {
+            reason
+        };
         let state = if self.stopping || code == Some(0) {
             VmState::Stopped
         } else {
