@@ -162,13 +162,14 @@ impl VmService for VmApi {
         let req = request.into_inner();
         self.check_ready()?;
         check_request_id(&req.request_id)?;
-        check_vm_id("vm_id", &req.vm_id)?;
-        let spec = check_spec(req.spec.as_ref())?.clone();
         let fp = fingerprint(&req, |r| r.request_id.clear());
         let guard = self.create_lock.lock().await;
+        // Before validation: a retry gets its first answer even if, say, the kernel file has gone.
         if let Some(vm) = self.replay::<Vm>(&req.request_id, "CreateVm", &fp).await? {
             return Ok(Response::new(vm));
         }
+        check_vm_id("vm_id", &req.vm_id)?;
+        let spec = check_spec(req.spec.as_ref())?.clone();
         let vm = Vm {
             vm_id: req.vm_id.clone(),
             spec: Some(spec),
@@ -186,8 +187,10 @@ impl VmService for VmApi {
                 s.create_vm(vm, Some(limit), record)
             })
             .await?;
+        // Under the lock, so that a call that sees the stored VM also finds its actor.
+        self.supervisor.add(vm);
         drop(guard);
-        let vm = self.supervisor.start_new(vm).await?;
+        let vm = self.supervisor.start(&req.vm_id).await?;
         if !req.request_id.is_empty() {
             // A retry gets the VM as this call returned it (the record made with the insert above
             // holds it as created, in case the agent dies before this point).

@@ -76,13 +76,15 @@ pub enum StoreError {
     /// Starting the VM would exceed the host's allocatable resources.
     #[error("{0}")]
     Exhausted(String),
-    /// The events after the requested revision are no longer kept.
-    #[error("revision {asked} is no longer kept (oldest resumable: {oldest})")]
+    /// The events after the requested revision are no longer kept (or it is in the future).
+    #[error("cannot resume from revision {asked}: resumable are {oldest} to {current}")]
     Compacted {
         /// What the client asked for.
         asked: u64,
         /// The oldest revision one may resume from.
         oldest: u64,
+        /// The latest revision.
+        current: u64,
     },
 }
 
@@ -335,6 +337,7 @@ impl Store {
             return Err(StoreError::Compacted {
                 asked: revision,
                 oldest: first_kept.saturating_sub(1),
+                current,
             });
         }
         let mut stmt = self

@@ -108,11 +108,9 @@ impl Supervisor {
         tokio::spawn(actor.run(adopted));
     }
 
-    /// Starts the actor of a VM just stored (in state STARTING) and has it start the vmm.
-    pub async fn start_new(&self, vm: Vm) -> Result<Vm, AgentError> {
-        let id = vm.vm_id.clone();
+    /// Starts the actor of a VM just stored (in state STARTING); `start` then has it run the vmm.
+    pub fn add(&self, vm: Vm) {
         self.spawn_actor(vm, None);
-        self.ask(&id, Command::Start).await
     }
 
     async fn ask<T>(&self, vm_id: &str, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
@@ -160,8 +158,15 @@ impl Supervisor {
 
     /// Stops a VM hard and forgets it.
     pub async fn delete(&self, vm_id: &str) -> Result<(), AgentError> {
+        let actor = self.actors().get(vm_id).cloned();
         self.ask(vm_id, Command::Delete).await?;
-        self.actors().remove(vm_id);
+        // Only this actor's entry: a VM created again with the same id meanwhile has a new one.
+        let mut actors = self.actors();
+        if let (Some(old), Some(current)) = (actor, actors.get(vm_id)) {
+            if old.same_channel(current) {
+                actors.remove(vm_id);
+            }
+        }
         Ok(())
     }
 }
@@ -387,8 +392,13 @@ impl VmActor {
             return;
         };
         let max = self.ctx.config.console_log_max_bytes;
-        if let Err(e) = console::cap(&self.ctx.config.console_log(&self.vm.vm_id), max) {
-            tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot cap the console log");
+        for log in [
+            self.ctx.config.console_log(&self.vm.vm_id),
+            self.dir.join("vmm.log"),
+        ] {
+            if let Err(e) = console::cap(&log, max) {
+                tracing::warn!(vm = %self.vm.vm_id, error = %e, log = %log.display(), "cannot cap a log");
+            }
         }
         if p.conn.is_some() {
             return;
