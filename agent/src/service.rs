@@ -174,6 +174,7 @@ impl VmService for VmApi {
             vm_id: req.vm_id.clone(),
             spec: Some(spec),
             state: VmState::Starting as i32,
+            desired_state: VmState::Running as i32,
             ..Default::default()
         };
         let limit = self.ctx.config.allocatable;

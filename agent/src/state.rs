@@ -23,6 +23,8 @@ pub struct AgentConfig {
     pub adopt_timeout: Duration,
     /// How much of each console log is kept on disk.
     pub console_log_max_bytes: u64,
+    /// At start, boot again the VMs that should run but whose vmm is gone.
+    pub restore_on_boot: bool,
 }
 
 impl AgentConfig {

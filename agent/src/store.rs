@@ -46,6 +46,8 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE TABLE meta (key TEXT PRIMARY KEY, value INTEGER NOT NULL);
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
+    // 2: the desired state, for --restore-on-boot (0: unspecified, for VMs stored before).
+    "ALTER TABLE vms ADD COLUMN desired INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -418,7 +420,7 @@ impl Store {
 }
 
 const VM_COLUMNS: &str = "vm_id, spec, state, state_reason, pid, exit_code, boot_ms, \
-                          create_time_ms, update_time_ms, revision";
+                          create_time_ms, update_time_ms, revision, desired";
 
 type VmRow = (
     String,
@@ -431,6 +433,7 @@ type VmRow = (
     i64,
     i64,
     i64,
+    i32,
 );
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
@@ -445,11 +448,13 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         r.get(7)?,
         r.get(8)?,
         r.get(9)?,
+        r.get(10)?,
     ))
 }
 
 fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
-    let (vm_id, spec, state, state_reason, pid, exit_code, boot_ms, created, updated, revision) = row;
+    let (vm_id, spec, state, state_reason, pid, exit_code, boot_ms, created, updated, revision, desired) =
+        row;
     Ok(Vm {
         vm_id,
         spec: Some(VmSpec::decode(spec.as_slice())?),
@@ -461,6 +466,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         create_time_ms: created,
         update_time_ms: updated,
         revision: revision as u64,
+        desired_state: desired,
     })
 }
 
@@ -468,10 +474,10 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     let spec = vm.spec.clone().unwrap_or_default();
     tx.execute(
         "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid, exit_code,
-                          boot_ms, create_time_ms, update_time_ms, revision)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12)
+                          boot_ms, create_time_ms, update_time_ms, revision, desired)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
-             exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12",
+             exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13",
         params![
             vm.vm_id,
             spec.encode_to_vec(),
@@ -484,7 +490,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.boot_ms.map(|b| b as i64),
             vm.create_time_ms,
             vm.update_time_ms,
-            vm.revision as i64
+            vm.revision as i64,
+            vm.desired_state
         ],
     )?;
     Ok(())

@@ -170,3 +170,32 @@ fn request_ids_keep_the_first_answer() {
     assert_eq!(second.response, b"first");
     assert!(store.find_request("r3").unwrap().is_none());
 }
+
+#[test]
+fn a_version_1_database_is_migrated_keeping_its_vms() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    {
+        // What the first agent wrote: schema 1 with one VM.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid,
+                              create_time_ms, update_time_ms, revision)
+             VALUES ('old', ?1, 1, 64, ?2, '', 7, 1, 1, 1)",
+            params![spec(1, 64).encode_to_vec(), VmState::Running as i32],
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    let mut old = store.get_vm("old").unwrap().unwrap();
+    assert_eq!((old.pid, old.desired_state()), (7, VmState::Unspecified));
+    old.desired_state = VmState::Running as i32;
+    store.update_vm(old, None).unwrap();
+    assert_eq!(
+        store.get_vm("old").unwrap().unwrap().desired_state(),
+        VmState::Running
+    );
+}

@@ -298,6 +298,23 @@ impl VmActor {
         if !holds_resources(self.vm.state()) {
             return;
         }
+        self.reattach().await;
+        if self.proc.is_none() && self.ctx.config.restore_on_boot {
+            let desired = self.vm.desired_state();
+            if matches!(desired, VmState::Running | VmState::Paused) {
+                tracing::info!(vm = %self.vm.vm_id, "restoring: booting it again");
+                if let Err(e) = self.start().await {
+                    tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot restore");
+                    self.record(|vm| vm.state_reason = format!("not restored: {e}"))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Re-adopts the vmm the store names, or records that it is gone (killing it if it does not
+    /// answer).
+    async fn reattach(&mut self) {
         let pid = self.vm.pid;
         if pid == 0 || !is_our_vmm(pid, &self.sock) {
             tracing::info!(vm = %self.vm.vm_id, pid, "vmm gone while the agent was down");
@@ -486,11 +503,16 @@ impl VmActor {
         tracing::info!(vm = %self.vm.vm_id, pid = p.pid, ?code, reason, "vmm ended");
         // The vmm removes its socket on a clean exit; not when it was killed.
         let _ = std::fs::remove_file(&self.sock);
+        let ended_by_itself = !self.stopping;
         self.record(|vm| {
             vm.state = state as i32;
             vm.state_reason = reason;
             vm.pid = 0;
             vm.exit_code = code;
+            if ended_by_itself {
+                // The guest powered off or crashed: nothing asks for it to run any more.
+                vm.desired_state = VmState::Stopped as i32;
+            }
         })
         .await;
     }
@@ -533,6 +555,7 @@ impl VmActor {
             // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
             let mut vm = self.vm.clone();
             vm.state = VmState::Starting as i32;
+            vm.desired_state = VmState::Running as i32;
             vm.state_reason = String::new();
             vm.pid = 0;
             vm.exit_code = None;
@@ -680,12 +703,17 @@ impl VmActor {
         let request = if pause { Request::Pause } else { Request::Resume };
         if let Response::StateChange { state, .. } = self.request(request).await? {
             let state = observed_state(state);
-            self.save(|vm| vm.state = state as i32).await?;
+            self.save(|vm| {
+                vm.state = state as i32;
+                vm.desired_state = to as i32;
+            })
+            .await?;
         }
         Ok(self.vm.clone())
     }
 
     async fn stop(&mut self, timeout: Duration, force: bool) -> Result<Vm, AgentError> {
+        self.save(|vm| vm.desired_state = VmState::Stopped as i32).await?;
         if self.proc.is_none() {
             return match self.vm.state() {
                 VmState::Stopped | VmState::Failed => Ok(self.vm.clone()),

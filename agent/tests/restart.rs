@@ -156,3 +156,74 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
     assert!(vmm_processes_under(dir.path()).is_empty());
     Ok(())
 }
+
+/// With `--restore-on-boot`, a VM that should run but whose vmm is gone (as after a host reboot)
+/// boots again from its stored spec when the agent starts; a VM stopped on request stays stopped.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restore_on_boot_starts_again_the_vms_that_should_run() -> Result<()> {
+    harness::require_kvm();
+    let dir = state_dir("agent-restore")?;
+    let mut agent = Agent::start(dir.path(), &[])?;
+    agent.wait_serving().await?;
+    let mut vms = agent.vms().await?;
+    let mut pids = Vec::new();
+    for id in ["keep", "off"] {
+        let vm = vms
+            .create_vm(CreateVmRequest {
+                vm_id: id.into(),
+                spec: Some(probe_spec("idle")?),
+                request_id: String::new(),
+            })
+            .await?
+            .into_inner();
+        assert_eq!(vm.desired_state(), VmState::Running);
+        pids.push(vm.pid);
+    }
+    let off = vms
+        .stop_vm(StopVmRequest {
+            vm_id: "off".into(),
+            request_id: String::new(),
+            timeout_ms: 0,
+            force: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(
+        (off.state(), off.desired_state()),
+        (VmState::Stopped, VmState::Stopped)
+    );
+    // The host "reboots": the agent and every vmm die.
+    agent.kill9();
+    vmm_agent::process::kill(pids[0]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while alive(pids[0]) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+
+    let agent = Agent::start(dir.path(), &["--restore-on-boot"])?;
+    agent.wait_serving().await?;
+    let mut vms = agent.vms().await?;
+    let keep = vms
+        .get_vm(GetVmRequest { vm_id: "keep".into() })
+        .await?
+        .into_inner();
+    assert_eq!(keep.state(), VmState::Running, "{keep:?}");
+    assert_ne!(keep.pid, pids[0], "a new vmm");
+    assert!(alive(keep.pid));
+    common::wait_console(&mut vms, "keep", "BOOT-COMPLETE", common::BOOT_TIMEOUT).await?;
+    let off = vms
+        .get_vm(GetVmRequest { vm_id: "off".into() })
+        .await?
+        .into_inner();
+    assert_eq!((off.state(), off.pid), (VmState::Stopped, 0));
+    assert_eq!(vmm_processes_under(dir.path()), vec![keep.pid]);
+    for id in ["keep", "off"] {
+        vms.delete_vm(DeleteVmRequest {
+            vm_id: id.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    }
+    assert!(vmm_processes_under(dir.path()).is_empty());
+    Ok(())
+}

@@ -41,6 +41,10 @@ struct Args {
     /// Console log bytes kept on disk per VM.
     #[arg(long, default_value_t = 4 << 20)]
     console_log_max_bytes: u64,
+    /// At start, boot again every VM that should run (desired state running or paused) but whose
+    /// vmm is gone, e.g. after a host reboot, from its persisted spec and disks.
+    #[arg(long)]
+    restore_on_boot: bool,
     /// Log level: error, warn, info, debug or trace.
     #[arg(long, default_value = "info")]
     log_level: tracing::Level,
@@ -91,6 +95,7 @@ fn main() -> Result<()> {
         host_labels,
         adopt_timeout: Duration::from_millis(args.adopt_timeout_ms),
         console_log_max_bytes: args.console_log_max_bytes.max(64 * 1024),
+        restore_on_boot: args.restore_on_boot,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
