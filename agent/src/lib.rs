@@ -2,11 +2,13 @@
 //! gRPC.
 //!
 //! - [`service`] and [`host`]: thin RPC handlers; [`error`]: the one place errors become statuses.
-//! - [`supervisor`]: one actor per VM owning its `vmm` process; [`control`]: the vmm's control socket.
+//! - [`supervisor`]: one actor per VM (`actor.rs`) owning its `vmm` process; [`control`]: the vmm's
+//!   control socket.
 //! - [`store`]: the SQLite state; [`state`]: what the parts share.
 //! - [`server`]: the whole agent put together (used by the `vmm-agent` binary and the tests).
 #![forbid(unsafe_code)]
 
+mod actor;
 pub mod client;
 pub mod console;
 pub mod control;
