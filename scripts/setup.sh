@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Installs what the project needs on a Debian host (apt packages when run as root and missing), builds
-# the guest images (cached outside the repo) and the release `vmm`. Idempotent; fast when warm.
+# the guest images (cached outside the repo) and the release `vmm`, `vmm-agent` and `vmmctl`.
+# Idempotent; fast when warm.
 # Prints the guest image paths (KEY=/path lines) on stdout.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -26,4 +27,4 @@ if [[ ! -r /dev/kvm || ! -w /dev/kvm ]]; then
 fi
 
 guest-images/build.sh
-cargo build --release -p vmm --quiet >&2
+cargo build --release -p vmm -p vmm-agent --quiet >&2

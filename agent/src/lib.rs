@@ -1,4 +1,33 @@
-//! `vmm-agent`: the per-host agent that supervises `vmm` processes and serves the control plane over gRPC.
+//! `vmm-agent`: the host agent that supervises `vmm` processes and serves the `vmmagent.v1` API over
+//! gRPC.
 //!
-//! Empty until the agent issue lands; the crate exists so the workspace layout is fixed from the start.
+//! - [`service`] and [`host`]: thin RPC handlers; [`error`]: the one place errors become statuses.
+//! - [`supervisor`]: one actor per VM (`actor.rs`) owning its `vmm` process; [`control`]: the vmm's
+//!   control socket.
+//! - [`store`]: the SQLite state; [`state`]: what the parts share.
+//! - [`server`]: the whole agent put together (used by the `vmm-agent` binary and the tests).
 #![forbid(unsafe_code)]
+
+mod actor;
+pub mod client;
+pub mod console;
+pub mod control;
+pub mod error;
+pub mod host;
+pub mod process;
+pub mod server;
+pub mod service;
+pub mod spec;
+pub mod state;
+pub mod store;
+pub mod supervisor;
+
+/// Generated protobuf messages and gRPC services of package `vmmagent.v1`.
+#[allow(missing_docs, clippy::all, clippy::pedantic)]
+pub mod proto {
+    tonic::include_proto!("vmmagent.v1");
+
+    /// The encoded descriptors of the API, served by gRPC reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] =
+        include_bytes!(concat!(env!("OUT_DIR"), "/vmmagent_descriptor.bin"));
+}

@@ -1,0 +1,702 @@
+//! One actor per VM: a tokio task that owns the VM's `vmm` process and control connection, takes
+//! lifecycle commands one at a time from an mpsc queue, and writes every state change to the store
+//! (which publishes it to `WatchVms`).
+//!
+//! A vmm runs in its own process group with its output in files, so it neither gets the agent's
+//! terminal signals nor dies with it. After an agent restart the vmm is no child of ours: the actor
+//! watches it through its control connection (which closes when the vmm exits) and its pid.
+
+use std::path::PathBuf;
+use std::process::Stdio;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::{sleep, Instant};
+use vmm_api::control::{Event, Request, Response, ShutdownRequest, VmState as VmmState};
+
+use crate::console;
+use crate::control::{ConnEvent, ControlClientError, ControlConn};
+use crate::error::AgentError;
+use crate::process::{is_our_vmm, kill};
+use crate::proto::{Vm, VmState};
+use crate::spec::to_vm_config;
+use crate::state::Context;
+use crate::store::holds_resources;
+
+/// How long a control request may take (pause waits up to 2 s per vCPU inside the vmm).
+const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new vmm may take to open its control socket.
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long a new vmm may take to report its vCPUs running.
+const START_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a vmm may take to end after `stop` or SIGKILL.
+const EXIT_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often the actor checks the process and the console log size.
+const TICK: Duration = Duration::from_secs(1);
+
+pub(crate) type Reply<T> = oneshot::Sender<Result<T, AgentError>>;
+
+/// A lifecycle request to a VM's actor.
+pub(crate) enum Command {
+    Start(Reply<Vm>),
+    Stop {
+        timeout: Duration,
+        force: bool,
+        reply: Reply<Vm>,
+    },
+    Pause(Reply<Vm>),
+    Resume(Reply<Vm>),
+    Reboot {
+        timeout: Duration,
+        reply: Reply<Vm>,
+    },
+    Delete(Reply<()>),
+}
+
+/// The running vmm of a VM.
+struct Proc {
+    pid: u32,
+    conn: Option<ControlConn>,
+    events: Option<mpsc::Receiver<ConnEvent>>,
+    /// The exit code (None: killed by a signal), when the vmm is our child.
+    child_exit: Option<oneshot::Receiver<Option<i32>>>,
+    /// What `child_exit` delivered: the child was reaped, with this code.
+    child_code: Option<Option<i32>>,
+    /// The `exit` event, if the vmm sent one.
+    exit_event: Option<(String, i32)>,
+}
+
+/// The actor of one VM.
+pub(crate) struct VmActor {
+    ctx: Arc<Context>,
+    vm: Vm,
+    sock: PathBuf,
+    dir: PathBuf,
+    proc: Option<Proc>,
+    commands: mpsc::Receiver<Command>,
+    /// We asked the vmm to end: its exit is a stop, not a failure.
+    stopping: bool,
+}
+
+fn state_name(state: VmState) -> &'static str {
+    match state {
+        VmState::Unspecified => "in an unknown state",
+        VmState::Starting => "starting",
+        VmState::Running => "running",
+        VmState::Paused => "paused",
+        VmState::Stopping => "stopping",
+        VmState::Stopped => "stopped",
+        VmState::Failed => "failed",
+    }
+}
+
+impl VmActor {
+    /// An actor for `vm`, taking commands from `commands`; nothing runs until [`VmActor::run`].
+    pub(crate) fn new(ctx: Arc<Context>, vm: Vm, commands: mpsc::Receiver<Command>) -> Self {
+        VmActor {
+            sock: ctx.config.api_sock(&vm.vm_id),
+            dir: ctx.config.vm_dir(&vm.vm_id),
+            ctx,
+            vm,
+            proc: None,
+            commands,
+            stopping: false,
+        }
+    }
+
+    /// Runs until the VM is deleted or every sender is gone. With `adopted`, first re-adopts the
+    /// VM's vmm (or settles its state) and says so on it.
+    pub(crate) async fn run(mut self, adopted: Option<oneshot::Sender<()>>) {
+        if let Some(done) = adopted {
+            self.adopt().await;
+            let _ = done.send(());
+        }
+        let mut tick = tokio::time::interval(TICK);
+        loop {
+            tokio::select! {
+                cmd = self.commands.recv() => {
+                    let Some(cmd) = cmd else { return };
+                    if self.handle(cmd).await {
+                        return;
+                    }
+                }
+                event = next_event(&mut self.proc) => self.on_conn_event(event).await,
+                _ = tick.tick() => self.on_tick().await,
+            }
+        }
+    }
+
+    /// Handles one command; true when the actor should end (the VM was deleted).
+    async fn handle(&mut self, cmd: Command) -> bool {
+        match cmd {
+            Command::Start(reply) => {
+                let _ = reply.send(self.start().await);
+            }
+            Command::Stop {
+                timeout,
+                force,
+                reply,
+            } => {
+                let _ = reply.send(self.stop(timeout, force).await);
+            }
+            Command::Pause(reply) => {
+                let _ = reply.send(self.pause_resume(true).await);
+            }
+            Command::Resume(reply) => {
+                let _ = reply.send(self.pause_resume(false).await);
+            }
+            Command::Reboot { timeout, reply } => {
+                let result = match self.vm.state() {
+                    VmState::Running | VmState::Paused => match self.stop(timeout, false).await {
+                        Ok(_) => self.start().await,
+                        Err(e) => Err(e),
+                    },
+                    s => Err(self.wrong_state(s, "rebooted")),
+                };
+                let _ = reply.send(result);
+            }
+            Command::Delete(reply) => {
+                let result = self.delete().await;
+                let ok = result.is_ok();
+                let _ = reply.send(result);
+                return ok;
+            }
+        }
+        false
+    }
+
+    fn wrong_state(&self, state: VmState, verb: &str) -> AgentError {
+        AgentError::WrongState(format!(
+            "VM '{}' is {} and cannot be {verb}",
+            self.vm.vm_id,
+            state_name(state)
+        ))
+    }
+
+    /// Writes the VM's record after `change`, if it changed anything.
+    async fn save(&mut self, change: impl FnOnce(&mut Vm)) -> Result<(), AgentError> {
+        let mut vm = self.vm.clone();
+        change(&mut vm);
+        if vm == self.vm {
+            return Ok(());
+        }
+        self.vm = self.ctx.store.call(move |s| s.update_vm(vm, None)).await?;
+        Ok(())
+    }
+
+    /// Like `save`, logging instead of failing: used where the vmm's state changed whatever the
+    /// database says (the next change writes the whole record again).
+    async fn record(&mut self, change: impl FnOnce(&mut Vm)) {
+        if let Err(e) = self.save(change).await {
+            tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot record a state change");
+        }
+    }
+
+    async fn adopt(&mut self) {
+        if !holds_resources(self.vm.state()) {
+            return;
+        }
+        self.reattach().await;
+        if self.proc.is_none() && self.ctx.config.restore_on_boot {
+            let desired = self.vm.desired_state();
+            if matches!(desired, VmState::Running | VmState::Paused) {
+                tracing::info!(vm = %self.vm.vm_id, "restoring: booting it again");
+                if let Err(e) = self.start().await {
+                    tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot restore");
+                    self.record(|vm| vm.state_reason = format!("not restored: {e}"))
+                        .await;
+                }
+            }
+        }
+    }
+
+    /// Re-adopts the vmm the store names, or records that it is gone (killing it if it does not
+    /// answer).
+    async fn reattach(&mut self) {
+        let pid = self.vm.pid;
+        if pid == 0 || !is_our_vmm(pid, &self.sock) {
+            tracing::info!(vm = %self.vm.vm_id, pid, "vmm gone while the agent was down");
+            self.record(|vm| {
+                vm.state = VmState::Stopped as i32;
+                vm.state_reason = "the vmm process ended while the agent was down".into();
+                vm.pid = 0;
+            })
+            .await;
+            return;
+        }
+        let timeout = self.ctx.config.adopt_timeout;
+        let probe = tokio::time::timeout(timeout, async {
+            let (conn, events) = ControlConn::connect(&self.sock).await?;
+            let response = conn.request(Request::Describe, timeout).await?;
+            Ok::<_, ControlClientError>((conn, events, response))
+        })
+        .await;
+        match probe {
+            Ok(Ok((conn, events, Response::Description(d)))) => {
+                tracing::info!(vm = %self.vm.vm_id, pid, "re-adopted");
+                self.proc = Some(Proc {
+                    pid,
+                    conn: Some(conn),
+                    events: Some(events),
+                    child_exit: None,
+                    child_code: None,
+                    exit_event: None,
+                });
+                let state = observed_state(d.state);
+                self.record(|vm| vm.state = state as i32).await;
+            }
+            other => {
+                let why = match other {
+                    Err(_) => "did not answer in time".to_string(),
+                    Ok(Err(e)) => e.to_string(),
+                    Ok(Ok(_)) => "answered describe with something else".to_string(),
+                };
+                tracing::warn!(vm = %self.vm.vm_id, pid, why, "cannot re-adopt; killing the vmm");
+                // It is ours but does not answer: a new start would fight it for its disks.
+                kill(pid);
+                let deadline = Instant::now() + EXIT_TIMEOUT;
+                while is_our_vmm(pid, &self.sock) && Instant::now() < deadline {
+                    sleep(Duration::from_millis(20)).await;
+                }
+                self.record(|vm| {
+                    vm.state = VmState::Stopped as i32;
+                    vm.state_reason =
+                        format!("after the agent restarted, the vmm's control socket {why}; killed it");
+                    vm.pid = 0;
+                })
+                .await;
+            }
+        }
+    }
+
+    async fn on_conn_event(&mut self, event: ConnEvent) {
+        match event {
+            ConnEvent::Event(Event::StateChanged { state }) => {
+                if !self.stopping {
+                    let state = observed_state(state);
+                    self.record(|vm| vm.state = state as i32).await;
+                }
+            }
+            ConnEvent::Event(Event::GuestBootComplete { boot_ms }) => {
+                self.record(|vm| vm.boot_ms = Some(boot_ms)).await;
+            }
+            ConnEvent::Event(Event::Exit { reason, code }) => {
+                if let Some(p) = self.proc.as_mut() {
+                    p.exit_event = Some((reason, code));
+                }
+            }
+            ConnEvent::Event(Event::GuestPanic) => {
+                tracing::warn!(vm = %self.vm.vm_id, "guest panicked");
+            }
+            ConnEvent::Event(Event::VcpuError { message }) => {
+                tracing::warn!(vm = %self.vm.vm_id, message, "vCPU error");
+            }
+            ConnEvent::Closed => {
+                if let Some(p) = self.proc.as_mut() {
+                    p.conn = None;
+                    p.events = None;
+                }
+                self.on_tick().await;
+            }
+        }
+    }
+
+    /// Checks that the vmm lives (reconnecting if the connection was lost) and caps its console log.
+    async fn on_tick(&mut self) {
+        let Some(p) = self.proc.as_mut() else {
+            return;
+        };
+        let max = self.ctx.config.console_log_max_bytes;
+        for log in [
+            self.ctx.config.console_log(&self.vm.vm_id),
+            self.dir.join("vmm.log"),
+        ] {
+            if let Err(e) = console::cap(&log, max) {
+                tracing::warn!(vm = %self.vm.vm_id, error = %e, log = %log.display(), "cannot cap a log");
+            }
+        }
+        if p.conn.is_some() {
+            return;
+        }
+        // The connection is gone: the vmm is exiting, or dropped us. Give it a moment to exit.
+        let pid = p.pid;
+        let deadline = Instant::now() + Duration::from_secs(2);
+        while Instant::now() < deadline {
+            if self.exited().await {
+                return self.finish().await;
+            }
+            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+                tracing::info!(vm = %self.vm.vm_id, pid, "reconnected to the control socket");
+                if let Some(p) = self.proc.as_mut() {
+                    p.conn = Some(conn);
+                    p.events = Some(events);
+                }
+                // Events sent while we were away are lost: ask for the state instead.
+                if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
+                    if !self.stopping {
+                        let state = observed_state(d.state);
+                        self.record(|vm| vm.state = state as i32).await;
+                    }
+                }
+                return;
+            }
+            sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    /// Whether the vmm has ended (our child reaped, or the pid no longer ours).
+    async fn exited(&mut self) -> bool {
+        let Some(p) = self.proc.as_mut() else {
+            return true;
+        };
+        if p.child_code.is_some() {
+            return true;
+        }
+        if let Some(rx) = p.child_exit.as_mut() {
+            return match rx.try_recv() {
+                Ok(code) => {
+                    p.child_code = Some(code);
+                    true
+                }
+                Err(oneshot::error::TryRecvError::Empty) => false,
+                Err(oneshot::error::TryRecvError::Closed) => {
+                    p.child_code = Some(None);
+                    true
+                }
+            };
+        }
+        !is_our_vmm(p.pid, &self.sock)
+    }
+
+    /// The vmm has ended: records why, as STOPPED (clean exit, or one we asked for) or FAILED.
+    async fn finish(&mut self) {
+        let Some(mut p) = self.proc.take() else {
+            return;
+        };
+        let child_code = match (p.child_code, p.child_exit.as_mut()) {
+            (Some(code), _) => Some(code),
+            // Our child: its status comes once it is reaped, which is at once after an exit.
+            (None, Some(rx)) => tokio::time::timeout(EXIT_TIMEOUT, rx)
+                .await
+                .ok()
+                .map(|r| r.ok().flatten()),
+            (None, None) => None,
+        };
+        let code = match (child_code, &p.exit_event) {
+            (Some(code), _) => code,
+            (None, Some((_, code))) => Some(*code),
+            (None, None) => None,
+        };
+        let reason = match (&p.exit_event, code) {
+            (Some((reason, _)), _) => reason.clone(),
+            (None, Some(code)) => format!("the vmm exited with code {code}{}", self.log_hint()),
+            (None, None) if child_code.is_some() => {
+                format!("the vmm was killed by a signal{}", self.log_hint())
+            }
+            (None, None) => "the vmm process vanished".to_string(),
+        };
+        let reason = if self.stopping {
+            format!("stopped on request ({reason})")
+        } else {
+            reason
+        };
+        let state = if self.stopping || code == Some(0) {
+            VmState::Stopped
+        } else {
+            VmState::Failed
+        };
+        tracing::info!(vm = %self.vm.vm_id, pid = p.pid, ?code, reason, "vmm ended");
+        // The vmm removes its socket on a clean exit; not when it was killed.
+        let _ = std::fs::remove_file(&self.sock);
+        let ended_by_itself = !self.stopping;
+        self.record(|vm| {
+            vm.state = state as i32;
+            vm.state_reason = reason;
+            vm.pid = 0;
+            vm.exit_code = code;
+            if ended_by_itself {
+                // The guest powered off or crashed: nothing asks for it to run any more.
+                vm.desired_state = VmState::Stopped as i32;
+            }
+        })
+        .await;
+    }
+
+    /// The last line the vmm logged, as `: <line>`, to explain a failure.
+    fn log_hint(&self) -> String {
+        let text = std::fs::read(self.dir.join("vmm.log")).unwrap_or_default();
+        let text = String::from_utf8_lossy(&text[text.len().saturating_sub(4096)..]).into_owned();
+        match text.lines().rev().find(|l| !l.trim().is_empty()) {
+            Some(line) => format!(": {}", line.trim()),
+            None => String::new(),
+        }
+    }
+
+    /// Processes events until `done` holds, the vmm ends, or `deadline` passes.
+    async fn pump_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) {
+        while !done(self) && self.proc.is_some() {
+            tokio::select! {
+                event = next_event(&mut self.proc) => self.on_conn_event(event).await,
+                _ = sleep(Duration::from_millis(200)) => {
+                    if self.exited().await {
+                        self.finish().await;
+                    }
+                }
+                _ = tokio::time::sleep_until(deadline) => return,
+            }
+        }
+    }
+
+    async fn start(&mut self) -> Result<Vm, AgentError> {
+        let state = self.vm.state();
+        match state {
+            VmState::Running | VmState::Paused | VmState::Starting if self.proc.is_some() => {
+                return Ok(self.vm.clone())
+            }
+            VmState::Stopping => return Err(self.wrong_state(state, "started")),
+            _ => {}
+        }
+        if state != VmState::Starting {
+            // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
+            let mut vm = self.vm.clone();
+            vm.state = VmState::Starting as i32;
+            vm.desired_state = VmState::Running as i32;
+            vm.state_reason = String::new();
+            vm.pid = 0;
+            vm.exit_code = None;
+            vm.boot_ms = None;
+            let limit = self.ctx.config.allocatable;
+            self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
+        }
+        if let Err(e) = self.spawn_vmm().await {
+            tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot start the vmm");
+            self.record(|vm| {
+                vm.state = VmState::Failed as i32;
+                vm.state_reason = format!("cannot start the vmm: {e}");
+            })
+            .await;
+            return Ok(self.vm.clone());
+        }
+        // Connect to the new vmm's control socket as soon as it is there.
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            if self.exited().await {
+                self.finish().await;
+                return Ok(self.vm.clone());
+            }
+            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+                if let Some(p) = self.proc.as_mut() {
+                    p.conn = Some(conn);
+                    p.events = Some(events);
+                }
+                break;
+            }
+            if Instant::now() > deadline {
+                return self.give_up("the vmm did not open its control socket").await;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
+            let state = observed_state(d.state);
+            self.record(|vm| vm.state = state as i32).await;
+        }
+        self.pump_until(Instant::now() + START_TIMEOUT, |a| {
+            a.vm.state() != VmState::Starting
+        })
+        .await;
+        if self.vm.state() == VmState::Starting {
+            return self.give_up("the vmm did not start the VM in time").await;
+        }
+        Ok(self.vm.clone())
+    }
+
+    async fn spawn_vmm(&mut self) -> Result<(), std::io::Error> {
+        std::fs::create_dir_all(&self.dir)?;
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        let config = to_vm_config(&spec, &self.ctx.config.console_log(&self.vm.vm_id));
+        let config_path = self.dir.join("vm.json");
+        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+        // The vmm refuses an existing socket path; one left by a killed vmm is stale.
+        let _ = std::fs::remove_file(&self.sock);
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("vmm.log"))?;
+        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
+        command
+            .arg("--config")
+            .arg(&config_path)
+            .arg("--api-sock")
+            .arg(&self.sock)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for the agent does not reach the VMs.
+            .process_group(0)
+            // The vmm must outlive the agent; dropping the handle must not kill it.
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let code = child.wait().await.ok().and_then(|s| s.code());
+            let _ = tx.send(code);
+        });
+        tracing::info!(vm = %self.vm.vm_id, pid, "vmm started");
+        self.proc = Some(Proc {
+            pid,
+            conn: None,
+            events: None,
+            child_exit: Some(rx),
+            child_code: None,
+            exit_event: None,
+        });
+        self.record(|vm| vm.pid = pid).await;
+        Ok(())
+    }
+
+    /// Kills a vmm that misbehaves while starting and records it as failed.
+    async fn give_up(&mut self, why: &str) -> Result<Vm, AgentError> {
+        tracing::warn!(vm = %self.vm.vm_id, why, "killing the vmm");
+        self.kill_and_wait().await;
+        self.record(|vm| {
+            vm.state = VmState::Failed as i32;
+            vm.state_reason = why.to_string();
+        })
+        .await;
+        Ok(self.vm.clone())
+    }
+
+    async fn kill_and_wait(&mut self) {
+        if let Some(p) = &self.proc {
+            kill(p.pid);
+        }
+        self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
+            .await;
+        // Still there (unkillable?): forget it rather than block the actor forever.
+        self.finish().await;
+    }
+
+    async fn request(&mut self, request: Request) -> Result<Response, AgentError> {
+        let conn = self.proc.as_ref().and_then(|p| p.conn.as_ref()).ok_or_else(|| {
+            AgentError::Unavailable(format!(
+                "the control connection of VM '{}' is down; try again",
+                self.vm.vm_id
+            ))
+        })?;
+        conn.request(request, REQUEST_TIMEOUT).await.map_err(|e| match e {
+            ControlClientError::Refused(c) => {
+                AgentError::WrongState(format!("the vmm refused: {}", c.message))
+            }
+            e => AgentError::Unavailable(format!("VM '{}': {e}", self.vm.vm_id)),
+        })
+    }
+
+    async fn pause_resume(&mut self, pause: bool) -> Result<Vm, AgentError> {
+        let state = self.vm.state();
+        let (from, to) = if pause {
+            (VmState::Running, VmState::Paused)
+        } else {
+            (VmState::Paused, VmState::Running)
+        };
+        if state == to {
+            return Ok(self.vm.clone());
+        }
+        if state != from || self.proc.is_none() {
+            return Err(self.wrong_state(state, if pause { "paused" } else { "resumed" }));
+        }
+        let request = if pause { Request::Pause } else { Request::Resume };
+        if let Response::StateChange { state, .. } = self.request(request).await? {
+            let state = observed_state(state);
+            self.save(|vm| {
+                vm.state = state as i32;
+                vm.desired_state = to as i32;
+            })
+            .await?;
+        }
+        Ok(self.vm.clone())
+    }
+
+    async fn stop(&mut self, timeout: Duration, force: bool) -> Result<Vm, AgentError> {
+        self.save(|vm| vm.desired_state = VmState::Stopped as i32).await?;
+        if self.proc.is_none() {
+            return match self.vm.state() {
+                VmState::Stopped | VmState::Failed => Ok(self.vm.clone()),
+                // Stored as running but no process (cannot normally happen): settle it.
+                _ => {
+                    self.save(|vm| {
+                        vm.state = VmState::Stopped as i32;
+                        vm.pid = 0;
+                    })
+                    .await?;
+                    Ok(self.vm.clone())
+                }
+            };
+        }
+        self.stopping = true;
+        self.record(|vm| vm.state = VmState::Stopping as i32).await;
+        if !force {
+            let timeout_ms = timeout.as_millis() as u64;
+            let asked = self
+                .request(Request::Shutdown(ShutdownRequest {
+                    timeout_ms: Some(timeout_ms),
+                }))
+                .await;
+            if asked.is_ok() {
+                // The vmm itself stops the VM hard after the timeout; allow it a little longer.
+                self.pump_until(Instant::now() + timeout + EXIT_TIMEOUT, |a| a.proc.is_none())
+                    .await;
+            }
+        }
+        if self.proc.is_some() {
+            let _ = self.request(Request::Stop).await;
+            self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
+                .await;
+        }
+        if self.proc.is_some() {
+            self.kill_and_wait().await;
+        }
+        self.stopping = false;
+        Ok(self.vm.clone())
+    }
+
+    async fn delete(&mut self) -> Result<(), AgentError> {
+        if self.proc.is_some() {
+            self.stopping = true;
+            if self.request(Request::Stop).await.is_ok() {
+                self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
+                    .await;
+            }
+            if self.proc.is_some() {
+                self.kill_and_wait().await;
+            }
+            self.stopping = false;
+        }
+        let id = self.vm.vm_id.clone();
+        self.ctx.store.call(move |s| s.delete_vm(&id)).await?;
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot remove the VM's files");
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent's view of a vmm state.
+fn observed_state(state: VmmState) -> VmState {
+    match state {
+        VmmState::Running => VmState::Running,
+        VmmState::Paused => VmState::Paused,
+        VmmState::NotConfigured | VmmState::Configured => VmState::Starting,
+    }
+}
+
+/// The next event of the vmm's connection; never resolves while there is none.
+async fn next_event(proc: &mut Option<Proc>) -> ConnEvent {
+    match proc.as_mut().and_then(|p| p.events.as_mut()) {
+        Some(rx) => rx.recv().await.unwrap_or(ConnEvent::Closed),
+        None => std::future::pending().await,
+    }
+}

@@ -1,0 +1,519 @@
+//! `vmmctl`: the operator CLI of vmm-agent. Human tables by default, `--json` for scripts.
+
+use std::collections::HashMap;
+use std::io::Write;
+use std::time::Duration;
+
+use anyhow::{anyhow, bail, Context as _, Result};
+use clap::{Parser, Subcommand};
+use serde_json::{json, Value};
+use tonic::transport::Channel;
+use vmm_agent::proto::host_service_client::HostServiceClient;
+use vmm_agent::proto::vm_service_client::VmServiceClient;
+use vmm_agent::proto::{
+    CreateVmRequest, DeleteVmRequest, Disk, GetConsoleRequest, GetHostRequest, GetVmRequest, Host,
+    ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
+    VmSpec, VmState, WatchEventType, WatchVmsRequest,
+};
+
+/// Operator CLI for vmm-agent.
+#[derive(Parser, Debug)]
+#[command(name = "vmmctl", version)]
+struct Args {
+    /// The agent: unix:PATH.
+    #[arg(
+        long,
+        env = "VMMCTL_ENDPOINT",
+        default_value = "unix:/var/lib/vmm-agent/agent.sock"
+    )]
+    endpoint: String,
+    /// Print JSON instead of tables.
+    #[arg(long, global = true)]
+    json: bool,
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand, Debug)]
+enum Cmd {
+    /// Create and start a VM.
+    Create {
+        vm_id: String,
+        /// Guest kernel (absolute path on the agent's host).
+        #[arg(long)]
+        kernel: String,
+        #[arg(long, default_value = "")]
+        initrd: String,
+        #[arg(long, default_value = "")]
+        cmdline: String,
+        #[arg(long, default_value_t = 1)]
+        vcpus: u32,
+        #[arg(long, default_value_t = 128)]
+        memory_mib: u64,
+        /// path=IMAGE[,ro][,root]; may be repeated.
+        #[arg(long = "disk")]
+        disks: Vec<String>,
+        /// KEY=VALUE; may be repeated.
+        #[arg(long = "label")]
+        labels: Vec<String>,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Show one VM.
+    Get { vm_id: String },
+    /// List VMs.
+    List {
+        /// Label selector: k=v,k!=v,k,!k.
+        #[arg(long, default_value = "")]
+        selector: String,
+        /// Only these states (running, paused, stopped, ...); may be repeated.
+        #[arg(long = "state")]
+        states: Vec<String>,
+        #[arg(long, default_value_t = 0)]
+        page_size: u32,
+        #[arg(long, default_value = "")]
+        page_token: String,
+    },
+    /// Start a stopped VM.
+    Start {
+        vm_id: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Stop a VM (guest shutdown, then hard after the timeout).
+    Stop {
+        vm_id: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+        /// Stop at once.
+        #[arg(long)]
+        force: bool,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Pause a running VM.
+    Pause {
+        vm_id: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Resume a paused VM.
+    Resume {
+        vm_id: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Stop and start a VM.
+    Reboot {
+        vm_id: String,
+        #[arg(long, default_value_t = 0)]
+        timeout_ms: u64,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Stop a VM hard and forget it.
+    Delete {
+        vm_id: String,
+        #[arg(long, default_value = "")]
+        request_id: String,
+    },
+    /// Stream the VM list and its changes.
+    Watch {
+        #[arg(long, default_value_t = 0)]
+        from_revision: u64,
+    },
+    /// Print the serial console.
+    Console {
+        vm_id: String,
+        /// Bytes before the end to start at.
+        #[arg(long, default_value_t = 0)]
+        tail: u64,
+        /// Keep printing as output comes.
+        #[arg(long)]
+        follow: bool,
+        /// With --follow: exit 0 once this text has been printed.
+        #[arg(long)]
+        until: Option<String>,
+        /// Give up (exit 1) after this many seconds.
+        #[arg(long)]
+        timeout_s: Option<u64>,
+    },
+    /// Show the host: capacity, allocation, VMs by state, versions.
+    Host,
+}
+
+fn state_name(state: i32) -> String {
+    VmState::try_from(state)
+        .map(|s| {
+            s.as_str_name()
+                .trim_start_matches("VM_STATE_")
+                .to_ascii_lowercase()
+        })
+        .unwrap_or_else(|_| state.to_string())
+}
+
+fn parse_state(name: &str) -> Result<i32> {
+    VmState::from_str_name(&format!("VM_STATE_{}", name.to_ascii_uppercase()))
+        .map(|s| s as i32)
+        .ok_or_else(|| anyhow!("unknown state '{name}'"))
+}
+
+fn parse_kv(what: &str, items: &[String]) -> Result<HashMap<String, String>> {
+    items
+        .iter()
+        .map(|l| {
+            l.split_once('=')
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .ok_or_else(|| anyhow!("{what} must be KEY=VALUE, got '{l}'"))
+        })
+        .collect()
+}
+
+fn parse_disk(spec: &str) -> Result<Disk> {
+    let mut disk = Disk::default();
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("path", p)) => disk.path = p.to_string(),
+            None if item == "ro" => disk.read_only = true,
+            None if item == "root" => disk.root = true,
+            _ => bail!("--disk takes path=IMAGE[,ro][,root], got '{spec}'"),
+        }
+    }
+    Ok(disk)
+}
+
+fn vm_json(vm: &Vm) -> Value {
+    let spec = vm.spec.clone().unwrap_or_default();
+    json!({
+        "vm_id": vm.vm_id,
+        "state": state_name(vm.state),
+        "state_reason": vm.state_reason,
+        "pid": vm.pid,
+        "exit_code": vm.exit_code,
+        "boot_ms": vm.boot_ms,
+        "create_time_ms": vm.create_time_ms,
+        "update_time_ms": vm.update_time_ms,
+        "revision": vm.revision,
+        "spec": {
+            "vcpus": spec.vcpus,
+            "memory_mib": spec.memory_mib,
+            "kernel": spec.kernel,
+            "initrd": spec.initrd,
+            "cmdline": spec.cmdline,
+            "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
+            "labels": spec.labels,
+        },
+    })
+}
+
+fn host_json(h: &Host) -> Value {
+    let by_state: HashMap<String, u32> = h
+        .vms_by_state
+        .iter()
+        .map(|c| (state_name(c.state), c.count))
+        .collect();
+    json!({
+        "hostname": h.hostname, "cpus": h.cpus, "memory_mib": h.memory_mib,
+        "allocatable_vcpus": h.allocatable_vcpus, "allocatable_memory_mib": h.allocatable_memory_mib,
+        "allocated_vcpus": h.allocated_vcpus, "allocated_memory_mib": h.allocated_memory_mib,
+        "vms_by_state": by_state, "kvm_available": h.kvm_available, "kvm_module": h.kvm_module,
+        "agent_version": h.agent_version, "vmm_version": h.vmm_version,
+        "kernel_release": h.kernel_release, "labels": h.labels,
+    })
+}
+
+fn labels_text(labels: &HashMap<String, String>) -> String {
+    let mut items: Vec<String> = labels.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    items.sort();
+    items.join(",")
+}
+
+fn print_table(vms: &[Vm]) {
+    println!(
+        "{:<24} {:<9} {:>7} {:>5} {:>8} {:<24} REASON",
+        "ID", "STATE", "PID", "VCPUS", "MEM_MIB", "LABELS"
+    );
+    for vm in vms {
+        let spec = vm.spec.clone().unwrap_or_default();
+        println!(
+            "{:<24} {:<9} {:>7} {:>5} {:>8} {:<24} {}",
+            vm.vm_id,
+            state_name(vm.state),
+            if vm.pid == 0 {
+                "-".to_string()
+            } else {
+                vm.pid.to_string()
+            },
+            spec.vcpus,
+            spec.memory_mib,
+            labels_text(&spec.labels),
+            vm.state_reason
+        );
+    }
+}
+
+fn print_vm(vm: &Vm, as_json: bool) {
+    if as_json {
+        println!("{}", vm_json(vm));
+    } else {
+        print_table(std::slice::from_ref(vm));
+    }
+}
+
+/// Turns a status into a short error that keeps the code visible.
+fn status(e: tonic::Status) -> anyhow::Error {
+    anyhow!("{:?}: {}", e.code(), e.message())
+}
+
+fn main() -> std::process::ExitCode {
+    let args = Args::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("vmmctl: cannot start the async runtime: {e}");
+            return std::process::ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(args)) {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("vmmctl: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> Result<()> {
+    let channel: Channel = vmm_agent::client::connect(&args.endpoint)
+        .await
+        .map_err(|e| anyhow!("{}", vmm_agent::error::ErrorChain(&e)))
+        .with_context(|| format!("agent at {}", args.endpoint))?;
+    let mut vms = VmServiceClient::new(channel.clone());
+    let j = args.json;
+    match args.command {
+        Cmd::Create {
+            vm_id,
+            kernel,
+            initrd,
+            cmdline,
+            vcpus,
+            memory_mib,
+            disks,
+            labels,
+            request_id,
+        } => {
+            let spec = VmSpec {
+                vcpus,
+                memory_mib,
+                kernel,
+                cmdline,
+                initrd,
+                disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
+                labels: parse_kv("--label", &labels)?,
+            };
+            let vm = vms
+                .create_vm(CreateVmRequest {
+                    vm_id,
+                    spec: Some(spec),
+                    request_id,
+                })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Get { vm_id } => {
+            let vm = vms.get_vm(GetVmRequest { vm_id }).await.map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::List {
+            selector,
+            states,
+            page_size,
+            page_token,
+        } => {
+            let states = states.iter().map(|s| parse_state(s)).collect::<Result<_>>()?;
+            let page = vms
+                .list_vms(ListVmsRequest {
+                    label_selector: selector,
+                    states,
+                    page_size,
+                    page_token,
+                })
+                .await
+                .map_err(status)?
+                .into_inner();
+            if j {
+                let list: Vec<Value> = page.vms.iter().map(vm_json).collect();
+                println!(
+                    "{}",
+                    json!({"vms": list, "next_page_token": page.next_page_token})
+                );
+            } else {
+                print_table(&page.vms);
+                if !page.next_page_token.is_empty() {
+                    println!("(more: --page-token {})", page.next_page_token);
+                }
+            }
+        }
+        Cmd::Start { vm_id, request_id } => {
+            let vm = vms
+                .start_vm(StartVmRequest { vm_id, request_id })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Stop {
+            vm_id,
+            timeout_ms,
+            force,
+            request_id,
+        } => {
+            let vm = vms
+                .stop_vm(StopVmRequest {
+                    vm_id,
+                    request_id,
+                    timeout_ms,
+                    force,
+                })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Pause { vm_id, request_id } => {
+            let vm = vms
+                .pause_vm(PauseVmRequest { vm_id, request_id })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Resume { vm_id, request_id } => {
+            let vm = vms
+                .resume_vm(ResumeVmRequest { vm_id, request_id })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Reboot {
+            vm_id,
+            timeout_ms,
+            request_id,
+        } => {
+            let vm = vms
+                .reboot_vm(RebootVmRequest {
+                    vm_id,
+                    request_id,
+                    timeout_ms,
+                })
+                .await
+                .map_err(status)?;
+            print_vm(vm.get_ref(), j);
+        }
+        Cmd::Delete { vm_id, request_id } => {
+            vms.delete_vm(DeleteVmRequest {
+                vm_id: vm_id.clone(),
+                request_id,
+            })
+            .await
+            .map_err(status)?;
+            if j {
+                println!("{}", json!({"deleted": vm_id}));
+            } else {
+                println!("deleted {vm_id}");
+            }
+        }
+        Cmd::Watch { from_revision } => {
+            let mut stream = vms
+                .watch_vms(WatchVmsRequest { from_revision })
+                .await
+                .map_err(status)?
+                .into_inner();
+            while let Some(event) = stream.message().await.map_err(status)? {
+                let kind = WatchEventType::try_from(event.r#type)
+                    .map(|t| {
+                        t.as_str_name()
+                            .trim_start_matches("WATCH_EVENT_TYPE_")
+                            .to_ascii_lowercase()
+                    })
+                    .unwrap_or_default();
+                if j {
+                    let vm = event.vm.as_ref().map(vm_json);
+                    println!("{}", json!({"revision": event.revision, "type": kind, "vm": vm}));
+                } else {
+                    match &event.vm {
+                        Some(vm) => println!(
+                            "{:>6} {:<8} {:<24} {:<9} {}",
+                            event.revision,
+                            kind,
+                            vm.vm_id,
+                            state_name(vm.state),
+                            vm.state_reason
+                        ),
+                        None => println!("{:>6} {kind}", event.revision),
+                    }
+                }
+            }
+        }
+        Cmd::Console {
+            vm_id,
+            tail,
+            follow,
+            until,
+            timeout_s,
+        } => {
+            let read = async {
+                let mut stream = vms
+                    .get_console(GetConsoleRequest {
+                        vm_id,
+                        tail_bytes: tail,
+                        follow: follow || until.is_some(),
+                    })
+                    .await
+                    .map_err(status)?
+                    .into_inner();
+                let mut seen = Vec::new();
+                let mut out = std::io::stdout();
+                while let Some(chunk) = stream.message().await.map_err(status)? {
+                    out.write_all(&chunk.data)?;
+                    out.flush()?;
+                    if let Some(text) = &until {
+                        seen.extend_from_slice(&chunk.data);
+                        if seen.windows(text.len()).any(|w| w == text.as_bytes()) {
+                            return Ok(());
+                        }
+                        // Keep only what a match could still start in.
+                        let keep = seen.len().saturating_sub(text.len());
+                        seen.drain(..keep);
+                    }
+                }
+                match until {
+                    Some(text) => bail!("the console ended without '{text}'"),
+                    None => Ok(()),
+                }
+            };
+            match timeout_s {
+                Some(s) => tokio::time::timeout(Duration::from_secs(s), read)
+                    .await
+                    .map_err(|_| anyhow!("timed out after {s} s"))??,
+                None => read.await?,
+            }
+        }
+        Cmd::Host => {
+            let host = HostServiceClient::new(channel)
+                .get_host(GetHostRequest {})
+                .await
+                .map_err(status)?
+                .into_inner();
+            if j {
+                println!("{}", host_json(&host));
+            } else {
+                let v = host_json(&host);
+                if let Value::Object(map) = v {
+                    for (k, v) in map {
+                        println!("{k:<24} {v}");
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,135 @@
+//! The agent's errors, and the one place where they become gRPC statuses.
+//!
+//! Handlers and the supervisor return [`AgentError`]; `From<AgentError> for tonic::Status` picks the
+//! code. Messages are written for people and never carry `Debug` output: internal failures are logged
+//! in full and reported on the wire with a short, fixed text.
+
+use tonic::{Code, Status};
+
+use crate::store::StoreError;
+
+/// Why an agent call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    /// A request field is invalid; `field` is its path in the request, e.g. `spec.vcpus`.
+    #[error("{field}: {reason}")]
+    InvalidArgument {
+        /// The offending field.
+        field: String,
+        /// What is wrong with it.
+        reason: String,
+    },
+    /// No VM with this id.
+    #[error("no VM with id '{0}'")]
+    VmNotFound(String),
+    /// A VM with this id exists (created by a different request).
+    #[error("a VM with id '{0}' already exists")]
+    VmExists(String),
+    /// The VM is in a state that does not allow the request.
+    #[error("{0}")]
+    WrongState(String),
+    /// The host cannot fit the VM.
+    #[error("{0}")]
+    Exhausted(String),
+    /// The agent is not ready (still re-adopting its VMs at start).
+    #[error("{0}")]
+    Unavailable(String),
+    /// A watch asked for revisions that are no longer kept.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The state database failed.
+    #[error("state store")]
+    Store(#[source] StoreError),
+    /// Something else failed inside the agent (logged with details).
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl AgentError {
+    /// An invalid request field.
+    pub fn invalid(field: impl Into<String>, reason: impl Into<String>) -> Self {
+        AgentError::InvalidArgument {
+            field: field.into(),
+            reason: reason.into(),
+        }
+    }
+}
+
+impl From<AgentError> for Status {
+    fn from(err: AgentError) -> Status {
+        let code = match &err {
+            AgentError::InvalidArgument { .. } => Code::InvalidArgument,
+            AgentError::VmNotFound(_) => Code::NotFound,
+            AgentError::VmExists(_) => Code::AlreadyExists,
+            AgentError::WrongState(_) => Code::FailedPrecondition,
+            AgentError::Exhausted(_) => Code::ResourceExhausted,
+            AgentError::Unavailable(_) => Code::Unavailable,
+            AgentError::OutOfRange(_) => Code::OutOfRange,
+            AgentError::Store(_) | AgentError::Internal(_) => Code::Internal,
+        };
+        if code == Code::Internal {
+            // The details (paths, SQLite messages) go to the log, not to the client.
+            tracing::error!(error = %ErrorChain(&err), "internal error");
+            return Status::new(code, "internal error in the agent (see its log)");
+        }
+        Status::new(code, err.to_string())
+    }
+}
+
+impl From<StoreError> for AgentError {
+    fn from(err: StoreError) -> Self {
+        match err {
+            StoreError::Exists(id) => AgentError::VmExists(id),
+            StoreError::NotFound(id) => AgentError::VmNotFound(id),
+            StoreError::Exhausted(why) => AgentError::Exhausted(why),
+            e @ StoreError::Compacted { .. } => AgentError::OutOfRange(e.to_string()),
+            e => AgentError::Store(e),
+        }
+    }
+}
+
+/// Displays an error with its sources, `a: b: c`.
+pub struct ErrorChain<'a>(pub &'a (dyn std::error::Error + 'static));
+
+impl std::fmt::Display for ErrorChain<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}", self.0)?;
+        let mut source = self.0.source();
+        while let Some(s) = source {
+            write!(f, ": {s}")?;
+            source = s.source();
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn codes_and_messages() {
+        let s = Status::from(AgentError::invalid("spec.vcpus", "must be 1 to 32"));
+        assert_eq!(s.code(), Code::InvalidArgument);
+        assert_eq!(s.message(), "spec.vcpus: must be 1 to 32");
+        assert_eq!(
+            Status::from(AgentError::VmNotFound("a".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            Status::from(AgentError::VmExists("a".into())).code(),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            Status::from(AgentError::WrongState("x".into())).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            Status::from(AgentError::Exhausted("x".into())).code(),
+            Code::ResourceExhausted
+        );
+        let s = Status::from(AgentError::Internal("/secret/path: EIO".into()));
+        assert_eq!(s.code(), Code::Internal);
+        assert!(!s.message().contains("secret"));
+    }
+}

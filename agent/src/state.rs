@@ -1,0 +1,82 @@
+//! What every part of the running agent shares: its settings and the store, reached from async code.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use crate::error::AgentError;
+use crate::store::{Capacity, Store, StoreError};
+
+/// The agent's settings (from its flags).
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Holds `state.db` and `vms/<id>/`.
+    pub state_dir: PathBuf,
+    /// The `vmm` binary to run.
+    pub vmm_bin: PathBuf,
+    /// What VMs may use in all.
+    pub allocatable: Capacity,
+    /// Operator labels reported by `GetHost`.
+    pub host_labels: HashMap<String, String>,
+    /// How long re-adopting one VM may take at start (connect and `describe`).
+    pub adopt_timeout: Duration,
+    /// How much of each console log is kept on disk.
+    pub console_log_max_bytes: u64,
+    /// At start, boot again the VMs that should run but whose vmm is gone.
+    pub restore_on_boot: bool,
+}
+
+impl AgentConfig {
+    /// The directory of one VM's files.
+    pub fn vm_dir(&self, vm_id: &str) -> PathBuf {
+        self.state_dir.join("vms").join(vm_id)
+    }
+
+    /// The control socket of a VM.
+    pub fn api_sock(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("api.sock")
+    }
+
+    /// The serial console log of a VM.
+    pub fn console_log(&self, vm_id: &str) -> PathBuf {
+        self.vm_dir(vm_id).join("console.log")
+    }
+}
+
+/// The store, shared, with each call run on tokio's blocking pool so that SQLite never blocks the
+/// async runtime.
+#[derive(Clone)]
+pub struct StoreHandle(Arc<Mutex<Store>>);
+
+impl StoreHandle {
+    /// Wraps an open store.
+    pub fn new(store: Store) -> Self {
+        StoreHandle(Arc::new(Mutex::new(store)))
+    }
+
+    /// Runs `f` with the store on the blocking pool.
+    pub async fn call<R, F>(&self, f: F) -> Result<R, AgentError>
+    where
+        R: Send + 'static,
+        F: FnOnce(&mut Store) -> Result<R, StoreError> + Send + 'static,
+    {
+        let store = self.0.clone();
+        tokio::task::spawn_blocking(move || {
+            // A panic in another call cannot leave SQLite inconsistent (transactions roll back).
+            let mut guard = store.lock().unwrap_or_else(|e| e.into_inner());
+            f(&mut guard)
+        })
+        .await
+        .map_err(|e| AgentError::Internal(format!("store task failed: {e}")))?
+        .map_err(AgentError::from)
+    }
+}
+
+/// The store and the settings, shared by the RPC handlers and the supervisor.
+pub struct Context {
+    /// Settings.
+    pub config: AgentConfig,
+    /// State.
+    pub store: StoreHandle,
+}

@@ -1,0 +1,201 @@
+//! Store tests against a real SQLite file in a temporary directory.
+
+use super::*;
+use harness::TempDir;
+
+fn spec(vcpus: u32, memory_mib: u64) -> VmSpec {
+    VmSpec {
+        vcpus,
+        memory_mib,
+        kernel: "/k".into(),
+        ..Default::default()
+    }
+}
+
+fn vm(id: &str, state: VmState, vcpus: u32, memory_mib: u64) -> Vm {
+    Vm {
+        vm_id: id.into(),
+        spec: Some(spec(vcpus, memory_mib)),
+        state: state as i32,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn migrations_apply_once_and_refuse_newer_schemas() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    let mode: String = store
+        .conn
+        .query_row("PRAGMA journal_mode", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(mode, "wal");
+    drop(store);
+    // Reopening applies nothing again (the CREATE TABLEs would fail).
+    let store = Store::open(&path).unwrap();
+    store.conn.pragma_update(None, "user_version", 99).unwrap();
+    drop(store);
+    assert!(matches!(Store::open(&path), Err(StoreError::TooNew(99))));
+}
+
+#[test]
+fn revisions_events_and_persistence() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    let mut store = Store::open(&path).unwrap();
+    let mut rx = store.subscribe();
+    let a = store
+        .create_vm(vm("a", VmState::Stopped, 1, 64), None, None)
+        .unwrap();
+    assert_eq!(a.revision, 1);
+    let b = store
+        .create_vm(vm("b", VmState::Stopped, 1, 64), None, None)
+        .unwrap();
+    assert_eq!(b.revision, 2);
+    assert!(matches!(
+        store.create_vm(vm("a", VmState::Stopped, 1, 64), None, None),
+        Err(StoreError::Exists(_))
+    ));
+    let mut a2 = a.clone();
+    a2.state = VmState::Running as i32;
+    a2.pid = 42;
+    let a2 = store.update_vm(a2, None).unwrap();
+    assert_eq!((a2.revision, a2.create_time_ms), (3, a.create_time_ms));
+    store.delete_vm("b").unwrap();
+    assert!(matches!(store.delete_vm("b"), Err(StoreError::NotFound(_))));
+    let kinds: Vec<(u64, WatchEventType)> = (0..4)
+        .map(|_| rx.try_recv().unwrap())
+        .map(|e| (e.revision, e.r#type()))
+        .collect();
+    assert_eq!(
+        kinds,
+        vec![
+            (1, WatchEventType::Created),
+            (2, WatchEventType::Created),
+            (3, WatchEventType::Updated),
+            (4, WatchEventType::Deleted)
+        ]
+    );
+    drop(store);
+
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.revision().unwrap(), 4);
+    let vms = store.list_vms().unwrap();
+    assert_eq!(vms.len(), 1);
+    assert_eq!((vms[0].pid, vms[0].state()), (42, VmState::Running));
+    let after: Vec<u64> = store
+        .events_after(2)
+        .unwrap()
+        .iter()
+        .map(|e| e.revision)
+        .collect();
+    assert_eq!(after, vec![3, 4]);
+    assert!(store.events_after(4).unwrap().is_empty());
+    assert!(matches!(store.events_after(5), Err(StoreError::Compacted { .. })));
+    let deleted = &store.events_after(3).unwrap()[0];
+    assert_eq!(deleted.vm.as_ref().map(|v| v.vm_id.as_str()), Some("b"));
+}
+
+#[test]
+fn capacity_counts_only_vms_that_hold_resources() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+    let limit = Capacity {
+        vcpus: 4,
+        memory_mib: 1024,
+    };
+    store
+        .create_vm(vm("a", VmState::Starting, 2, 512), Some(limit), None)
+        .unwrap();
+    store
+        .create_vm(vm("off", VmState::Stopped, 4, 1024), Some(limit), None)
+        .unwrap();
+    assert_eq!(
+        store.allocated().unwrap(),
+        Capacity {
+            vcpus: 2,
+            memory_mib: 512
+        }
+    );
+    let err = store
+        .create_vm(vm("b", VmState::Starting, 1, 600), Some(limit), None)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Exhausted(ref m) if m.contains("memory")),
+        "{err}"
+    );
+    let err = store
+        .create_vm(vm("c", VmState::Starting, 3, 64), Some(limit), None)
+        .unwrap_err();
+    assert!(
+        matches!(err, StoreError::Exhausted(ref m) if m.contains("vCPUs")),
+        "{err}"
+    );
+    assert!(
+        store.get_vm("b").unwrap().is_none(),
+        "a refused VM is not half made"
+    );
+    // Starting the stopped one does not fit either; re-saving a running VM does not count it twice.
+    let mut off = store.get_vm("off").unwrap().unwrap();
+    off.state = VmState::Starting as i32;
+    assert!(matches!(
+        store.update_vm(off, Some(limit)),
+        Err(StoreError::Exhausted(_))
+    ));
+    let mut a = store.get_vm("a").unwrap().unwrap();
+    a.state = VmState::Running as i32;
+    store.update_vm(a, Some(limit)).unwrap();
+}
+
+#[test]
+fn request_ids_keep_the_first_answer() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+    let created = store
+        .create_vm(
+            vm("a", VmState::Stopped, 1, 64),
+            None,
+            Some(("r1", "CreateVm", b"fp")),
+        )
+        .unwrap();
+    let stored = store.find_request("r1").unwrap().unwrap();
+    assert_eq!(stored.method, "CreateVm");
+    assert_eq!(stored.fingerprint, b"fp");
+    assert_eq!(Vm::decode(stored.response.as_slice()).unwrap(), created);
+    let first = store.record_request("r2", "PauseVm", b"x", b"first").unwrap();
+    let second = store.record_request("r2", "PauseVm", b"x", b"second").unwrap();
+    assert_eq!(first.response, b"first");
+    assert_eq!(second.response, b"first");
+    assert!(store.find_request("r3").unwrap().is_none());
+}
+
+#[test]
+fn a_version_1_database_is_migrated_keeping_its_vms() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    {
+        // What the first agent wrote: schema 1 with one VM.
+        let conn = Connection::open(&path).unwrap();
+        conn.execute_batch(MIGRATIONS[0]).unwrap();
+        conn.pragma_update(None, "user_version", 1).unwrap();
+        conn.execute(
+            "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid,
+                              create_time_ms, update_time_ms, revision)
+             VALUES ('old', ?1, 1, 64, ?2, '', 7, 1, 1, 1)",
+            params![spec(1, 64).encode_to_vec(), VmState::Running as i32],
+        )
+        .unwrap();
+    }
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 2);
+    let mut old = store.get_vm("old").unwrap().unwrap();
+    assert_eq!((old.pid, old.desired_state()), (7, VmState::Unspecified));
+    old.desired_state = VmState::Running as i32;
+    store.update_vm(old, None).unwrap();
+    assert_eq!(
+        store.get_vm("old").unwrap().unwrap().desired_state(),
+        VmState::Running
+    );
+}

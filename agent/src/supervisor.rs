@@ -1,0 +1,120 @@
+//! The VMs' actors (`actor.rs`), one per VM, and the calls that reach them: each call becomes a
+//! command on the actor's queue, answered when the actor has done it.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+
+use crate::actor::{Command, Reply, VmActor};
+use crate::error::AgentError;
+use crate::proto::Vm;
+use crate::state::Context;
+
+/// Default time a guest gets to shut down.
+pub const DEFAULT_STOP_TIMEOUT: Duration = Duration::from_secs(30);
+
+/// The VM actors of this agent.
+pub struct Supervisor {
+    ctx: Arc<Context>,
+    actors: Mutex<HashMap<String, mpsc::Sender<Command>>>,
+}
+
+impl Supervisor {
+    /// A supervisor with no actors yet.
+    pub fn new(ctx: Arc<Context>) -> Arc<Self> {
+        Arc::new(Supervisor {
+            ctx,
+            actors: Mutex::default(),
+        })
+    }
+
+    fn actors(&self) -> std::sync::MutexGuard<'_, HashMap<String, mpsc::Sender<Command>>> {
+        self.actors.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Starts one actor per stored VM; those the store says run are re-adopted, all in parallel,
+    /// each within the adoption timeout. Returns once every VM is settled.
+    pub async fn adopt_all(self: &Arc<Self>) -> Result<(), AgentError> {
+        let vms = self.ctx.store.call(|s| s.list_vms()).await?;
+        let mut done = Vec::new();
+        for vm in vms {
+            let (tx, rx) = oneshot::channel();
+            self.spawn_actor(vm, Some(tx));
+            done.push(rx);
+        }
+        for rx in done {
+            let _ = rx.await;
+        }
+        Ok(())
+    }
+
+    fn spawn_actor(&self, vm: Vm, adopted: Option<oneshot::Sender<()>>) {
+        let (tx, rx) = mpsc::channel(16);
+        self.actors().insert(vm.vm_id.clone(), tx);
+        tokio::spawn(VmActor::new(self.ctx.clone(), vm, rx).run(adopted));
+    }
+
+    /// Starts the actor of a VM just stored (in state STARTING); `start` then has it run the vmm.
+    pub fn add(&self, vm: Vm) {
+        self.spawn_actor(vm, None);
+    }
+
+    async fn ask<T>(&self, vm_id: &str, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
+        let tx = self
+            .actors()
+            .get(vm_id)
+            .cloned()
+            .ok_or_else(|| AgentError::VmNotFound(vm_id.to_string()))?;
+        let (reply, rx) = oneshot::channel();
+        tx.send(make(reply))
+            .await
+            .map_err(|_| AgentError::VmNotFound(vm_id.to_string()))?;
+        rx.await.map_err(|_| AgentError::VmNotFound(vm_id.to_string()))?
+    }
+
+    /// Starts a stopped VM.
+    pub async fn start(&self, vm_id: &str) -> Result<Vm, AgentError> {
+        self.ask(vm_id, Command::Start).await
+    }
+
+    /// Stops a VM: asks the guest, then stops it hard after `timeout` (at once with `force`).
+    pub async fn stop(&self, vm_id: &str, timeout: Duration, force: bool) -> Result<Vm, AgentError> {
+        self.ask(vm_id, |reply| Command::Stop {
+            timeout,
+            force,
+            reply,
+        })
+        .await
+    }
+
+    /// Pauses a running VM.
+    pub async fn pause(&self, vm_id: &str) -> Result<Vm, AgentError> {
+        self.ask(vm_id, Command::Pause).await
+    }
+
+    /// Resumes a paused VM.
+    pub async fn resume(&self, vm_id: &str) -> Result<Vm, AgentError> {
+        self.ask(vm_id, Command::Resume).await
+    }
+
+    /// Stops (gracefully) and starts a VM.
+    pub async fn reboot(&self, vm_id: &str, timeout: Duration) -> Result<Vm, AgentError> {
+        self.ask(vm_id, |reply| Command::Reboot { timeout, reply }).await
+    }
+
+    /// Stops a VM hard and forgets it.
+    pub async fn delete(&self, vm_id: &str) -> Result<(), AgentError> {
+        let actor = self.actors().get(vm_id).cloned();
+        self.ask(vm_id, Command::Delete).await?;
+        // Only this actor's entry: a VM created again with the same id meanwhile has a new one.
+        let mut actors = self.actors();
+        if let (Some(old), Some(current)) = (actor, actors.get(vm_id)) {
+            if old.same_channel(current) {
+                actors.remove(vm_id);
+            }
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,213 @@
+//! Shared by the agent's end-to-end tests: run a real `vmm-agent` binary on a Unix socket in a
+//! temporary state directory, and talk to it over real gRPC.
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{bail, Context, Result};
+use harness::{GuestImages, TempDir};
+use tonic::transport::Channel;
+use tonic_health::pb::health_check_response::ServingStatus;
+use tonic_health::pb::health_client::HealthClient;
+use tonic_health::pb::HealthCheckRequest;
+use vmm_agent::proto::vm_service_client::VmServiceClient;
+use vmm_agent::proto::{GetConsoleRequest, GetVmRequest, Vm, VmSpec, VmState};
+
+/// Most time a guest may take to print BOOT-COMPLETE on a busy 2-core kvm_pvm host.
+pub const BOOT_TIMEOUT: Duration = Duration::from_secs(240);
+
+/// A running agent process.
+pub struct Agent {
+    pub child: Child,
+    pub socket: PathBuf,
+    pub state_dir: PathBuf,
+}
+
+impl Agent {
+    /// Starts `vmm-agent` on `<state_dir>/agent.sock` with extra flags.
+    pub fn start(state_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        let socket = state_dir.join("agent.sock");
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(state_dir.join("agent.log"))?;
+        let child = Command::new(env!("CARGO_BIN_EXE_vmm-agent"))
+            .arg("--state-dir")
+            .arg(state_dir)
+            .arg("--listen")
+            .arg(format!("unix:{}", socket.display()))
+            .arg("--vmm-bin")
+            .arg(harness::vmm_binary())
+            .args(extra)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .context("cannot start vmm-agent")?;
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while !socket.exists() {
+            if Instant::now() > deadline {
+                bail!("the agent did not create {}", socket.display());
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        Ok(Agent {
+            child,
+            socket,
+            state_dir: state_dir.to_path_buf(),
+        })
+    }
+
+    /// A gRPC channel to it.
+    pub async fn channel(&self) -> Result<Channel> {
+        Ok(vmm_agent::client::connect_unix(self.socket.clone()).await?)
+    }
+
+    /// A VmService client.
+    pub async fn vms(&self) -> Result<VmServiceClient<Channel>> {
+        Ok(VmServiceClient::new(self.channel().await?))
+    }
+
+    /// The overall health status.
+    pub async fn health(&self) -> Result<ServingStatus> {
+        let mut client = HealthClient::new(self.channel().await?);
+        let r = client
+            .check(HealthCheckRequest {
+                service: String::new(),
+            })
+            .await?;
+        Ok(r.into_inner().status())
+    }
+
+    /// Waits until health says SERVING.
+    pub async fn wait_serving(&self) -> Result<()> {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            if let Ok(ServingStatus::Serving) = self.health().await {
+                return Ok(());
+            }
+            if Instant::now() > deadline {
+                bail!("the agent did not become SERVING");
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// SIGKILL, as a crash would.
+    pub fn kill9(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// The agent's log so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.state_dir.join("agent.log")).unwrap_or_default()
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        self.kill9();
+    }
+}
+
+/// A fresh state directory (short path: control socket paths must fit in 108 bytes).
+pub fn state_dir(tag: &str) -> Result<TempDir> {
+    TempDir::new_in(Path::new("/tmp"), tag)
+}
+
+/// A spec that boots the test kernel with the probe doing `actions`.
+pub fn probe_spec(actions: &str) -> Result<VmSpec> {
+    let images = GuestImages::get()?;
+    Ok(VmSpec {
+        vcpus: 1,
+        memory_mib: 128,
+        kernel: images.vmlinux.display().to_string(),
+        initrd: images.initramfs.display().to_string(),
+        cmdline: harness::probe_cmdline(actions),
+        ..Default::default()
+    })
+}
+
+/// Reads the console through GetConsole (following) until `text` appears.
+pub async fn wait_console(
+    vms: &mut VmServiceClient<Channel>,
+    vm_id: &str,
+    text: &str,
+    timeout: Duration,
+) -> Result<String> {
+    let read = async {
+        let mut stream = vms
+            .get_console(GetConsoleRequest {
+                vm_id: vm_id.into(),
+                tail_bytes: 1 << 20,
+                follow: true,
+            })
+            .await?
+            .into_inner();
+        let mut seen = String::new();
+        while let Some(chunk) = stream.message().await? {
+            seen.push_str(&String::from_utf8_lossy(&chunk.data));
+            if seen.contains(text) {
+                return Ok(seen);
+            }
+        }
+        bail!("the console stream ended without '{text}':\n{seen}")
+    };
+    tokio::time::timeout(timeout, read)
+        .await
+        .with_context(|| format!("no '{text}' on the console of {vm_id} within {timeout:?}"))?
+}
+
+/// Polls GetVm until the VM is in `state`.
+pub async fn wait_state(
+    vms: &mut VmServiceClient<Channel>,
+    vm_id: &str,
+    state: VmState,
+    timeout: Duration,
+) -> Result<Vm> {
+    let deadline = Instant::now() + timeout;
+    loop {
+        let vm = vms
+            .get_vm(GetVmRequest { vm_id: vm_id.into() })
+            .await?
+            .into_inner();
+        if vm.state() == state {
+            return Ok(vm);
+        }
+        if Instant::now() > deadline {
+            bail!("{vm_id} is {:?}, not {state:?}", vm.state());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Whether a process with this pid exists (and is no zombie).
+pub fn alive(pid: u32) -> bool {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .map(|s| {
+            s.rsplit_once(')')
+                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
+                .unwrap_or(false)
+        })
+        .unwrap_or(false)
+}
+
+/// vmm processes of VMs under the state directory `dir`.
+pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
+    // The agent itself names the state dir too; a vmm names its socket under vms/.
+    let needle = dir.join("vms").display().to_string();
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
+            continue;
+        };
+        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&needle) && alive(pid) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
