@@ -90,15 +90,7 @@ impl DriveConfig {
         let mut engine = IoEngine::default();
         let mut cache = CacheMode::default();
         let mut limits = RateLimiterCliKeys::default();
-        let mut seen = Vec::new();
-        for item in spec.split(',') {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("'{item}' is not KEY=VALUE"))?;
-            if seen.contains(&key) {
-                return Err(format!("{key} given more than once"));
-            }
-            seen.push(key);
+        for (key, value) in cli_pairs(spec)? {
             match key {
                 "path" => path = Some(PathBuf::from(value)),
                 "id" => id = Some(value.to_string()),
@@ -156,6 +148,21 @@ pub(crate) fn check_id(section: &str, ids: &[&str], i: usize, what: &str) -> Res
         return Err(ConfigError::invalid(field, format!("duplicate {what} id '{id}'")));
     }
     Ok(())
+}
+
+/// The `KEY=VALUE` items of a comma-separated device spec (`--drive`, `--net`), each key once.
+pub(crate) fn cli_pairs(spec: &str) -> Result<Vec<(&str, &str)>, String> {
+    let mut pairs: Vec<(&str, &str)> = Vec::new();
+    for item in spec.split(',') {
+        let (key, value) = item
+            .split_once('=')
+            .ok_or_else(|| format!("'{item}' is not KEY=VALUE"))?;
+        if pairs.iter().any(|(k, _)| *k == key) {
+            return Err(format!("{key} given more than once"));
+        }
+        pairs.push((key, value));
+    }
+    Ok(pairs)
 }
 
 fn is_empty_path(path: &std::path::Path) -> bool {

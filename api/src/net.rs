@@ -6,7 +6,7 @@ use std::str::FromStr;
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 
 use crate::config::ConfigError;
-use crate::drive::{check_id, is_valid_name};
+use crate::drive::{check_id, cli_pairs, is_valid_name};
 use crate::rate_limiter::{RateLimiterCliKeys, RateLimiterConfig};
 
 /// Most NICs a VM may have.
@@ -116,15 +116,7 @@ impl NetConfig {
         let mut mac = None;
         let mut rx = RateLimiterCliKeys::default();
         let mut tx = RateLimiterCliKeys::default();
-        let mut seen = Vec::new();
-        for item in spec.split(',') {
-            let (key, value) = item
-                .split_once('=')
-                .ok_or_else(|| format!("'{item}' is not KEY=VALUE"))?;
-            if seen.contains(&key) {
-                return Err(format!("{key} given more than once"));
-            }
-            seen.push(key);
+        for (key, value) in cli_pairs(spec)? {
             match key {
                 "tap" => tap = Some(value.to_string()),
                 "id" => id = Some(value.to_string()),
