@@ -2,7 +2,6 @@
 //! reflection) on a Unix socket, and re-adoption of the VMs that run.
 
 use std::future::Future;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,6 +9,7 @@ use std::sync::Arc;
 use tokio::net::UnixListener;
 use tokio_stream::wrappers::UnixListenerStream;
 use tonic_health::ServingStatus;
+use vmm_api::socket::MAX_SOCKET_PATH;
 
 use crate::host::{HostApi, HostFacts};
 use crate::proto::host_service_server::HostServiceServer;
@@ -48,9 +48,6 @@ pub enum ServerError {
     Adopt(String),
 }
 
-/// sun_path holds 108 bytes with the terminating NUL.
-const MAX_SOCKET_PATH: usize = 107;
-
 /// Binds `path`, replacing a stale socket file that nothing serves.
 async fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
     if path.exists() {
@@ -59,11 +56,11 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
         }
         std::fs::remove_file(path).map_err(|e| ServerError::Listen(path.to_path_buf(), e))?;
     }
-    let listener = UnixListener::bind(path).map_err(|e| ServerError::Listen(path.to_path_buf(), e))?;
-    // Owner and group only: whoever can connect can run VMs.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660))
-        .map_err(|e| ServerError::Listen(path.to_path_buf(), e))?;
-    Ok(listener)
+    let listen_err = |e| ServerError::Listen(path.to_path_buf(), e);
+    // Owner and group only: whoever can connect can run VMs. The path appears once it accepts.
+    let listener = vmm_api::socket::bind_published(path, Some(0o660)).map_err(listen_err)?;
+    listener.set_nonblocking(true).map_err(listen_err)?;
+    UnixListener::from_std(listener).map_err(listen_err)
 }
 
 /// Runs the agent on the Unix socket `listen` until `shutdown` resolves. Health reports NOT_SERVING

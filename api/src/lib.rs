@@ -1,5 +1,5 @@
 //! Data shared by the `vmm` and the tools that drive it: the VM configuration (as read from `vm.json`)
-//! and the control-socket messages. Pure data: no KVM, no I/O beyond parsing.
+//! and the control-socket messages. Data, plus the one socket helper both ends share: no KVM.
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -7,6 +7,7 @@ pub mod control;
 pub mod drive;
 pub mod net;
 pub mod rate_limiter;
+pub mod socket;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
 pub use drive::{CacheMode, DriveConfig, IoEngine};

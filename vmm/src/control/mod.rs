@@ -67,7 +67,8 @@ impl ControlServer {
             path: path.to_path_buf(),
             source,
         };
-        let listener = UnixListener::bind(path).map_err(bind_err)?;
+        // Owner only: whoever can connect controls the VM. The path appears once it accepts.
+        let listener = vmm_api::socket::bind_published(path, Some(0o600)).map_err(bind_err)?;
         listener.set_nonblocking(true).map_err(bind_err)?;
         Ok(ControlServer {
             listener,
