@@ -19,6 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::rate_limiter::RateLimiterConfig;
+pub use crate::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotRestore};
 
 /// The longest request line the VMM reads; a longer one gets an error and closes the connection.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -91,6 +92,12 @@ pub enum Request {
         /// One name per descriptor (1-64 of `A-Z a-z 0-9 _ -`).
         names: Vec<String>,
     },
+    /// Writes a snapshot of the paused VM (vCPUs, devices, memory, writable disks) to a new
+    /// directory. The VM stays paused.
+    SnapshotCreate(SnapshotCreate),
+    /// Rebuilds a VM from a snapshot, in a VMM started without a configuration (instead of
+    /// `configure` and `start`).
+    SnapshotRestore(SnapshotRestore),
 }
 
 /// The parameters of [`Request::Shutdown`].
@@ -160,6 +167,16 @@ pub enum Response {
     FdsAdded {
         /// The names now usable in the configuration.
         names: Vec<String>,
+    },
+    /// Answer to [`Request::SnapshotCreate`].
+    SnapshotCreated(SnapshotInfo),
+    /// Answer to [`Request::SnapshotRestore`]: the VM is rebuilt, in the state it says.
+    Restored {
+        /// Running if the request asked to resume, else paused.
+        state: VmState,
+        /// Time from the request to the restored VM's vCPUs being ready (or running), in
+        /// microseconds.
+        duration_us: u64,
     },
 }
 

@@ -7,6 +7,7 @@ pub mod control;
 pub mod drive;
 pub mod net;
 pub mod rate_limiter;
+pub mod snapshot;
 pub mod socket;
 
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};

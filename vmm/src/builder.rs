@@ -15,7 +15,8 @@ use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
 use crate::device_manager::{self, DeviceError, PassedFds};
 use crate::exit::ExitEvents;
-use crate::machine::{Machine, MachineDevices};
+use crate::machine::{KvmParts, Machine, MachineDevices};
+use crate::persist::{self, memory::Backing};
 use crate::seccomp::{SeccompError, SeccompFilter, SeccompMode, ThreadCategory};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
@@ -65,6 +66,9 @@ pub enum BuildError {
     /// The built VM's vCPUs did not start.
     #[error("cannot start the vCPUs: {0}")]
     Start(crate::machine::MachineError),
+    /// The snapshot could not be restored.
+    #[error(transparent)]
+    Snapshot(#[from] persist::SnapshotError),
 }
 
 impl BuildError {
@@ -76,6 +80,7 @@ impl BuildError {
             | BuildError::Boot(_)
             | BuildError::Devices(DeviceError::Drive { .. }) => ErrorKind::InvalidArgument,
             BuildError::NotConfigured => ErrorKind::WrongState,
+            BuildError::Snapshot(e) => e.kind(),
             BuildError::Seccomp(_) => ErrorKind::Internal,
             _ => ErrorKind::Internal,
         }
@@ -212,14 +217,7 @@ pub fn build_vm(
     });
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
-    let device_ctx = device_manager::DeviceContext {
-        vm: &vm,
-        mem: &mem,
-        exits: &events.exits,
-        process_start: events.process_start,
-        guest_boot: Arc::clone(&events.guest_boot),
-        boot_event: &events.boot_event,
-    };
+    let device_ctx = device_context(&vm, &mem, events, None);
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
@@ -235,6 +233,105 @@ pub fn build_vm(
     let vcpus = (0..config.machine.vcpus)
         .map(|i| Vcpu::new(&vm, i, &setup))
         .collect::<Result<Vec<_>, _>>()?;
+    let parts = Parts {
+        config: config.clone(),
+        kvm,
+        vm,
+        mem,
+        backing: Backing::Anonymous,
+        devices,
+        vcpus,
+    };
+    start_vcpu_threads(parts, events, event_manager, seccomp)
+}
+
+fn device_context<'a>(
+    vm: &'a kvm_ioctls::VmFd,
+    mem: &'a GuestMemoryMmap,
+    events: &'a ProcessEvents,
+    restore: Option<&'a device_manager::LegacyState>,
+) -> device_manager::DeviceContext<'a> {
+    device_manager::DeviceContext {
+        vm,
+        mem,
+        exits: &events.exits,
+        process_start: events.process_start,
+        guest_boot: Arc::clone(&events.guest_boot),
+        boot_event: &events.boot_event,
+        restore,
+    }
+}
+
+/// A VM whose memory, devices and vCPUs are set up, booted or restored.
+struct Parts {
+    config: VmConfig,
+    kvm: kvm_ioctls::Kvm,
+    vm: kvm_ioctls::VmFd,
+    mem: GuestMemoryMmap,
+    backing: Backing,
+    devices: device_manager::Devices,
+    vcpus: Vec<Vcpu>,
+}
+
+/// Rebuilds the VM of a snapshot prepared by [`persist::restore::prepare`]: the same recipe as
+/// [`build_vm`], with state applied where a boot would load a kernel, in the order KVM requires
+/// (VM-level state, then each vCPU's), and devices restored paused. The vCPU threads wait, paused,
+/// for [`Machine::resume`].
+pub fn restore_vm(
+    prepared: persist::restore::Prepared,
+    events: &ProcessEvents,
+    event_manager: &mut VmmEventManager,
+    fds: &mut PassedFds,
+    seccomp: SeccompMode,
+) -> Result<Machine, BuildError> {
+    let persist::restore::Prepared { config, state, mem } = prepared;
+    let serial = serial_output(&config.serial)?;
+    let kvm = vm::open_kvm()?;
+    crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
+    let vm = vm::create_vm(&kvm)?;
+    memory::register_with_kvm(&vm, &mem)?;
+    state.vm.restore(&vm)?;
+    let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy));
+    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
+    persist::restore::apply_device_states(&devices, &state.devices)?;
+    let vcpus = state
+        .vcpus
+        .iter()
+        .enumerate()
+        .map(|(i, saved)| Vcpu::restored(&vm, i as u8, saved))
+        .collect::<Result<Vec<_>, _>>()?;
+    let parts = Parts {
+        config,
+        kvm,
+        vm,
+        mem,
+        backing: Backing::SnapshotFile,
+        devices,
+        vcpus,
+    };
+    start_vcpu_threads(parts, events, event_manager, seccomp)
+}
+
+/// Starts one thread per vCPU (each waits, paused) and hands the VM to a [`Machine`].
+fn start_vcpu_threads(
+    parts: Parts,
+    events: &ProcessEvents,
+    event_manager: &mut VmmEventManager,
+    seccomp: SeccompMode,
+) -> Result<Machine, BuildError> {
+    let Parts {
+        config,
+        kvm,
+        vm,
+        mem,
+        backing,
+        devices,
+        vcpus,
+    } = parts;
+    let msr_indices = crate::vstate::vcpu_state::msr_index_list(&kvm).unwrap_or_else(|e| {
+        log::warn!("snapshots will not include MSRs: {e}");
+        Vec::new()
+    });
     for block in &devices.blocks {
         event_manager.add_subscriber(block.clone());
     }
@@ -250,6 +347,7 @@ pub fn build_vm(
         guest_memory: mem.clone(),
         exit_counters: Arc::clone(&events.exit_counters),
         seccomp: SeccompFilter::build(ThreadCategory::Vcpu, seccomp)?,
+        msr_indices: msr_indices.into(),
     };
     let mut vcpu_set = VcpuSet::new();
     for vcpu in vcpus {
@@ -263,11 +361,11 @@ pub fn build_vm(
     let handles = MachineDevices {
         blocks: devices.blocks,
         nets: devices.nets,
-        keyboard: devices.keyboard,
+        legacy: devices.legacy,
     };
     Ok(Machine::new(
-        config.clone(),
-        vm,
+        config,
+        KvmParts { vm, mem, backing },
         vcpu_set,
         handles,
         Arc::clone(&events.exits),

@@ -8,7 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use devices::bus::{Bus, BusDevice, BusError};
-use devices::legacy::{AcpiPowerManagement, BootTimer, CmosRtc, PvPanic, SerialConsole, SerialOutput, I8042};
+use devices::legacy::{
+    AcpiPowerManagement, BootTimer, CmosRtc, CmosState, I8042State, PvPanic, SerialConsole,
+    SerialConsoleState, SerialOutput, I8042,
+};
 use devices::rate_limiter::{RateLimiter, RateLimiterError};
 use devices::virtio::block::{Block, BlockError, BlockSpec, DiskImage, EngineKind};
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -23,6 +26,7 @@ use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 use crate::arch::acpi::VirtioMmioDevice;
 use crate::arch::layout::{irqs, ports, VIRTIO_MMIO_BASE};
 use crate::exit::ExitEvents;
+use crate::sync::lock;
 
 /// Errors setting up devices.
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,9 @@ pub enum DeviceError {
     /// More virtio devices than interrupt lines.
     #[error("too many virtio devices: at most {0}")]
     TooManyVirtioDevices(usize),
+    /// A saved device state is unusable.
+    #[error("saved device state: {0}")]
+    State(String),
     /// A drive could not be set up.
     #[error("drive {id}: {source}")]
     Drive {
@@ -100,6 +107,17 @@ pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 /// The i8042 as the VMM holds it (to type Ctrl-Alt-Del).
 pub type KeyboardHandle = Arc<Mutex<I8042>>;
 
+/// The legacy devices with state worth a snapshot.
+#[derive(Clone)]
+pub struct LegacyHandles {
+    /// COM1.
+    pub serial: Arc<Mutex<SerialConsole>>,
+    /// The keyboard controller.
+    pub keyboard: KeyboardHandle,
+    /// The CMOS RTC.
+    pub rtc: Arc<Mutex<CmosRtc>>,
+}
+
 /// File descriptors passed over the control socket, by name, until a device takes them.
 pub type PassedFds = HashMap<String, OwnedFd>;
 
@@ -113,8 +131,8 @@ pub struct Devices {
     pub blocks: Vec<BlockHandle>,
     /// The NICs, in guest order (`eth0` first).
     pub nets: Vec<NetHandle>,
-    /// The keyboard controller.
-    pub keyboard: KeyboardHandle,
+    /// The serial console, keyboard controller and RTC.
+    pub legacy: LegacyHandles,
     /// The virtio-mmio devices, for the ACPI tables.
     pub virtio: Vec<VirtioMmioDevice>,
     /// Kernel command line words the devices need (the root drive).
@@ -122,7 +140,7 @@ pub struct Devices {
 }
 
 /// Builds the legacy PC devices: COM1, i8042, CMOS RTC, boot timer, pvpanic and ACPI PM registers.
-fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<(Bus, KeyboardHandle), DeviceError> {
+fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<(Bus, LegacyHandles), DeviceError> {
     let (vm, exits) = (ctx.vm, ctx.exits);
     let signal = |evt: &EventFd| {
         evt.try_clone()
@@ -153,22 +171,34 @@ fn legacy_devices(ctx: &DeviceContext, serial: SerialOutput) -> Result<(Bus, Key
 
     let mut pio = Bus::new();
     let mut add = |device: Arc<Mutex<dyn BusDevice>>, base: u64, len: u64| pio.insert(device, base, len);
-    add(
-        shared(SerialConsole::new(irq_line(irqs::COM1)?, serial)),
-        ports::COM1,
-        8,
-    )?;
-    let keyboard = Arc::new(Mutex::new(I8042::new(
-        signal(&exits.reset)?,
-        irq_line(irqs::KEYBOARD)?,
-    )));
+    let com1 = irq_line(irqs::COM1)?;
+    let serial = Arc::new(Mutex::new(match ctx.restore.map(|r| &r.serial) {
+        Some(state) => SerialConsole::from_state(com1, serial, state).map_err(DeviceError::State)?,
+        None => SerialConsole::new(com1, serial),
+    }));
+    add(serial.clone(), ports::COM1, 8)?;
+    let mut i8042 = I8042::new(signal(&exits.reset)?, irq_line(irqs::KEYBOARD)?);
+    let mut cmos = CmosRtc::new();
+    if let Some(state) = ctx.restore {
+        i8042.restore_state(&state.keyboard);
+        cmos.restore_state(&state.rtc).map_err(DeviceError::State)?;
+    }
+    let keyboard = Arc::new(Mutex::new(i8042));
     add(keyboard.clone(), ports::I8042, 5)?;
-    add(shared(CmosRtc::new()), ports::RTC, 2)?;
+    let rtc = Arc::new(Mutex::new(cmos));
+    add(rtc.clone(), ports::RTC, 2)?;
     add(shared(boot_timer), ports::BOOT_TIMER, 1)?;
     add(shared(PvPanic::new(signal(&exits.panic)?)), ports::PVPANIC, 1)?;
     let pm = AcpiPowerManagement::new(signal(&exits.power_off)?, signal(&exits.reset)?);
     add(shared(pm), ports::ACPI_PM, AcpiPowerManagement::LEN)?;
-    Ok((pio, keyboard))
+    Ok((
+        pio,
+        LegacyHandles {
+            serial,
+            keyboard,
+            rtc,
+        },
+    ))
 }
 
 /// Everything the devices need from the VM being built.
@@ -185,6 +215,30 @@ pub struct DeviceContext<'a> {
     pub guest_boot: Arc<OnceLock<Duration>>,
     /// Raised by the boot timer once the guest has booted.
     pub boot_event: &'a EventFd,
+    /// The saved legacy device state, when restoring a snapshot.
+    pub restore: Option<&'a LegacyState>,
+}
+
+/// The legacy devices' saved state.
+#[derive(Debug, Clone, serde::Serialize, serde::Deserialize)]
+pub struct LegacyState {
+    /// COM1.
+    pub serial: SerialConsoleState,
+    /// The keyboard controller.
+    pub keyboard: I8042State,
+    /// The CMOS RTC.
+    pub rtc: CmosState,
+}
+
+impl LegacyHandles {
+    /// The devices' state (the VM must be paused).
+    pub fn save(&self) -> LegacyState {
+        LegacyState {
+            serial: lock(&self.serial).save_state(),
+            keyboard: lock(&self.keyboard).save_state(),
+            rtc: lock(&self.rtc).save_state(),
+        }
+    }
 }
 
 /// Creates every device of the VM.
@@ -195,7 +249,7 @@ pub fn create_devices(
     nets: &[NetConfig],
     fds: &mut PassedFds,
 ) -> Result<Devices, DeviceError> {
-    let (pio, keyboard) = legacy_devices(ctx, serial)?;
+    let (pio, legacy) = legacy_devices(ctx, serial)?;
     let mut virtio = VirtioSlots::new();
     let mut blocks = Vec::with_capacity(drives.len());
     // The root drive goes first so that it is /dev/vda.
@@ -228,7 +282,7 @@ pub fn create_devices(
         mmio: Arc::new(virtio.bus),
         blocks,
         nets: nics,
-        keyboard,
+        legacy,
         virtio: virtio.described,
         cmdline_args,
     })

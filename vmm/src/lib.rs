@@ -15,6 +15,8 @@ pub mod jail;
 pub mod logger;
 pub mod machine;
 pub mod metrics;
+pub mod persist;
 pub mod runtime;
 pub mod seccomp;
+pub mod sync;
 pub mod vstate;

@@ -1,17 +1,18 @@
 //! A built VM and what can be done to it while it lives: pause, resume, graceful shutdown, rate
 //! limits, counters. The main thread owns it; vCPU threads are driven through [`VcpuSet`].
 
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use devices::virtio::mmio::MmioTransport;
-use devices::virtio::VirtioDevice;
 use kvm_ioctls::VmFd;
+use vm_memory::GuestMemoryMmap;
 use vmm_api::control::{DriveMetrics, NetMetrics, VmState};
 use vmm_api::{RateLimiterConfig, VmConfig};
 
-use crate::device_manager::{BlockHandle, KeyboardHandle, NetHandle};
+use crate::device_manager::{BlockHandle, LegacyHandles, NetHandle};
 use crate::exit::ExitEvents;
+use crate::persist::memory::Backing;
+use crate::sync::lock;
 use crate::vstate::vcpu_control::{VcpuCommand, VcpuControlError, VcpuSet};
 
 /// Why a lifecycle operation failed.
@@ -52,19 +53,28 @@ pub struct MachineDevices {
     pub blocks: Vec<BlockHandle>,
     /// The NICs, in guest order.
     pub nets: Vec<NetHandle>,
-    /// The keyboard controller (graceful shutdown).
-    pub keyboard: KeyboardHandle,
+    /// The serial console, keyboard controller (graceful shutdown) and RTC.
+    pub legacy: LegacyHandles,
+}
+
+/// The KVM VM and its memory.
+pub struct KvmParts {
+    /// The VM; closing it would tear the guest down under the vCPU threads.
+    pub vm: VmFd,
+    /// Guest memory.
+    pub mem: GuestMemoryMmap,
+    /// How guest memory is backed.
+    pub backing: Backing,
 }
 
 /// A VM whose devices and vCPU threads exist.
 pub struct Machine {
     config: VmConfig,
-    /// The KVM VM; closing it would tear the guest down under the vCPU threads.
-    _vm: VmFd,
+    kvm: KvmParts,
     vcpus: VcpuSet,
     blocks: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
-    keyboard: KeyboardHandle,
+    legacy: LegacyHandles,
     exits: Arc<ExitEvents>,
     state: VmState,
     /// When the vCPUs were first resumed.
@@ -75,18 +85,18 @@ impl Machine {
     /// A built VM whose vCPU threads wait, paused, for their first resume.
     pub fn new(
         config: VmConfig,
-        vm: VmFd,
+        kvm: KvmParts,
         vcpus: VcpuSet,
         devices: MachineDevices,
         exits: Arc<ExitEvents>,
     ) -> Self {
         Machine {
             config,
-            _vm: vm,
+            kvm,
             vcpus,
             blocks: devices.blocks,
             nets: devices.nets,
-            keyboard: devices.keyboard,
+            legacy: devices.legacy,
             exits,
             state: VmState::Paused,
             started_at: None,
@@ -106,6 +116,26 @@ impl Machine {
     /// The drives, in guest order.
     pub fn blocks(&self) -> &[BlockHandle] {
         &self.blocks
+    }
+
+    /// The NICs, in guest order.
+    pub fn nets(&self) -> &[NetHandle] {
+        &self.nets
+    }
+
+    /// The serial console, keyboard controller and RTC.
+    pub fn legacy(&self) -> &LegacyHandles {
+        &self.legacy
+    }
+
+    /// The KVM VM and guest memory.
+    pub fn kvm(&self) -> &KvmParts {
+        &self.kvm
+    }
+
+    /// Asks every (paused) vCPU thread for its state.
+    pub fn save_vcpus(&mut self) -> Result<Vec<crate::vstate::vcpu_state::VcpuState>, MachineError> {
+        Ok(self.vcpus.save_states()?)
     }
 
     /// Stops the vCPUs, then the devices (which finish what is in flight). False if it was paused.
@@ -164,6 +194,7 @@ impl Machine {
         self.resume()?;
         self.exits.stop_after(timeout).map_err(MachineError::Timer)?;
         let keyboard = self
+            .legacy
             .keyboard
             .lock()
             .unwrap_or_else(|p| p.into_inner())
@@ -302,8 +333,4 @@ impl Machine {
     pub fn running_for(&self) -> Option<Duration> {
         self.started_at.map(|t| t.elapsed())
     }
-}
-
-fn lock<D: VirtioDevice>(device: &Arc<Mutex<MmioTransport<D>>>) -> MutexGuard<'_, MmioTransport<D>> {
-    device.lock().unwrap_or_else(|p| p.into_inner())
 }

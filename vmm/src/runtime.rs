@@ -2,7 +2,7 @@
 //! until it ends; the requests of the control socket act on it, and the main loop drives it all.
 
 use std::os::fd::OwnedFd;
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use vmm_api::control::{
@@ -10,6 +10,7 @@ use vmm_api::control::{
     DEFAULT_SHUTDOWN_TIMEOUT_MS, MAX_PASSED_FDS, MAX_SHUTDOWN_TIMEOUT_MS,
 };
 use vmm_api::drive::is_valid_name;
+use vmm_api::snapshot::SnapshotRestore;
 use vmm_api::VmConfig;
 
 use event_manager::SubscriberOps;
@@ -20,7 +21,9 @@ use crate::control::{ClientId, ControlError, ControlServer};
 use crate::device_manager::PassedFds;
 use crate::exit::{ExitWatcher, VmExit};
 use crate::machine::{Machine, MachineError};
+use crate::persist;
 use crate::seccomp::{SeccompFilter, SeccompMode, ThreadCategory};
+use crate::sync::lock;
 use crate::vstate::vcpu_control::install_kick_handler;
 
 /// A request's failure, as the control socket reports it.
@@ -42,12 +45,22 @@ enum Lifecycle {
     Live(Machine),
 }
 
-/// A `start` waiting for the main loop.
+/// A `start` or `snapshot-restore` waiting for the main loop.
 pub struct PendingStart {
     /// Who asked.
     pub client: ClientId,
     /// The request's id.
     pub id: u64,
+    /// What to build.
+    pub how: Launch,
+}
+
+/// How a VM comes to life.
+pub enum Launch {
+    /// Booted from its configuration.
+    Boot,
+    /// Rebuilt from a snapshot (asked for at that instant).
+    Restore(Box<SnapshotRestore>, Instant),
 }
 
 /// The process's VM and everything the control socket may touch.
@@ -141,12 +154,34 @@ impl Runtime {
             Request::Configure(config) => now(self.configure(config)),
             Request::Start => match self.admit_start() {
                 Ok(()) => {
-                    self.pending_start = Some(PendingStart { client, id });
+                    self.pending_start = Some(PendingStart {
+                        client,
+                        id,
+                        how: Launch::Boot,
+                    });
                     Reply::Later
                 }
                 Err(f) => now(Err(f)),
             },
             Request::AddFds { names } => now(self.add_fds(names, fds)),
+            Request::SnapshotCreate(params) => now(self
+                .machine()
+                .and_then(|m| persist::create(m, &params.dir).map_err(|e| (e.kind(), error_chain(&e))))
+                .map(Response::SnapshotCreated)),
+            Request::SnapshotRestore(params) => {
+                let asked = Instant::now();
+                match self.admit_restore() {
+                    Ok(()) => {
+                        self.pending_start = Some(PendingStart {
+                            client,
+                            id,
+                            how: Launch::Restore(Box::new(params), asked),
+                        });
+                        Reply::Later
+                    }
+                    Err(f) => now(Err(f)),
+                }
+            }
         }
     }
 
@@ -247,6 +282,17 @@ impl Runtime {
         }
     }
 
+    fn admit_restore(&self) -> Result<(), Failure> {
+        self.before_start("restore a snapshot")?;
+        match &self.lifecycle {
+            Lifecycle::NotConfigured => Ok(()),
+            _ => Err(wrong_state(
+                self.state(),
+                "a snapshot restores into a VMM started without a configuration",
+            )),
+        }
+    }
+
     fn add_fds(&mut self, names: Vec<String>, fds: Vec<OwnedFd>) -> Result<Response, Failure> {
         self.before_start("add file descriptors")?;
         if names.len() != fds.len() {
@@ -286,21 +332,43 @@ impl Runtime {
     /// Builds the configured VM, resumes its vCPUs, and from then on confines the main thread to
     /// its seccomp allow-list (each vCPU thread installs its own). On failure the VMM stays
     /// configured, unconfined, and can be configured and started again.
-    pub fn launch(&mut self, event_manager: &mut VmmEventManager) -> Result<(), BuildError> {
-        let Lifecycle::Configured(config) = &self.lifecycle else {
-            return Err(BuildError::NotConfigured);
-        };
+    pub fn launch(
+        &mut self,
+        event_manager: &mut VmmEventManager,
+        how: Launch,
+    ) -> Result<Response, BuildError> {
         // Built before any thread exists that it must not apply to, applied once the VM runs: filters
         // are inherited by threads created later, and vCPU threads have their own.
         let main_filter = SeccompFilter::build(ThreadCategory::MainLoop, self.seccomp)?;
-        let mut machine =
-            builder::build_vm(config, &self.events, event_manager, &mut self.fds, self.seccomp)?;
-        machine.resume().map_err(BuildError::Start)?;
+        let (machine, response) = match how {
+            Launch::Boot => {
+                let Lifecycle::Configured(config) = &self.lifecycle else {
+                    return Err(BuildError::NotConfigured);
+                };
+                let mut machine =
+                    builder::build_vm(config, &self.events, event_manager, &mut self.fds, self.seccomp)?;
+                machine.resume().map_err(BuildError::Start)?;
+                (machine, Response::Started)
+            }
+            Launch::Restore(params, asked) => {
+                let prepared = persist::restore::prepare(&params, &mut self.fds)?;
+                let mut machine =
+                    builder::restore_vm(prepared, &self.events, event_manager, &mut self.fds, self.seccomp)?;
+                if params.resume {
+                    machine.resume().map_err(BuildError::Start)?;
+                }
+                let response = Response::Restored {
+                    state: machine.state(),
+                    duration_us: u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX),
+                };
+                (machine, response)
+            }
+        };
         main_filter.apply()?;
         // Descriptors no device took are of no further use.
         self.fds.clear();
         self.lifecycle = Lifecycle::Live(machine);
-        Ok(())
+        Ok(response)
     }
 
     fn set_config(&mut self, config: VmConfig) {
@@ -348,10 +416,6 @@ fn millis(d: Duration) -> u64 {
     u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
-fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
-}
-
 /// Why the process could not run at all.
 #[derive(Debug, thiserror::Error)]
 pub enum RunError {
@@ -397,7 +461,7 @@ pub fn run(
     if let Some(config) = config {
         let mut rt = lock(&runtime);
         rt.set_config(config);
-        if let Err(e) = rt.launch(&mut event_manager) {
+        if let Err(e) = rt.launch(&mut event_manager, Launch::Boot) {
             drop(rt);
             if let Some(server) = &server {
                 lock(server).remove_socket();
@@ -418,14 +482,16 @@ pub fn run(
             .map_err(|e| RunError::Setup(format!("event loop: {e:?}")))?;
         let pending = lock(&runtime).take_pending_start();
         if let (Some(start), Some(server)) = (pending, &server) {
-            let result = lock(&runtime).launch(&mut event_manager);
+            let result = lock(&runtime).launch(&mut event_manager, start.how);
             let mut server = lock(server);
             match result {
-                Ok(()) => {
-                    server.answer(start.client, start.id, Ok(Response::Started));
-                    server.broadcast_now(Event::StateChanged {
-                        state: VmState::Running,
-                    });
+                Ok(response) => {
+                    let state = match &response {
+                        Response::Restored { state, .. } => *state,
+                        _ => VmState::Running,
+                    };
+                    server.answer(start.client, start.id, Ok(response));
+                    server.broadcast_now(Event::StateChanged { state });
                 }
                 Err(e) => server.answer(start.client, start.id, Err((e.kind(), error_chain(&e)))),
             }

@@ -13,6 +13,8 @@
 
 use std::collections::VecDeque;
 
+use serde::{Deserialize, Serialize};
+
 use super::single_byte;
 use crate::bus::BusDevice;
 use crate::{EventSignal, IrqLine};
@@ -90,15 +92,15 @@ const QUEUE_LIMIT: usize = 16;
 const _: () = assert!(CTRL_ALT_DEL_SET2.len() <= QUEUE_LIMIT);
 
 /// Where a byte in the output queue came from: keyboard bytes interrupt, controller replies do not.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Source {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum Source {
     Controller,
     Keyboard,
 }
 
 /// What the next byte written to the data port is for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum DataTarget {
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub enum DataTarget {
     Keyboard,
     ControllerConfig,
     OutputPort,
@@ -121,7 +123,41 @@ pub struct I8042 {
     scanning: bool,
 }
 
+/// The controller's and keyboard's registers, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct I8042State {
+    ctr: u8,
+    output_port: u8,
+    last_was_command: bool,
+    next_data: DataTarget,
+    queue: Vec<(u8, Source)>,
+    scanning: bool,
+}
+
 impl I8042 {
+    /// The registers and queued bytes.
+    pub fn save_state(&self) -> I8042State {
+        I8042State {
+            ctr: self.ctr,
+            output_port: self.output_port,
+            last_was_command: self.last_was_command,
+            next_data: self.next_data,
+            queue: self.queue.iter().copied().collect(),
+            scanning: self.scanning,
+        }
+    }
+
+    /// Takes the saved registers; a saved queue longer than the controller's is cut to its size
+    /// (the state file is input).
+    pub fn restore_state(&mut self, state: &I8042State) {
+        self.ctr = state.ctr;
+        self.output_port = state.output_port;
+        self.last_was_command = state.last_was_command;
+        self.next_data = state.next_data;
+        self.queue = state.queue.iter().copied().take(QUEUE_LIMIT).collect();
+        self.scanning = state.scanning;
+    }
+
     /// A controller that raises `reset` when the guest pulses the CPU reset line and `irq` (IRQ 1)
     /// for keyboard bytes.
     pub fn new(reset: EventSignal, irq: IrqLine) -> Self {

@@ -4,6 +4,8 @@
 
 use std::time::{SystemTime, UNIX_EPOCH};
 
+use serde::{Deserialize, Serialize};
+
 use super::single_byte;
 use crate::bus::BusDevice;
 
@@ -43,7 +45,31 @@ impl Default for CmosRtc {
     }
 }
 
+/// The RTC's index register and CMOS RAM, for snapshots (the time registers follow the host's
+/// clock and are not part of it).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct CmosState {
+    index: u8,
+    ram: Vec<u8>,
+}
+
 impl CmosRtc {
+    /// The index register and CMOS RAM.
+    pub fn save_state(&self) -> CmosState {
+        CmosState {
+            index: self.index,
+            ram: self.ram.to_vec(),
+        }
+    }
+
+    /// Takes saved registers; a RAM image of the wrong size is refused (the state file is input).
+    pub fn restore_state(&mut self, state: &CmosState) -> Result<(), String> {
+        self.ram = <[u8; CMOS_SIZE]>::try_from(state.ram.as_slice())
+            .map_err(|_| format!("CMOS RAM of {} bytes, expected {CMOS_SIZE}", state.ram.len()))?;
+        self.index = state.index & INDEX_MASK;
+        Ok(())
+    }
+
     /// An RTC reading the host's wall clock.
     pub fn new() -> Self {
         Self::default()

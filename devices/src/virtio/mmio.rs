@@ -60,19 +60,19 @@ pub const QUEUE_NOTIFY_OFFSET: u64 = reg::QUEUE_NOTIFY;
 
 /// A virtio device on the MMIO bus.
 pub struct MmioTransport<D: VirtioDevice> {
-    device: D,
-    mem: GuestMemoryMmap,
-    interrupt: Arc<Interrupt>,
-    queues: Vec<Queue>,
-    status: u32,
-    device_features_sel: u32,
-    driver_features_sel: u32,
-    acked_features: u64,
-    queue_sel: u32,
-    config_generation: u32,
-    activated: bool,
+    pub(super) device: D,
+    pub(super) mem: GuestMemoryMmap,
+    pub(super) interrupt: Arc<Interrupt>,
+    pub(super) queues: Vec<Queue>,
+    pub(super) status: u32,
+    pub(super) device_features_sel: u32,
+    pub(super) driver_features_sel: u32,
+    pub(super) acked_features: u64,
+    pub(super) queue_sel: u32,
+    pub(super) config_generation: u32,
+    pub(super) activated: bool,
     /// The driver wrote a queue setting the queue refused.
-    queue_config_refused: bool,
+    pub(super) queue_config_refused: bool,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {

@@ -8,6 +8,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod persist;
 #[cfg(any(test, feature = "test-utils"))]
 pub mod test_utils;
 
@@ -84,6 +85,14 @@ impl Interrupt {
 
     fn clear(&self) {
         self.status.store(0, Ordering::SeqCst);
+    }
+
+    /// Sets InterruptStatus to a saved value, raising the interrupt again if any bit is set.
+    pub fn restore_status(&self, bits: u32) {
+        self.status.store(0, Ordering::SeqCst);
+        if bits != 0 {
+            self.raise(bits);
+        }
     }
 }
 
@@ -172,6 +181,9 @@ pub trait VirtioDevice: Send {
     fn pause(&mut self);
     /// Takes requests again, including any queued while paused.
     fn resume(&mut self);
+    /// The live state of each queue while the device is started (the transport's copies only hold
+    /// what the driver configured), in queue-index order; empty when not started.
+    fn live_queues(&self) -> Vec<persist::QueueSnapshot>;
     /// Every file descriptor the event loop should watch for this device, each with a token that
     /// is passed back to [`VirtioDevice::handle_event`]. Queue eventfds use their queue index.
     fn event_sources(&self) -> Vec<EventSource>;

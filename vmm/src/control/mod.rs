@@ -23,6 +23,7 @@ use vmm_api::control::{
 
 use crate::builder::ProcessEvents;
 use crate::runtime::{Failure, Reply, Runtime};
+use crate::sync::lock;
 use client::{Client, ReadOutcome};
 
 /// Identifies a connected client (its socket descriptor).
@@ -249,8 +250,4 @@ fn encode<T: serde::Serialize>(value: &T) -> Option<Vec<u8>> {
             None
         }
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

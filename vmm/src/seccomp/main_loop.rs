@@ -1,7 +1,9 @@
 //! The main thread's allow-list, installed once every vCPU thread runs, before the event loop.
 //!
 //! By then KVM, guest memory, devices, irqfds and ioeventfds, the block engines and the control
-//! socket exist: the loop only waits on fds, serves what they say, and ends the process.
+//! socket exist: the loop only waits on fds, serves what they say, and ends the process. The one
+//! exception is `snapshot-create`, which creates a directory and files and reads the VM's state;
+//! which paths it can reach is bounded by the jail's mount namespace, not by this list.
 
 use seccompiler::BackendError;
 
@@ -46,11 +48,6 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
     r.allow(libc::SYS_close);
     // Control socket: removing the socket file as the VMM exits.
     r.allow(libc::SYS_unlink);
-    // Control socket: removing the socket file (glibc may use unlinkat(AT_FDCWD, ...)).
-    r.allow_if(
-        libc::SYS_unlinkat,
-        vec![rule(vec![arg_eq(0, libc::AT_FDCWD as u64), arg_eq(2, 0)])?],
-    );
     // Non-blocking client sockets (std's set_nonblocking) and close-on-exec for received fds.
     r.allow_if(libc::SYS_ioctl, arg_in(1, &[ioctl::FIONBIO, ioctl::FIOCLEX])?);
     // Flags of received fds (O_NONBLOCK), duplicating fds (try_clone uses F_DUPFD_CLOEXEC).
@@ -102,6 +99,39 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
         libc::SYS_getrandom,
         vec![rule(vec![arg_without(2, libc::GRND_RANDOM as u64)])?],
     );
+    // Snapshots (`snapshot-create` of the paused VM): the VM-level KVM_GET_* reads and FICLONE.
+    r.allow_if(libc::SYS_ioctl, arg_in(1, &ioctl::VM_STATE_GETTERS)?);
+    r.allow_if(libc::SYS_ioctl, arg_in(1, &[ioctl::FICLONE])?);
+    // Snapshots: the new directory (the jail's mount namespace bounds where it can be).
+    r.allow(libc::SYS_mkdir);
+    // The same, where libc uses mkdirat.
+    r.allow(libc::SYS_mkdirat);
+    // Snapshots: creating the state, memory and disk files (and reading /proc/cpuinfo, /proc/swaps).
+    r.allow(libc::SYS_openat);
+    // Snapshots: sizes of images and files.
+    r.allow(libc::SYS_fstat);
+    // The same, through statx or newfstatat.
+    r.allow(libc::SYS_statx);
+    // The same.
+    r.allow(libc::SYS_newfstatat);
+    // Snapshots: which pages of guest memory are resident.
+    r.allow(libc::SYS_mincore);
+    // Snapshots: writing memory and state files at offsets.
+    r.allow(libc::SYS_pwrite64);
+    // Snapshots: the memory file's and disk copies' lengths.
+    r.allow(libc::SYS_ftruncate);
+    // Snapshots: finding a disk image's data extents (SEEK_DATA/SEEK_HOLE).
+    r.allow(libc::SYS_lseek);
+    // Snapshots: copying disk extents in the kernel.
+    r.allow(libc::SYS_copy_file_range);
+    // Snapshots: making files durable before answering.
+    r.allow(libc::SYS_fsync);
+    // Snapshots: removing a failed snapshot's directory.
+    r.allow(libc::SYS_rmdir);
+    // The same (remove_dir_all lists the directory and unlinks relative to it).
+    r.allow(libc::SYS_getdents64);
+    // The same.
+    r.allow(libc::SYS_unlinkat);
     // The process's end, with the VM's exit code.
     r.allow(libc::SYS_exit_group);
     Ok(r)

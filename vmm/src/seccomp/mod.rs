@@ -260,6 +260,37 @@ pub(crate) mod ioctl {
     pub const FIOCLEX: u64 = libc::FIOCLEX;
     /// A tap's offloads, set when the guest's virtio-net driver starts (or resets) the device.
     pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
+
+    const fn ior<T>(nr: u64) -> u64 {
+        (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+    }
+    const fn iowr<T>(nr: u64) -> u64 {
+        (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+    }
+    use kvm_bindings as kb;
+
+    /// What a vCPU thread reads when asked for its state (snapshots).
+    pub const VCPU_STATE_GETTERS: [u64; 11] = [
+        ior::<kb::kvm_regs>(0x81),
+        ior::<kb::kvm_sregs>(0x83),
+        iowr::<kb::kvm_msrs>(0x88),
+        ior::<kb::kvm_lapic_state>(0x8e),
+        iowr::<kb::kvm_cpuid2>(0x91),
+        ior::<kb::kvm_mp_state>(0x98),
+        ior::<kb::kvm_vcpu_events>(0x9f),
+        ior::<kb::kvm_debugregs>(0xa1),
+        (KVMIO << 8) | 0xa3, // KVM_GET_TSC_KHZ
+        ior::<kb::kvm_xsave>(0xa4),
+        ior::<kb::kvm_xcrs>(0xa6),
+    ];
+    /// What the main thread reads of the VM for a snapshot: irqchips, PIT, clock.
+    pub const VM_STATE_GETTERS: [u64; 3] = [
+        iowr::<kb::kvm_irqchip>(0x62),
+        ior::<kb::kvm_clock_data>(0x7c),
+        ior::<kb::kvm_pit_state2>(0x9f),
+    ];
+    /// FICLONE: snapshot disk copies share extents where the filesystem can.
+    pub const FICLONE: u64 = 0x4004_9409;
 }
 
 /// What every thread category needs, whatever its work: memory for the allocator (never

@@ -110,15 +110,9 @@ use Forbidden::*;
 
 fn forbidden(category: ThreadCategory) -> &'static [Forbidden] {
     match category {
-        ThreadCategory::MainLoop => &[
-            SocketInet,
-            Execve,
-            Mkdirat,
-            Openat,
-            MmapExec,
-            IoctlTcgets,
-            TgkillOther,
-        ],
+        // The main loop creates snapshot files (`snapshot-create`); where it can is the jail's
+        // business (mount namespace, pivot_root), not the filter's.
+        ThreadCategory::MainLoop => &[SocketInet, Execve, MmapExec, IoctlTcgets, TgkillOther],
         ThreadCategory::Vcpu => &[
             SocketInet,
             Execve,

@@ -8,7 +8,8 @@
 //! engine's reads and writes), arms its rate limiter, and on reset waits for requests in flight.
 //! A virtio-net status write sets the tap's offloads and may move frames (read, writev, a
 //! zero-timeout poll of the tap). It opens nothing, creates no socket and no fd of any kind, and
-//! ioctls only `KVM_RUN` and `TUNSETOFFLOAD`.
+//! ioctls only `KVM_RUN`, `TUNSETOFFLOAD`, and the `KVM_GET_*` reads of its state
+//! when a snapshot asks.
 
 use seccompiler::BackendError;
 
@@ -22,6 +23,8 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
         libc::SYS_ioctl,
         arg_in(1, &[ioctl::KVM_RUN, ioctl::TUNSETOFFLOAD])?,
     );
+    // A paused vCPU saving its state for a snapshot: the KVM_GET_* reads of its own fd.
+    r.allow_if(libc::SYS_ioctl, arg_in(1, &ioctl::VCPU_STATE_GETTERS)?);
     // NIC activation: frames the guest queued before DRIVER_OK go to the tap, one writev each.
     r.allow(libc::SYS_writev);
     // NIC activation: whether a full tap has room again (zero timeout).

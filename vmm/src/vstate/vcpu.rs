@@ -18,6 +18,7 @@ use crate::arch::regs::{self, RegsError};
 use crate::exit::ExitEvents;
 use crate::seccomp::{SeccompError, SeccompFilter};
 use crate::vstate::vcpu_control::{KickTarget, Order, VcpuChannel, VcpuCommand, VcpuRunState};
+use crate::vstate::vcpu_state::VcpuState;
 
 /// Errors creating or configuring a vCPU.
 #[derive(Debug, thiserror::Error)]
@@ -34,6 +35,9 @@ pub enum VcpuError {
     /// The thread could not install its seccomp filter.
     #[error("vCPU {0}: {1}")]
     Seccomp(u8, SeccompError),
+    /// A saved state could not be restored.
+    #[error("vCPU {0}: {1}")]
+    Restore(u8, crate::vstate::vcpu_state::VcpuStateError),
 }
 
 /// What a vCPU thread needs to serve guest exits.
@@ -54,6 +58,8 @@ pub struct ExitContext {
     pub exit_counters: Arc<ExitCounters>,
     /// The vCPU threads' seccomp filter, built once; each thread installs it before KVM_RUN.
     pub seccomp: SeccompFilter,
+    /// The MSRs a snapshot saves (what KVM reports).
+    pub msr_indices: Arc<[u32]>,
 }
 
 /// vCPU exits that reached the VMM, by reason (relaxed atomics: statistics, not synchronisation).
@@ -156,6 +162,15 @@ impl Vcpu {
         Ok(Vcpu { index, fd })
     }
 
+    /// Creates vCPU `index` in a saved state.
+    pub fn restored(vm: &VmFd, index: u8, state: &VcpuState) -> Result<Self, VcpuError> {
+        let fd = vm
+            .create_vcpu(u64::from(index))
+            .map_err(|e| VcpuError::Kvm(index, "KVM_CREATE_VCPU", e))?;
+        state.restore(&fd).map_err(|e| VcpuError::Restore(index, e))?;
+        Ok(Vcpu { index, fd })
+    }
+
     /// Its index (the APIC ID).
     pub fn index(&self) -> u8 {
         self.index
@@ -209,7 +224,7 @@ impl Vcpu {
                 let Some(order) = channel.wait() else {
                     return;
                 };
-                running = self.obey(order, channel);
+                running = self.obey(order, channel, ctx, running);
                 continue;
             }
             if first_run {
@@ -222,7 +237,7 @@ impl Vcpu {
                 Ok(Step::Kicked) => {
                     self.fd.set_kvm_immediate_exit(0);
                     while let Some(order) = channel.poll() {
-                        running = self.obey(order, channel);
+                        running = self.obey(order, channel, ctx, running);
                     }
                 }
                 Ok(Step::VmEnded) => return,
@@ -234,9 +249,21 @@ impl Vcpu {
         }
     }
 
-    /// Acknowledges `order`; true if the vCPU should now run.
-    fn obey(&self, order: Order, channel: &VcpuChannel) -> bool {
-        let running = order.command == VcpuCommand::Resume;
+    /// Carries out and acknowledges `order`; true if the vCPU should now run.
+    fn obey(&self, order: Order, channel: &VcpuChannel, ctx: &ExitContext, running: bool) -> bool {
+        let running = match order.command {
+            VcpuCommand::Resume => true,
+            VcpuCommand::Pause => false,
+            VcpuCommand::Save if running => {
+                channel.store_saved(Err("cannot save a running vCPU".into()));
+                true
+            }
+            VcpuCommand::Save => {
+                let saved = VcpuState::save(&self.fd, &ctx.msr_indices).map_err(|e| e.to_string());
+                channel.store_saved(saved);
+                false
+            }
+        };
         let state = if running {
             VcpuRunState::Running
         } else {

@@ -13,6 +13,9 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use kvm_bindings::kvm_run;
+
+use crate::sync::lock;
+use crate::vstate::vcpu_state::VcpuState;
 use vmm_sys_util::signal::{register_signal_handler, Killable};
 
 /// How long the main thread waits for every vCPU to acknowledge a command.
@@ -25,7 +28,12 @@ pub enum VcpuCommand {
     Pause,
     /// Run the guest.
     Resume,
+    /// Save the vCPU's state (only sent to paused vCPUs, which stay paused).
+    Save,
 }
+
+/// Where a vCPU thread leaves its saved state for the main thread.
+pub type SavedState = std::sync::Arc<std::sync::Mutex<Option<Result<VcpuState, String>>>>;
 
 /// Where a vCPU thread is in its life.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -70,6 +78,9 @@ pub enum VcpuControlError {
     /// The kick signal could not be sent.
     #[error("cannot signal vCPU {0}: {1}")]
     Kick(u8, vmm_sys_util::errno::Error),
+    /// A vCPU could not save its state.
+    #[error("vCPU {0}: {1}")]
+    Save(u8, String),
 }
 
 /// The vCPU thread's end of its channels.
@@ -77,9 +88,15 @@ pub struct VcpuChannel {
     index: u8,
     orders: Receiver<Order>,
     acks: Sender<Ack>,
+    saved: SavedState,
 }
 
 impl VcpuChannel {
+    /// Hands the main thread the result of a [`VcpuCommand::Save`] (before acknowledging it).
+    pub fn store_saved(&self, result: Result<VcpuState, String>) {
+        *lock(&self.saved) = Some(result);
+    }
+
     /// Blocks until the next order; `None` once the main thread is gone.
     pub fn wait(&self) -> Option<Order> {
         self.orders.recv().ok()
@@ -115,6 +132,7 @@ struct VcpuThread {
     orders: Sender<Order>,
     thread: Option<JoinHandle<()>>,
     state: VcpuRunState,
+    saved: SavedState,
 }
 
 /// The main thread's handle on all vCPU threads of a VM.
@@ -146,17 +164,37 @@ impl VcpuSet {
     /// Channels for vCPU `index`, whose thread starts paused; [`VcpuSet::started`] records it.
     pub fn channel(&mut self, index: u8) -> VcpuChannel {
         let (orders_tx, orders) = mpsc::channel();
+        let saved = SavedState::default();
         self.vcpus.push(VcpuThread {
             index,
             orders: orders_tx,
             thread: None,
             state: VcpuRunState::Paused,
+            saved: saved.clone(),
         });
         VcpuChannel {
             index,
             orders,
             acks: self.acks_tx.clone(),
+            saved,
         }
+    }
+
+    /// The state of every vCPU, in index order, saved by their threads. The vCPUs must be
+    /// paused; they stay paused.
+    pub fn save_states(&mut self) -> Result<Vec<VcpuState>, VcpuControlError> {
+        for v in &self.vcpus {
+            lock(&v.saved).take();
+        }
+        self.command(VcpuCommand::Save)?;
+        self.vcpus
+            .iter()
+            .map(|v| match lock(&v.saved).take() {
+                Some(Ok(state)) => Ok(state),
+                Some(Err(e)) => Err(VcpuControlError::Save(v.index, e)),
+                None => Err(VcpuControlError::Save(v.index, "no state was saved".into())),
+            })
+            .collect()
     }
 
     /// Records the thread that serves vCPU `index`, for kicks.

@@ -16,7 +16,10 @@ use super::engine::{Completion, Engine, EngineKind};
 use super::io::{to_iovecs, DiskOp};
 use super::metrics::BlockMetrics;
 use super::request::{self, DiskLimits, Request, RequestError, RequestKind, ID_BYTES, STATUS_IOERR};
-use crate::rate_limiter::{RateLimiter, RateLimiterError, TokenType};
+use serde::{Deserialize, Serialize};
+
+use crate::rate_limiter::{RateLimiter, RateLimiterError, RateLimiterState, TokenType};
+use crate::virtio::persist::{PersistError, QueueSnapshot};
 use crate::virtio::{
     drain_eventfd, feature, ActivateError, Activation, EventSource, Interrupt, VirtioDevice, TYPE_BLOCK,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -92,6 +95,17 @@ struct Active {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     limits: DiskLimits,
+}
+
+/// What a drive keeps beyond its queue, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct BlockState {
+    /// Capacity the guest was told.
+    pub sectors: u64,
+    /// The guest was told it is read-only.
+    pub read_only: bool,
+    /// The rate limiter's buckets.
+    pub rate_limiter: RateLimiterState,
 }
 
 /// A virtio-blk drive.
@@ -174,6 +188,16 @@ impl Block {
         &self.id
     }
 
+    /// Whether the guest may only read the drive.
+    pub fn read_only(&self) -> bool {
+        self.disk.read_only()
+    }
+
+    /// The open image, buffered (for snapshot copies).
+    pub fn disk_file(&self) -> &std::fs::File {
+        self.disk.buffered().unwrap_or(self.disk.file())
+    }
+
     /// The drive's counters.
     pub fn metrics(&self) -> &Arc<BlockMetrics> {
         &self.metrics
@@ -188,6 +212,37 @@ impl Block {
     /// update of a blocked limiter makes happen at once.
     pub fn update_rate_limiter(&mut self, config: &RateLimiterConfig) -> Result<(), RateLimiterError> {
         self.rate_limiter.update_buckets(config)
+    }
+
+    /// The drive's state for a snapshot. The drive must be paused (nothing in flight).
+    pub fn save_state(&self) -> Result<BlockState, PersistError> {
+        if self.pending.iter().any(Option::is_some) || !self.completions.is_empty() {
+            return Err(PersistError::InFlight(self.id.clone()));
+        }
+        Ok(BlockState {
+            sectors: self.disk.sectors(),
+            read_only: self.disk.read_only(),
+            rate_limiter: self.rate_limiter.save(),
+        })
+    }
+
+    /// Applies a saved state to a drive just created on the snapshot's disk, which must have the
+    /// saved size and mode (the guest's driver knows both). Leaves the drive paused.
+    pub fn restore_state(&mut self, state: &BlockState) -> Result<(), PersistError> {
+        if state.sectors != self.disk.sectors() || state.read_only != self.disk.read_only() {
+            return Err(PersistError::Mismatch(format!(
+                "drive {}: saved with {} sectors{}, the image has {}{}",
+                self.id,
+                state.sectors,
+                if state.read_only { " read-only" } else { "" },
+                self.disk.sectors(),
+                if self.disk.read_only() { " read-only" } else { "" },
+            )));
+        }
+        self.rate_limiter =
+            RateLimiter::restore(&state.rate_limiter).map_err(|e| PersistError::Mismatch(e.to_string()))?;
+        self.paused = true;
+        Ok(())
     }
 
     fn process_queue(&mut self) {
@@ -572,6 +627,10 @@ impl VirtioDevice for Block {
         // The queue may hold requests whose notification arrived while paused (or that the guest
         // queued just before the pause); the rate limiter's own timer wakes a throttled drive.
         self.process_queue();
+    }
+
+    fn live_queues(&self) -> Vec<QueueSnapshot> {
+        self.active.iter().map(|a| QueueSnapshot::of(&a.queue)).collect()
     }
 
     fn event_sources(&self) -> Vec<EventSource> {

@@ -173,6 +173,11 @@ impl DiskImage {
     }
 }
 
+/// Takes the exclusive lock a writable drive holds on its image (fails at once if taken).
+pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
+    lock(file, false)
+}
+
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {
     let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
     // SAFETY: flock only takes a file descriptor that `file` keeps open, and flags; no memory is

@@ -10,7 +10,7 @@ pub mod io;
 pub mod metrics;
 pub mod request;
 
-pub use device::{Block, BlockError, BlockSpec, MAX_DISCARD_SECTORS, QUEUE_SIZE};
+pub use device::{Block, BlockError, BlockSpec, BlockState, MAX_DISCARD_SECTORS, QUEUE_SIZE};
 pub use disk::{DiskError, DiskImage, SECTOR_SIZE};
 pub use engine::EngineKind;
 pub use metrics::{BlockMetrics, BlockMetricsSnapshot};

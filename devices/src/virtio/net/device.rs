@@ -19,7 +19,10 @@ use super::metrics::NetMetrics;
 use super::rx::{self, RxState, RxStop};
 use super::tap::{offload_flags, TapIo};
 use super::tx::{self, TxState, TxStop};
-use crate::rate_limiter::{RateLimiter, RateLimiterError};
+use serde::{Deserialize, Serialize};
+
+use crate::rate_limiter::{RateLimiter, RateLimiterError, RateLimiterState};
+use crate::virtio::persist::{PersistError, QueueSnapshot};
 use crate::virtio::{
     drain_eventfd, feature, ActivateError, Activation, EventSource, Interrupt, VirtioDevice, TYPE_NET,
     VIRTIO_F_VERSION_1, VIRTIO_RING_F_EVENT_IDX, VIRTIO_RING_F_INDIRECT_DESC,
@@ -77,6 +80,19 @@ pub enum NetError {
         /// Why.
         source: std::io::Error,
     },
+}
+
+/// What a NIC keeps beyond its queues, for snapshots.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct NetState {
+    /// The guest's MAC address.
+    pub mac: [u8; 6],
+    /// The link status the guest was told.
+    pub link_up: bool,
+    /// The receive limiter's buckets.
+    pub rx_rate_limiter: RateLimiterState,
+    /// The transmit limiter's buckets.
+    pub tx_rate_limiter: RateLimiterState,
 }
 
 /// What a NIC is made of.
@@ -254,6 +270,36 @@ impl Net {
     /// The current limits, receive then transmit.
     pub fn rate_limiters(&self) -> (RateLimiterConfig, RateLimiterConfig) {
         (self.rx_limiter.config(), self.tx_limiter.config())
+    }
+
+    /// The NIC's state for a snapshot. A frame read from the tap but not yet delivered is not
+    /// part of it: to the guest that is one lost frame, which networks allow.
+    pub fn save_state(&self) -> NetState {
+        NetState {
+            mac: self.mac,
+            link_up: self.link_up,
+            rx_rate_limiter: self.rx_limiter.save(),
+            tx_rate_limiter: self.tx_limiter.save(),
+        }
+    }
+
+    /// Applies a saved state to a NIC just created for a restored VM (its MAC must be the saved
+    /// one: the guest's driver has read it). Leaves the NIC paused.
+    pub fn restore_state(&mut self, state: &NetState) -> Result<(), PersistError> {
+        if state.mac != self.mac {
+            return Err(PersistError::Mismatch(format!(
+                "NIC {}: saved with MAC {}, created with {}",
+                self.id,
+                format_mac(&state.mac),
+                format_mac(&self.mac)
+            )));
+        }
+        let limiter = |s| RateLimiter::restore(s).map_err(|e| PersistError::Mismatch(e.to_string()));
+        self.rx_limiter = limiter(&state.rx_rate_limiter)?;
+        self.tx_limiter = limiter(&state.tx_rate_limiter)?;
+        self.link_up = state.link_up;
+        self.paused = true;
+        Ok(())
     }
 
     /// Whether a frame read from the tap waits for room in the guest.
@@ -448,6 +494,13 @@ impl VirtioDevice for Net {
         // serving both directions now covers them all.
         self.process_tx();
         self.process_rx();
+    }
+
+    fn live_queues(&self) -> Vec<QueueSnapshot> {
+        self.active
+            .iter()
+            .flat_map(|a| [QueueSnapshot::of(&a.rx), QueueSnapshot::of(&a.tx)])
+            .collect()
     }
 
     fn event_sources(&self) -> Vec<EventSource> {

@@ -40,7 +40,7 @@ mod tests;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use device::{
-    Net, NetError, NetSpec, QUEUE_SIZE, RX_QUEUE, TOKEN_RX_LIMITER, TOKEN_RX_QUEUE, TOKEN_TAP,
+    Net, NetError, NetSpec, NetState, QUEUE_SIZE, RX_QUEUE, TOKEN_RX_LIMITER, TOKEN_RX_QUEUE, TOKEN_TAP,
     TOKEN_TX_LIMITER, TOKEN_TX_QUEUE, TX_QUEUE,
 };
 pub use metrics::{NetMetrics, NetMetricsSnapshot};

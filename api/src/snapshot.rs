@@ -1,0 +1,103 @@
+//! Snapshot requests of the control protocol: what `snapshot-create` writes and what
+//! `snapshot-restore` may change about the VM it rebuilds.
+//!
+//! A snapshot is a directory: `state` (vCPUs, VM, devices and the configuration, checksummed),
+//! `memory` (guest RAM, sparse: only pages that hold data) and one `disk-ID` per writable drive,
+//! copied at the instant of the snapshot.
+
+use std::path::PathBuf;
+
+use serde::{Deserialize, Serialize};
+
+/// The parameters of `snapshot-create`. The VM must be paused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotCreate {
+    /// An absolute path that does not exist yet; the VMM creates it (its parent must exist).
+    pub dir: PathBuf,
+}
+
+/// Answer to `snapshot-create`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotInfo {
+    /// Where it is.
+    pub dir: PathBuf,
+    /// Bytes of guest memory written (pages that hold data); the memory file's apparent size is
+    /// the guest's whole memory.
+    pub memory_bytes: u64,
+    /// Size of the guest's memory.
+    pub memory_size: u64,
+    /// Size of the state file.
+    pub state_bytes: u64,
+    /// Bytes of disk data copied (allocated extents of the writable drives).
+    pub disk_bytes: u64,
+    /// Time taken, in microseconds.
+    pub duration_us: u64,
+    /// Version of the VMM that wrote it.
+    pub vmm_version: String,
+    /// The host CPU model (vendor and brand string) the vCPU state belongs to.
+    pub cpu_model: String,
+}
+
+/// The parameters of `snapshot-restore`, sent to a VMM started without a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotRestore {
+    /// The snapshot directory.
+    pub dir: PathBuf,
+    /// What to change about the VM's devices.
+    #[serde(default)]
+    pub overrides: RestoreOverrides,
+    /// Run the vCPUs once restored (else the VM stays paused until `resume`).
+    #[serde(default)]
+    pub resume: bool,
+}
+
+/// Changes a restored VM may make to its snapshot's devices, so that clones run side by side.
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreOverrides {
+    /// Per drive, by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub drives: Vec<DriveOverride>,
+    /// Per NIC, by id.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub nets: Vec<NetOverride>,
+    /// Where the serial console goes (`stdout`, `off`, or a file path), if not where it went.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub serial: Option<crate::SerialConfig>,
+}
+
+/// Where a restored drive's image is.
+///
+/// A writable drive gets the snapshot's copy of its disk: written to `path` (which must not exist)
+/// or into the file behind `fd`. Without an override it is written back to the drive's original
+/// path, rolling that disk back to the snapshot. A read-only drive is opened where it says.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DriveOverride {
+    /// The drive's id.
+    pub id: String,
+    /// A new image path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub path: Option<PathBuf>,
+    /// The name of a descriptor passed with `add-fds`, instead of a path.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<String>,
+}
+
+/// Which tap a restored NIC uses. The MAC stays: the guest has read it, and clones on taps of
+/// their own do not see each other's.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetOverride {
+    /// The NIC's id.
+    pub id: String,
+    /// A tap device name.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tap: Option<String>,
+    /// The name of a tap descriptor passed with `add-fds`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fd: Option<String>,
+}

@@ -1,0 +1,241 @@
+//! Guest memory in a snapshot: written sparse (only pages that hold data), restored by mapping the
+//! file MAP_PRIVATE so that nothing is read up front, pages load on first touch, and clones of one
+//! snapshot share the page cache until they write.
+//!
+//! The memory file holds the guest's regions one after another, each at the sum of the sizes
+//! before it; its length is the guest's memory size, with holes where pages are zero.
+
+use std::fs::File;
+use std::os::unix::fs::FileExt;
+use std::path::Path;
+
+use vm_memory::mmap::MmapRegionBuilder;
+use vm_memory::{
+    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
+};
+
+const PAGE: usize = 4096;
+
+/// Why memory could not be saved or mapped.
+#[derive(Debug, thiserror::Error)]
+pub enum MemoryFileError {
+    /// File I/O failed.
+    #[error("memory file {path}: {source}")]
+    Io {
+        /// The file.
+        path: String,
+        /// Why.
+        source: std::io::Error,
+    },
+    /// The file is not as long as the guest's memory: mapping it would fault.
+    #[error("memory file {path} holds {len} bytes, the VM has {expected}")]
+    Length {
+        /// The file.
+        path: String,
+        /// Its length.
+        len: u64,
+        /// The guest's memory size.
+        expected: u64,
+    },
+    /// The snapshot's regions do not form a valid guest memory map.
+    #[error("memory layout: {0}")]
+    Layout(String),
+}
+
+/// How guest memory is backed, which decides how a snapshot finds the pages worth writing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Backing {
+    /// Anonymous memory: pages the guest never touched are not resident and are skipped unread.
+    Anonymous,
+    /// A snapshot's memory file: every page may hold data and is read.
+    SnapshotFile,
+}
+
+/// What was written.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Written {
+    /// Bytes of pages with data.
+    pub data_bytes: u64,
+    /// The guest's memory size (the file's length).
+    pub total_bytes: u64,
+}
+
+/// A region's host mapping as bytes.
+///
+/// # Safety
+/// Nothing may write the region while the slice lives: the vCPUs and devices must be paused.
+unsafe fn region_bytes(region: &GuestRegionMmap) -> Option<&[u8]> {
+    let host = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+    // SAFETY: `host` is the start of a live mapping of `region.len()` bytes owned by `region`,
+    // which outlives the returned slice; the caller guarantees nothing writes it meanwhile.
+    Some(unsafe { std::slice::from_raw_parts(host, region.len() as usize) })
+}
+
+/// Which pages of `bytes` are resident (a zero byte per page not), or `None` if the kernel cannot
+/// say.
+fn resident_pages(bytes: &[u8]) -> Option<Vec<u8>> {
+    let mut vec = vec![0u8; bytes.len().div_ceil(PAGE)];
+    // SAFETY: the range is a live mapping of this process (mincore only reads its page tables) and
+    // `vec` has one byte per page of it, as mincore writes.
+    let ret = unsafe { libc::mincore(bytes.as_ptr() as *mut libc::c_void, bytes.len(), vec.as_mut_ptr()) };
+    (ret == 0).then_some(vec)
+}
+
+/// Writes guest memory to `path` (created; it must not exist). The VM must be paused.
+pub fn save(mem: &GuestMemoryMmap, backing: Backing, path: &Path) -> Result<Written, MemoryFileError> {
+    let io = |source| MemoryFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io)?;
+    let mut written = Written::default();
+    for region in mem.iter() {
+        // SAFETY: the caller has paused the vCPUs and devices, so nothing writes guest memory
+        // while the slice is read.
+        let Some(bytes) = (unsafe { region_bytes(region) }) else {
+            return Err(MemoryFileError::Layout("a region has no host mapping".into()));
+        };
+        // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
+        let resident = match backing {
+            Backing::Anonymous if !swap_enabled() => resident_pages(bytes),
+            _ => None,
+        };
+        let base = written.total_bytes;
+        let mut run: Option<usize> = None;
+        let pages = bytes.len().div_ceil(PAGE);
+        for page in 0..=pages {
+            let has_data = page < pages
+                && resident.as_ref().is_none_or(|r| r[page] & 1 != 0)
+                && !is_zero(&bytes[page * PAGE..((page + 1) * PAGE).min(bytes.len())]);
+            match (has_data, run) {
+                (true, None) => run = Some(page),
+                (false, Some(start)) => {
+                    let (from, to) = (start * PAGE, (page * PAGE).min(bytes.len()));
+                    file.write_all_at(&bytes[from..to], base + from as u64)
+                        .map_err(io)?;
+                    written.data_bytes += (to - from) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        written.total_bytes += bytes.len() as u64;
+    }
+    file.set_len(written.total_bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(written)
+}
+
+/// Whether the host has swap space (`/proc/swaps` lists more than its header); unknown counts as
+/// yes.
+fn swap_enabled() -> bool {
+    std::fs::read_to_string("/proc/swaps").map_or(true, |s| s.lines().count() > 1)
+}
+
+fn is_zero(page: &[u8]) -> bool {
+    let (head, words, tail) = {
+        // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
+        unsafe { page.align_to::<u64>() }
+    };
+    head.iter().all(|&b| b == 0) && words.iter().all(|&w| w == 0) && tail.iter().all(|&b| b == 0)
+}
+
+/// Maps `path` as guest memory laid out as `ranges` (start, length), copy-on-write. Refuses a file
+/// whose length is not exactly the ranges' total (a shorter one would fault the VMM when the
+/// guest touches its end).
+pub fn map(path: &Path, ranges: &[(u64, u64)]) -> Result<GuestMemoryMmap, MemoryFileError> {
+    let name = path.display().to_string();
+    let io = |source| MemoryFileError::Io {
+        path: name.clone(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let len = file.metadata().map_err(io)?.len();
+    let expected: u64 = ranges.iter().map(|r| r.1).sum();
+    if len != expected {
+        return Err(MemoryFileError::Length {
+            path: name,
+            len,
+            expected,
+        });
+    }
+    let mut offset = 0u64;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(start, size) in ranges {
+        let size_usize =
+            usize::try_from(size).map_err(|_| MemoryFileError::Layout("region too large".into()))?;
+        let file = file.try_clone().map_err(io)?;
+        let mapping = MmapRegionBuilder::new(size_usize)
+            .with_file_offset(FileOffset::new(file, offset))
+            .with_mmap_prot(libc::PROT_READ | libc::PROT_WRITE)
+            .with_mmap_flags(libc::MAP_NORESERVE | libc::MAP_PRIVATE)
+            .build()
+            .map_err(|e| MemoryFileError::Layout(e.to_string()))?;
+        let region = GuestRegionMmap::new(mapping, GuestAddress(start))
+            .ok_or_else(|| MemoryFileError::Layout("region overflows the address space".into()))?;
+        regions.push(region);
+        offset += size;
+    }
+    GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::Layout(e.to_string()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vm_memory::Bytes;
+
+    #[test]
+    fn saves_only_pages_with_data_and_maps_them_back_copy_on_write() {
+        let dir = std::env::temp_dir().join(format!("vmm-memfile-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let ranges = [(0u64, 1u64 << 20), (4 << 20, 256 << 10)];
+        let as_usize: Vec<_> = ranges
+            .iter()
+            .map(|&(s, l)| (GuestAddress(s), l as usize))
+            .collect();
+        let mem = GuestMemoryMmap::<()>::from_ranges(&as_usize).unwrap();
+        mem.write_slice(&[7u8; 10], GuestAddress(5000)).unwrap();
+        mem.write_slice(&[9u8; 3], GuestAddress((4 << 20) + 4096 * 3))
+            .unwrap();
+        let path = dir.join("memory");
+        let written = save(&mem, Backing::Anonymous, &path).unwrap();
+        assert_eq!(written.data_bytes, 2 * PAGE as u64);
+        assert_eq!(written.total_bytes, (1 << 20) + (256 << 10));
+        assert_eq!(std::fs::metadata(&path).unwrap().len(), written.total_bytes);
+
+        let restored = map(&path, &ranges).unwrap();
+        let mut buf = [0u8; 10];
+        restored.read_slice(&mut buf, GuestAddress(5000)).unwrap();
+        assert_eq!(buf, [7u8; 10]);
+        let mut three = [0u8; 3];
+        restored
+            .read_slice(&mut three, GuestAddress((4 << 20) + 4096 * 3))
+            .unwrap();
+        assert_eq!(three, [9u8; 3]);
+        // Writes stay private to the mapping: the snapshot is untouched.
+        restored.write_slice(&[1u8; 4], GuestAddress(0)).unwrap();
+        let again = map(&path, &ranges).unwrap();
+        let mut four = [0xffu8; 4];
+        again.read_slice(&mut four, GuestAddress(0)).unwrap();
+        assert_eq!(four, [0u8; 4]);
+        // A restored VM's memory is read whole when it is snapshotted again.
+        let second = dir.join("memory2");
+        let w2 = save(&restored, Backing::SnapshotFile, &second).unwrap();
+        assert_eq!(w2.data_bytes, 3 * PAGE as u64);
+
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(4096)
+            .unwrap();
+        assert!(matches!(map(&path, &ranges), Err(MemoryFileError::Length { .. })));
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}
