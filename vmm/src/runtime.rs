@@ -39,6 +39,8 @@ pub enum Reply {
     Later,
 }
 
+// One per process, never moved around: boxing the machine would buy nothing.
+#[allow(clippy::large_enum_variant)]
 enum Lifecycle {
     NotConfigured,
     Configured(VmConfig),

@@ -179,7 +179,7 @@ impl Vcpu {
     /// Starts the vCPU on its own thread, named `vcpuN`, once that thread has installed its seccomp
     /// filter. It starts paused: it enters the guest on the first [`VcpuCommand::Resume`] it gets
     /// through `channel`.
-    pub fn start(self, ctx: ExitContext, channel: VcpuChannel) -> Result<JoinHandle<()>, VcpuError> {
+    pub fn start(mut self, ctx: ExitContext, channel: VcpuChannel) -> Result<JoinHandle<()>, VcpuError> {
         let index = self.index;
         let (filtered_tx, filtered) = std::sync::mpsc::sync_channel(1);
         let thread = std::thread::Builder::new()
@@ -201,6 +201,12 @@ impl Vcpu {
                     self.run(&ctx, &channel);
                 }
                 channel.exited();
+                // The VM has ended and the process is on its way out. Ending the thread would drop
+                // the vCPU fd and maybe the last handles on devices, closing fds, which this
+                // thread's filter forbids (close is not on its list): wait for the exit instead.
+                loop {
+                    std::thread::park();
+                }
             })
             .map_err(|e| VcpuError::Spawn(index, e))?;
         match filtered.recv() {
@@ -214,7 +220,7 @@ impl Vcpu {
     }
 
     /// The thread body: the Paused / Running state machine around KVM_RUN.
-    fn run(mut self, ctx: &ExitContext, channel: &VcpuChannel) {
+    fn run(&mut self, ctx: &ExitContext, channel: &VcpuChannel) {
         let _kick = KickTarget::new(self.fd.get_kvm_run());
         let mut running = false;
         let mut first_run = self.index == 0;

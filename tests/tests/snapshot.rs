@@ -1,0 +1,290 @@
+//! Snapshots on real guests: a running guest (a counter in memory, data on its disk, a TCP echo
+//! server on its NIC) is paused, snapshotted and stopped; a new VMM restores it into another
+//! network namespace and tap, and the guest carries on: the counter continues, the disk holds the
+//! data, a new TCP connection is echoed. Damaged or mismatched snapshots are refused, the VMM stays
+//! unconfigured, and the snapshot is left as it was.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::path::Path;
+use std::time::Duration;
+
+use harness::{
+    crc32, probe_cmdline, require_kvm, vmm_binary, ControlClient, Guest, GuestImages, NetNs, ProbePattern,
+    TempDir,
+};
+use vmm_api::control::{ErrorKind, Event, Response, VmState};
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
+const GUEST_IP: &str = "10.79.0.2";
+const ECHO_PORT: u16 = 7100;
+const MAC: &str = "02:00:00:00:79:02";
+/// Bytes the guest writes to its disk (seed 11) before it starts counting.
+const WRITTEN: usize = 64 << 10;
+
+/// The value of every complete `vmmprobe: counter=N` line, in order.
+fn counters(guest: &Guest) -> Vec<u64> {
+    guest
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            l.text
+                .split_once("vmmprobe: counter=")
+                .map(|(_, n)| n.trim().parse().ok())
+        })
+        .flatten()
+        .collect()
+}
+
+fn wait_event(c: &mut ControlClient, want: impl Fn(&Event) -> bool) -> Event {
+    loop {
+        let event = c.next_event().expect("an event");
+        if want(&event) {
+            return event;
+        }
+    }
+}
+
+/// Every file of a directory with its CRC-32 and length, to show it did not change.
+fn fingerprint(dir: &Path) -> Vec<(String, u64, u32)> {
+    let mut out: Vec<_> = std::fs::read_dir(dir)
+        .expect("test setup")
+        .map(|e| {
+            let e = e.expect("test setup");
+            let bytes = std::fs::read(e.path()).expect("test setup");
+            (
+                e.file_name().to_string_lossy().into_owned(),
+                bytes.len() as u64,
+                crc32(&bytes),
+            )
+        })
+        .collect();
+    out.sort();
+    out
+}
+
+/// Starts an empty VMM (socket only) inside `ns` and connects to it.
+fn empty_vmm(ns: &NetNs, sock: &Path) -> (Guest, ControlClient) {
+    let mut cmd = ns.command(&vmm_binary());
+    cmd.arg("--api-sock").arg(sock);
+    let guest = Guest::spawn_command(cmd, None).expect("test setup");
+    ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT).expect("test setup");
+    let c = ControlClient::connect(sock).expect("test setup");
+    (guest, c)
+}
+
+fn restore_line(dir: &Path, disk: &Path, tap: &str) -> String {
+    serde_json::json!({
+        "id": 9,
+        "request": {"snapshot-restore": {
+            "dir": dir,
+            "overrides": {
+                "drives": [{"id": "data", "path": disk}],
+                "nets": [{"id": "eth0", "tap": tap}],
+            },
+            "resume": true,
+        }}
+    })
+    .to_string()
+}
+
+fn echo(ns: &NetNs, message: Vec<u8>) -> Vec<u8> {
+    ns.spawn(move || -> anyhow::Result<Vec<u8>> {
+        let addr: SocketAddr = format!("{GUEST_IP}:{ECHO_PORT}").parse()?;
+        let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(60))?;
+        s.set_read_timeout(Some(Duration::from_secs(60)))?;
+        s.write_all(&message)?;
+        let mut back = vec![0u8; message.len()];
+        s.read_exact(&mut back)?;
+        Ok(back)
+    })
+    .expect("test setup")
+    .join()
+    .expect("test setup")
+    .expect("test setup")
+}
+
+/// Copies a snapshot directory, to damage the copy.
+fn copy_dir(from: &Path, to: &Path) {
+    std::fs::create_dir(to).expect("test setup");
+    for e in std::fs::read_dir(from).expect("test setup") {
+        let e = e.expect("test setup");
+        std::fs::copy(e.path(), to.join(e.file_name())).expect("test setup");
+    }
+}
+
+#[test]
+fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let dir = TempDir::new("vmm-snapshot").unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+
+    // The original VM, in its own namespace on tap vsnap0.
+    let ns1 = NetNs::new("snap1").unwrap();
+    ns1.add_tap("vsnap0", "10.79.0.1/24").unwrap();
+    let sock1 = dir.path().join("api1.sock");
+    let actions = format!("blk-write:vda:0:64k:11,blk-flush:vda,net-echo:{ECHO_PORT},counter");
+    let cmdline = format!(
+        "{} vmmprobe.count=1000000 ip={GUEST_IP}::10.79.0.1:255.255.255.0::eth0:off",
+        probe_cmdline(&actions)
+    );
+    let mut cmd = ns1.command(&vmm_binary());
+    cmd.arg("--kernel")
+        .arg(&images.vmlinux)
+        .args(["--cmdline", &cmdline, "--memory-mib", "128", "--vcpus", "2"])
+        .args(["--net", &format!("tap=vsnap0,mac={MAC},id=eth0")])
+        .arg("--drive")
+        .arg(format!("path={},id=data", disk.display()))
+        .arg("--api-sock")
+        .arg(&sock1);
+    let mut original = Guest::spawn_command(cmd, None).unwrap();
+    ControlClient::wait_for_socket(&sock1, SOCKET_TIMEOUT).unwrap();
+    let mut c = ControlClient::connect(&sock1).unwrap();
+    original
+        .wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", original.output_tail()));
+    assert_eq!(echo(&ns1, b"before".to_vec()), b"before");
+
+    // Snapshotting a running VM is refused; paused, it works.
+    let snap = dir.path().join("snap");
+    let create = serde_json::json!({"id": 3, "request": {"snapshot-create": {"dir": snap}}}).to_string();
+    assert_eq!(c.error(&create).unwrap().0, ErrorKind::WrongState);
+    assert!(!snap.exists());
+    assert!(matches!(
+        c.ok(r#"{"id": 4, "request": "pause"}"#).unwrap(),
+        Response::StateChange {
+            state: VmState::Paused,
+            ..
+        }
+    ));
+    let Response::SnapshotCreated(info) = c.ok(&create).unwrap() else {
+        panic!("snapshot-create")
+    };
+    assert_eq!(info.memory_size, 128 << 20);
+    assert!(
+        info.memory_bytes > 0 && info.memory_bytes < info.memory_size,
+        "{info:?}"
+    );
+    assert!(info.disk_bytes >= WRITTEN as u64, "{info:?}");
+    // The memory file is sparse: its blocks are about the data written, not the guest's size.
+    let blocks = std::os::unix::fs::MetadataExt::blocks(&std::fs::metadata(snap.join("memory")).unwrap());
+    assert!(
+        blocks * 512 < info.memory_size,
+        "memory file not sparse: {blocks} blocks"
+    );
+    // A second snapshot into the same directory is refused, and the first is kept.
+    assert_eq!(c.error(&create).unwrap().0, ErrorKind::InvalidArgument);
+    let pristine = fingerprint(&snap);
+    assert_eq!(
+        c.ok(r#"{"id": 5, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+    let status = original.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", original.output_tail());
+    std::thread::sleep(Duration::from_millis(300));
+    let last_before = *counters(&original).last().expect("counter lines");
+
+    // The restoring VMM lives in another namespace, behind another tap.
+    let ns2 = NetNs::new("snap2").unwrap();
+    ns2.add_tap("vsnap1", "10.79.0.1/24").unwrap();
+    let sock2 = dir.path().join("api2.sock");
+    let (mut restored, mut c2) = empty_vmm(&ns2, &sock2);
+    let restored_disk = dir.path().join("restored.img");
+
+    // Damaged and mismatched snapshots: each refused clearly, nothing started, nothing changed.
+    let mut bad = |name: &str, damage: &dyn Fn(&Path)| -> (ErrorKind, String) {
+        let copy = dir.path().join(name);
+        copy_dir(&snap, &copy);
+        damage(&copy);
+        let answer = c2.error(&restore_line(&copy, &restored_disk, "vsnap1")).unwrap();
+        assert!(!restored_disk.exists(), "{name}: a disk was written");
+        answer
+    };
+    let flip = |p: &Path| {
+        let path = p.join("state");
+        let mut bytes = std::fs::read(&path).unwrap();
+        let mid = bytes.len() / 2;
+        bytes[mid] ^= 1;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    let (kind, msg) = bad("flipped", &flip);
+    assert_eq!(kind, ErrorKind::InvalidArgument);
+    assert!(msg.contains("checksum"), "{msg}");
+    let truncate = |p: &Path| {
+        let f = std::fs::OpenOptions::new()
+            .write(true)
+            .open(p.join("memory"))
+            .unwrap();
+        f.set_len(64 << 20).unwrap();
+    };
+    let (kind, msg) = bad("truncated", &truncate);
+    assert_eq!(kind, ErrorKind::InvalidArgument);
+    assert!(msg.contains("memory file"), "{msg}");
+    let newer = |p: &Path| {
+        let path = p.join("state");
+        let mut bytes = std::fs::read(&path).unwrap();
+        bytes[8] = 99;
+        std::fs::write(&path, bytes).unwrap();
+    };
+    let (kind, msg) = bad("newer", &newer);
+    assert_eq!(kind, ErrorKind::InvalidArgument);
+    assert!(msg.contains("version 99"), "{msg}");
+    let no_disk = |p: &Path| std::fs::remove_file(p.join("disk-data")).unwrap();
+    let (kind, msg) = bad("nodisk", &no_disk);
+    assert_eq!(kind, ErrorKind::NotFound);
+    assert!(msg.contains("disk-data"), "{msg}");
+    let unknown_tap = c2
+        .error(&restore_line(&snap, &restored_disk, "nosuchtap0"))
+        .unwrap();
+    assert!(unknown_tap.1.contains("nosuchtap0"), "{unknown_tap:?}");
+    let Response::Description(d) = c2.ok(r#"{"id": 6, "request": "describe"}"#).unwrap() else {
+        panic!("describe")
+    };
+    assert_eq!(d.state, VmState::NotConfigured);
+    assert_eq!(
+        fingerprint(&snap),
+        pristine,
+        "a refused restore changed the snapshot"
+    );
+    // The failed attempt with the unknown tap had copied the disk; it may be written again.
+    let _ = std::fs::remove_file(&restored_disk);
+
+    // The real restore: the guest continues where it stopped.
+    let Response::Restored { state, .. } = c2.ok(&restore_line(&snap, &restored_disk, "vsnap1")).unwrap()
+    else {
+        panic!("snapshot-restore")
+    };
+    assert_eq!(state, VmState::Running);
+    let next = format!("vmmprobe: counter={}", last_before + 3);
+    restored
+        .wait_for_line(&next, BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", restored.output_tail()));
+    let first_after = counters(&restored)[0];
+    assert!(
+        first_after == last_before + 1 || first_after == last_before + 2,
+        "counter went from {last_before} to {first_after}"
+    );
+    assert!(
+        restored.find_line(&["BOOT-COMPLETE"]).is_none(),
+        "the guest booted again"
+    );
+    // A new TCP connection to the guest's echo server, over the new tap.
+    let message = ProbePattern::bytes(3, 50_000);
+    assert_eq!(echo(&ns2, message.clone()), message);
+    assert_eq!(fingerprint(&snap), pristine, "restoring changed the snapshot");
+    assert_eq!(
+        c2.ok(r#"{"id": 7, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+    let _ = wait_event(&mut c2, |e| matches!(e, Event::Exit { .. }));
+    let status = restored.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", restored.output_tail());
+
+    // The disk the restored guest ran on holds what the original wrote before the snapshot.
+    let data = std::fs::read(&restored_disk).unwrap();
+    assert_eq!(&data[..WRITTEN], ProbePattern::bytes(11, WRITTEN).as_slice());
+    assert_eq!(std::fs::read(&disk).unwrap()[..WRITTEN], data[..WRITTEN]);
+}
