@@ -80,6 +80,10 @@ pub struct MachineConfig {
     pub vcpus: u8,
     /// Guest memory in MiB.
     pub memory_mib: u64,
+    /// Track the guest pages written since the last snapshot (KVM dirty log and device writes), so
+    /// that `snapshot-create` can write a diff. Costs the guest a little on each first write.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub track_dirty_pages: bool,
 }
 
 impl Default for MachineConfig {
@@ -87,6 +91,7 @@ impl Default for MachineConfig {
         MachineConfig {
             vcpus: 1,
             memory_mib: 128,
+            track_dirty_pages: false,
         }
     }
 }
@@ -197,7 +202,8 @@ mod tests {
             c.machine,
             MachineConfig {
                 vcpus: 4,
-                memory_mib: 3584
+                memory_mib: 3584,
+                track_dirty_pages: false,
             }
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/console.log".into()));

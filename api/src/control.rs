@@ -19,7 +19,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
 use crate::rate_limiter::RateLimiterConfig;
-pub use crate::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotRestore};
+pub use crate::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotMerge, SnapshotRestore};
 
 /// The longest request line the VMM reads; a longer one gets an error and closes the connection.
 pub const MAX_LINE_BYTES: usize = 64 * 1024;
@@ -98,6 +98,8 @@ pub enum Request {
     /// Rebuilds a VM from a snapshot, in a VMM started without a configuration (instead of
     /// `configure` and `start`).
     SnapshotRestore(SnapshotRestore),
+    /// Writes a diff snapshot and its chain as one full snapshot.
+    SnapshotMerge(SnapshotMerge),
 }
 
 /// The parameters of [`Request::Shutdown`].
@@ -170,6 +172,8 @@ pub enum Response {
     },
     /// Answer to [`Request::SnapshotCreate`].
     SnapshotCreated(SnapshotInfo),
+    /// Answer to [`Request::SnapshotMerge`]: the full snapshot written.
+    SnapshotMerged(SnapshotInfo),
     /// Answer to [`Request::SnapshotRestore`]: the VM is rebuilt, in the state it says.
     Restored {
         /// Running if the request asked to resume, else paused.

@@ -15,6 +15,32 @@ use serde::{Deserialize, Serialize};
 pub struct SnapshotCreate {
     /// An absolute path that does not exist yet; the VMM creates it (its parent must exist).
     pub dir: PathBuf,
+    /// A full snapshot, or a diff holding only the pages written since the previous snapshot of
+    /// this VM (or the one it was restored from), which must stay where it is.
+    #[serde(default)]
+    pub kind: SnapshotKind,
+}
+
+/// Full or incremental.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum SnapshotKind {
+    /// All of guest memory.
+    #[default]
+    Full,
+    /// Pages written since the previous snapshot (needs `machine.track_dirty_pages`).
+    Diff,
+}
+
+/// The parameters of `snapshot-merge`: turns a diff snapshot and the chain it builds on into one
+/// full snapshot. Any VMM serves it, with or without a VM.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SnapshotMerge {
+    /// The newest snapshot of the chain.
+    pub from: PathBuf,
+    /// The full snapshot to write (must not exist).
+    pub to: PathBuf,
 }
 
 /// Answer to `snapshot-create`.
@@ -23,6 +49,11 @@ pub struct SnapshotCreate {
 pub struct SnapshotInfo {
     /// Where it is.
     pub dir: PathBuf,
+    /// Full or diff.
+    pub kind: SnapshotKind,
+    /// The snapshot a diff builds on.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<PathBuf>,
     /// Bytes of guest memory written (pages that hold data); the memory file's apparent size is
     /// the guest's whole memory.
     pub memory_bytes: u64,

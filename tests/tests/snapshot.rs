@@ -1,8 +1,8 @@
 //! Snapshots on real guests: a running guest (a counter in memory, data on its disk, a TCP echo
 //! server on its NIC) is paused, snapshotted and stopped; a new VMM restores it into another
 //! network namespace and tap, and the guest carries on: the counter continues, the disk holds the
-//! data, a new TCP connection is echoed. Damaged or mismatched snapshots are refused, the VMM stays
-//! unconfigured, and the snapshot is left as it was.
+//! data, a new TCP connection is echoed; ten clones of the snapshot run side by side. Damaged or
+//! mismatched snapshots are refused, the VMM stays unconfigured, and the snapshot is left as it was.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -283,8 +283,190 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     let status = restored.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{status:?}\n{}", restored.output_tail());
 
+    // Ten clones of the same snapshot at once, each in its own namespace behind its own tap, with
+    // its own disk: all alive and answering.
+    const CLONES: usize = 10;
+    let mut clones = Vec::new();
+    for i in 0..CLONES {
+        let ns = NetNs::new(&format!("clone{i}")).expect("clone namespace");
+        let tap = format!("vclone{i}");
+        ns.add_tap(&tap, "10.79.0.1/24").expect("clone tap");
+        let sock = dir.path().join(format!("clone{i}.sock"));
+        let (guest, mut c) = empty_vmm(&ns, &sock);
+        let disk = dir.path().join(format!("clone{i}.img"));
+        let line = restore_line(&snap, &disk, &tap);
+        assert!(
+            matches!(c.ok(&line).expect("clone restore"), Response::Restored { .. }),
+            "clone {i}"
+        );
+        clones.push((ns, guest, c));
+    }
+    for (i, (ns, guest, _)) in clones.iter().enumerate() {
+        let message = format!("clone {i} answers").into_bytes();
+        assert_eq!(echo(ns, message.clone()), message, "{}", guest.output_tail());
+    }
+    for (i, (_, mut guest, mut c)) in clones.into_iter().enumerate() {
+        assert_eq!(
+            c.ok(r#"{"id": 8, "request": "stop"}"#).unwrap(),
+            Response::Stopping
+        );
+        let status = guest.wait_exit(Duration::from_secs(60)).unwrap();
+        assert!(status.success(), "clone {i}: {status:?}\n{}", guest.output_tail());
+    }
+    assert_eq!(fingerprint(&snap), pristine, "the clones changed the snapshot");
+
     // The disk the restored guest ran on holds what the original wrote before the snapshot.
     let data = std::fs::read(&restored_disk).unwrap();
     assert_eq!(&data[..WRITTEN], ProbePattern::bytes(11, WRITTEN).as_slice());
     assert_eq!(std::fs::read(&disk).unwrap()[..WRITTEN], data[..WRITTEN]);
+}
+
+/// The guest memory a snapshot's memory file holds (holes read as zeros).
+fn memory_of(dir: &Path) -> Vec<u8> {
+    std::fs::read(dir.join("memory")).expect("memory file")
+}
+
+/// The first page at which two memory images differ.
+fn first_difference(a: &[u8], b: &[u8]) -> Option<usize> {
+    if a.len() != b.len() {
+        return Some(a.len().min(b.len()));
+    }
+    a.chunks(4096)
+        .zip(b.chunks(4096))
+        .position(|(x, y)| x != y)
+        .map(|p| p * 4096)
+}
+
+#[test]
+fn a_chain_of_diffs_taken_under_block_io_equals_a_full_snapshot_and_restores() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let dir = TempDir::new("vmm-snapshot-diff").unwrap();
+    let disk = dir.path().join("disk.img");
+    std::fs::write(&disk, ProbePattern::bytes(5, 4 << 20)).unwrap();
+    let sock = dir.path().join("api.sock");
+    // Random reads for a while (devices write guest memory the whole time), then a counter.
+    let actions = "blk-load:vda:randread:4096:8:30,counter";
+    let mut original = harness::GuestBuilder::new(&images.vmlinux)
+        .cmdline(&format!("{} vmmprobe.count=1000000", probe_cmdline(actions)))
+        .vcpus(2)
+        .arg("--track-dirty-pages")
+        .arg("on")
+        .arg("--drive")
+        .arg(format!("path={},id=data", disk.display()))
+        .arg("--api-sock")
+        .arg(&sock)
+        .spawn()
+        .unwrap();
+    ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    original
+        .wait_for_line("vmmprobe: initrd none", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", original.output_tail()));
+    std::thread::sleep(Duration::from_secs(1));
+
+    let snapshot = |c: &mut ControlClient, name: &str, kind: &str| {
+        let path = dir.path().join(name);
+        let line = serde_json::json!({"id": 1, "request": {"snapshot-create": {"dir": path, "kind": kind}}});
+        match c.ok(&line.to_string()).unwrap() {
+            Response::SnapshotCreated(info) => info,
+            other => panic!("{other:?}"),
+        }
+    };
+    let pause = |c: &mut ControlClient| {
+        assert!(matches!(
+            c.ok(r#"{"id": 2, "request": "pause"}"#).unwrap(),
+            Response::StateChange { .. }
+        ))
+    };
+    let resume = |c: &mut ControlClient| {
+        assert!(matches!(
+            c.ok(r#"{"id": 3, "request": "resume"}"#).unwrap(),
+            Response::StateChange { .. }
+        ))
+    };
+
+    pause(&mut c);
+    // No diff before there is a base.
+    let early = serde_json::json!({"id": 1, "request": {"snapshot-create": {"dir": dir.path().join("early"), "kind": "diff"}}});
+    assert_eq!(c.error(&early.to_string()).unwrap().0, ErrorKind::WrongState);
+    let base = snapshot(&mut c, "s0", "full");
+    resume(&mut c);
+    std::thread::sleep(Duration::from_secs(1));
+    pause(&mut c);
+    let d1 = snapshot(&mut c, "d1", "diff");
+    resume(&mut c);
+    std::thread::sleep(Duration::from_secs(1));
+    pause(&mut c);
+    let d2 = snapshot(&mut c, "d2", "diff");
+    // At the very same instant, a full one.
+    let full = snapshot(&mut c, "f2", "full");
+    assert_eq!(d1.parent.as_deref(), Some(base.dir.as_path()));
+    assert_eq!(d2.parent.as_deref(), Some(d1.dir.as_path()));
+    for d in [&d1, &d2] {
+        assert!(
+            d.memory_bytes < base.memory_bytes,
+            "a diff as large as a full snapshot: {d:?} vs {base:?}"
+        );
+    }
+    assert_eq!(
+        c.ok(r#"{"id": 5, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+    let status = original.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", original.output_tail());
+
+    // Merging the chain gives exactly the memory of the full snapshot taken with the last diff.
+    let merged = dir.path().join("merged");
+    let line = serde_json::json!({"id": 6, "request": {"snapshot-merge": {"from": d2.dir, "to": merged}}});
+    let (empty, mut e) = {
+        let sock = dir.path().join("empty.sock");
+        let mut cmd = std::process::Command::new(vmm_binary());
+        cmd.arg("--api-sock").arg(&sock);
+        let g = Guest::spawn_command(cmd, None).unwrap();
+        ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
+        (g, ControlClient::connect(&sock).unwrap())
+    };
+    let Response::SnapshotMerged(m) = e.ok(&line.to_string()).unwrap() else {
+        panic!("merge")
+    };
+    assert_eq!(m.memory_size, full.memory_size);
+    let (a, b) = (memory_of(&merged), memory_of(&full.dir));
+    assert_eq!(
+        first_difference(&a, &b),
+        None,
+        "merged chain differs from the full snapshot"
+    );
+    drop(a);
+    drop(b);
+    drop(e);
+    drop(empty);
+
+    // The chain restores: the guest finishes its disk load without errors and counts on.
+    let sock2 = dir.path().join("api2.sock");
+    let mut cmd = std::process::Command::new(vmm_binary());
+    cmd.arg("--api-sock").arg(&sock2);
+    let mut restored = Guest::spawn_command(cmd, None).unwrap();
+    ControlClient::wait_for_socket(&sock2, SOCKET_TIMEOUT).unwrap();
+    let mut c2 = ControlClient::connect(&sock2).unwrap();
+    let restored_disk = dir.path().join("restored.img");
+    let line = serde_json::json!({"id": 7, "request": {"snapshot-restore": {
+        "dir": d2.dir, "resume": true,
+        "overrides": {"drives": [{"id": "data", "path": restored_disk}]}}}});
+    assert!(matches!(
+        c2.ok(&line.to_string()).unwrap(),
+        Response::Restored { .. }
+    ));
+    restored
+        .wait_for_line("vmmprobe: counter=2", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", restored.output_tail()));
+    let stdout = restored.stdout_text();
+    let load = harness::probe_fields(&stdout, "blk-load dev=vda");
+    assert_eq!(load["result"], "0", "{stdout}");
+    assert_eq!(
+        c2.ok(r#"{"id": 8, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+    let status = restored.wait_exit(Duration::from_secs(60)).unwrap();
+    assert!(status.success(), "{status:?}\n{}", restored.output_tail());
 }

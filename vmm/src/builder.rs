@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use devices::legacy::SerialOutput;
+use devices::virtio::dirty::DirtyPages;
 use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_api::{SerialConfig, VmConfig};
@@ -202,7 +203,7 @@ pub fn build_vm(
         let kvm_side = scope.spawn(|| -> Result<_, BuildError> {
             let kvm = vm::open_kvm()?;
             let vm = vm::create_vm(&kvm)?;
-            memory::register_with_kvm(&vm, &mem)?;
+            memory::register_with_kvm(&vm, &mem, config.machine.track_dirty_pages)?;
             let initrd = initrd_file
                 .as_mut()
                 .map(|f| boot::load_initrd(&mem, f))
@@ -217,7 +218,8 @@ pub fn build_vm(
     });
     let kernel = kernel?;
     let (kvm, vm, initrd) = kvm_side?;
-    let device_ctx = device_context(&vm, &mem, events, None);
+    let dirty = dirty_pages(config, &mem);
+    let device_ctx = device_context(&vm, &mem, events, None, dirty.clone());
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
@@ -239,10 +241,21 @@ pub fn build_vm(
         vm,
         mem,
         backing: Backing::Anonymous,
+        dirty,
         devices,
         vcpus,
+        restored_from: None,
     };
     start_vcpu_threads(parts, events, event_manager, seccomp)
+}
+
+/// The bitmap devices mark their writes in, if the VM tracks dirty pages.
+fn dirty_pages(config: &VmConfig, mem: &GuestMemoryMmap) -> Option<Arc<DirtyPages>> {
+    use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+    config.machine.track_dirty_pages.then(|| {
+        let ranges: Vec<(u64, u64)> = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        Arc::new(DirtyPages::new(&ranges))
+    })
 }
 
 fn device_context<'a>(
@@ -250,8 +263,10 @@ fn device_context<'a>(
     mem: &'a GuestMemoryMmap,
     events: &'a ProcessEvents,
     restore: Option<&'a device_manager::LegacyState>,
+    dirty: Option<Arc<DirtyPages>>,
 ) -> device_manager::DeviceContext<'a> {
     device_manager::DeviceContext {
+        dirty,
         vm,
         mem,
         exits: &events.exits,
@@ -269,8 +284,10 @@ struct Parts {
     vm: kvm_ioctls::VmFd,
     mem: GuestMemoryMmap,
     backing: Backing,
+    dirty: Option<Arc<DirtyPages>>,
     devices: device_manager::Devices,
     vcpus: Vec<Vcpu>,
+    restored_from: Option<std::path::PathBuf>,
 }
 
 /// Rebuilds the VM of a snapshot prepared by [`persist::restore::prepare`]: the same recipe as
@@ -284,14 +301,20 @@ pub fn restore_vm(
     fds: &mut PassedFds,
     seccomp: SeccompMode,
 ) -> Result<Machine, BuildError> {
-    let persist::restore::Prepared { config, state, mem } = prepared;
+    let persist::restore::Prepared {
+        config,
+        state,
+        mem,
+        dir,
+    } = prepared;
     let serial = serial_output(&config.serial)?;
     let kvm = vm::open_kvm()?;
     crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
     let vm = vm::create_vm(&kvm)?;
-    memory::register_with_kvm(&vm, &mem)?;
+    memory::register_with_kvm(&vm, &mem, config.machine.track_dirty_pages)?;
     state.vm.restore(&vm)?;
-    let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy));
+    let dirty = dirty_pages(&config, &mem);
+    let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy), dirty.clone());
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
     persist::restore::apply_device_states(&devices, &state.devices)?;
     let vcpus = state
@@ -306,8 +329,10 @@ pub fn restore_vm(
         vm,
         mem,
         backing: Backing::SnapshotFile,
+        dirty,
         devices,
         vcpus,
+        restored_from: Some(dir),
     };
     start_vcpu_threads(parts, events, event_manager, seccomp)
 }
@@ -325,8 +350,10 @@ fn start_vcpu_threads(
         vm,
         mem,
         backing,
+        dirty,
         devices,
         vcpus,
+        restored_from,
     } = parts;
     let msr_indices = crate::vstate::vcpu_state::msr_index_list(&kvm).unwrap_or_else(|e| {
         log::warn!("snapshots will not include MSRs: {e}");
@@ -365,7 +392,13 @@ fn start_vcpu_threads(
     };
     Ok(Machine::new(
         config,
-        KvmParts { vm, mem, backing },
+        KvmParts {
+            vm,
+            mem,
+            backing,
+            dirty,
+            last_snapshot: restored_from,
+        },
         vcpu_set,
         handles,
         Arc::clone(&events.exits),

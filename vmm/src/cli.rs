@@ -12,7 +12,7 @@ use vmm_api::{
 pub const USAGE: &str = "\
 usage: vmm --config vm.json [--api-sock PATH]
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
-           [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
+           [--track-dirty-pages on|off] [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
        vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
        (every form also takes [--seccomp kill|log|off])
 
@@ -25,6 +25,8 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --cmdline STRING   kernel command line (default: \"console=ttyS0 reboot=k panic=1 pci=off\")
   --vcpus N          number of vCPUs, 1-32 (default 1)
   --memory-mib N     guest memory in MiB (default 128)
+  --track-dirty-pages on|off
+                     track pages written since the last snapshot, for diff snapshots (default off)
   --serial WHERE     guest serial console: stdout (default), off, or file:PATH
   --drive SPEC       a virtio-blk drive (repeatable; /dev/vda, /dev/vdb, ... in order, root first):
                      path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
@@ -121,6 +123,7 @@ struct Flags {
     cmdline: Option<String>,
     vcpus: Option<String>,
     memory_mib: Option<String>,
+    track_dirty_pages: Option<String>,
     serial: Option<String>,
     drives: Vec<String>,
     nets: Vec<String>,
@@ -147,6 +150,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--cmdline" => &mut flags.cmdline,
             "--vcpus" => &mut flags.vcpus,
             "--memory-mib" => &mut flags.memory_mib,
+            "--track-dirty-pages" => &mut flags.track_dirty_pages,
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
             "--seccomp" => &mut flags.seccomp,
@@ -200,6 +204,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             ("--cmdline", &flags.cmdline),
             ("--vcpus", &flags.vcpus),
             ("--memory-mib", &flags.memory_mib),
+            ("--track-dirty-pages", &flags.track_dirty_pages),
             ("--serial", &flags.serial),
         ];
         if let Some((flag, _)) = stray.iter().find(|(_, v)| v.is_some()) {
@@ -224,6 +229,7 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
             ("--cmdline", &flags.cmdline),
             ("--vcpus", &flags.vcpus),
             ("--memory-mib", &flags.memory_mib),
+            ("--track-dirty-pages", &flags.track_dirty_pages),
             ("--serial", &flags.serial),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
@@ -249,6 +255,17 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
         machine: MachineConfig {
             vcpus: number("--vcpus", flags.vcpus)?.unwrap_or(defaults.vcpus),
             memory_mib: number("--memory-mib", flags.memory_mib)?.unwrap_or(defaults.memory_mib),
+            track_dirty_pages: match flags.track_dirty_pages.as_deref() {
+                None | Some("off") => false,
+                Some("on") => true,
+                Some(other) => {
+                    return Err(CliError::BadValue {
+                        flag: "--track-dirty-pages".into(),
+                        value: other.into(),
+                        reason: "expected on or off".into(),
+                    })
+                }
+            },
         },
         serial: flags.serial.map(serial).transpose()?.unwrap_or_default(),
         drives: flags
@@ -333,7 +350,8 @@ mod tests {
             c.machine,
             MachineConfig {
                 vcpus: 4,
-                memory_mib: 3584
+                memory_mib: 3584,
+                track_dirty_pages: false,
             }
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/c".into()));

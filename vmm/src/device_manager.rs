@@ -14,6 +14,7 @@ use devices::legacy::{
 };
 use devices::rate_limiter::{RateLimiter, RateLimiterError};
 use devices::virtio::block::{Block, BlockError, BlockSpec, DiskImage, EngineKind};
+use devices::virtio::dirty::DirtyPages;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
 use devices::virtio::net::{Net, NetError, NetSpec, Tap, TapError};
 use devices::virtio::{Interrupt, VirtioDevice};
@@ -217,6 +218,8 @@ pub struct DeviceContext<'a> {
     pub boot_event: &'a EventFd,
     /// The saved legacy device state, when restoring a snapshot.
     pub restore: Option<&'a LegacyState>,
+    /// Where virtio devices mark the guest pages they write, if the VM tracks them.
+    pub dirty: Option<Arc<DirtyPages>>,
 }
 
 /// The legacy devices' saved state.
@@ -383,7 +386,10 @@ impl VirtioSlots {
             len: MMIO_WINDOW_SIZE,
             gsi,
         });
-        let transport = MmioTransport::new(device, ctx.mem.clone(), Arc::new(Interrupt::new(irqfd)));
+        let mut transport = MmioTransport::new(device, ctx.mem.clone(), Arc::new(Interrupt::new(irqfd)));
+        if let Some(dirty) = &ctx.dirty {
+            transport.track_dirty_pages(Arc::clone(dirty));
+        }
         let handle = Arc::new(Mutex::new(transport));
         self.bus.insert(handle.clone(), base, MMIO_WINDOW_SIZE)?;
         self.next += 1;

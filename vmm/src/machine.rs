@@ -65,6 +65,10 @@ pub struct KvmParts {
     pub mem: GuestMemoryMmap,
     /// How guest memory is backed.
     pub backing: Backing,
+    /// What devices wrote, if the VM tracks dirty pages.
+    pub dirty: Option<Arc<devices::virtio::dirty::DirtyPages>>,
+    /// The snapshot a diff would build on: the last one taken, or the one restored from.
+    pub last_snapshot: Option<std::path::PathBuf>,
 }
 
 /// A VM whose devices and vCPU threads exist.
@@ -131,6 +135,11 @@ impl Machine {
     /// The KVM VM and guest memory.
     pub fn kvm(&self) -> &KvmParts {
         &self.kvm
+    }
+
+    /// Records the snapshot the next diff builds on.
+    pub fn set_last_snapshot(&mut self, dir: std::path::PathBuf) {
+        self.kvm.last_snapshot = Some(dir);
     }
 
     /// Asks every (paused) vCPU thread for its state.

@@ -168,8 +168,13 @@ impl Runtime {
             Request::AddFds { names } => now(self.add_fds(names, fds)),
             Request::SnapshotCreate(params) => now(self
                 .machine()
-                .and_then(|m| persist::create(m, &params.dir).map_err(|e| (e.kind(), error_chain(&e))))
+                .and_then(|m| {
+                    persist::create(m, &params.dir, params.kind).map_err(|e| (e.kind(), error_chain(&e)))
+                })
                 .map(Response::SnapshotCreated)),
+            Request::SnapshotMerge(params) => now(persist::restore::merge(&params.from, &params.to)
+                .map(Response::SnapshotMerged)
+                .map_err(|e| (e.kind(), error_chain(&e)))),
             Request::SnapshotRestore(params) => {
                 let asked = Instant::now();
                 match self.admit_restore() {

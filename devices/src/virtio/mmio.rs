@@ -73,6 +73,8 @@ pub struct MmioTransport<D: VirtioDevice> {
     pub(super) activated: bool,
     /// The driver wrote a queue setting the queue refused.
     pub(super) queue_config_refused: bool,
+    /// Where the device marks the pages it writes, if the VM tracks them.
+    pub(super) dirty: Option<Arc<super::dirty::DirtyPages>>,
 }
 
 impl<D: VirtioDevice> MmioTransport<D> {
@@ -92,7 +94,13 @@ impl<D: VirtioDevice> MmioTransport<D> {
             config_generation: 0,
             activated: false,
             queue_config_refused: false,
+            dirty: None,
         }
+    }
+
+    /// Makes the device mark the guest pages it writes in `dirty` from its next activation on.
+    pub fn track_dirty_pages(&mut self, dirty: Arc<super::dirty::DirtyPages>) {
+        self.dirty = Some(dirty);
     }
 
     /// The device.
@@ -226,6 +234,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
             mem: self.mem.clone(),
             queues,
             acked_features: self.acked_features,
+            dirty: self.dirty.clone(),
         };
         match self.device.activate(activation, &self.interrupt) {
             Ok(()) => self.activated = true,

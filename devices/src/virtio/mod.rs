@@ -6,6 +6,7 @@
 //! a guest kick never exits to user space) and interrupts leave through an irqfd.
 
 pub mod block;
+pub mod dirty;
 pub mod mmio;
 pub mod net;
 pub mod persist;
@@ -104,6 +105,8 @@ pub struct Activation {
     pub queues: Vec<Queue>,
     /// The features the driver accepted.
     pub acked_features: u64,
+    /// Where to mark the guest pages the device writes, when the VM tracks them.
+    pub dirty: Option<std::sync::Arc<dirty::DirtyPages>>,
 }
 
 /// Why a device refused to start.

@@ -180,6 +180,7 @@ impl<D: VirtioDevice> MmioTransport<D> {
                 mem: self.mem.clone(),
                 queues: live,
                 acked_features: state.acked_features,
+                dirty: self.dirty.clone(),
             };
             self.device
                 .activate(activation, &self.interrupt)

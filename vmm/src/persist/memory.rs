@@ -11,8 +11,8 @@ use std::path::Path;
 
 use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
-    MemoryRegionAddress,
+    Address, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion,
+    GuestRegionMmap, MemoryRegionAddress,
 };
 
 const PAGE: usize = 4096;
@@ -137,6 +137,99 @@ fn swap_enabled() -> bool {
     std::fs::read_to_string("/proc/swaps").map_or(true, |s| s.lines().count() > 1)
 }
 
+/// Writes the pages of `pages` (per region, bit `n` of word `n / 64` is page `n`) to `path`
+/// (created; it must not exist), laid out like a full memory file: a diff. Pages that are zero
+/// stay holes, which read back as the zeros they are. The VM must be paused.
+pub fn save_pages(
+    mem: &GuestMemoryMmap,
+    pages: &[Vec<u64>],
+    path: &Path,
+) -> Result<Written, MemoryFileError> {
+    let io = |source| MemoryFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .open(path)
+        .map_err(io)?;
+    let mut written = Written::default();
+    for (region, bits) in mem.iter().zip(pages) {
+        // SAFETY: the caller has paused the vCPUs and devices, so nothing writes guest memory
+        // while the slice is read.
+        let Some(bytes) = (unsafe { region_bytes(region) }) else {
+            return Err(MemoryFileError::Layout("a region has no host mapping".into()));
+        };
+        for page in set_bits(bits).take_while(|&p| p * PAGE < bytes.len()) {
+            let from = page * PAGE;
+            let data = &bytes[from..(from + PAGE).min(bytes.len())];
+            if !is_zero(data) {
+                file.write_all_at(data, written.total_bytes + from as u64)
+                    .map_err(io)?;
+                written.data_bytes += data.len() as u64;
+            }
+        }
+        written.total_bytes += bytes.len() as u64;
+    }
+    file.set_len(written.total_bytes).map_err(io)?;
+    file.sync_all().map_err(io)?;
+    Ok(written)
+}
+
+/// Copies the pages of a diff (`pages`, as [`save_pages`] took them) from its file into `mem`,
+/// which must have the diff's layout. For restoring a chain, before any vCPU runs.
+pub fn apply_pages(mem: &GuestMemoryMmap, pages: &[Vec<u64>], path: &Path) -> Result<(), MemoryFileError> {
+    use vm_memory::Bytes;
+    let io = |source| MemoryFileError::Io {
+        path: path.display().to_string(),
+        source,
+    };
+    let file = File::open(path).map_err(io)?;
+    let expected: u64 = mem.iter().map(|r| r.len()).sum();
+    let len = file.metadata().map_err(io)?.len();
+    if len != expected {
+        return Err(MemoryFileError::Length {
+            path: path.display().to_string(),
+            len,
+            expected,
+        });
+    }
+    if pages.len() != mem.num_regions() {
+        return Err(MemoryFileError::Layout(
+            "the diff's page map does not fit the VM".into(),
+        ));
+    }
+    let mut buf = vec![0u8; PAGE];
+    let mut base = 0u64;
+    for (region, bits) in mem.iter().zip(pages) {
+        let region_len = region.len();
+        for page in set_bits(bits) {
+            let from = (page * PAGE) as u64;
+            if from >= region_len {
+                return Err(MemoryFileError::Layout(
+                    "the diff names a page outside its region".into(),
+                ));
+            }
+            let n = PAGE.min((region_len - from) as usize);
+            file.read_exact_at(&mut buf[..n], base + from).map_err(io)?;
+            mem.write_slice(&buf[..n], region.start_addr().unchecked_add(from))
+                .map_err(|e| MemoryFileError::Layout(e.to_string()))?;
+        }
+        base += region_len;
+    }
+    Ok(())
+}
+
+/// The indices of the set bits of a bitmap.
+fn set_bits(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
+    bits.iter().enumerate().flat_map(|(i, &word)| {
+        (0..64)
+            .filter(move |b| word & (1 << b) != 0)
+            .map(move |b| i * 64 + b)
+    })
+}
+
 fn is_zero(page: &[u8]) -> bool {
     let (head, words, tail) = {
         // SAFETY: u64 has no invalid bit patterns; align_to only reinterprets the aligned middle.
@@ -228,6 +321,26 @@ mod tests {
         let second = dir.join("memory2");
         let w2 = save(&restored, Backing::SnapshotFile, &second).unwrap();
         assert_eq!(w2.data_bytes, 3 * PAGE as u64);
+
+        // A diff of two pages (one of them zeroed since), applied onto the full snapshot's mapping.
+        mem.write_slice(&[0u8; 10], GuestAddress(5000)).unwrap();
+        mem.write_slice(&[3u8; 8], GuestAddress(8192)).unwrap();
+        let pages = vec![vec![0b110u64; 4], vec![0u64; 1]];
+        let diff = dir.join("diff");
+        let w3 = save_pages(&mem, &pages, &diff).unwrap();
+        assert_eq!(w3.data_bytes, PAGE as u64);
+        let chained = map(&path, &ranges).unwrap();
+        apply_pages(&chained, &pages, &diff).unwrap();
+        let mut got = [0xffu8; 10];
+        chained.read_slice(&mut got, GuestAddress(5000)).unwrap();
+        assert_eq!(got, [0u8; 10]);
+        let mut eight = [0u8; 8];
+        chained.read_slice(&mut eight, GuestAddress(8192)).unwrap();
+        assert_eq!(eight, [3u8; 8]);
+        chained
+            .read_slice(&mut three, GuestAddress((4 << 20) + 4096 * 3))
+            .unwrap();
+        assert_eq!(three, [9u8; 3]);
 
         std::fs::OpenOptions::new()
             .write(true)

@@ -19,10 +19,11 @@ use devices::virtio::block::BlockState;
 use devices::virtio::net::NetState;
 use devices::virtio::persist::{MmioState, PersistError};
 use serde::{Deserialize, Serialize};
+use vm_memory::GuestAddress;
 use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
 use vmm_api::control::ErrorKind;
 use vmm_api::control::VmState as RunState;
-use vmm_api::snapshot::SnapshotInfo;
+use vmm_api::snapshot::{SnapshotInfo, SnapshotKind};
 
 use crate::device_manager::LegacyState;
 use crate::machine::{Machine, MachineError};
@@ -161,6 +162,11 @@ pub struct SnapshotState {
     pub config_json: String,
     /// Guest memory regions (start, length), in memory-file order.
     pub memory_ranges: Vec<(u64, u64)>,
+    /// For a diff: the snapshot it builds on (absolute path).
+    pub parent: Option<PathBuf>,
+    /// For a diff: the pages its memory file holds, per region (bit `n` of word `n / 64` is page
+    /// `n`); a full snapshot holds every page.
+    pub memory_pages: Option<Vec<Vec<u64>>>,
     /// In-kernel interrupt controllers, PIT, clock.
     pub vm: VmState,
     /// Each vCPU, by index.
@@ -182,15 +188,31 @@ pub fn host_cpu_model() -> String {
     format!("{} {}", field("vendor_id"), field("model name"))
 }
 
-/// Writes a snapshot of `machine`, which must be paused, to the new directory `dir`. On failure the
-/// directory is removed.
-pub fn create(machine: &mut Machine, dir: &Path) -> Result<SnapshotInfo, SnapshotError> {
+/// Writes a snapshot of `machine`, which must be paused, to the new directory `dir`: full, or a
+/// diff against the previous one. On failure the directory is removed.
+pub fn create(machine: &mut Machine, dir: &Path, kind: SnapshotKind) -> Result<SnapshotInfo, SnapshotError> {
     let started = Instant::now();
     if machine.state() != RunState::Paused {
         return Err(SnapshotError::WrongState(
             "pause the VM before taking a snapshot".into(),
         ));
     }
+    let parent = match kind {
+        SnapshotKind::Full => None,
+        SnapshotKind::Diff => {
+            if machine.kvm().dirty.is_none() {
+                return Err(SnapshotError::WrongState(
+                    "a diff snapshot needs machine.track_dirty_pages".into(),
+                ));
+            }
+            let Some(parent) = machine.kvm().last_snapshot.clone() else {
+                return Err(SnapshotError::WrongState(
+                    "a diff snapshot needs a previous snapshot of this VM".into(),
+                ));
+            };
+            Some(parent)
+        }
+    };
     if !dir.is_absolute() {
         return Err(SnapshotError::Invalid(format!(
             "dir: {} is not an absolute path",
@@ -202,8 +224,11 @@ pub fn create(machine: &mut Machine, dir: &Path) -> Result<SnapshotInfo, Snapsho
         path: dir.display().to_string(),
         source,
     })?;
-    match write_all(machine, dir, started) {
-        Ok(info) => Ok(info),
+    match write_all(machine, dir, parent, started) {
+        Ok(info) => {
+            machine.set_last_snapshot(dir.to_path_buf());
+            Ok(info)
+        }
         Err(e) => {
             if let Err(rm) = std::fs::remove_dir_all(dir) {
                 log::warn!("cannot remove the failed snapshot {}: {rm}", dir.display());
@@ -213,13 +238,44 @@ pub fn create(machine: &mut Machine, dir: &Path) -> Result<SnapshotInfo, Snapsho
     }
 }
 
-fn write_all(machine: &mut Machine, dir: &Path, started: Instant) -> Result<SnapshotInfo, SnapshotError> {
+fn write_all(
+    machine: &mut Machine,
+    dir: &Path,
+    parent: Option<PathBuf>,
+    started: Instant,
+) -> Result<SnapshotInfo, SnapshotError> {
     let vcpus = machine.save_vcpus()?;
     let vm = VmState::save(&machine.kvm().vm)?;
     let devices = save_devices(machine)?;
-    let mem = &machine.kvm().mem;
+    let kvm = machine.kvm();
+    let mem = &kvm.mem;
     let memory_ranges = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-    let written = memory::save(mem, machine.kvm().backing, &dir.join(MEMORY_FILE))?;
+    // Every snapshot starts the next diff's count, full ones included.
+    let written_pages = match &kvm.dirty {
+        Some(dirty) => {
+            // Used rings are written by devices through the queue, not marked buffer by buffer.
+            for q in devices
+                .blocks
+                .iter()
+                .map(|b| &b.transport)
+                .chain(devices.nets.iter().map(|n| &n.transport))
+            {
+                for queue in q.queues.iter().filter(|_| q.activated) {
+                    dirty.mark(GuestAddress(queue.used_ring), 6 + 8 * usize::from(queue.size));
+                }
+            }
+            Some(
+                crate::vstate::memory::take_dirty_pages(&kvm.vm, mem, dirty)
+                    .map_err(|e| SnapshotError::Invalid(format!("dirty page tracking: {e}")))?,
+            )
+        }
+        None => None,
+    };
+    let memory_path = dir.join(MEMORY_FILE);
+    let (written, memory_pages) = match (&parent, written_pages) {
+        (Some(_), Some(pages)) => (memory::save_pages(mem, &pages, &memory_path)?, Some(pages)),
+        _ => (memory::save(mem, kvm.backing, &memory_path)?, None),
+    };
     let disk_bytes = save_disks(machine, dir)?;
     let config_json = serde_json::to_string(machine.config())
         .map_err(|e| SnapshotError::Invalid(format!("the configuration cannot be saved: {e}")))?;
@@ -234,6 +290,8 @@ fn write_all(machine: &mut Machine, dir: &Path, started: Instant) -> Result<Snap
         meta: meta.clone(),
         config_json,
         memory_ranges,
+        parent: parent.clone(),
+        memory_pages,
         vm,
         vcpus,
         devices,
@@ -241,6 +299,12 @@ fn write_all(machine: &mut Machine, dir: &Path, started: Instant) -> Result<Snap
     let state_bytes = format::write_state(&dir.join(STATE_FILE), &state)?;
     Ok(SnapshotInfo {
         dir: dir.to_path_buf(),
+        kind: if parent.is_some() {
+            SnapshotKind::Diff
+        } else {
+            SnapshotKind::Full
+        },
+        parent,
         memory_bytes: written.data_bytes,
         memory_size: written.total_bytes,
         state_bytes,

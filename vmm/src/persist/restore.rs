@@ -8,7 +8,7 @@ use std::fs::File;
 use std::path::{Path, PathBuf};
 
 use vm_memory::GuestMemoryMmap;
-use vmm_api::snapshot::{RestoreOverrides, SnapshotRestore};
+use vmm_api::snapshot::{RestoreOverrides, SnapshotInfo, SnapshotKind, SnapshotRestore};
 use vmm_api::VmConfig;
 
 use super::{disk, disk_file, format, host_cpu_model, memory, DevicesState, SnapshotError, SnapshotState};
@@ -24,8 +24,53 @@ pub struct Prepared {
     pub config: VmConfig,
     /// The saved state.
     pub state: SnapshotState,
-    /// Guest memory, mapped copy-on-write from the snapshot.
+    /// Guest memory, mapped copy-on-write from the snapshot (its chain's diffs copied in).
     pub mem: GuestMemoryMmap,
+    /// The snapshot directory (the base of the restored VM's next diff).
+    pub dir: PathBuf,
+}
+
+/// Longest chain of diffs a restore follows (a loop of parents ends here too).
+pub const MAX_CHAIN: usize = 64;
+
+/// Guest memory as the snapshot at `dir` (whose state is `state`) saw it: the chain's full
+/// snapshot mapped copy-on-write, then each diff's pages copied in, oldest first.
+pub fn map_chain(dir: &Path, state: &SnapshotState) -> Result<GuestMemoryMmap, SnapshotError> {
+    let mut diffs: Vec<(PathBuf, Vec<Vec<u64>>)> = Vec::new();
+    let mut at = dir.to_path_buf();
+    let mut pages = state.memory_pages.clone();
+    let mut parent = state.parent.clone();
+    while let Some(p) = pages.take() {
+        let Some(up) = parent.take() else {
+            return Err(SnapshotError::Invalid(format!(
+                "{}: a diff without a parent",
+                at.display()
+            )));
+        };
+        if diffs.len() == MAX_CHAIN {
+            return Err(SnapshotError::Invalid(format!(
+                "{}: more than {MAX_CHAIN} diffs in the chain",
+                dir.display()
+            )));
+        }
+        diffs.push((at, p));
+        let older: SnapshotState = format::read_state(&up.join(STATE_FILE))?;
+        if older.memory_ranges != state.memory_ranges {
+            return Err(SnapshotError::Invalid(format!(
+                "{}: its parent {} has another memory layout",
+                dir.display(),
+                up.display()
+            )));
+        }
+        pages = older.memory_pages;
+        parent = older.parent;
+        at = up;
+    }
+    let mem = memory::map(&at.join(MEMORY_FILE), &state.memory_ranges)?;
+    for (diff_dir, pages) in diffs.iter().rev() {
+        memory::apply_pages(&mem, pages, &diff_dir.join(MEMORY_FILE))?;
+    }
+    Ok(mem)
 }
 
 /// Reads and checks the snapshot of `request`, applies its overrides, and gives every writable
@@ -44,12 +89,17 @@ pub fn prepare(request: &SnapshotRestore, fds: &mut PassedFds) -> Result<Prepare
         .map_err(|e| SnapshotError::Invalid(format!("the snapshot's configuration: {e}")))?;
     check_layout(&state, &config)?;
     apply_overrides(&mut config, &request.overrides)?;
-    let mem = memory::map(&dir.join(MEMORY_FILE), &state.memory_ranges)?;
+    let mem = map_chain(dir, &state)?;
     prepare_disks(dir, &mut config, &request.overrides, fds)?;
     config
         .validate()
         .map_err(|e| SnapshotError::Invalid(format!("the restored configuration: {e}")))?;
-    Ok(Prepared { config, state, mem })
+    Ok(Prepared {
+        config,
+        state,
+        mem,
+        dir: dir.clone(),
+    })
 }
 
 fn check_compatible(state: &SnapshotState) -> Result<(), SnapshotError> {
@@ -259,4 +309,67 @@ pub fn apply_device_states(devices: &Devices, saved: &DevicesState) -> Result<()
         transport.restore(&s.transport).map_err(device_err(&s.id))?;
     }
     Ok(())
+}
+
+/// Writes the snapshot at `from` and the chain it builds on as one full snapshot at `to` (which
+/// must not exist; removed again on failure).
+pub fn merge(from: &Path, to: &Path) -> Result<SnapshotInfo, SnapshotError> {
+    let started = std::time::Instant::now();
+    for (name, p) in [("from", from), ("to", to)] {
+        if !p.is_absolute() {
+            return Err(SnapshotError::Invalid(format!(
+                "{name}: {} is not an absolute path",
+                p.display()
+            )));
+        }
+    }
+    let mut state: SnapshotState = format::read_state(&from.join(STATE_FILE))?;
+    let mem = map_chain(from, &state)?;
+    std::fs::create_dir(to).map_err(|source| SnapshotError::Io {
+        what: "snapshot directory",
+        path: to.display().to_string(),
+        source,
+    })?;
+    let result = (|| {
+        let written = memory::save(&mem, memory::Backing::SnapshotFile, &to.join(MEMORY_FILE))?;
+        let config: VmConfig = serde_json::from_str(&state.config_json)
+            .map_err(|e| SnapshotError::Invalid(format!("the snapshot's configuration: {e}")))?;
+        let mut disk_bytes = 0;
+        for drive in config.drives.iter().filter(|d| !d.read_only) {
+            let (src_path, dst_path) = (disk_file(from, &drive.id), disk_file(to, &drive.id));
+            let io = |what, path: &Path| {
+                let path = path.display().to_string();
+                move |source| SnapshotError::Io { what, path, source }
+            };
+            let src = File::open(&src_path).map_err(io("the snapshot's disk", &src_path))?;
+            let dst = File::options()
+                .read(true)
+                .write(true)
+                .create_new(true)
+                .open(&dst_path)
+                .map_err(io("disk copy", &dst_path))?;
+            disk_bytes += disk::copy_image(&src, &dst)
+                .map_err(io("disk copy", &dst_path))?
+                .1;
+        }
+        state.parent = None;
+        state.memory_pages = None;
+        let state_bytes = format::write_state(&to.join(STATE_FILE), &state)?;
+        Ok(SnapshotInfo {
+            dir: to.to_path_buf(),
+            kind: SnapshotKind::Full,
+            parent: None,
+            memory_bytes: written.data_bytes,
+            memory_size: written.total_bytes,
+            state_bytes,
+            disk_bytes,
+            duration_us: started.elapsed().as_micros() as u64,
+            vmm_version: state.meta.vmm_version.clone(),
+            cpu_model: state.meta.cpu_model.clone(),
+        })
+    })();
+    if result.is_err() {
+        let _ = std::fs::remove_dir_all(to);
+    }
+    result
 }

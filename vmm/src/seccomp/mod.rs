@@ -283,8 +283,13 @@ pub(crate) mod ioctl {
         ior::<kb::kvm_xsave>(0xa4),
         ior::<kb::kvm_xcrs>(0xa6),
     ];
-    /// What the main thread reads of the VM for a snapshot: irqchips, PIT, clock.
-    pub const VM_STATE_GETTERS: [u64; 3] = [
+    const fn iow<T>(nr: u64) -> u64 {
+        (1 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+    }
+
+    /// What the main thread reads of the VM for a snapshot: the dirty log, irqchips, PIT, clock.
+    pub const VM_STATE_GETTERS: [u64; 4] = [
+        iow::<kb::kvm_dirty_log>(0x42),
         iowr::<kb::kvm_irqchip>(0x62),
         ior::<kb::kvm_clock_data>(0x7c),
         ior::<kb::kvm_pit_state2>(0x9f),

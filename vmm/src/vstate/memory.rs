@@ -2,7 +2,7 @@
 
 use std::ffi::CStr;
 
-use kvm_bindings::kvm_userspace_memory_region;
+use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
 use vm_memory::{
     Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
@@ -34,6 +34,9 @@ pub enum MemoryError {
     /// KVM refused a memory slot.
     #[error("KVM_SET_USER_MEMORY_REGION failed: {0}")]
     Register(kvm_ioctls::Error),
+    /// KVM could not hand over its dirty log.
+    #[error("KVM_GET_DIRTY_LOG failed: {0}")]
+    DirtyLog(kvm_ioctls::Error),
 }
 
 /// Maps `mib` MiB of guest RAM. Fails early, with a clear message, when the host could never back it.
@@ -57,15 +60,16 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
     Ok(mem)
 }
 
-/// Registers every region of `mem` as a KVM memory slot.
-pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryError> {
+/// Registers every region of `mem` as a KVM memory slot (slot N is region N), with KVM's dirty
+/// log on if `log_dirty`.
+pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap, log_dirty: bool) -> Result<(), MemoryError> {
     for (slot, region) in mem.iter().enumerate() {
         let host = region
             .get_host_address(MemoryRegionAddress(0))
             .map_err(MemoryError::HostAddress)?;
         let slot_region = kvm_userspace_memory_region {
             slot: slot as u32,
-            flags: 0,
+            flags: if log_dirty { KVM_MEM_LOG_DIRTY_PAGES } else { 0 },
             guest_phys_addr: region.start_addr().raw_value(),
             memory_size: region.len(),
             userspace_addr: host as u64,
@@ -75,6 +79,28 @@ pub fn register_with_kvm(vm: &VmFd, mem: &GuestMemoryMmap) -> Result<(), MemoryE
         unsafe { vm.set_user_memory_region(slot_region) }.map_err(MemoryError::Register)?;
     }
     Ok(())
+}
+
+/// Pages of each region written since the last call, one bit per page: KVM's dirty log (what
+/// vCPUs wrote, cleared as it is read) ORed with `devices` (what devices wrote, likewise).
+pub fn take_dirty_pages(
+    vm: &VmFd,
+    mem: &GuestMemoryMmap,
+    devices: &devices::virtio::dirty::DirtyPages,
+) -> Result<Vec<Vec<u64>>, MemoryError> {
+    mem.iter()
+        .enumerate()
+        .map(|(slot, region)| {
+            let mut bits = vm
+                .get_dirty_log(slot as u32, region.len() as usize)
+                .map_err(MemoryError::DirtyLog)?;
+            let written = devices.take(slot);
+            for (word, dev) in bits.iter_mut().zip(written) {
+                *word |= dev;
+            }
+            Ok(bits)
+        })
+        .collect()
 }
 
 /// Asks for transparent huge pages (as QEMU does for guest RAM): fewer host page faults and, under

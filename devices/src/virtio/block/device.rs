@@ -19,6 +19,7 @@ use super::request::{self, DiskLimits, Request, RequestError, RequestKind, ID_BY
 use serde::{Deserialize, Serialize};
 
 use crate::rate_limiter::{RateLimiter, RateLimiterError, RateLimiterState, TokenType};
+use crate::virtio::dirty::DirtyPages;
 use crate::virtio::persist::{PersistError, QueueSnapshot};
 use crate::virtio::{
     drain_eventfd, feature, ActivateError, Activation, EventSource, Interrupt, VirtioDevice, TYPE_BLOCK,
@@ -95,6 +96,18 @@ struct Active {
     queue: Queue,
     interrupt: Arc<Interrupt>,
     limits: DiskLimits,
+    dirty: Option<Arc<DirtyPages>>,
+}
+
+impl Active {
+    /// Marks guest memory the device is about to write (data read from the disk, the drive id).
+    fn mark_written(&self, data: &[request::Segment]) {
+        if let Some(dirty) = &self.dirty {
+            for seg in data {
+                dirty.mark(seg.addr, seg.len as usize);
+            }
+        }
+    }
 }
 
 /// What a drive keeps beyond its queue, for snapshots.
@@ -272,6 +285,9 @@ impl Block {
                             self.throttled = true;
                             BlockMetrics::inc(&self.metrics.throttled);
                             break 'outer;
+                        }
+                        if let RequestKind::Read { data, .. } | RequestKind::GetId { data } = &req.kind {
+                            active.mark_written(data);
                         }
                         used_any |= start(
                             &mut self.engine,
@@ -503,6 +519,9 @@ fn refuse(active: &mut Active, err: &RequestError) -> bool {
 }
 
 fn complete(active: &mut Active, head: u16, status_addr: GuestAddress, status: u8, used_len: u32) {
+    if let Some(dirty) = &active.dirty {
+        dirty.mark(status_addr, 1);
+    }
     // The status address was the guest's choice; if it is not in memory, the guest gets no status.
     if active.mem.write_obj(status, status_addr).is_err() {
         log::warn!("block: status byte outside guest memory");
@@ -599,6 +618,7 @@ impl VirtioDevice for Block {
             queue,
             interrupt: Arc::clone(interrupt),
             limits,
+            dirty: activation.dirty,
         });
         // Requests the driver queued before DRIVER_OK (or whose notification came too early).
         self.process_queue();

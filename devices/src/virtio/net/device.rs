@@ -117,6 +117,7 @@ pub(super) struct Active {
     pub(super) interrupt: Arc<Interrupt>,
     pub(super) acked: u64,
     pub(super) mrg_rxbuf: bool,
+    pub(super) dirty: Option<Arc<crate::virtio::dirty::DirtyPages>>,
 }
 
 /// A virtio-net NIC on a tap.
@@ -457,6 +458,7 @@ impl VirtioDevice for Net {
             interrupt: Arc::clone(interrupt),
             acked,
             mrg_rxbuf: acked & feature(VIRTIO_NET_F_MRG_RXBUF) != 0,
+            dirty: activation.dirty,
         });
         // Frames the driver queued before DRIVER_OK, and frames the tap queued meanwhile (whose
         // edge-triggered event came before there was anywhere to put them).

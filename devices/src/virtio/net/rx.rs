@@ -252,6 +252,7 @@ fn deliver(
     metrics: &NetMetrics,
 ) -> Result<Delivery, RingError> {
     let mem = &active.mem;
+    let dirty = active.dirty.as_deref();
     let queue = &mut active.rx;
     let mut batch = UsedBatch::new(queue);
     segs.clear();
@@ -323,6 +324,9 @@ fn deliver(
             // The range was checked against guest memory when the chain was taken.
             if mem.write_slice(&frame[offset..offset + n], addr).is_err() {
                 log::warn!("net: receive buffer vanished from guest memory");
+            }
+            if let Some(dirty) = dirty {
+                dirty.mark(addr, n);
             }
             offset += n;
             written += n;
