@@ -2,16 +2,14 @@
 //! control socket, against QEMU microvm's QMP (`query-status`, `stop`, `cont`) side by side, and the
 //! VMM's memory overhead while it idles, for each vmm variant (e.g. with and without seccomp).
 
-use std::io::{BufRead, BufReader, Write};
-use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{anyhow, bail, Result};
 use benches::{
     bench_cmdline, cell, host_json, qemu_microvm, ratio, sample_memory, unix_time, wait_boot_complete,
-    write_json, Args, Summary, Vmm,
+    write_json, Args, Qmp, Summary, Vmm,
 };
 use harness::{try_vmm_binary, ControlClient, Guest, GuestBuilder, GuestImages, TempDir};
 use serde_json::{json, Value};
@@ -112,54 +110,10 @@ impl ControlPeer for VmmPeer {
     }
 }
 
-/// QEMU's QMP: one JSON command per line; asynchronous `event` lines are skipped.
-struct QmpPeer {
-    writer: UnixStream,
-    reader: BufReader<UnixStream>,
-}
-
-impl QmpPeer {
-    fn connect(path: &Path) -> Result<QmpPeer> {
-        let stream = UnixStream::connect(path).with_context(|| format!("connect {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
-        let mut peer = QmpPeer {
-            reader: BufReader::new(stream.try_clone()?),
-            writer: stream,
-        };
-        let greeting = peer.read_value()?;
-        if greeting.get("QMP").is_none() {
-            bail!("not a QMP greeting: {greeting}");
-        }
-        peer.execute("qmp_capabilities")?;
-        Ok(peer)
-    }
-
-    fn read_value(&mut self) -> Result<Value> {
-        let mut line = String::new();
-        if self.reader.read_line(&mut line)? == 0 {
-            bail!("QEMU closed QMP");
-        }
-        Ok(serde_json::from_str(&line)?)
-    }
-
-    fn execute(&mut self, command: &str) -> Result<()> {
-        writeln!(self.writer, r#"{{"execute": "{command}"}}"#)?;
-        loop {
-            let value = self.read_value()?;
-            if value.get("event").is_some() {
-                continue;
-            }
-            if value.get("return").is_some() {
-                return Ok(());
-            }
-            bail!("{command}: {value}");
-        }
-    }
-}
-
-impl ControlPeer for QmpPeer {
+impl ControlPeer for Qmp {
     fn round_trip(&mut self, operation: usize) -> Result<()> {
         self.execute(["query-status", "stop", "cont"][operation])
+            .map(|_| ())
     }
 }
 
@@ -229,7 +183,7 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path) -> Result<Measured> {
     let result = (|| {
         wait_boot_complete(&guest, BOOT_TIMEOUT)?;
         guest.wait_for_line("vmmprobe: idle", BOOT_TIMEOUT)?;
-        let mut peer = QmpPeer::connect(&sock)?;
+        let mut peer = Qmp::connect(&sock)?;
         let latencies_us = time_operations(&mut peer, opts.calls)?;
         Ok(Measured {
             name: "qemu".into(),
