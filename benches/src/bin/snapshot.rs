@@ -105,7 +105,7 @@ fn ms(d: Duration) -> f64 {
 /// An empty vmm in `ns`, connected.
 fn empty_vmm(ns: &NetNs, sock: &Path) -> Result<(Guest, ControlClient)> {
     let mut cmd = ns.command(&try_vmm_binary()?);
-    cmd.arg("--api-sock").arg(sock).args(["--serial", "off"]);
+    cmd.arg("--api-sock").arg(sock);
     let guest = Guest::spawn_command(cmd, None)?;
     ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT)?;
     Ok((guest, ControlClient::connect(sock)?))
@@ -114,7 +114,7 @@ fn empty_vmm(ns: &NetNs, sock: &Path) -> Result<(Guest, ControlClient)> {
 fn restore_request(dir: &Path, disk: &Path, tap: &str) -> String {
     json!({"id": 1, "request": {"snapshot-restore": {
         "dir": dir, "resume": true,
-        "overrides": {"drives": [{"id": "data", "path": disk}], "nets": [{"id": "eth0", "tap": tap}]}
+        "overrides": {"drives": [{"id": "data", "path": disk}], "nets": [{"id": "eth0", "tap": tap}], "serial": "off"}
     }}})
     .to_string()
 }
