@@ -249,8 +249,11 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
         pristine,
         "a refused restore changed the snapshot"
     );
-    // The failed attempt with the unknown tap had copied the disk; it may be written again.
-    let _ = std::fs::remove_file(&restored_disk);
+    // The attempt with the unknown tap got as far as copying the disk, and removed the copy.
+    assert!(
+        !restored_disk.exists(),
+        "a failed restore left its disk copy behind"
+    );
 
     // The real restore: the guest continues where it stopped.
     let Response::Restored { state, .. } = c2.ok(&restore_line(&snap, &restored_disk, "vsnap1")).unwrap()

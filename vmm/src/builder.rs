@@ -290,29 +290,71 @@ struct Parts {
     restored_from: Option<std::path::PathBuf>,
 }
 
-/// Rebuilds the VM of a snapshot prepared by [`persist::restore::prepare`]: the same recipe as
+/// Rebuilds the VM of a snapshot read by [`persist::restore::prepare`]: the same recipe as
 /// [`build_vm`], with state applied where a boot would load a kernel, in the order KVM requires
-/// (VM-level state, then each vCPU's), and devices restored paused. The vCPU threads wait, paused,
+/// (VM-level state, then each vCPU's), and devices restored paused. KVM's VM and memory slots are
+/// set up on a second thread while this one copies the disks (a slot costs milliseconds on some
+/// hosts). Disk files the restore created are removed if it fails. The vCPU threads wait, paused,
 /// for [`Machine::resume`].
 pub fn restore_vm(
-    prepared: persist::restore::Prepared,
+    mut prepared: persist::restore::Prepared,
+    request: &vmm_api::snapshot::SnapshotRestore,
     events: &ProcessEvents,
     event_manager: &mut VmmEventManager,
     fds: &mut PassedFds,
     seccomp: SeccompMode,
 ) -> Result<Machine, BuildError> {
-    let persist::restore::Prepared {
-        config,
-        state,
-        mem,
-        dir,
-    } = prepared;
+    let (kvm_side, disks) = std::thread::scope(|scope| {
+        let persist::restore::Prepared {
+            config,
+            state,
+            mem,
+            dir,
+            created_disks,
+        } = &mut prepared;
+        let (mem, state, log_dirty) = (&*mem, &*state, config.machine.track_dirty_pages);
+        let kvm_side = scope.spawn(move || -> Result<_, BuildError> {
+            let kvm = vm::open_kvm()?;
+            crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
+            let vm = vm::create_vm(&kvm)?;
+            memory::register_with_kvm(&vm, mem, log_dirty)?;
+            state.vm.restore(&vm)?;
+            Ok((kvm, vm))
+        });
+        let disks = persist::restore::give_disks(dir, config, request, fds, created_disks);
+        let kvm_side = kvm_side
+            .join()
+            .unwrap_or_else(|panic| std::panic::resume_unwind(panic));
+        (kvm_side, disks)
+    });
+    let (kvm, vm) = match (kvm_side, disks) {
+        (Ok(parts), Ok(())) => parts,
+        (Err(e), _) => {
+            prepared.remove_created_disks();
+            return Err(e);
+        }
+        (_, Err(e)) => return Err(e.into()),
+    };
+    let result = restore_devices_and_vcpus(&mut prepared, kvm, vm, events, event_manager, fds, seccomp);
+    if result.is_err() {
+        prepared.remove_created_disks();
+    }
+    result
+}
+
+fn restore_devices_and_vcpus(
+    prepared: &mut persist::restore::Prepared,
+    kvm: kvm_ioctls::Kvm,
+    vm: kvm_ioctls::VmFd,
+    events: &ProcessEvents,
+    event_manager: &mut VmmEventManager,
+    fds: &mut PassedFds,
+    seccomp: SeccompMode,
+) -> Result<Machine, BuildError> {
+    let config = prepared.config.clone();
+    let state = &prepared.state;
+    let mem = prepared.mem.clone();
     let serial = serial_output(&config.serial)?;
-    let kvm = vm::open_kvm()?;
-    crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
-    let vm = vm::create_vm(&kvm)?;
-    memory::register_with_kvm(&vm, &mem, config.machine.track_dirty_pages)?;
-    state.vm.restore(&vm)?;
     let dirty = dirty_pages(&config, &mem);
     let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy), dirty.clone());
     let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
@@ -332,7 +374,7 @@ pub fn restore_vm(
         dirty,
         devices,
         vcpus,
-        restored_from: Some(dir),
+        restored_from: Some(prepared.dir.clone()),
     };
     start_vcpu_threads(parts, events, event_manager, seccomp)
 }

@@ -358,9 +358,15 @@ impl Runtime {
                 (machine, Response::Started)
             }
             Launch::Restore(params, asked) => {
-                let prepared = persist::restore::prepare(&params, &mut self.fds)?;
-                let mut machine =
-                    builder::restore_vm(prepared, &self.events, event_manager, &mut self.fds, self.seccomp)?;
+                let prepared = persist::restore::prepare(&params)?;
+                let mut machine = builder::restore_vm(
+                    prepared,
+                    &params,
+                    &self.events,
+                    event_manager,
+                    &mut self.fds,
+                    self.seccomp,
+                )?;
                 if params.resume {
                     machine.resume().map_err(BuildError::Start)?;
                 }

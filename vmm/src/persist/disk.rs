@@ -17,9 +17,9 @@ pub enum CopyKind {
     Sparse,
 }
 
-/// Makes `dst` (empty, writable) an image with `src`'s contents; returns how, and the bytes of data
-/// moved (0 for a reflink).
-pub fn copy_image(src: &File, dst: &File) -> io::Result<(CopyKind, u64)> {
+/// Makes `dst` (empty, writable) an image with `src`'s contents, synced to disk if `durable`;
+/// returns how, and the bytes of data moved (0 for a reflink).
+pub fn copy_image(src: &File, dst: &File, durable: bool) -> io::Result<(CopyKind, u64)> {
     // SAFETY: FICLONE takes two descriptors that `src` and `dst` keep open, and no memory.
     let ret = unsafe { libc::ioctl(dst.as_raw_fd(), FICLONE, src.as_raw_fd()) };
     if ret == 0 {
@@ -39,7 +39,9 @@ pub fn copy_image(src: &File, dst: &File) -> io::Result<(CopyKind, u64)> {
         pos = hole;
     }
     dst.set_len(len)?;
-    dst.sync_all()?;
+    if durable {
+        dst.sync_all()?;
+    }
     Ok((CopyKind::Sparse, copied))
 }
 
@@ -115,7 +117,7 @@ mod tests {
             .truncate(true)
             .open(dir.join("dst"))
             .unwrap();
-        let (kind, copied) = copy_image(&src, &dst).unwrap();
+        let (kind, copied) = copy_image(&src, &dst, true).unwrap();
         assert_eq!(dst.metadata().unwrap().len(), 64 << 20);
         if kind == CopyKind::Sparse {
             assert!(copied < 1 << 20, "copied {copied} bytes of a mostly empty image");

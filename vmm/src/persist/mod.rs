@@ -370,7 +370,7 @@ fn save_disks(machine: &Machine, dir: &Path) -> Result<u64, SnapshotError> {
             .create_new(true)
             .open(&path)
             .map_err(io)?;
-        let (_, bytes) = disk::copy_image(block.disk_file(), &dst).map_err(io)?;
+        let (_, bytes) = disk::copy_image(block.disk_file(), &dst, true).map_err(io)?;
         copied += bytes;
     }
     Ok(copied)

@@ -28,6 +28,8 @@ pub struct Prepared {
     pub mem: GuestMemoryMmap,
     /// The snapshot directory (the base of the restored VM's next diff).
     pub dir: PathBuf,
+    /// Disk images this restore created (override paths), to remove if it fails.
+    pub created_disks: Vec<PathBuf>,
 }
 
 /// Longest chain of diffs a restore follows (a loop of parents ends here too).
@@ -73,9 +75,9 @@ pub fn map_chain(dir: &Path, state: &SnapshotState) -> Result<GuestMemoryMmap, S
     Ok(mem)
 }
 
-/// Reads and checks the snapshot of `request`, applies its overrides, and gives every writable
-/// drive its own copy of the snapshot's disk. `fds` supplies descriptors the overrides name.
-pub fn prepare(request: &SnapshotRestore, fds: &mut PassedFds) -> Result<Prepared, SnapshotError> {
+/// Reads and checks the snapshot of `request`, applies its overrides and maps its memory; the
+/// disks come next, with [`give_disks`] (which the builder overlaps with KVM's setup).
+pub fn prepare(request: &SnapshotRestore) -> Result<Prepared, SnapshotError> {
     let dir = &request.dir;
     if !dir.is_absolute() {
         return Err(SnapshotError::Invalid(format!(
@@ -90,16 +92,49 @@ pub fn prepare(request: &SnapshotRestore, fds: &mut PassedFds) -> Result<Prepare
     check_layout(&state, &config)?;
     apply_overrides(&mut config, &request.overrides)?;
     let mem = map_chain(dir, &state)?;
-    prepare_disks(dir, &mut config, &request.overrides, fds)?;
-    config
-        .validate()
-        .map_err(|e| SnapshotError::Invalid(format!("the restored configuration: {e}")))?;
     Ok(Prepared {
         config,
         state,
         mem,
         dir: dir.clone(),
+        created_disks: Vec::new(),
     })
+}
+
+/// Gives every writable drive of `config` its own copy of the snapshot's disk (see
+/// `prepare_disks`) and checks the resulting configuration. Files it creates are added to
+/// `created`, and removed again if this fails.
+pub fn give_disks(
+    dir: &Path,
+    config: &mut VmConfig,
+    request: &SnapshotRestore,
+    fds: &mut PassedFds,
+    created: &mut Vec<PathBuf>,
+) -> Result<(), SnapshotError> {
+    let result = prepare_disks(dir, config, &request.overrides, fds, created).and_then(|()| {
+        config
+            .validate()
+            .map_err(|e| SnapshotError::Invalid(format!("the restored configuration: {e}")))
+    });
+    if result.is_err() {
+        remove_files(created);
+    }
+    result
+}
+
+fn remove_files(created: &mut Vec<PathBuf>) {
+    for path in created.drain(..) {
+        if let Err(e) = std::fs::remove_file(&path) {
+            log::warn!("cannot remove {} after a failed restore: {e}", path.display());
+        }
+    }
+}
+
+impl Prepared {
+    /// Removes the disk files this restore created (it failed after creating them).
+    pub fn remove_created_disks(&mut self) {
+        remove_files(&mut self.created_disks);
+    }
 }
 
 fn check_compatible(state: &SnapshotState) -> Result<(), SnapshotError> {
@@ -214,6 +249,7 @@ fn prepare_disks(
     config: &mut VmConfig,
     overrides: &RestoreOverrides,
     fds: &mut PassedFds,
+    created: &mut Vec<PathBuf>,
 ) -> Result<(), SnapshotError> {
     for drive in &mut config.drives {
         let o = overrides.drives.iter().find(|o| o.id == drive.id);
@@ -243,7 +279,7 @@ fn prepare_disks(
                     SnapshotError::Invalid(format!("no file descriptor named {name:?} was passed (add-fds)"))
                 })?;
                 let dst = File::from(fd.try_clone().map_err(io("passed disk", Path::new(name)))?);
-                disk::copy_image(&src, &dst).map_err(io("passed disk", Path::new(name)))?;
+                disk::copy_image(&src, &dst, false).map_err(io("passed disk", Path::new(name)))?;
                 drive.fd = Some(name.clone());
                 drive.path = PathBuf::new();
             }
@@ -254,7 +290,9 @@ fn prepare_disks(
                     .create_new(true)
                     .open(path)
                     .map_err(io("restored disk", path))?;
-                disk::copy_image(&src, &dst).map_err(io("restored disk", path))?;
+                created.push(path.clone());
+                // Not synced: the guest's own flushes make its disk durable, copied data included.
+                disk::copy_image(&src, &dst, false).map_err(io("restored disk", path))?;
                 drive.path = path.clone();
                 drive.fd = None;
             }
@@ -279,7 +317,7 @@ fn prepare_disks(
                         path.display()
                     ))
                 })?;
-                disk::copy_image(&src, &dst).map_err(io("drive image", &path))?;
+                disk::copy_image(&src, &dst, false).map_err(io("drive image", &path))?;
             }
         }
     }
@@ -348,7 +386,7 @@ pub fn merge(from: &Path, to: &Path) -> Result<SnapshotInfo, SnapshotError> {
                 .create_new(true)
                 .open(&dst_path)
                 .map_err(io("disk copy", &dst_path))?;
-            disk_bytes += disk::copy_image(&src, &dst)
+            disk_bytes += disk::copy_image(&src, &dst, true)
                 .map_err(io("disk copy", &dst_path))?
                 .1;
         }
