@@ -11,6 +11,11 @@ use anyhow::{anyhow, bail, Context, Result};
 use vmm_api::control::{ErrorKind, Event, EventLine, Outcome, Response, ResponseLine};
 use vmm_sys_util::sock_ctrl_msg::ScmSocket;
 
+/// How long a request's answer may take.
+pub const ANSWER_TIMEOUT: Duration = Duration::from_secs(30);
+/// How long the next event may take (it may wait for a guest to boot).
+pub const EVENT_TIMEOUT: Duration = Duration::from_secs(600);
+
 /// A connection to a VMM's control socket.
 pub struct ControlClient {
     writer: UnixStream,
@@ -19,10 +24,11 @@ pub struct ControlClient {
 }
 
 impl ControlClient {
-    /// Connects to `path`; reads time out after 30 s so a test fails rather than hangs.
+    /// Connects to `path`; waiting for an answer times out after [`ANSWER_TIMEOUT`], for an event
+    /// after [`EVENT_TIMEOUT`], so a test fails rather than hangs.
     pub fn connect(path: &Path) -> Result<Self> {
         let stream = UnixStream::connect(path).with_context(|| format!("connect to {}", path.display()))?;
-        stream.set_read_timeout(Some(Duration::from_secs(30)))?;
+        stream.set_read_timeout(Some(ANSWER_TIMEOUT))?;
         Ok(ControlClient {
             reader: BufReader::new(stream.try_clone()?),
             writer: stream,
@@ -97,10 +103,26 @@ impl ControlClient {
         if !self.events.is_empty() {
             return Ok(self.events.remove(0));
         }
-        let text = self.read_line()?;
+        // Events wait for the guest (a boot under load takes minutes here), answers only for the
+        // VMM.
+        self.writer.set_read_timeout(Some(EVENT_TIMEOUT))?;
+        let text = self.read_line();
+        self.writer.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        let text = text?;
         Ok(serde_json::from_str::<EventLine>(&text)
             .with_context(|| format!("expected an event, got {text:?}"))?
             .event)
+    }
+
+    /// Reads events until one satisfies `want` (others, such as the boot event, are skipped).
+    /// Panics if the connection ends first: for tests.
+    pub fn wait_event(&mut self, want: impl Fn(&Event) -> bool) -> Event {
+        loop {
+            let event = self.next_event().expect("an event");
+            if want(&event) {
+                return event;
+            }
+        }
     }
 
     /// Events received so far while waiting for answers, taken.

@@ -24,16 +24,6 @@ fn counter_lines(guest: &Guest) -> usize {
         .count()
 }
 
-/// Reads events until one satisfies `want` (others, such as the boot event, are skipped).
-fn wait_event(c: &mut ControlClient, want: impl Fn(&Event) -> bool) -> Event {
-    loop {
-        let event = c.next_event().expect("an event");
-        if want(&event) {
-            return event;
-        }
-    }
-}
-
 fn state_change(c: &mut ControlClient, request: &str) -> (VmState, bool) {
     let line = format!(r#"{{"id": 1, "request": "{request}"}}"#);
     match c.ok(&line).expect(request) {
@@ -92,7 +82,7 @@ fn pause_stops_the_guest_resume_continues_it_and_shutdown_runs_its_reboot_path()
         .wait_for_line("vmmprobe: keyboard name=", BOOT_TIMEOUT)
         .unwrap();
     assert_eq!(state_change(&mut c, "pause"), (VmState::Paused, true));
-    wait_event(&mut c, |e| {
+    c.wait_event(|e| {
         *e == Event::StateChanged {
             state: VmState::Paused,
         }
@@ -111,7 +101,7 @@ fn pause_stops_the_guest_resume_continues_it_and_shutdown_runs_its_reboot_path()
     assert_eq!(state_change(&mut c, "pause"), (VmState::Paused, false));
 
     assert_eq!(state_change(&mut c, "resume"), (VmState::Running, true));
-    wait_event(&mut c, |e| {
+    c.wait_event(|e| {
         *e == Event::StateChanged {
             state: VmState::Running,
         }
@@ -142,7 +132,7 @@ fn pause_stops_the_guest_resume_continues_it_and_shutdown_runs_its_reboot_path()
     guest
         .wait_for_line("vmmprobe: reboot-notifier event=restart", BOOT_TIMEOUT)
         .unwrap();
-    let exit = wait_event(&mut c, |e| matches!(e, Event::Exit { .. }));
+    let exit = c.wait_event(|e| matches!(e, Event::Exit { .. }));
     assert_eq!(
         exit,
         Event::Exit {
@@ -197,7 +187,7 @@ fn a_guest_that_ignores_ctrl_alt_del_is_stopped() {
         c.ok(r#"{"id": 6, "request": "stop"}"#).unwrap(),
         Response::Stopping
     );
-    let exit = wait_event(&mut c, |e| matches!(e, Event::Exit { .. }));
+    let exit = c.wait_event(|e| matches!(e, Event::Exit { .. }));
     assert_eq!(
         exit,
         Event::Exit {
@@ -293,7 +283,7 @@ fn an_empty_vmm_is_configured_given_descriptors_and_started_over_its_socket() {
         c.ok(r#"{"id": 8, "request": "start"}"#).unwrap(),
         Response::Started
     );
-    wait_event(&mut c, |e| {
+    c.wait_event(|e| {
         *e == Event::StateChanged {
             state: VmState::Running,
         }

@@ -37,15 +37,6 @@ fn counters(guest: &Guest) -> Vec<u64> {
         .collect()
 }
 
-fn wait_event(c: &mut ControlClient, want: impl Fn(&Event) -> bool) -> Event {
-    loop {
-        let event = c.next_event().expect("an event");
-        if want(&event) {
-            return event;
-        }
-    }
-}
-
 /// Every file of a directory with its CRC-32 and length, to show it did not change.
 fn fingerprint(dir: &Path) -> Vec<(String, u64, u32)> {
     let mut out: Vec<_> = std::fs::read_dir(dir)
@@ -282,7 +273,7 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
         c2.ok(r#"{"id": 7, "request": "stop"}"#).unwrap(),
         Response::Stopping
     );
-    let _ = wait_event(&mut c2, |e| matches!(e, Event::Exit { .. }));
+    let _ = c2.wait_event(|e| matches!(e, Event::Exit { .. }));
     let status = restored.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{status:?}\n{}", restored.output_tail());
 

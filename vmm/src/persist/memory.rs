@@ -82,68 +82,13 @@ fn resident_pages(bytes: &[u8]) -> Option<Vec<u8>> {
     (ret == 0).then_some(vec)
 }
 
-/// Writes guest memory to `path` (created; it must not exist). The VM must be paused.
-pub fn save(mem: &GuestMemoryMmap, backing: Backing, path: &Path) -> Result<Written, MemoryFileError> {
-    let io = |source| MemoryFileError::Io {
-        path: path.display().to_string(),
-        source,
-    };
-    let file = std::fs::OpenOptions::new()
-        .write(true)
-        .create_new(true)
-        .open(path)
-        .map_err(io)?;
-    let mut written = Written::default();
-    for region in mem.iter() {
-        // SAFETY: the caller has paused the vCPUs and devices, so nothing writes guest memory
-        // while the slice is read.
-        let Some(bytes) = (unsafe { region_bytes(region) }) else {
-            return Err(MemoryFileError::Layout("a region has no host mapping".into()));
-        };
-        // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
-        let resident = match backing {
-            Backing::Anonymous if !swap_enabled() => resident_pages(bytes),
-            _ => None,
-        };
-        let base = written.total_bytes;
-        let mut run: Option<usize> = None;
-        let pages = bytes.len().div_ceil(PAGE);
-        for page in 0..=pages {
-            let has_data = page < pages
-                && resident.as_ref().is_none_or(|r| r[page] & 1 != 0)
-                && !is_zero(&bytes[page * PAGE..((page + 1) * PAGE).min(bytes.len())]);
-            match (has_data, run) {
-                (true, None) => run = Some(page),
-                (false, Some(start)) => {
-                    let (from, to) = (start * PAGE, (page * PAGE).min(bytes.len()));
-                    file.write_all_at(&bytes[from..to], base + from as u64)
-                        .map_err(io)?;
-                    written.data_bytes += (to - from) as u64;
-                    run = None;
-                }
-                _ => {}
-            }
-        }
-        written.total_bytes += bytes.len() as u64;
-    }
-    file.set_len(written.total_bytes).map_err(io)?;
-    file.sync_all().map_err(io)?;
-    Ok(written)
-}
-
-/// Whether the host has swap space (`/proc/swaps` lists more than its header); unknown counts as
-/// yes.
-fn swap_enabled() -> bool {
-    std::fs::read_to_string("/proc/swaps").map_or(true, |s| s.lines().count() > 1)
-}
-
-/// Writes the pages of `pages` (per region, bit `n` of word `n / 64` is page `n`) to `path`
-/// (created; it must not exist), laid out like a full memory file: a diff. Pages that are zero
-/// stay holes, which read back as the zeros they are. The VM must be paused.
-pub fn save_pages(
+/// Creates the memory file at `path` (it must not exist), hands `each` every region's bytes with
+/// its index and the file offset where it starts, then sets the file's length to the memory size
+/// and syncs it. `each` returns the bytes of data it wrote. The VM must be paused.
+fn write_regions(
     mem: &GuestMemoryMmap,
-    pages: &[Vec<u64>],
     path: &Path,
+    mut each: impl FnMut(usize, &[u8], u64, &File) -> std::io::Result<u64>,
 ) -> Result<Written, MemoryFileError> {
     let io = |source| MemoryFileError::Io {
         path: path.display().to_string(),
@@ -155,26 +100,73 @@ pub fn save_pages(
         .open(path)
         .map_err(io)?;
     let mut written = Written::default();
-    for (region, bits) in mem.iter().zip(pages) {
+    for (index, region) in mem.iter().enumerate() {
         // SAFETY: the caller has paused the vCPUs and devices, so nothing writes guest memory
         // while the slice is read.
         let Some(bytes) = (unsafe { region_bytes(region) }) else {
             return Err(MemoryFileError::Layout("a region has no host mapping".into()));
         };
-        for page in set_bits(bits).take_while(|&p| p * PAGE < bytes.len()) {
-            let from = page * PAGE;
-            let data = &bytes[from..(from + PAGE).min(bytes.len())];
-            if !is_zero(data) {
-                file.write_all_at(data, written.total_bytes + from as u64)
-                    .map_err(io)?;
-                written.data_bytes += data.len() as u64;
-            }
-        }
+        written.data_bytes += each(index, bytes, written.total_bytes, &file).map_err(io)?;
         written.total_bytes += bytes.len() as u64;
     }
     file.set_len(written.total_bytes).map_err(io)?;
     file.sync_all().map_err(io)?;
     Ok(written)
+}
+
+/// Writes guest memory to `path` (created; it must not exist), sparse. The VM must be paused.
+pub fn save(mem: &GuestMemoryMmap, backing: Backing, path: &Path) -> Result<Written, MemoryFileError> {
+    write_regions(mem, path, |_, bytes, base, file| {
+        // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
+        let resident = match backing {
+            Backing::Anonymous if !swap_enabled() => resident_pages(bytes),
+            _ => None,
+        };
+        let mut data = 0u64;
+        let mut run: Option<usize> = None;
+        let pages = bytes.len().div_ceil(PAGE);
+        for page in 0..=pages {
+            let has_data = page < pages
+                && resident.as_ref().is_none_or(|r| r[page] & 1 != 0)
+                && !is_zero(&bytes[page * PAGE..((page + 1) * PAGE).min(bytes.len())]);
+            match (has_data, run) {
+                (true, None) => run = Some(page),
+                (false, Some(start)) => {
+                    let (from, to) = (start * PAGE, (page * PAGE).min(bytes.len()));
+                    file.write_all_at(&bytes[from..to], base + from as u64)?;
+                    data += (to - from) as u64;
+                    run = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(data)
+    })
+}
+
+/// Writes the pages of `pages` (per region, bit `n` of word `n / 64` is page `n`) to `path`
+/// (created; it must not exist), laid out like a full memory file: a diff. Pages that are zero
+/// stay holes, which read back as the zeros they are. The VM must be paused.
+pub fn save_pages(
+    mem: &GuestMemoryMmap,
+    pages: &[Vec<u64>],
+    path: &Path,
+) -> Result<Written, MemoryFileError> {
+    if pages.len() != mem.num_regions() {
+        return Err(MemoryFileError::Layout("the page map does not fit the VM".into()));
+    }
+    write_regions(mem, path, |index, bytes, base, file| {
+        let mut data = 0u64;
+        for page in set_bits(&pages[index]).take_while(|&p| p * PAGE < bytes.len()) {
+            let from = page * PAGE;
+            let chunk = &bytes[from..(from + PAGE).min(bytes.len())];
+            if !is_zero(chunk) {
+                file.write_all_at(chunk, base + from as u64)?;
+                data += chunk.len() as u64;
+            }
+        }
+        Ok(data)
+    })
 }
 
 /// Copies the pages of a diff (`pages`, as [`save_pages`] took them) from its file into `mem`,
@@ -228,6 +220,12 @@ fn set_bits(bits: &[u64]) -> impl Iterator<Item = usize> + '_ {
             .filter(move |b| word & (1 << b) != 0)
             .map(move |b| i * 64 + b)
     })
+}
+
+/// Whether the host has swap space (`/proc/swaps` lists more than its header); unknown counts as
+/// yes.
+fn swap_enabled() -> bool {
+    std::fs::read_to_string("/proc/swaps").map_or(true, |s| s.lines().count() > 1)
 }
 
 fn is_zero(page: &[u8]) -> bool {
