@@ -1,4 +1,5 @@
-//! `vmm-agent`: serves the vmmagent.v1 gRPC API on a Unix socket and supervises this host's VMs.
+//! `vmm-agent`: serves the vmmagent.v1 gRPC API (Unix socket, or TCP with mutual TLS) and
+//! supervises this host's VMs.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -7,6 +8,7 @@ use std::time::Duration;
 use anyhow::{bail, Context as _, Result};
 use clap::Parser;
 use vmm_agent::host::{host_cpus, host_memory_mib};
+use vmm_agent::listen::{parse_listen, tls_files, Listen};
 use vmm_agent::state::AgentConfig;
 use vmm_agent::store::Capacity;
 
@@ -17,9 +19,24 @@ struct Args {
     /// Holds state.db and vms/<id>/ (config, control socket, console log, vmm log).
     #[arg(long, default_value = "/var/lib/vmm-agent")]
     state_dir: PathBuf,
-    /// Where to serve gRPC: unix:PATH (default: unix:<state-dir>/agent.sock).
+    /// Where to serve gRPC: unix:PATH or tcp://ADDR:PORT (mutual TLS); may be repeated
+    /// (default: unix:<state-dir>/agent.sock).
     #[arg(long)]
-    listen: Option<String>,
+    listen: Vec<String>,
+    /// TLS: the agent's certificate chain (PEM), for tcp:// listeners.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// TLS: the CA that client certificates must chain to (PEM). Each client's role comes from a
+    /// subject alternative name URI vmmagent-role:viewer|operator|admin in its certificate.
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow tcp:// listeners without TLS on loopback addresses (development only: every local
+    /// process that connects is admin).
+    #[arg(long)]
+    insecure_tcp: bool,
     /// The vmm binary (default: `vmm` next to this executable).
     #[arg(long)]
     vmm_bin: Option<PathBuf>,
@@ -57,16 +74,18 @@ fn main() -> Result<()> {
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let listen = match &args.listen {
-        None => args.state_dir.join("agent.sock"),
-        Some(l) => match l.strip_prefix("unix:") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ if l.starts_with("tcp:") => {
-                bail!("--listen tcp:... needs TLS, which this agent does not implement yet")
-            }
-            _ => bail!("--listen must be unix:PATH, got '{l}'"),
-        },
+    let tls = tls_files(args.tls_cert, args.tls_key, args.tls_client_ca)?;
+    let listens = if args.listen.is_empty() {
+        vec![Listen::Unix(args.state_dir.join("agent.sock"))]
+    } else {
+        args.listen
+            .iter()
+            .map(|l| parse_listen(l, tls.as_ref(), args.insecure_tcp))
+            .collect::<Result<Vec<_>, _>>()?
     };
+    if tls.is_some() && !listens.iter().any(|l| matches!(l, Listen::Tls { .. })) {
+        bail!("--tls-* flags are given but no --listen tcp://ADDR:PORT uses them");
+    }
     let vmm_bin = match args.vmm_bin {
         Some(p) => p,
         None => std::env::current_exe()
@@ -111,7 +130,7 @@ fn main() -> Result<()> {
             }
             tracing::info!("shutting down; VMs keep running");
         };
-        vmm_agent::server::run(config, &listen, shutdown)
+        vmm_agent::server::run(config, listens, shutdown)
             .await
             .map_err(|e| anyhow::anyhow!("{}", vmm_agent::error::ErrorChain(&e)))
     })

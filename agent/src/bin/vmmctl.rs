@@ -8,6 +8,7 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
+use vmm_agent::client::ClientTls;
 use vmm_agent::proto::host_service_client::HostServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
@@ -20,13 +21,23 @@ use vmm_agent::proto::{
 #[derive(Parser, Debug)]
 #[command(name = "vmmctl", version)]
 struct Args {
-    /// The agent: unix:PATH.
+    /// The agent: unix:PATH or tcp://HOST:PORT.
     #[arg(
         long,
         env = "VMMCTL_ENDPOINT",
         default_value = "unix:/var/lib/vmm-agent/agent.sock"
     )]
     endpoint: String,
+    /// For tcp:// endpoints: the CA that the agent's certificate must chain to (PEM). Without it,
+    /// a tcp:// endpoint is plain TCP (an agent run with --insecure-tcp).
+    #[arg(long, env = "VMMCTL_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// For tcp:// endpoints: our client certificate (PEM), which names our role.
+    #[arg(long, env = "VMMCTL_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "VMMCTL_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -284,7 +295,20 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let channel: Channel = vmm_agent::client::connect(&args.endpoint)
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(ClientTls {
+            ca: read(ca)?,
+            identity,
+        }),
+        None if identity.is_some() => bail!("--tls-cert needs --tls-ca"),
+        None => None,
+    };
+    let channel: Channel = vmm_agent::client::connect(&args.endpoint, tls)
         .await
         .map_err(|e| anyhow!("{}", vmm_agent::error::ErrorChain(&e)))
         .with_context(|| format!("agent at {}", args.endpoint))?;
