@@ -17,6 +17,7 @@ pub mod control;
 pub mod error;
 pub mod host;
 pub mod listen;
+pub mod nics;
 pub mod operations;
 pub mod ops_service;
 pub mod process;

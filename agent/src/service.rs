@@ -229,7 +229,12 @@ impl VmService for VmApi {
             return Ok(Response::new(vm));
         }
         check_vm_id("vm_id", &req.vm_id)?;
-        let spec = check_spec(req.spec.as_ref())?.clone();
+        // The derived MACs are part of the stored spec, so that GetVm shows what the guest gets.
+        let mut spec = req.spec.clone();
+        if let Some(s) = spec.as_mut() {
+            crate::nics::fill_macs(&req.vm_id, s);
+        }
+        let spec = check_spec(spec.as_ref())?.clone();
         let vm = Vm {
             vm_id: req.vm_id.clone(),
             spec: Some(spec),

@@ -13,8 +13,8 @@ use vmm_agent::proto::host_service_client::HostServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
     CreateVmRequest, DeleteVmRequest, Disk, GetConsoleRequest, GetHostRequest, GetVmRequest, Host,
-    ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
-    VmSpec, VmState, WatchEventType, WatchVmsRequest,
+    ListVmsRequest, NicSpec, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest,
+    Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
 /// Operator CLI for vmm-agent.
@@ -67,6 +67,9 @@ enum Cmd {
         /// KEY=VALUE; may be repeated.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// tap=TAP[,id=ID][,mac=MAC] (an existing TAP device); may be repeated.
+        #[arg(long = "nic")]
+        nics: Vec<String>,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -193,6 +196,23 @@ fn parse_disk(spec: &str) -> Result<Disk> {
     Ok(disk)
 }
 
+/// `--nic`; the id defaults to `eth<index>`, as the guest names it.
+fn parse_nic(spec: &str, index: usize) -> Result<NicSpec> {
+    let mut nic = NicSpec {
+        id: format!("eth{index}"),
+        ..Default::default()
+    };
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("tap", t)) => nic.tap = t.to_string(),
+            Some(("id", i)) => nic.id = i.to_string(),
+            Some(("mac", m)) => nic.mac = m.to_string(),
+            _ => bail!("--nic takes tap=TAP[,id=ID][,mac=MAC], got '{spec}'"),
+        }
+    }
+    Ok(nic)
+}
+
 fn vm_json(vm: &Vm) -> Value {
     let spec = vm.spec.clone().unwrap_or_default();
     json!({
@@ -213,6 +233,7 @@ fn vm_json(vm: &Vm) -> Value {
             "cmdline": spec.cmdline,
             "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
             "labels": spec.labels,
+            "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
         },
     })
 }
@@ -324,6 +345,7 @@ async fn run(args: Args) -> Result<()> {
             memory_mib,
             disks,
             labels,
+            nics,
             request_id,
         } => {
             let spec = VmSpec {
@@ -334,6 +356,11 @@ async fn run(args: Args) -> Result<()> {
                 initrd,
                 disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
                 labels: parse_kv("--label", &labels)?,
+                nics: nics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| parse_nic(n, i))
+                    .collect::<Result<_>>()?,
             };
             let vm = vms
                 .create_vm(CreateVmRequest {
