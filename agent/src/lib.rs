@@ -12,6 +12,7 @@
 
 mod actor;
 pub mod client;
+pub mod config_file;
 pub mod console;
 pub mod control;
 pub mod error;
