@@ -7,7 +7,12 @@ use std::path::PathBuf;
 use prost::Message;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let files = ["vmmagent/v1/vm.proto", "vmmagent/v1/host.proto"];
+    let files = [
+        "vmmagent/v1/vm.proto",
+        "vmmagent/v1/host.proto",
+        "vmmagent/v1/operations.proto",
+        "vmmagent/v1/vm_resources.proto",
+    ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;
     let out_dir = PathBuf::from(std::env::var("OUT_DIR")?);

@@ -18,6 +18,7 @@ use vmm_api::control::{Event, Request, Response, ShutdownRequest, VmState as Vmm
 use crate::console;
 use crate::control::{ConnEvent, ControlClientError, ControlConn};
 use crate::error::AgentError;
+use crate::operations::CancelToken;
 use crate::process::{is_our_vmm, kill};
 use crate::proto::{Vm, VmState};
 use crate::spec::to_vm_config;
@@ -43,12 +44,14 @@ pub(crate) enum Command {
     Stop {
         timeout: Duration,
         force: bool,
+        cancel: CancelToken,
         reply: Reply<Vm>,
     },
     Pause(Reply<Vm>),
     Resume(Reply<Vm>),
     Reboot {
         timeout: Duration,
+        cancel: CancelToken,
         reply: Reply<Vm>,
     },
     Delete(Reply<()>),
@@ -136,9 +139,10 @@ impl VmActor {
             Command::Stop {
                 timeout,
                 force,
+                cancel,
                 reply,
             } => {
-                let _ = reply.send(self.stop(timeout, force).await);
+                let _ = reply.send(self.stop(timeout, force, &cancel).await);
             }
             Command::Pause(reply) => {
                 let _ = reply.send(self.pause_resume(true).await);
@@ -146,9 +150,16 @@ impl VmActor {
             Command::Resume(reply) => {
                 let _ = reply.send(self.pause_resume(false).await);
             }
-            Command::Reboot { timeout, reply } => {
+            Command::Reboot {
+                timeout,
+                cancel,
+                reply,
+            } => {
                 let result = match self.vm.state() {
-                    VmState::Running | VmState::Paused => match self.stop(timeout, false).await {
+                    VmState::Running | VmState::Paused => match self.stop(timeout, false, &cancel).await {
+                        Ok(_) if cancel.is_cancelled() => Err(AgentError::Cancelled(
+                            "cancelled: the VM was stopped and not started again".into(),
+                        )),
                         Ok(_) => self.start().await,
                         Err(e) => Err(e),
                     },
@@ -433,10 +444,11 @@ impl VmActor {
         }
     }
 
-    /// Processes events until `done` holds, the vmm ends, or `deadline` passes.
-    async fn pump_until(&mut self, deadline: Instant, done: impl Fn(&Self) -> bool) {
+    /// Processes events until `done` holds, the vmm ends, `deadline` passes or `cancel` fires.
+    async fn pump_until(&mut self, deadline: Instant, mut cancel: CancelToken, done: impl Fn(&Self) -> bool) {
         while !done(self) && self.proc.is_some() {
             tokio::select! {
+                _ = cancel.cancelled() => return,
                 event = next_event(&mut self.proc) => self.on_conn_event(event).await,
                 _ = sleep(Duration::from_millis(200)) => {
                     if self.exited().await {
@@ -501,7 +513,7 @@ impl VmActor {
             let state = observed_state(d.state);
             self.record(|vm| vm.state = state as i32).await;
         }
-        self.pump_until(Instant::now() + START_TIMEOUT, |a| {
+        self.pump_until(Instant::now() + START_TIMEOUT, CancelToken::never(), |a| {
             a.vm.state() != VmState::Starting
         })
         .await;
@@ -572,8 +584,10 @@ impl VmActor {
         if let Some(p) = &self.proc {
             kill(p.pid);
         }
-        self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
-            .await;
+        self.pump_until(Instant::now() + EXIT_TIMEOUT, CancelToken::never(), |a| {
+            a.proc.is_none()
+        })
+        .await;
         // Still there (unkillable?): forget it rather than block the actor forever.
         self.finish().await;
     }
@@ -618,7 +632,15 @@ impl VmActor {
         Ok(self.vm.clone())
     }
 
-    async fn stop(&mut self, timeout: Duration, force: bool) -> Result<Vm, AgentError> {
+    /// Stops the VM. With `cancel` fired while the guest is given time to shut down, the VM is
+    /// stopped hard at once and the result is CANCELLED.
+    async fn stop(&mut self, timeout: Duration, force: bool, cancel: &CancelToken) -> Result<Vm, AgentError> {
+        if cancel.is_cancelled() {
+            // Queued behind another command and cancelled meanwhile: nothing was done.
+            return Err(AgentError::Cancelled(
+                "cancelled before the stop began; the VM is unchanged".into(),
+            ));
+        }
         self.save(|vm| vm.desired_state = VmState::Stopped as i32).await?;
         if self.proc.is_none() {
             return match self.vm.state() {
@@ -645,19 +667,29 @@ impl VmActor {
                 .await;
             if asked.is_ok() {
                 // The vmm itself stops the VM hard after the timeout; allow it a little longer.
-                self.pump_until(Instant::now() + timeout + EXIT_TIMEOUT, |a| a.proc.is_none())
-                    .await;
+                self.pump_until(Instant::now() + timeout + EXIT_TIMEOUT, cancel.clone(), |a| {
+                    a.proc.is_none()
+                })
+                .await;
             }
         }
+        let cut_short = self.proc.is_some() && cancel.is_cancelled();
         if self.proc.is_some() {
             let _ = self.request(Request::Stop).await;
-            self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
-                .await;
+            self.pump_until(Instant::now() + EXIT_TIMEOUT, CancelToken::never(), |a| {
+                a.proc.is_none()
+            })
+            .await;
         }
         if self.proc.is_some() {
             self.kill_and_wait().await;
         }
         self.stopping = false;
+        if cut_short {
+            return Err(AgentError::Cancelled(
+                "cancelled: the VM was stopped hard without waiting longer for the guest".into(),
+            ));
+        }
         Ok(self.vm.clone())
     }
 
@@ -665,8 +697,10 @@ impl VmActor {
         if self.proc.is_some() {
             self.stopping = true;
             if self.request(Request::Stop).await.is_ok() {
-                self.pump_until(Instant::now() + EXIT_TIMEOUT, |a| a.proc.is_none())
-                    .await;
+                self.pump_until(Instant::now() + EXIT_TIMEOUT, CancelToken::never(), |a| {
+                    a.proc.is_none()
+                })
+                .await;
             }
             if self.proc.is_some() {
                 self.kill_and_wait().await;

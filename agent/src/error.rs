@@ -6,6 +6,7 @@
 
 use tonic::{Code, Status};
 
+use crate::proto::OperationError;
 use crate::store::StoreError;
 
 /// Why an agent call failed.
@@ -37,6 +38,18 @@ pub enum AgentError {
     /// A watch asked for revisions that are no longer kept.
     #[error("{0}")]
     OutOfRange(String),
+    /// No operation with this name.
+    #[error("no operation named '{0}'")]
+    OperationNotFound(String),
+    /// The work was cancelled on request (an operation's outcome).
+    #[error("{0}")]
+    Cancelled(String),
+    /// The work was cut short by something outside the request, such as an agent restart.
+    #[error("{0}")]
+    Aborted(String),
+    /// The client's role does not allow the call.
+    #[error("{0}")]
+    PermissionDenied(String),
     /// The state database failed.
     #[error("state store")]
     Store(#[source] StoreError),
@@ -55,24 +68,44 @@ impl AgentError {
     }
 }
 
+/// The status code and the message on the wire for `err`. Internal failures are logged here with
+/// their details and reported with a fixed text.
+fn status_parts(err: &AgentError) -> (Code, String) {
+    let code = match err {
+        AgentError::InvalidArgument { .. } => Code::InvalidArgument,
+        AgentError::VmNotFound(_) | AgentError::OperationNotFound(_) => Code::NotFound,
+        AgentError::VmExists(_) => Code::AlreadyExists,
+        AgentError::WrongState(_) => Code::FailedPrecondition,
+        AgentError::Exhausted(_) => Code::ResourceExhausted,
+        AgentError::Unavailable(_) => Code::Unavailable,
+        AgentError::OutOfRange(_) => Code::OutOfRange,
+        AgentError::Cancelled(_) => Code::Cancelled,
+        AgentError::Aborted(_) => Code::Aborted,
+        AgentError::PermissionDenied(_) => Code::PermissionDenied,
+        AgentError::Store(_) | AgentError::Internal(_) => Code::Internal,
+    };
+    if code == Code::Internal {
+        // The details (paths, SQLite messages) go to the log, not to the client.
+        tracing::error!(error = %ErrorChain(err), "internal error");
+        return (code, "internal error in the agent (see its log)".to_string());
+    }
+    (code, err.to_string())
+}
+
 impl From<AgentError> for Status {
     fn from(err: AgentError) -> Status {
-        let code = match &err {
-            AgentError::InvalidArgument { .. } => Code::InvalidArgument,
-            AgentError::VmNotFound(_) => Code::NotFound,
-            AgentError::VmExists(_) => Code::AlreadyExists,
-            AgentError::WrongState(_) => Code::FailedPrecondition,
-            AgentError::Exhausted(_) => Code::ResourceExhausted,
-            AgentError::Unavailable(_) => Code::Unavailable,
-            AgentError::OutOfRange(_) => Code::OutOfRange,
-            AgentError::Store(_) | AgentError::Internal(_) => Code::Internal,
-        };
-        if code == Code::Internal {
-            // The details (paths, SQLite messages) go to the log, not to the client.
-            tracing::error!(error = %ErrorChain(&err), "internal error");
-            return Status::new(code, "internal error in the agent (see its log)");
-        }
-        Status::new(code, err.to_string())
+        let (code, message) = status_parts(&err);
+        Status::new(code, message)
+    }
+}
+
+/// The outcome of a failed operation, with the code and message the same error would have as a
+/// status.
+pub fn operation_error(err: &AgentError) -> OperationError {
+    let (code, message) = status_parts(err);
+    OperationError {
+        code: code as i32,
+        message,
     }
 }
 
@@ -131,5 +164,14 @@ mod tests {
         let s = Status::from(AgentError::Internal("/secret/path: EIO".into()));
         assert_eq!(s.code(), Code::Internal);
         assert!(!s.message().contains("secret"));
+        let e = operation_error(&AgentError::Internal("/secret/path: EIO".into()));
+        assert_eq!(e.code, Code::Internal as i32);
+        assert!(!e.message.contains("secret"));
+        let e = operation_error(&AgentError::Aborted("the agent restarted".into()));
+        assert_eq!((e.code, e.message.as_str()), (10, "the agent restarted"));
+        assert_eq!(
+            operation_error(&AgentError::Cancelled("x".into())).code,
+            Code::Cancelled as i32
+        );
     }
 }

@@ -4,17 +4,25 @@
 //! - [`service`] and [`host`]: thin RPC handlers; [`error`]: the one place errors become statuses.
 //! - [`supervisor`]: one actor per VM (`actor.rs`) owning its `vmm` process; [`control`]: the vmm's
 //!   control socket.
+//! - [`operations`]: long-running operations (the internal API and the store); [`ops_service`]:
+//!   their RPC handlers.
 //! - [`store`]: the SQLite state; [`state`]: what the parts share.
 //! - [`server`]: the whole agent put together (used by the `vmm-agent` binary and the tests).
 #![forbid(unsafe_code)]
 
 mod actor;
 pub mod client;
+pub mod config_file;
 pub mod console;
 pub mod control;
 pub mod error;
 pub mod host;
+pub mod listen;
+pub mod nics;
+pub mod operations;
+pub mod ops_service;
 pub mod process;
+pub mod roles;
 pub mod server;
 pub mod service;
 pub mod spec;

@@ -1,5 +1,6 @@
-//! The agent put together: state dir and store, gRPC services (VmService, HostService, health,
-//! reflection) on a Unix socket, and re-adoption of the VMs that run.
+//! The agent put together: state dir and store, gRPC services (VmService, OperationsService,
+//! HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
+//! call), and re-adoption of the VMs that run.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -11,9 +12,17 @@ use tokio_stream::wrappers::UnixListenerStream;
 use tonic_health::ServingStatus;
 use vmm_api::socket::MAX_SOCKET_PATH;
 
+use tonic::transport::server::TcpIncoming;
+use tonic::transport::{Certificate, Identity, ServerTlsConfig};
+
 use crate::host::{HostApi, HostFacts};
+use crate::listen::{Listen, TlsFiles};
+use crate::operations::Operations;
+use crate::ops_service::OperationsApi;
 use crate::proto::host_service_server::HostServiceServer;
+use crate::proto::operations_service_server::OperationsServiceServer;
 use crate::proto::vm_service_server::VmServiceServer;
+use crate::roles::RoleLayer;
 use crate::service::VmApi;
 use crate::state::{AgentConfig, Context, StoreHandle};
 use crate::store::{Store, StoreError};
@@ -43,6 +52,21 @@ pub enum ServerError {
     /// gRPC serving failed.
     #[error("gRPC server")]
     Serve(#[from] tonic::transport::Error),
+    /// The operations a previous agent left running could not be settled.
+    #[error("recovering operations")]
+    Operations(#[source] crate::error::AgentError),
+    /// A TCP address cannot be bound.
+    #[error("listen on {0}")]
+    Tcp(std::net::SocketAddr, #[source] std::io::Error),
+    /// A TLS file cannot be read.
+    #[error("TLS file {0}")]
+    TlsFile(PathBuf, #[source] std::io::Error),
+    /// The TLS identity or client CA is unusable.
+    #[error("TLS configuration")]
+    TlsConfig(#[source] tonic::transport::Error),
+    /// A serving task ended abnormally.
+    #[error("serving task: {0}")]
+    Task(String),
     /// Re-adoption failed.
     #[error("re-adopting VMs: {0}")]
     Adopt(String),
@@ -63,11 +87,11 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
     UnixListener::from_std(listener).map_err(listen_err)
 }
 
-/// Runs the agent on the Unix socket `listen` until `shutdown` resolves. Health reports NOT_SERVING
+/// Runs the agent on `listens` until `shutdown` resolves. Health reports NOT_SERVING
 /// (and VmService answers UNAVAILABLE) until every stored VM is re-adopted or settled.
 pub async fn run(
     config: AgentConfig,
-    listen: &Path,
+    listens: Vec<Listen>,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> Result<(), ServerError> {
     let state_dir = config.state_dir.clone();
@@ -90,6 +114,15 @@ pub async fn run(
         store: StoreHandle::new(store),
     });
     let supervisor = Supervisor::new(ctx.clone());
+    // Before serving: no worker of a previous agent is left to finish what it started.
+    let ops = Operations::new(ctx.store.clone());
+    let aborted = ops.recover().await.map_err(ServerError::Operations)?;
+    if aborted > 0 {
+        tracing::warn!(
+            aborted,
+            "operations left running by the previous agent are ABORTED"
+        );
+    }
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -101,20 +134,71 @@ pub async fn run(
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
 
-    let listener = bind_unix(listen).await?;
-    let router = tonic::transport::Server::builder()
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(VmServiceServer::new(VmApi::new(
-            ctx.clone(),
-            supervisor.clone(),
-            ready.clone(),
-        )))
-        .add_service(HostServiceServer::new(HostApi::new(ctx.clone(), facts)));
-    let serving =
-        tokio::spawn(router.serve_with_incoming_shutdown(UnixListenerStream::new(listener), shutdown));
+    let vm_service = VmServiceServer::new(VmApi::new(
+        ctx.clone(),
+        supervisor.clone(),
+        ops.clone(),
+        ready.clone(),
+    ));
+    let ops_service = OperationsServiceServer::new(OperationsApi::new(ops));
+    let host_service = HostServiceServer::new(HostApi::new(ctx.clone(), facts));
+    // The same services on every listener; only the TLS ones check roles.
+    macro_rules! router {
+        ($builder:expr) => {
+            $builder
+                .add_service(health_service.clone())
+                .add_service(reflection.clone())
+                .add_service(vm_service.clone())
+                .add_service(ops_service.clone())
+                .add_service(host_service.clone())
+        };
+    }
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            // An error means the sender is gone, which only happens after it sent.
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+    let mut serving = tokio::task::JoinSet::new();
+    // TCP first: by the time the Unix socket appears (what scripts wait for), every port is bound.
+    let mut ordered: Vec<&Listen> = listens.iter().collect();
+    ordered.sort_by_key(|l| matches!(l, Listen::Unix(_)));
+    for listen in ordered {
+        match listen {
+            Listen::Unix(path) => {
+                let incoming = UnixListenerStream::new(bind_unix(path).await?);
+                let router = router!(tonic::transport::Server::builder());
+                serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+                tracing::info!(socket = %path.display(), "serving gRPC");
+            }
+            Listen::Tls { addr, tls } => {
+                let incoming = TcpIncoming::bind(*addr).map_err(|e| ServerError::Tcp(*addr, e))?;
+                let local = incoming.local_addr().unwrap_or(*addr);
+                let mut builder = tonic::transport::Server::builder()
+                    .tls_config(server_tls(tls)?)
+                    .map_err(ServerError::TlsConfig)?
+                    .layer(RoleLayer);
+                let router = router!(builder);
+                serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+                tracing::info!(addr = %local, "serving gRPC with mutual TLS");
+            }
+            Listen::InsecureTcp(addr) => {
+                let incoming = TcpIncoming::bind(*addr).map_err(|e| ServerError::Tcp(*addr, e))?;
+                let local = incoming.local_addr().unwrap_or(*addr);
+                let router = router!(tonic::transport::Server::builder());
+                serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
+                tracing::warn!(addr = %local, "serving gRPC on plain TCP: every local client is admin");
+            }
+        }
+    }
 
-    tracing::info!(socket = %listen.display(), "serving; re-adopting VMs");
+    tracing::info!("re-adopting VMs");
     supervisor
         .adopt_all()
         .await
@@ -125,7 +209,35 @@ pub async fn run(
     health.set_serving::<HostServiceServer<HostApi>>().await;
     tracing::info!("ready");
 
-    let result = serving.await.map_err(|e| ServerError::Adopt(e.to_string()))?;
-    let _ = std::fs::remove_file(listen);
-    Ok(result?)
+    // The first listener to fail ends the agent (dropping the set stops the others).
+    let mut result = Ok(());
+    while let Some(ended) = serving.join_next().await {
+        match ended {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => {
+                result = Err(ServerError::Serve(e));
+                break;
+            }
+            Err(e) => {
+                result = Err(ServerError::Task(e.to_string()));
+                break;
+            }
+        }
+    }
+    for listen in &listens {
+        if let Listen::Unix(path) = listen {
+            let _ = std::fs::remove_file(path);
+        }
+    }
+    result
+}
+
+/// The server side of mutual TLS: our identity, and the CA that client certificates must chain
+/// to (tonic refuses clients without one).
+fn server_tls(files: &TlsFiles) -> Result<ServerTlsConfig, ServerError> {
+    let read = |p: &Path| std::fs::read(p).map_err(|e| ServerError::TlsFile(p.to_path_buf(), e));
+    let identity = Identity::from_pem(read(&files.cert)?, read(&files.key)?);
+    Ok(ServerTlsConfig::new()
+        .identity(identity)
+        .client_ca_root(Certificate::from_pem(read(&files.client_ca)?)))
 }

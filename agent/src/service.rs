@@ -13,11 +13,13 @@ use vmm_api::control::MAX_SHUTDOWN_TIMEOUT_MS;
 
 use crate::console;
 use crate::error::AgentError;
+use crate::operations::{CancelToken, Operations};
 use crate::proto::vm_service_server::VmService;
 use crate::proto::{
     ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, GetConsoleRequest, GetVmRequest,
-    ListVmsRequest, ListVmsResponse, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest,
-    StopVmRequest, Vm, VmState, WatchEventType, WatchVmsEvent, WatchVmsRequest,
+    ListVmsRequest, ListVmsResponse, Operation, OperationKind, PauseVmRequest, RebootVmRequest,
+    ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmState, WatchEventType, WatchVmsEvent,
+    WatchVmsRequest,
 };
 use crate::spec::{check_request_id, check_spec, check_vm_id, Selector};
 use crate::state::Context;
@@ -38,19 +40,30 @@ const PAGE_TOKEN_PREFIX: &str = "after:";
 pub struct VmApi {
     ctx: Arc<Context>,
     supervisor: Arc<Supervisor>,
+    ops: Arc<Operations>,
     ready: Arc<AtomicBool>,
     /// Serializes the request-id check and insert of creates.
     create_lock: tokio::sync::Mutex<()>,
+    /// Serializes the request-id check and the start of operations, so that two racing retries
+    /// cannot start two operations.
+    operation_lock: tokio::sync::Mutex<()>,
 }
 
 impl VmApi {
     /// Handlers answer UNAVAILABLE until `ready` is set (after re-adoption).
-    pub fn new(ctx: Arc<Context>, supervisor: Arc<Supervisor>, ready: Arc<AtomicBool>) -> Self {
+    pub fn new(
+        ctx: Arc<Context>,
+        supervisor: Arc<Supervisor>,
+        ops: Arc<Operations>,
+        ready: Arc<AtomicBool>,
+    ) -> Self {
         VmApi {
             ctx,
             supervisor,
+            ops,
             ready,
             create_lock: tokio::sync::Mutex::new(()),
+            operation_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -136,6 +149,53 @@ impl VmApi {
     }
 }
 
+impl VmApi {
+    /// Starts `work` on a VM as an operation of `kind` and returns the operation at once, with
+    /// request-id replay (a retry gets the same operation, as it is now).
+    async fn start_operation<F, Fut>(
+        &self,
+        method: &'static str,
+        kind: OperationKind,
+        vm_id: &str,
+        request_id: &str,
+        fingerprint: Vec<u8>,
+        work: F,
+    ) -> Result<Operation, AgentError>
+    where
+        F: FnOnce(Arc<Supervisor>, String, CancelToken) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = Result<Vm, AgentError>> + Send + 'static,
+    {
+        self.check_ready()?;
+        check_vm_id("vm_id", vm_id)?;
+        let _guard = self.operation_lock.lock().await;
+        if let Some(first) = self.replay::<Operation>(request_id, method, &fingerprint).await? {
+            return match self.ops.get(&first.name).await {
+                Ok(now) => Ok(now),
+                // Pruned since: what the first call answered is all there is.
+                Err(AgentError::OperationNotFound(_)) => Ok(first),
+                Err(e) => Err(e),
+            };
+        }
+        // Checked here, not in the operation: a typo should fail the call, not start anything.
+        if !self.supervisor.has(vm_id) {
+            return Err(AgentError::VmNotFound(vm_id.to_string()));
+        }
+        let handle = self.ops.start(kind, vm_id).await?;
+        let first = handle.operation().await?;
+        let first = self.remember(request_id, method, fingerprint, first).await?;
+        let supervisor = self.supervisor.clone();
+        let id = vm_id.to_string();
+        let cancel = handle.cancel_token();
+        tokio::spawn(async move {
+            match work(supervisor, id, cancel).await {
+                Ok(vm) => handle.finish_vm(vm).await,
+                Err(e) => handle.fail(e).await,
+            }
+        });
+        Ok(first)
+    }
+}
+
 /// The request's encoding without its request id: what a retry must repeat exactly.
 fn fingerprint<T: Message + Clone>(request: &T, clear: impl FnOnce(&mut T)) -> Vec<u8> {
     let mut r = request.clone();
@@ -169,7 +229,12 @@ impl VmService for VmApi {
             return Ok(Response::new(vm));
         }
         check_vm_id("vm_id", &req.vm_id)?;
-        let spec = check_spec(req.spec.as_ref())?.clone();
+        // The derived MACs are part of the stored spec, so that GetVm shows what the guest gets.
+        let mut spec = req.spec.clone();
+        if let Some(s) = spec.as_mut() {
+            crate::nics::fill_macs(&req.vm_id, s);
+        }
+        let spec = check_spec(spec.as_ref())?.clone();
         let vm = Vm {
             vm_id: req.vm_id.clone(),
             spec: Some(spec),
@@ -270,7 +335,7 @@ impl VmService for VmApi {
         let force = req.force;
         let vm = self
             .lifecycle("StopVm", &req.vm_id, &req.request_id, fp, |s, id| async move {
-                s.stop(&id, timeout, force).await
+                s.stop(&id, timeout, force, CancelToken::never()).await
             })
             .await?;
         Ok(Response::new(vm))
@@ -304,10 +369,48 @@ impl VmService for VmApi {
         let fp = fingerprint(&req, |r| r.request_id.clear());
         let vm = self
             .lifecycle("RebootVm", &req.vm_id, &req.request_id, fp, |s, id| async move {
-                s.reboot(&id, timeout).await
+                s.reboot(&id, timeout, CancelToken::never()).await
             })
             .await?;
         Ok(Response::new(vm))
+    }
+
+    async fn stop_vm_async(&self, request: Request<StopVmRequest>) -> Result<Response<Operation>, Status> {
+        let req = request.into_inner();
+        let timeout = stop_timeout("timeout_ms", req.timeout_ms)?;
+        let fp = fingerprint(&req, |r| r.request_id.clear());
+        let force = req.force;
+        let op = self
+            .start_operation(
+                "StopVmAsync",
+                OperationKind::StopVm,
+                &req.vm_id,
+                &req.request_id,
+                fp,
+                move |s, id, cancel| async move { s.stop(&id, timeout, force, cancel).await },
+            )
+            .await?;
+        Ok(Response::new(op))
+    }
+
+    async fn reboot_vm_async(
+        &self,
+        request: Request<RebootVmRequest>,
+    ) -> Result<Response<Operation>, Status> {
+        let req = request.into_inner();
+        let timeout = stop_timeout("timeout_ms", req.timeout_ms)?;
+        let fp = fingerprint(&req, |r| r.request_id.clear());
+        let op = self
+            .start_operation(
+                "RebootVmAsync",
+                OperationKind::RebootVm,
+                &req.vm_id,
+                &req.request_id,
+                fp,
+                move |s, id, cancel| async move { s.reboot(&id, timeout, cancel).await },
+            )
+            .await?;
+        Ok(Response::new(op))
     }
 
     async fn delete_vm(

@@ -136,6 +136,7 @@ pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
         ));
     }
     check_labels("spec.labels", &spec.labels)?;
+    crate::nics::check_nics(&spec.nics)?;
     // The vmm's own rules, as a last line (they name vm.json fields, so map them back roughly).
     to_vm_config(spec, Path::new("/console.log"))
         .validate()
@@ -178,8 +179,7 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
                 rate_limiter: None,
             })
             .collect(),
-        // NICs through the agent (taps on a bridge) are not built yet.
-        nets: Vec::new(),
+        nets: spec.nics.iter().map(crate::nics::to_net_config).collect(),
     }
 }
 

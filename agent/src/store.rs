@@ -48,6 +48,18 @@ const MIGRATIONS: &[&str] = &[
     INSERT INTO meta (key, value) VALUES ('revision', 0);",
     // 2: the desired state, for --restore-on-boot (0: unspecified, for VMs stored before).
     "ALTER TABLE vms ADD COLUMN desired INTEGER NOT NULL DEFAULT 0;",
+    // 3: long-running operations (`store_ops.rs`). `seq` orders them for listing and paging; the
+    // operation itself is an encoded protobuf, with the columns that filters need beside it.
+    "CREATE TABLE operations (
+        seq INTEGER PRIMARY KEY AUTOINCREMENT,
+        name TEXT NOT NULL UNIQUE,
+        kind INTEGER NOT NULL,
+        vm_id TEXT NOT NULL,
+        done INTEGER NOT NULL,
+        update_time_ms INTEGER NOT NULL,
+        operation BLOB NOT NULL
+    );
+    CREATE INDEX operations_by_vm ON operations (vm_id, seq);",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -536,6 +548,10 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
     }
     Ok(())
 }
+
+#[path = "store_ops.rs"]
+mod ops;
+pub use ops::OperationFilter;
 
 #[cfg(test)]
 #[path = "store_tests.rs"]

@@ -172,7 +172,7 @@ fn request_ids_keep_the_first_answer() {
 }
 
 #[test]
-fn a_version_1_database_is_migrated_keeping_its_vms() {
+fn a_version_1_database_is_migrated_to_the_latest_keeping_its_vms() {
     let dir = TempDir::new("agent-store").unwrap();
     let path = dir.path().join("state.db");
     {
@@ -189,7 +189,12 @@ fn a_version_1_database_is_migrated_keeping_its_vms() {
         .unwrap();
     }
     let mut store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 2);
+    assert_eq!(store.schema_version().unwrap(), MIGRATIONS.len() as i64);
+    // Version 3 adds the operations table, empty.
+    assert!(store
+        .list_operations(&OperationFilter::default(), None, 10)
+        .unwrap()
+        .is_empty());
     let mut old = store.get_vm("old").unwrap().unwrap();
     assert_eq!((old.pid, old.desired_state()), (7, VmState::Unspecified));
     old.desired_state = VmState::Running as i32;

@@ -9,6 +9,7 @@ use tokio::sync::{mpsc, oneshot};
 
 use crate::actor::{Command, Reply, VmActor};
 use crate::error::AgentError;
+use crate::operations::CancelToken;
 use crate::proto::Vm;
 use crate::state::Context;
 
@@ -79,11 +80,24 @@ impl Supervisor {
         self.ask(vm_id, Command::Start).await
     }
 
-    /// Stops a VM: asks the guest, then stops it hard after `timeout` (at once with `force`).
-    pub async fn stop(&self, vm_id: &str, timeout: Duration, force: bool) -> Result<Vm, AgentError> {
+    /// Whether this agent has a VM with this id.
+    pub fn has(&self, vm_id: &str) -> bool {
+        self.actors().contains_key(vm_id)
+    }
+
+    /// Stops a VM: asks the guest, then stops it hard after `timeout` (at once with `force`, or
+    /// when `cancel` fires: the result is then CANCELLED).
+    pub async fn stop(
+        &self,
+        vm_id: &str,
+        timeout: Duration,
+        force: bool,
+        cancel: CancelToken,
+    ) -> Result<Vm, AgentError> {
         self.ask(vm_id, |reply| Command::Stop {
             timeout,
             force,
+            cancel,
             reply,
         })
         .await
@@ -99,9 +113,20 @@ impl Supervisor {
         self.ask(vm_id, Command::Resume).await
     }
 
-    /// Stops (gracefully) and starts a VM.
-    pub async fn reboot(&self, vm_id: &str, timeout: Duration) -> Result<Vm, AgentError> {
-        self.ask(vm_id, |reply| Command::Reboot { timeout, reply }).await
+    /// Stops (gracefully) and starts a VM; when `cancel` fires during the stop, the VM is stopped
+    /// hard and not started again (the result is then CANCELLED).
+    pub async fn reboot(
+        &self,
+        vm_id: &str,
+        timeout: Duration,
+        cancel: CancelToken,
+    ) -> Result<Vm, AgentError> {
+        self.ask(vm_id, |reply| Command::Reboot {
+            timeout,
+            cancel,
+            reply,
+        })
+        .await
     }
 
     /// Stops a VM hard and forgets it.

@@ -1,73 +1,127 @@
-//! `vmm-agent`: serves the vmmagent.v1 gRPC API on a Unix socket and supervises this host's VMs.
+//! `vmm-agent`: serves the vmmagent.v1 gRPC API (Unix socket, or TCP with mutual TLS) and
+//! supervises this host's VMs.
 
-use std::collections::HashMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use anyhow::{bail, Context as _, Result};
+use anyhow::{anyhow, bail, Context as _, Result};
 use clap::Parser;
+use vmm_agent::config_file::FileConfig;
+use vmm_agent::error::ErrorChain;
 use vmm_agent::host::{host_cpus, host_memory_mib};
+use vmm_agent::listen::{parse_listen, tls_files, Listen};
 use vmm_agent::state::AgentConfig;
 use vmm_agent::store::Capacity;
 
 /// The host agent: runs one vmm process per VM and serves the vmmagent.v1 gRPC API.
+///
+/// Every setting may also come from a TOML file (--config); flags override it.
 #[derive(Parser, Debug)]
 #[command(name = "vmm-agent", version)]
 struct Args {
-    /// Holds state.db and vms/<id>/ (config, control socket, console log, vmm log).
-    #[arg(long, default_value = "/var/lib/vmm-agent")]
-    state_dir: PathBuf,
-    /// Where to serve gRPC: unix:PATH (default: unix:<state-dir>/agent.sock).
+    /// A TOML file with any of the settings below (keys as the flags, with _ for -; `listen` a
+    /// list; `[labels]` and `[tls] cert/key/client_ca` tables). Unknown keys are errors.
+    #[arg(long, value_name = "TOML")]
+    config: Option<PathBuf>,
+    /// Holds state.db and vms/<id>/ (config, control socket, console log, vmm log)
+    /// [default: /var/lib/vmm-agent].
     #[arg(long)]
-    listen: Option<String>,
-    /// The vmm binary (default: `vmm` next to this executable).
+    state_dir: Option<PathBuf>,
+    /// Where to serve gRPC: unix:PATH or tcp://ADDR:PORT (mutual TLS); may be repeated
+    /// [default: unix:<state-dir>/agent.sock].
+    #[arg(long)]
+    listen: Vec<String>,
+    /// TLS: the agent's certificate chain (PEM), for tcp:// listeners.
+    #[arg(long, value_name = "PEM")]
+    tls_cert: Option<PathBuf>,
+    /// TLS: the private key of --tls-cert (PEM).
+    #[arg(long, value_name = "PEM")]
+    tls_key: Option<PathBuf>,
+    /// TLS: the CA that client certificates must chain to (PEM). Each client's role comes from a
+    /// subject alternative name URI vmmagent-role:viewer|operator|admin in its certificate.
+    #[arg(long, value_name = "PEM")]
+    tls_client_ca: Option<PathBuf>,
+    /// Allow tcp:// listeners without TLS on loopback addresses (development only: every local
+    /// process that connects is admin).
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    insecure_tcp: Option<bool>,
+    /// The vmm binary [default: `vmm` next to this executable].
     #[arg(long)]
     vmm_bin: Option<PathBuf>,
-    /// Host memory kept for everything but VMs, in MiB.
-    #[arg(long, default_value_t = 1024)]
-    reserve_memory_mib: u64,
-    /// Host CPUs kept for everything but VMs.
-    #[arg(long, default_value_t = 0)]
-    reserve_vcpus: u64,
-    /// vCPUs allocatable per host CPU.
-    #[arg(long, default_value_t = 4)]
-    vcpu_overcommit: u64,
-    /// An operator label reported by GetHost (zone, rack, ...), KEY=VALUE; may be repeated.
+    /// Host memory kept for everything but VMs, in MiB [default: 1024].
+    #[arg(long)]
+    reserve_memory_mib: Option<u64>,
+    /// Host CPUs kept for everything but VMs [default: 0].
+    #[arg(long)]
+    reserve_vcpus: Option<u64>,
+    /// vCPUs allocatable per host CPU [default: 4].
+    #[arg(long)]
+    vcpu_overcommit: Option<u64>,
+    /// An operator label reported by GetHost (zone, rack, ...), KEY=VALUE; may be repeated. Added
+    /// to the file's labels, replacing one with the same key.
     #[arg(long = "label", value_name = "KEY=VALUE")]
     labels: Vec<String>,
-    /// How long re-adopting one VM may take at start, in milliseconds.
-    #[arg(long, default_value_t = 5000)]
-    adopt_timeout_ms: u64,
-    /// Console log bytes kept on disk per VM.
-    #[arg(long, default_value_t = 4 << 20)]
-    console_log_max_bytes: u64,
+    /// How long re-adopting one VM may take at start, in milliseconds [default: 5000].
+    #[arg(long)]
+    adopt_timeout_ms: Option<u64>,
+    /// Console log bytes kept on disk per VM [default: 4194304].
+    #[arg(long)]
+    console_log_max_bytes: Option<u64>,
     /// At start, boot again every VM that should run (desired state running or paused) but whose
     /// vmm is gone, e.g. after a host reboot, from its persisted spec and disks.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    restore_on_boot: Option<bool>,
+    /// Log level: error, warn, info, debug or trace [default: info].
     #[arg(long)]
-    restore_on_boot: bool,
-    /// Log level: error, warn, info, debug or trace.
-    #[arg(long, default_value = "info")]
-    log_level: tracing::Level,
+    log_level: Option<tracing::Level>,
 }
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    let file = match &args.config {
+        Some(path) => FileConfig::load(path).map_err(|e| anyhow!("--config {}", ErrorChain(&e)))?,
+        None => FileConfig::default(),
+    };
+    let log_level = match (args.log_level, &file.log_level) {
+        (Some(l), _) => l,
+        (None, Some(l)) => l
+            .parse()
+            .map_err(|_| anyhow!("log_level in --config: '{l}' is not error, warn, info, debug or trace"))?,
+        (None, None) => tracing::Level::INFO,
+    };
     tracing_subscriber::fmt()
-        .with_max_level(args.log_level)
+        .with_max_level(log_level)
         .with_writer(std::io::stderr)
         .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
-    let listen = match &args.listen {
-        None => args.state_dir.join("agent.sock"),
-        Some(l) => match l.strip_prefix("unix:") {
-            Some(p) if !p.is_empty() => PathBuf::from(p),
-            _ if l.starts_with("tcp:") => {
-                bail!("--listen tcp:... needs TLS, which this agent does not implement yet")
-            }
-            _ => bail!("--listen must be unix:PATH, got '{l}'"),
-        },
+    let state_dir = args
+        .state_dir
+        .or(file.state_dir)
+        .unwrap_or_else(|| PathBuf::from("/var/lib/vmm-agent"));
+    let file_tls = file.tls.unwrap_or_default();
+    let tls = tls_files(
+        args.tls_cert.or(file_tls.cert),
+        args.tls_key.or(file_tls.key),
+        args.tls_client_ca.or(file_tls.client_ca),
+    )?;
+    let insecure_tcp = args.insecure_tcp.or(file.insecure_tcp).unwrap_or(false);
+    let listen = if args.listen.is_empty() {
+        file.listen.unwrap_or_default()
+    } else {
+        args.listen
     };
-    let vmm_bin = match args.vmm_bin {
+    let listens = if listen.is_empty() {
+        vec![Listen::Unix(state_dir.join("agent.sock"))]
+    } else {
+        listen
+            .iter()
+            .map(|l| parse_listen(l, tls.as_ref(), insecure_tcp))
+            .collect::<Result<Vec<_>, _>>()?
+    };
+    if tls.is_some() && !listens.iter().any(|l| matches!(l, Listen::Tls { .. })) {
+        bail!("--tls-* flags are given but no --listen tcp://ADDR:PORT uses them");
+    }
+    let vmm_bin = match args.vmm_bin.or(file.vmm_bin) {
         Some(p) => p,
         None => std::env::current_exe()
             .context("cannot find this executable")?
@@ -76,26 +130,36 @@ fn main() -> Result<()> {
     if !vmm_bin.exists() {
         bail!("vmm binary {} does not exist (use --vmm-bin)", vmm_bin.display());
     }
-    let mut host_labels = HashMap::new();
+    let mut host_labels = file.labels.unwrap_or_default();
     for l in &args.labels {
         let Some((k, v)) = l.split_once('=') else {
             bail!("--label must be KEY=VALUE, got '{l}'");
         };
         host_labels.insert(k.to_string(), v.to_string());
     }
-    vmm_agent::spec::check_labels("--label", &host_labels).map_err(|e| anyhow::anyhow!("{e}"))?;
+    vmm_agent::spec::check_labels("--label", &host_labels).map_err(|e| anyhow!("{e}"))?;
+    let vcpu_overcommit = args.vcpu_overcommit.or(file.vcpu_overcommit).unwrap_or(4);
+    let reserve_vcpus = args.reserve_vcpus.or(file.reserve_vcpus).unwrap_or(0);
+    let reserve_memory_mib = args
+        .reserve_memory_mib
+        .or(file.reserve_memory_mib)
+        .unwrap_or(1024);
     let allocatable = Capacity {
-        vcpus: (u64::from(host_cpus()) * args.vcpu_overcommit).saturating_sub(args.reserve_vcpus),
-        memory_mib: host_memory_mib().saturating_sub(args.reserve_memory_mib),
+        vcpus: (u64::from(host_cpus()) * vcpu_overcommit).saturating_sub(reserve_vcpus),
+        memory_mib: host_memory_mib().saturating_sub(reserve_memory_mib),
     };
     let config = AgentConfig {
-        state_dir: args.state_dir,
+        state_dir,
         vmm_bin,
         allocatable,
         host_labels,
-        adopt_timeout: Duration::from_millis(args.adopt_timeout_ms),
-        console_log_max_bytes: args.console_log_max_bytes.max(64 * 1024),
-        restore_on_boot: args.restore_on_boot,
+        adopt_timeout: Duration::from_millis(args.adopt_timeout_ms.or(file.adopt_timeout_ms).unwrap_or(5000)),
+        console_log_max_bytes: args
+            .console_log_max_bytes
+            .or(file.console_log_max_bytes)
+            .unwrap_or(4 << 20)
+            .max(64 * 1024),
+        restore_on_boot: args.restore_on_boot.or(file.restore_on_boot).unwrap_or(false),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -111,8 +175,8 @@ fn main() -> Result<()> {
             }
             tracing::info!("shutting down; VMs keep running");
         };
-        vmm_agent::server::run(config, &listen, shutdown)
+        vmm_agent::server::run(config, listens, shutdown)
             .await
-            .map_err(|e| anyhow::anyhow!("{}", vmm_agent::error::ErrorChain(&e)))
+            .map_err(|e| anyhow!("{}", ErrorChain(&e)))
     })
 }

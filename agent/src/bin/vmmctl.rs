@@ -8,25 +8,36 @@ use anyhow::{anyhow, bail, Context as _, Result};
 use clap::{Parser, Subcommand};
 use serde_json::{json, Value};
 use tonic::transport::Channel;
+use vmm_agent::client::ClientTls;
 use vmm_agent::proto::host_service_client::HostServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
     CreateVmRequest, DeleteVmRequest, Disk, GetConsoleRequest, GetHostRequest, GetVmRequest, Host,
-    ListVmsRequest, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, Vm,
-    VmSpec, VmState, WatchEventType, WatchVmsRequest,
+    ListVmsRequest, NicSpec, PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest,
+    Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
 /// Operator CLI for vmm-agent.
 #[derive(Parser, Debug)]
 #[command(name = "vmmctl", version)]
 struct Args {
-    /// The agent: unix:PATH.
+    /// The agent: unix:PATH or tcp://HOST:PORT.
     #[arg(
         long,
         env = "VMMCTL_ENDPOINT",
         default_value = "unix:/var/lib/vmm-agent/agent.sock"
     )]
     endpoint: String,
+    /// For tcp:// endpoints: the CA that the agent's certificate must chain to (PEM). Without it,
+    /// a tcp:// endpoint is plain TCP (an agent run with --insecure-tcp).
+    #[arg(long, env = "VMMCTL_TLS_CA", value_name = "PEM")]
+    tls_ca: Option<std::path::PathBuf>,
+    /// For tcp:// endpoints: our client certificate (PEM), which names our role.
+    #[arg(long, env = "VMMCTL_TLS_CERT", value_name = "PEM", requires = "tls_key")]
+    tls_cert: Option<std::path::PathBuf>,
+    /// The private key of --tls-cert (PEM).
+    #[arg(long, env = "VMMCTL_TLS_KEY", value_name = "PEM", requires = "tls_cert")]
+    tls_key: Option<std::path::PathBuf>,
     /// Print JSON instead of tables.
     #[arg(long, global = true)]
     json: bool,
@@ -56,6 +67,9 @@ enum Cmd {
         /// KEY=VALUE; may be repeated.
         #[arg(long = "label")]
         labels: Vec<String>,
+        /// tap=TAP[,id=ID][,mac=MAC] (an existing TAP device); may be repeated.
+        #[arg(long = "nic")]
+        nics: Vec<String>,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -182,6 +196,23 @@ fn parse_disk(spec: &str) -> Result<Disk> {
     Ok(disk)
 }
 
+/// `--nic`; the id defaults to `eth<index>`, as the guest names it.
+fn parse_nic(spec: &str, index: usize) -> Result<NicSpec> {
+    let mut nic = NicSpec {
+        id: format!("eth{index}"),
+        ..Default::default()
+    };
+    for item in spec.split(',') {
+        match item.split_once('=') {
+            Some(("tap", t)) => nic.tap = t.to_string(),
+            Some(("id", i)) => nic.id = i.to_string(),
+            Some(("mac", m)) => nic.mac = m.to_string(),
+            _ => bail!("--nic takes tap=TAP[,id=ID][,mac=MAC], got '{spec}'"),
+        }
+    }
+    Ok(nic)
+}
+
 fn vm_json(vm: &Vm) -> Value {
     let spec = vm.spec.clone().unwrap_or_default();
     json!({
@@ -202,6 +233,7 @@ fn vm_json(vm: &Vm) -> Value {
             "cmdline": spec.cmdline,
             "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
             "labels": spec.labels,
+            "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
         },
     })
 }
@@ -284,7 +316,20 @@ fn main() -> std::process::ExitCode {
 }
 
 async fn run(args: Args) -> Result<()> {
-    let channel: Channel = vmm_agent::client::connect(&args.endpoint)
+    let read = |p: &std::path::Path| std::fs::read(p).with_context(|| format!("cannot read {}", p.display()));
+    let identity = match (&args.tls_cert, &args.tls_key) {
+        (Some(c), Some(k)) => Some((read(c)?, read(k)?)),
+        _ => None,
+    };
+    let tls = match &args.tls_ca {
+        Some(ca) => Some(ClientTls {
+            ca: read(ca)?,
+            identity,
+        }),
+        None if identity.is_some() => bail!("--tls-cert needs --tls-ca"),
+        None => None,
+    };
+    let channel: Channel = vmm_agent::client::connect(&args.endpoint, tls)
         .await
         .map_err(|e| anyhow!("{}", vmm_agent::error::ErrorChain(&e)))
         .with_context(|| format!("agent at {}", args.endpoint))?;
@@ -300,6 +345,7 @@ async fn run(args: Args) -> Result<()> {
             memory_mib,
             disks,
             labels,
+            nics,
             request_id,
         } => {
             let spec = VmSpec {
@@ -310,6 +356,11 @@ async fn run(args: Args) -> Result<()> {
                 initrd,
                 disks: disks.iter().map(|d| parse_disk(d)).collect::<Result<_>>()?,
                 labels: parse_kv("--label", &labels)?,
+                nics: nics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, n)| parse_nic(n, i))
+                    .collect::<Result<_>>()?,
             };
             let vm = vms
                 .create_vm(CreateVmRequest {

@@ -28,12 +28,27 @@ pub struct Agent {
 impl Agent {
     /// Starts `vmm-agent` on `<state_dir>/agent.sock` with extra flags.
     pub fn start(state_dir: &Path, extra: &[&str]) -> Result<Agent> {
+        Self::start_in(None, state_dir, extra)
+    }
+
+    /// Like [`Agent::start`], in the network namespace `netns` if given (`ip netns exec`, which
+    /// keeps the process id): its vmms then open their taps there.
+    pub fn start_in(netns: Option<&str>, state_dir: &Path, extra: &[&str]) -> Result<Agent> {
         let socket = state_dir.join("agent.sock");
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(state_dir.join("agent.log"))?;
-        let child = Command::new(env!("CARGO_BIN_EXE_vmm-agent"))
+        let agent = env!("CARGO_BIN_EXE_vmm-agent");
+        let mut command = match netns {
+            Some(ns) => {
+                let mut c = Command::new("ip");
+                c.args(["netns", "exec", ns, agent]);
+                c
+            }
+            None => Command::new(agent),
+        };
+        let child = command
             .arg("--state-dir")
             .arg(state_dir)
             .arg("--listen")
