@@ -262,6 +262,18 @@ pub enum VmState {
     Paused,
 }
 
+impl VmState {
+    /// Its name on the wire (`not-configured`, `configured`, `running`, `paused`).
+    pub fn name(self) -> &'static str {
+        match self {
+            VmState::NotConfigured => "not-configured",
+            VmState::Configured => "configured",
+            VmState::Running => "running",
+            VmState::Paused => "paused",
+        }
+    }
+}
+
 /// Answer to [`Request::Describe`].
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -383,6 +395,47 @@ mod tests {
             r#"{"id": 1}"#,
             r#"{"request": {"update-rate-limiter": {"drive": "d"}}}"#,
             "not json",
+        ] {
+            assert!(serde_json::from_str::<RequestLine>(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn state_names_are_the_wire_names() {
+        for state in [
+            VmState::NotConfigured,
+            VmState::Configured,
+            VmState::Running,
+            VmState::Paused,
+        ] {
+            assert_eq!(serde_json::to_value(state).unwrap(), state.name());
+        }
+    }
+
+    #[test]
+    fn snapshot_requests_parse_with_defaults() {
+        let line: RequestLine =
+            serde_json::from_str(r#"{"id": 1, "request": {"snapshot-create": {"dir": "/s"}}}"#).unwrap();
+        assert_eq!(
+            line.request,
+            Request::SnapshotCreate(SnapshotCreate {
+                dir: "/s".into(),
+                kind: SnapshotKind::Full
+            })
+        );
+        let line: RequestLine = serde_json::from_str(
+            r#"{"id": 2, "request": {"snapshot-restore": {"dir": "/s", "overrides": {"nets": [{"id": "eth0", "tap": "t1"}]}}}}"#,
+        )
+        .unwrap();
+        let Request::SnapshotRestore(r) = line.request else {
+            panic!("restore")
+        };
+        assert!(!r.resume);
+        assert_eq!(r.overrides.nets[0].tap.as_deref(), Some("t1"));
+        for bad in [
+            r#"{"id": 3, "request": {"snapshot-create": {"dir": "/s", "kind": "partial"}}}"#,
+            r#"{"id": 3, "request": {"snapshot-restore": {"dir": "/s", "overrides": {"nets": [{"id": "e", "mac": "02:00:00:00:00:01"}]}}}}"#,
+            r#"{"id": 3, "request": {"snapshot-merge": {"from": "/a"}}}"#,
         ] {
             assert!(serde_json::from_str::<RequestLine>(bad).is_err(), "{bad}");
         }

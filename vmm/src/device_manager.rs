@@ -75,8 +75,8 @@ pub enum DriveError {
     #[error(transparent)]
     Block(#[from] BlockError),
     /// The drive names a file descriptor nobody passed.
-    #[error("no file descriptor named {0:?} was passed (add-fds)")]
-    MissingFd(String),
+    #[error(transparent)]
+    MissingFd(#[from] MissingFd),
     /// The rate limiter could not be created.
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
@@ -95,8 +95,8 @@ pub enum NicError {
     #[error("rate limiter: {0}")]
     RateLimiter(#[from] RateLimiterError),
     /// The NIC names a file descriptor nobody passed.
-    #[error("no file descriptor named {0:?} was passed (add-fds)")]
-    MissingFd(String),
+    #[error(transparent)]
+    MissingFd(#[from] MissingFd),
 }
 
 /// A virtio-net NIC as the rest of the VMM holds it.
@@ -121,6 +121,16 @@ pub struct LegacyHandles {
 
 /// File descriptors passed over the control socket, by name, until a device takes them.
 pub type PassedFds = HashMap<String, OwnedFd>;
+
+/// A configuration names a file descriptor nobody passed.
+#[derive(Debug, thiserror::Error)]
+#[error("no file descriptor named {0:?} was passed (add-fds)")]
+pub struct MissingFd(pub String);
+
+/// Takes the descriptor passed as `name`.
+pub fn take_fd(fds: &mut PassedFds, name: &str) -> Result<OwnedFd, MissingFd> {
+    fds.remove(name).ok_or_else(|| MissingFd(name.to_string()))
+}
 
 /// The buses with every device of the VM attached.
 pub struct Devices {
@@ -295,9 +305,7 @@ fn create_block(drive: &DriveConfig, fds: &mut PassedFds) -> Result<Block, Drive
     let direct = drive.cache == CacheMode::None;
     let disk = match &drive.fd {
         Some(name) => {
-            let fd = fds
-                .remove(name)
-                .ok_or_else(|| DriveError::MissingFd(name.clone()))?;
+            let fd = take_fd(fds, name)?;
             DiskImage::from_file(File::from(fd), name, drive.read_only)
         }
         None => DiskImage::open(&drive.path, drive.read_only, direct),
@@ -323,9 +331,7 @@ fn create_block(drive: &DriveConfig, fds: &mut PassedFds) -> Result<Block, Drive
 fn create_net(net: &NetConfig, fds: &mut PassedFds) -> Result<Net, NicError> {
     let tap = match (&net.fd, &net.tap) {
         (Some(name), _) => {
-            let fd = fds
-                .remove(name)
-                .ok_or_else(|| NicError::MissingFd(name.clone()))?;
+            let fd = take_fd(fds, name)?;
             Tap::from_fd(fd)?
         }
         // Validation guarantees one of the two.

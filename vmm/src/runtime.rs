@@ -394,11 +394,7 @@ fn now(result: Result<Response, Failure>) -> Reply {
 }
 
 fn wrong_state(state: VmState, why: &str) -> Failure {
-    let state = serde_json::to_value(state)
-        .ok()
-        .and_then(|v| v.as_str().map(str::to_string))
-        .unwrap_or_default();
-    (ErrorKind::WrongState, format!("{why} (state: {state})"))
+    (ErrorKind::WrongState, format!("{why} (state: {})", state.name()))
 }
 
 fn failure(e: MachineError) -> Failure {

@@ -14,7 +14,7 @@ use vmm_api::VmConfig;
 use super::{disk, disk_file, format, host_cpu_model, memory, DevicesState, SnapshotError, SnapshotState};
 use super::{MEMORY_FILE, STATE_FILE};
 use crate::arch::layout;
-use crate::device_manager::{Devices, PassedFds};
+use crate::device_manager::{Devices, MissingFd, PassedFds};
 use crate::sync::lock;
 
 /// A snapshot ready to be rebuilt: its state, the configuration with the overrides applied, and
@@ -275,9 +275,9 @@ fn prepare_disks(
         let src = File::open(&saved).map_err(io("the snapshot's disk", &saved))?;
         match o {
             Some(vmm_api::snapshot::DriveOverride { fd: Some(name), .. }) => {
-                let fd = fds.get(name).ok_or_else(|| {
-                    SnapshotError::Invalid(format!("no file descriptor named {name:?} was passed (add-fds)"))
-                })?;
+                let fd = fds
+                    .get(name)
+                    .ok_or_else(|| SnapshotError::Invalid(MissingFd(name.clone()).to_string()))?;
                 let dst = File::from(fd.try_clone().map_err(io("passed disk", Path::new(name)))?);
                 disk::copy_image(&src, &dst, false).map_err(io("passed disk", Path::new(name)))?;
                 drive.fd = Some(name.clone());
