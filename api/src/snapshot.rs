@@ -83,6 +83,10 @@ pub struct SnapshotRestore {
     /// Run the vCPUs once restored (else the VM stays paused until `resume`).
     #[serde(default)]
     pub resume: bool,
+    /// Ask the kernel to read the whole memory file into the page cache in the background
+    /// (`MADV_WILLNEED`), so later first touches find their pages there; restore does not wait.
+    #[serde(default)]
+    pub prefault: bool,
 }
 
 /// Changes a restored VM may make to its snapshot's devices, so that clones run side by side.

@@ -445,7 +445,7 @@ fn a_chain_of_diffs_taken_under_block_io_equals_a_full_snapshot_and_restores() {
     let mut c2 = ControlClient::connect(&sock2).unwrap();
     let restored_disk = dir.path().join("restored.img");
     let line = serde_json::json!({"id": 7, "request": {"snapshot-restore": {
-        "dir": d2.dir, "resume": true,
+        "dir": d2.dir, "resume": true, "prefault": true,
         "overrides": {"drives": [{"id": "data", "path": restored_disk}]}}}});
     assert!(matches!(
         c2.ok(&line.to_string()).unwrap(),

@@ -367,6 +367,9 @@ impl Runtime {
                     &mut self.fds,
                     self.seccomp,
                 )?;
+                if params.prefault {
+                    persist::memory::prefetch(&machine.kvm().mem);
+                }
                 if params.resume {
                     machine.resume().map_err(BuildError::Start)?;
                 }

@@ -275,6 +275,22 @@ pub fn map(path: &Path, ranges: &[(u64, u64)]) -> Result<GuestMemoryMmap, Memory
     GuestMemoryMmap::from_regions(regions).map_err(|e| MemoryFileError::Layout(e.to_string()))
 }
 
+/// Starts the kernel's readahead of every region's file pages (`MADV_WILLNEED`) without waiting
+/// for it. Best effort: a refusal only means pages load on first touch, as without it.
+pub fn prefetch(mem: &GuestMemoryMmap) {
+    for region in mem.iter() {
+        let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
+            continue;
+        };
+        // SAFETY: advisory only, on a live mapping of this process owned by `mem`; WILLNEED
+        // neither changes the mapping's contents nor its validity.
+        let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_WILLNEED) };
+        if ret != 0 {
+            log::debug!("MADV_WILLNEED refused: {}", std::io::Error::last_os_error());
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
