@@ -57,7 +57,11 @@ fn fingerprint(dir: &Path) -> Vec<(String, u64, u32)> {
 
 /// Starts an empty VMM (socket only) inside `ns` and connects to it.
 fn empty_vmm(ns: &NetNs, sock: &Path) -> (Guest, ControlClient) {
-    let mut cmd = ns.command(&vmm_binary());
+    empty_vmm_from(ns.command(&vmm_binary()), sock)
+}
+
+/// Runs `cmd` (the vmm binary) as an empty VMM serving `sock` and connects to it.
+fn empty_vmm_from(mut cmd: std::process::Command, sock: &Path) -> (Guest, ControlClient) {
     cmd.arg("--api-sock").arg(sock);
     let guest = Guest::spawn_command(cmd, None).expect("test setup");
     ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT).expect("test setup");
@@ -413,14 +417,10 @@ fn a_chain_of_diffs_taken_under_block_io_equals_a_full_snapshot_and_restores() {
     // Merging the chain gives exactly the memory of the full snapshot taken with the last diff.
     let merged = dir.path().join("merged");
     let line = serde_json::json!({"id": 6, "request": {"snapshot-merge": {"from": d2.dir, "to": merged}}});
-    let (empty, mut e) = {
-        let sock = dir.path().join("empty.sock");
-        let mut cmd = std::process::Command::new(vmm_binary());
-        cmd.arg("--api-sock").arg(&sock);
-        let g = Guest::spawn_command(cmd, None).unwrap();
-        ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
-        (g, ControlClient::connect(&sock).unwrap())
-    };
+    let (empty, mut e) = empty_vmm_from(
+        std::process::Command::new(vmm_binary()),
+        &dir.path().join("empty.sock"),
+    );
     let Response::SnapshotMerged(m) = e.ok(&line.to_string()).unwrap() else {
         panic!("merge")
     };
@@ -437,12 +437,10 @@ fn a_chain_of_diffs_taken_under_block_io_equals_a_full_snapshot_and_restores() {
     drop(empty);
 
     // The chain restores: the guest finishes its disk load without errors and counts on.
-    let sock2 = dir.path().join("api2.sock");
-    let mut cmd = std::process::Command::new(vmm_binary());
-    cmd.arg("--api-sock").arg(&sock2);
-    let mut restored = Guest::spawn_command(cmd, None).unwrap();
-    ControlClient::wait_for_socket(&sock2, SOCKET_TIMEOUT).unwrap();
-    let mut c2 = ControlClient::connect(&sock2).unwrap();
+    let (mut restored, mut c2) = empty_vmm_from(
+        std::process::Command::new(vmm_binary()),
+        &dir.path().join("api2.sock"),
+    );
     let restored_disk = dir.path().join("restored.img");
     let line = serde_json::json!({"id": 7, "request": {"snapshot-restore": {
         "dir": d2.dir, "resume": true, "prefault": true,

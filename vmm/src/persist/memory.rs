@@ -116,11 +116,13 @@ fn write_regions(
 
 /// Writes guest memory to `path` (created; it must not exist), sparse. The VM must be paused.
 pub fn save(mem: &GuestMemoryMmap, backing: Backing, path: &Path) -> Result<Written, MemoryFileError> {
+    // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
+    let skip_untouched = backing == Backing::Anonymous && !swap_enabled();
     write_regions(mem, path, |_, bytes, base, file| {
-        // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
-        let resident = match backing {
-            Backing::Anonymous if !swap_enabled() => resident_pages(bytes),
-            _ => None,
+        let resident = if skip_untouched {
+            resident_pages(bytes)
+        } else {
+            None
         };
         let mut data = 0u64;
         let mut run: Option<usize> = None;

@@ -75,6 +75,9 @@ pub enum SnapshotError {
     /// KVM refused VM-level state.
     #[error(transparent)]
     Vm(#[from] VmError),
+    /// KVM's dirty log could not be read.
+    #[error("dirty page tracking: {0}")]
+    DirtyLog(#[from] crate::vstate::memory::MemoryError),
     /// A vCPU's state is unusable here.
     #[error(transparent)]
     Vcpu(#[from] VcpuStateError),
@@ -254,20 +257,12 @@ fn write_all(
     let written_pages = match &kvm.dirty {
         Some(dirty) => {
             // Used rings are written by devices through the queue, not marked buffer by buffer.
-            for q in devices
-                .blocks
-                .iter()
-                .map(|b| &b.transport)
-                .chain(devices.nets.iter().map(|n| &n.transport))
-            {
-                for queue in q.queues.iter().filter(|_| q.activated) {
-                    dirty.mark(GuestAddress(queue.used_ring), 6 + 8 * usize::from(queue.size));
-                }
+            let transports = devices.blocks.iter().map(|b| &b.transport);
+            let transports = transports.chain(devices.nets.iter().map(|n| &n.transport));
+            for queue in transports.filter(|t| t.activated).flat_map(|t| &t.queues) {
+                dirty.mark(GuestAddress(queue.used_ring), 6 + 8 * usize::from(queue.size));
             }
-            Some(
-                crate::vstate::memory::take_dirty_pages(&kvm.vm, mem, dirty)
-                    .map_err(|e| SnapshotError::Invalid(format!("dirty page tracking: {e}")))?,
-            )
+            Some(crate::vstate::memory::take_dirty_pages(&kvm.vm, mem, dirty)?)
         }
         None => None,
     };

@@ -273,13 +273,16 @@ fn prepare_disks(
             move |source| SnapshotError::Io { what, path, source }
         };
         let src = File::open(&saved).map_err(io("the snapshot's disk", &saved))?;
+        // Not synced: the guest's own flushes make its disk durable, copied data included.
+        let copy_into =
+            |dst: &File, what, path: &Path| disk::copy_image(&src, dst, false).map_err(io(what, path));
         match o {
             Some(vmm_api::snapshot::DriveOverride { fd: Some(name), .. }) => {
                 let fd = fds
                     .get(name)
                     .ok_or_else(|| SnapshotError::Invalid(MissingFd(name.clone()).to_string()))?;
                 let dst = File::from(fd.try_clone().map_err(io("passed disk", Path::new(name)))?);
-                disk::copy_image(&src, &dst, false).map_err(io("passed disk", Path::new(name)))?;
+                copy_into(&dst, "passed disk", Path::new(name))?;
                 drive.fd = Some(name.clone());
                 drive.path = PathBuf::new();
             }
@@ -291,13 +294,11 @@ fn prepare_disks(
                     .open(path)
                     .map_err(io("restored disk", path))?;
                 created.push(path.clone());
-                // Not synced: the guest's own flushes make its disk durable, copied data included.
-                disk::copy_image(&src, &dst, false).map_err(io("restored disk", path))?;
+                copy_into(&dst, "restored disk", path)?;
                 drive.path = path.clone();
                 drive.fd = None;
             }
             _ => {
-                let path = drive.path.clone();
                 if drive.fd.is_some() {
                     return Err(SnapshotError::Invalid(format!(
                         "drive {}: it was passed as a descriptor; give an override",
@@ -305,11 +306,12 @@ fn prepare_disks(
                     )));
                 }
                 // Rolled back in place, under the image's lock, so a VM still using it is not hit.
+                let path = &drive.path;
                 let dst = File::options()
                     .read(true)
                     .write(true)
-                    .open(&path)
-                    .map_err(io("drive image", &path))?;
+                    .open(path)
+                    .map_err(io("drive image", path))?;
                 devices::virtio::block::disk::lock_exclusive(&dst).map_err(|_| {
                     SnapshotError::Invalid(format!(
                         "drive {}: image {} is in use by another process",
@@ -317,7 +319,7 @@ fn prepare_disks(
                         path.display()
                     ))
                 })?;
-                disk::copy_image(&src, &dst, false).map_err(io("drive image", &path))?;
+                copy_into(&dst, "drive image", path)?;
             }
         }
     }

@@ -261,11 +261,18 @@ pub(crate) mod ioctl {
     /// A tap's offloads, set when the guest's virtio-net driver starts (or resets) the device.
     pub const TUNSETOFFLOAD: u64 = libc::TUNSETOFFLOAD;
 
+    /// `_IOC(dir, KVMIO, nr, sizeof(T))`.
+    const fn kvm_ioc<T>(dir: u64, nr: u64) -> u64 {
+        (dir << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+    }
+    const fn iow<T>(nr: u64) -> u64 {
+        kvm_ioc::<T>(1, nr)
+    }
     const fn ior<T>(nr: u64) -> u64 {
-        (2 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+        kvm_ioc::<T>(2, nr)
     }
     const fn iowr<T>(nr: u64) -> u64 {
-        (3 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
+        kvm_ioc::<T>(3, nr)
     }
     use kvm_bindings as kb;
 
@@ -283,10 +290,6 @@ pub(crate) mod ioctl {
         ior::<kb::kvm_xsave>(0xa4),
         ior::<kb::kvm_xcrs>(0xa6),
     ];
-    const fn iow<T>(nr: u64) -> u64 {
-        (1 << 30) | ((std::mem::size_of::<T>() as u64) << 16) | (KVMIO << 8) | nr
-    }
-
     /// What the main thread reads of the VM for a snapshot: the dirty log, irqchips, PIT, clock.
     pub const VM_STATE_GETTERS: [u64; 4] = [
         iow::<kb::kvm_dirty_log>(0x42),
