@@ -12,6 +12,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vmmagent/v1/host.proto",
         "vmmagent/v1/operations.proto",
         "vmmagent/v1/vm_resources.proto",
+        "vmmagent/v1/snapshot.proto",
+        "vmmagent/v1/snapshot_resources.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

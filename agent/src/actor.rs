@@ -14,6 +14,7 @@ use std::time::Duration;
 use tokio::sync::{mpsc, oneshot};
 use tokio::time::{sleep, Instant};
 use vmm_api::control::{Event, Request, Response, ShutdownRequest, VmState as VmmState};
+use vmm_api::snapshot::{SnapshotInfo, SnapshotKind, SnapshotRestore};
 
 use crate::console;
 use crate::control::{ConnEvent, ControlClientError, ControlConn};
@@ -55,6 +56,20 @@ pub(crate) enum Command {
         reply: Reply<Vm>,
     },
     Delete(Reply<()>),
+    /// Writes a snapshot to `dir` (pausing the VM meanwhile).
+    Snapshot {
+        dir: PathBuf,
+        kind: SnapshotKind,
+        leave_paused: bool,
+        cancel: CancelToken,
+        reply: Reply<SnapshotInfo>,
+    },
+    /// Runs this new VM from a snapshot; if that fails, the VM is deleted and the actor ends.
+    Restore {
+        request: Box<SnapshotRestore>,
+        cancel: CancelToken,
+        reply: Reply<Vm>,
+    },
 }
 
 /// The running vmm of a VM.
@@ -173,6 +188,31 @@ impl VmActor {
                 let _ = reply.send(result);
                 return ok;
             }
+            Command::Snapshot {
+                dir,
+                kind,
+                leave_paused,
+                cancel,
+                reply,
+            } => {
+                let _ = reply.send(self.snapshot(&dir, kind, leave_paused, &cancel).await);
+            }
+            Command::Restore {
+                request,
+                cancel,
+                reply,
+            } => {
+                let result = self.restore(*request, &cancel).await;
+                if result.is_err() {
+                    // Nothing of a failed restore is kept: no VM, no files.
+                    if let Err(e) = self.delete().await {
+                        tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot remove a failed restore");
+                    }
+                    let _ = reply.send(result);
+                    return true;
+                }
+                let _ = reply.send(result);
+            }
         }
         false
     }
@@ -244,6 +284,20 @@ impl VmActor {
         })
         .await;
         match probe {
+            Ok(Ok((_, _, Response::Description(d)))) if d.state == VmmState::NotConfigured => {
+                // An empty vmm waits for the snapshot a previous agent was restoring into it; no
+                // one will send it, and its restore operation was aborted.
+                tracing::warn!(vm = %self.vm.vm_id, pid, "the restore was cut short; killing the vmm");
+                kill(pid);
+                self.wait_gone(pid).await;
+                self.record(|vm| {
+                    vm.state = VmState::Failed as i32;
+                    vm.state_reason =
+                        "the agent restarted while this VM was being restored from a snapshot".into();
+                    vm.pid = 0;
+                })
+                .await;
+            }
             Ok(Ok((conn, events, Response::Description(d)))) => {
                 tracing::info!(vm = %self.vm.vm_id, pid, "re-adopted");
                 self.proc = Some(Proc {
@@ -266,10 +320,7 @@ impl VmActor {
                 tracing::warn!(vm = %self.vm.vm_id, pid, why, "cannot re-adopt; killing the vmm");
                 // It is ours but does not answer: a new start would fight it for its disks.
                 kill(pid);
-                let deadline = Instant::now() + EXIT_TIMEOUT;
-                while is_our_vmm(pid, &self.sock) && Instant::now() < deadline {
-                    sleep(Duration::from_millis(20)).await;
-                }
+                self.wait_gone(pid).await;
                 self.record(|vm| {
                     vm.state = VmState::Stopped as i32;
                     vm.state_reason =
@@ -278,6 +329,14 @@ impl VmActor {
                 })
                 .await;
             }
+        }
+    }
+
+    /// Waits (a while) for a vmm that is no child of ours to end.
+    async fn wait_gone(&self, pid: u32) {
+        let deadline = Instant::now() + EXIT_TIMEOUT;
+        while is_our_vmm(pid, &self.sock) && Instant::now() < deadline {
+            sleep(Duration::from_millis(20)).await;
         }
     }
 
@@ -481,7 +540,7 @@ impl VmActor {
             let limit = self.ctx.config.allocatable;
             self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
         }
-        if let Err(e) = self.spawn_vmm().await {
+        if let Err(e) = self.spawn_vmm(true).await {
             tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot start the vmm");
             self.record(|vm| {
                 vm.state = VmState::Failed as i32;
@@ -490,24 +549,13 @@ impl VmActor {
             .await;
             return Ok(self.vm.clone());
         }
-        // Connect to the new vmm's control socket as soon as it is there.
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
-        loop {
-            if self.exited().await {
+        match self.connect_new_vmm().await {
+            NewVmm::Connected => {}
+            NewVmm::Exited => {
                 self.finish().await;
                 return Ok(self.vm.clone());
             }
-            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
-                if let Some(p) = self.proc.as_mut() {
-                    p.conn = Some(conn);
-                    p.events = Some(events);
-                }
-                break;
-            }
-            if Instant::now() > deadline {
-                return self.give_up("the vmm did not open its control socket").await;
-            }
-            sleep(Duration::from_millis(20)).await;
+            NewVmm::Silent => return self.give_up("the vmm did not open its control socket").await,
         }
         if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
             let state = observed_state(d.state);
@@ -523,22 +571,46 @@ impl VmActor {
         Ok(self.vm.clone())
     }
 
-    async fn spawn_vmm(&mut self) -> Result<(), std::io::Error> {
+    /// Connects to the control socket of the vmm just spawned, as soon as it is there.
+    async fn connect_new_vmm(&mut self) -> NewVmm {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            if self.exited().await {
+                return NewVmm::Exited;
+            }
+            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+                if let Some(p) = self.proc.as_mut() {
+                    p.conn = Some(conn);
+                    p.events = Some(events);
+                }
+                return NewVmm::Connected;
+            }
+            if Instant::now() > deadline {
+                return NewVmm::Silent;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a vmm for this VM: configured from the spec (`vm.json`), or with no configuration
+    /// (waiting on its socket for a snapshot to restore).
+    async fn spawn_vmm(&mut self, configured: bool) -> Result<(), std::io::Error> {
         std::fs::create_dir_all(&self.dir)?;
-        let spec = self.vm.spec.clone().unwrap_or_default();
-        let config = to_vm_config(&spec, &self.ctx.config.console_log(&self.vm.vm_id));
-        let config_path = self.dir.join("vm.json");
-        std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
+        if configured {
+            let spec = self.vm.spec.clone().unwrap_or_default();
+            let config = to_vm_config(&spec, &self.ctx.config.console_log(&self.vm.vm_id));
+            let config_path = self.dir.join("vm.json");
+            std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+            command.arg("--config").arg(&config_path);
+        }
         // The vmm refuses an existing socket path; one left by a killed vmm is stale.
         let _ = std::fs::remove_file(&self.sock);
         let log = std::fs::File::options()
             .create(true)
             .append(true)
             .open(self.dir.join("vmm.log"))?;
-        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
         command
-            .arg("--config")
-            .arg(&config_path)
             .arg("--api-sock")
             .arg(&self.sock)
             .stdin(Stdio::null())
@@ -593,13 +665,19 @@ impl VmActor {
     }
 
     async fn request(&mut self, request: Request) -> Result<Response, AgentError> {
+        self.request_within(request, REQUEST_TIMEOUT).await
+    }
+
+    /// Sends a control request and waits up to `timeout` for its answer; a refusal is
+    /// FAILED_PRECONDITION with the vmm's message.
+    async fn request_within(&self, request: Request, timeout: Duration) -> Result<Response, AgentError> {
         let conn = self.proc.as_ref().and_then(|p| p.conn.as_ref()).ok_or_else(|| {
             AgentError::Unavailable(format!(
                 "the control connection of VM '{}' is down; try again",
                 self.vm.vm_id
             ))
         })?;
-        conn.request(request, REQUEST_TIMEOUT).await.map_err(|e| match e {
+        conn.request(request, timeout).await.map_err(|e| match e {
             ControlClientError::Refused(c) => {
                 AgentError::WrongState(format!("the vmm refused: {}", c.message))
             }
@@ -716,6 +794,18 @@ impl VmActor {
         }
         Ok(())
     }
+}
+
+#[path = "actor_snapshot.rs"]
+mod snapshot;
+
+/// How connecting to a new vmm went.
+enum NewVmm {
+    Connected,
+    /// It ended first.
+    Exited,
+    /// It did not open its socket in time.
+    Silent,
 }
 
 /// The agent's view of a vmm state.

@@ -38,6 +38,12 @@ pub enum AgentError {
     /// A watch asked for revisions that are no longer kept.
     #[error("{0}")]
     OutOfRange(String),
+    /// No snapshot with this id.
+    #[error("no snapshot with id '{0}'")]
+    SnapshotNotFound(String),
+    /// A snapshot with this id exists.
+    #[error("a snapshot with id '{0}' already exists")]
+    SnapshotExists(String),
     /// No operation with this name.
     #[error("no operation named '{0}'")]
     OperationNotFound(String),
@@ -73,8 +79,10 @@ impl AgentError {
 fn status_parts(err: &AgentError) -> (Code, String) {
     let code = match err {
         AgentError::InvalidArgument { .. } => Code::InvalidArgument,
-        AgentError::VmNotFound(_) | AgentError::OperationNotFound(_) => Code::NotFound,
-        AgentError::VmExists(_) => Code::AlreadyExists,
+        AgentError::VmNotFound(_) | AgentError::OperationNotFound(_) | AgentError::SnapshotNotFound(_) => {
+            Code::NotFound
+        }
+        AgentError::VmExists(_) | AgentError::SnapshotExists(_) => Code::AlreadyExists,
         AgentError::WrongState(_) => Code::FailedPrecondition,
         AgentError::Exhausted(_) => Code::ResourceExhausted,
         AgentError::Unavailable(_) => Code::Unavailable,
@@ -114,6 +122,9 @@ impl From<StoreError> for AgentError {
         match err {
             StoreError::Exists(id) => AgentError::VmExists(id),
             StoreError::NotFound(id) => AgentError::VmNotFound(id),
+            StoreError::SnapshotExists(id) => AgentError::SnapshotExists(id),
+            StoreError::SnapshotNotFound(id) => AgentError::SnapshotNotFound(id),
+            StoreError::SnapshotInUse(why) => AgentError::WrongState(why),
             StoreError::Exhausted(why) => AgentError::Exhausted(why),
             e @ StoreError::Compacted { .. } => AgentError::OutOfRange(e.to_string()),
             e => AgentError::Store(e),

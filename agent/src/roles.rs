@@ -62,6 +62,9 @@ pub fn required_role(path: &str) -> Role {
         ("grpc.health.v1.Health", _) | ("grpc.reflection.v1.ServerReflection", _) => Role::Viewer,
         ("vmmagent.v1.VmService", "GetVm" | "ListVms" | "WatchVms" | "GetConsole") => Role::Viewer,
         ("vmmagent.v1.HostService", "GetHost") => Role::Viewer,
+        ("vmmagent.v1.SnapshotService", "GetSnapshot" | "ListSnapshots") => Role::Viewer,
+        // Restoring creates a VM, like CreateVm; deleting a snapshot, like deleting a VM, is admin.
+        ("vmmagent.v1.SnapshotService", "CreateSnapshot" | "RestoreSnapshot") => Role::Operator,
         ("vmmagent.v1.OperationsService", "GetOperation" | "ListOperations" | "WaitOperation") => {
             Role::Viewer
         }
@@ -249,6 +252,18 @@ mod tests {
         assert_eq!(required_role("/vmmagent.v1.VmService/ListVms"), Role::Viewer);
         assert_eq!(required_role("/vmmagent.v1.VmService/StopVm"), Role::Operator);
         assert_eq!(required_role("/vmmagent.v1.VmService/DeleteVm"), Role::Admin);
+        assert_eq!(
+            required_role("/vmmagent.v1.SnapshotService/ListSnapshots"),
+            Role::Viewer
+        );
+        assert_eq!(
+            required_role("/vmmagent.v1.SnapshotService/RestoreSnapshot"),
+            Role::Operator
+        );
+        assert_eq!(
+            required_role("/vmmagent.v1.SnapshotService/DeleteSnapshot"),
+            Role::Admin
+        );
         assert_eq!(
             required_role("/vmmagent.v1.OperationsService/WaitOperation"),
             Role::Viewer

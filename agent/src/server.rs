@@ -1,5 +1,5 @@
-//! The agent put together: state dir and store, gRPC services (VmService, OperationsService,
-//! HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
+//! The agent put together: state dir and store, gRPC services (VmService, SnapshotService,
+//! OperationsService, HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
 //! call), and re-adoption of the VMs that run.
 
 use std::future::Future;
@@ -21,9 +21,12 @@ use crate::operations::Operations;
 use crate::ops_service::OperationsApi;
 use crate::proto::host_service_server::HostServiceServer;
 use crate::proto::operations_service_server::OperationsServiceServer;
+use crate::proto::snapshot_service_server::SnapshotServiceServer;
 use crate::proto::vm_service_server::VmServiceServer;
 use crate::roles::RoleLayer;
 use crate::service::VmApi;
+use crate::snapshot_service::{SnapshotApi, INTERRUPTED_REASON};
+use crate::snapshots::HostCompat;
 use crate::state::{AgentConfig, Context, StoreHandle};
 use crate::store::{Store, StoreError};
 use crate::supervisor::Supervisor;
@@ -97,6 +100,8 @@ pub async fn run(
     let state_dir = config.state_dir.clone();
     let vms_dir = state_dir.join("vms");
     std::fs::create_dir_all(&vms_dir).map_err(|e| ServerError::StateDir(state_dir.clone(), e))?;
+    std::fs::create_dir_all(config.snapshots_dir())
+        .map_err(|e| ServerError::StateDir(state_dir.clone(), e))?;
     // The longest id must still give a usable control socket path.
     let longest = config.api_sock(&"x".repeat(crate::spec::MAX_VM_ID_LEN));
     if longest.as_os_str().len() > MAX_SOCKET_PATH {
@@ -123,12 +128,26 @@ pub async fn run(
             "operations left running by the previous agent are ABORTED"
         );
     }
+    let interrupted = ctx
+        .store
+        .call(|s| s.fail_unfinished_snapshots(INTERRUPTED_REASON))
+        .await
+        .map_err(ServerError::Operations)?;
+    if !interrupted.is_empty() {
+        tracing::warn!(
+            ?interrupted,
+            "snapshots left half-written by the previous agent are FAILED"
+        );
+    }
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
     health.set_service_status("", ServingStatus::NotServing).await;
     health.set_not_serving::<VmServiceServer<VmApi>>().await;
     health.set_not_serving::<HostServiceServer<HostApi>>().await;
+    health
+        .set_not_serving::<SnapshotServiceServer<SnapshotApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -140,6 +159,17 @@ pub async fn run(
         ops.clone(),
         ready.clone(),
     ));
+    let compat = HostCompat {
+        cpu_model: vmm_api::snapshot::host_cpu_model(),
+        format_version: vmm_api::snapshot::format_of_version_line(&facts.vmm_version),
+    };
+    let snapshot_service = SnapshotServiceServer::new(SnapshotApi::new(
+        ctx.clone(),
+        supervisor.clone(),
+        ops.clone(),
+        ready.clone(),
+        compat,
+    ));
     let ops_service = OperationsServiceServer::new(OperationsApi::new(ops));
     let host_service = HostServiceServer::new(HostApi::new(ctx.clone(), facts));
     // The same services on every listener; only the TLS ones check roles.
@@ -149,6 +179,7 @@ pub async fn run(
                 .add_service(health_service.clone())
                 .add_service(reflection.clone())
                 .add_service(vm_service.clone())
+                .add_service(snapshot_service.clone())
                 .add_service(ops_service.clone())
                 .add_service(host_service.clone())
         };
@@ -207,6 +238,7 @@ pub async fn run(
     health.set_service_status("", ServingStatus::Serving).await;
     health.set_serving::<VmServiceServer<VmApi>>().await;
     health.set_serving::<HostServiceServer<HostApi>>().await;
+    health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
     tracing::info!("ready");
 
     // The first listener to fail ends the agent (dropping the set stops the others).

@@ -21,6 +21,7 @@ use crate::proto::{
     ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmState, WatchEventType, WatchVmsEvent,
     WatchVmsRequest,
 };
+use crate::requests::{fingerprint, OperationCall, OperationStarter, Requests};
 use crate::spec::{check_request_id, check_spec, check_vm_id, Selector};
 use crate::state::Context;
 use crate::supervisor::{Supervisor, DEFAULT_STOP_TIMEOUT};
@@ -40,13 +41,11 @@ const PAGE_TOKEN_PREFIX: &str = "after:";
 pub struct VmApi {
     ctx: Arc<Context>,
     supervisor: Arc<Supervisor>,
-    ops: Arc<Operations>,
     ready: Arc<AtomicBool>,
+    requests: Requests,
+    starter: OperationStarter,
     /// Serializes the request-id check and insert of creates.
     create_lock: tokio::sync::Mutex<()>,
-    /// Serializes the request-id check and the start of operations, so that two racing retries
-    /// cannot start two operations.
-    operation_lock: tokio::sync::Mutex<()>,
 }
 
 impl VmApi {
@@ -57,13 +56,14 @@ impl VmApi {
         ops: Arc<Operations>,
         ready: Arc<AtomicBool>,
     ) -> Self {
+        let requests = Requests::new(ctx.store.clone());
         VmApi {
+            starter: OperationStarter::new(ops, requests.clone()),
+            requests,
             ctx,
             supervisor,
-            ops,
             ready,
             create_lock: tokio::sync::Mutex::new(()),
-            operation_lock: tokio::sync::Mutex::new(()),
         }
     }
 
@@ -75,54 +75,6 @@ impl VmApi {
                 "the agent is re-adopting its VMs; try again shortly".into(),
             ))
         }
-    }
-
-    /// The first answer to `request_id`, if this request was seen; INVALID_ARGUMENT if the id was
-    /// used for a different request.
-    async fn replay<T: Message + Default>(
-        &self,
-        request_id: &str,
-        method: &'static str,
-        fingerprint: &[u8],
-    ) -> Result<Option<T>, AgentError> {
-        check_request_id(request_id)?;
-        if request_id.is_empty() {
-            return Ok(None);
-        }
-        let id = request_id.to_string();
-        let Some(stored) = self.ctx.store.call(move |s| s.find_request(&id)).await? else {
-            return Ok(None);
-        };
-        if stored.method != method || stored.fingerprint != fingerprint {
-            return Err(AgentError::invalid(
-                "request_id",
-                "already used for a different request",
-            ));
-        }
-        let answer = T::decode(stored.response.as_slice())
-            .map_err(|e| AgentError::Internal(format!("stored answer: {e}")))?;
-        Ok(Some(answer))
-    }
-
-    /// Remembers `answer` for `request_id` and returns the answer remembered first.
-    async fn remember<T: Message + Default>(
-        &self,
-        request_id: &str,
-        method: &'static str,
-        fingerprint: Vec<u8>,
-        answer: T,
-    ) -> Result<T, AgentError> {
-        if request_id.is_empty() {
-            return Ok(answer);
-        }
-        let id = request_id.to_string();
-        let encoded = answer.encode_to_vec();
-        let stored = self
-            .ctx
-            .store
-            .call(move |s| s.record_request(&id, method, &fingerprint, &encoded))
-            .await?;
-        T::decode(stored.response.as_slice()).map_err(|e| AgentError::Internal(format!("stored answer: {e}")))
     }
 
     /// Runs a per-VM lifecycle call with request-id replay.
@@ -141,11 +93,15 @@ impl VmApi {
     {
         self.check_ready()?;
         check_vm_id("vm_id", vm_id)?;
-        if let Some(vm) = self.replay::<Vm>(request_id, method, &fingerprint).await? {
+        if let Some(vm) = self
+            .requests
+            .replay::<Vm>(request_id, method, &fingerprint)
+            .await?
+        {
             return Ok(vm);
         }
         let vm = act(self.supervisor.clone(), vm_id.to_string()).await?.into();
-        self.remember(request_id, method, fingerprint, vm).await
+        self.requests.remember(request_id, method, fingerprint, vm).await
     }
 }
 
@@ -167,40 +123,35 @@ impl VmApi {
     {
         self.check_ready()?;
         check_vm_id("vm_id", vm_id)?;
-        let _guard = self.operation_lock.lock().await;
-        if let Some(first) = self.replay::<Operation>(request_id, method, &fingerprint).await? {
-            return match self.ops.get(&first.name).await {
-                Ok(now) => Ok(now),
-                // Pruned since: what the first call answered is all there is.
-                Err(AgentError::OperationNotFound(_)) => Ok(first),
-                Err(e) => Err(e),
-            };
-        }
-        // Checked here, not in the operation: a typo should fail the call, not start anything.
-        if !self.supervisor.has(vm_id) {
-            return Err(AgentError::VmNotFound(vm_id.to_string()));
-        }
-        let handle = self.ops.start(kind, vm_id).await?;
-        let first = handle.operation().await?;
-        let first = self.remember(request_id, method, fingerprint, first).await?;
+        let call = OperationCall {
+            method,
+            kind,
+            vm_id,
+            request_id,
+            fingerprint,
+        };
         let supervisor = self.supervisor.clone();
         let id = vm_id.to_string();
-        let cancel = handle.cancel_token();
-        tokio::spawn(async move {
-            match work(supervisor, id, cancel).await {
-                Ok(vm) => handle.finish_vm(vm).await,
-                Err(e) => handle.fail(e).await,
-            }
-        });
-        Ok(first)
+        self.starter
+            .start(
+                call,
+                || async {
+                    // Checked here, not in the operation: a typo should fail the call.
+                    if self.supervisor.has(vm_id) {
+                        Ok(())
+                    } else {
+                        Err(AgentError::VmNotFound(vm_id.to_string()))
+                    }
+                },
+                move |(), handle| async move {
+                    match work(supervisor, id, handle.cancel_token()).await {
+                        Ok(vm) => handle.finish_vm(vm).await,
+                        Err(e) => handle.fail(e).await,
+                    }
+                },
+            )
+            .await
     }
-}
-
-/// The request's encoding without its request id: what a retry must repeat exactly.
-fn fingerprint<T: Message + Clone>(request: &T, clear: impl FnOnce(&mut T)) -> Vec<u8> {
-    let mut r = request.clone();
-    clear(&mut r);
-    r.encode_to_vec()
 }
 
 fn stop_timeout(field: &str, timeout_ms: u64) -> Result<Duration, AgentError> {
@@ -225,7 +176,11 @@ impl VmService for VmApi {
         let fp = fingerprint(&req, |r| r.request_id.clear());
         let guard = self.create_lock.lock().await;
         // Before validation: a retry gets its first answer even if, say, the kernel file has gone.
-        if let Some(vm) = self.replay::<Vm>(&req.request_id, "CreateVm", &fp).await? {
+        if let Some(vm) = self
+            .requests
+            .replay::<Vm>(&req.request_id, "CreateVm", &fp)
+            .await?
+        {
             return Ok(Response::new(vm));
         }
         check_vm_id("vm_id", &req.vm_id)?;
@@ -422,6 +377,7 @@ impl VmService for VmApi {
         check_vm_id("vm_id", &req.vm_id)?;
         let fp = fingerprint(&req, |r| r.request_id.clear());
         if let Some(done) = self
+            .requests
             .replay::<DeleteVmResponse>(&req.request_id, "DeleteVm", &fp)
             .await?
         {
@@ -429,6 +385,7 @@ impl VmService for VmApi {
         }
         self.supervisor.delete(&req.vm_id).await?;
         let done = self
+            .requests
             .remember(&req.request_id, "DeleteVm", fp, DeleteVmResponse {})
             .await?;
         Ok(Response::new(done))

@@ -160,6 +160,7 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
             // check_spec bounds vcpus to 1..=32 first; clamp anyway rather than wrap.
             vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
             memory_mib: spec.memory_mib,
+            track_dirty_pages: spec.track_dirty_pages,
             ..MachineConfig::default()
         },
         serial: SerialConfig::File(console_log.to_path_buf()),

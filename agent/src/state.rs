@@ -38,6 +38,16 @@ impl AgentConfig {
         self.vm_dir(vm_id).join("api.sock")
     }
 
+    /// Where snapshots are kept.
+    pub fn snapshots_dir(&self) -> PathBuf {
+        self.state_dir.join("snapshots")
+    }
+
+    /// The directory of one snapshot.
+    pub fn snapshot_dir(&self, snapshot_id: &str) -> PathBuf {
+        self.snapshots_dir().join(snapshot_id)
+    }
+
     /// The serial console log of a VM.
     pub fn console_log(&self, vm_id: &str) -> PathBuf {
         self.vm_dir(vm_id).join("console.log")

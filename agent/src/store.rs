@@ -60,6 +60,17 @@ const MIGRATIONS: &[&str] = &[
         operation BLOB NOT NULL
     );
     CREATE INDEX operations_by_vm ON operations (vm_id, seq);",
+    // 4: snapshots (`store_snapshots.rs`), and the snapshot a VM was restored from. A snapshot is
+    // an encoded protobuf with the columns that listing and the base check need beside it.
+    "CREATE TABLE snapshots (
+        snapshot_id TEXT PRIMARY KEY,
+        vm_id TEXT NOT NULL,
+        base TEXT NOT NULL,
+        state INTEGER NOT NULL,
+        snapshot BLOB NOT NULL
+    );
+    CREATE INDEX snapshots_by_base ON snapshots (base);
+    ALTER TABLE vms ADD COLUMN restored_from TEXT NOT NULL DEFAULT '';",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -87,6 +98,15 @@ pub enum StoreError {
     /// No VM with this id.
     #[error("no VM with id '{0}'")]
     NotFound(String),
+    /// A snapshot with this id exists.
+    #[error("a snapshot with id '{0}' already exists")]
+    SnapshotExists(String),
+    /// No snapshot with this id.
+    #[error("no snapshot with id '{0}'")]
+    SnapshotNotFound(String),
+    /// The snapshot cannot be deleted now (a diff builds on it, or it is being written).
+    #[error("{0}")]
+    SnapshotInUse(String),
     /// Starting the VM would exceed the host's allocatable resources.
     #[error("{0}")]
     Exhausted(String),
@@ -432,7 +452,7 @@ impl Store {
 }
 
 const VM_COLUMNS: &str = "vm_id, spec, state, state_reason, pid, exit_code, boot_ms, \
-                          create_time_ms, update_time_ms, revision, desired";
+                          create_time_ms, update_time_ms, revision, desired, restored_from";
 
 type VmRow = (
     String,
@@ -446,6 +466,7 @@ type VmRow = (
     i64,
     i64,
     i32,
+    String,
 );
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
@@ -461,12 +482,25 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         r.get(8)?,
         r.get(9)?,
         r.get(10)?,
+        r.get(11)?,
     ))
 }
 
 fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
-    let (vm_id, spec, state, state_reason, pid, exit_code, boot_ms, created, updated, revision, desired) =
-        row;
+    let (
+        vm_id,
+        spec,
+        state,
+        state_reason,
+        pid,
+        exit_code,
+        boot_ms,
+        created,
+        updated,
+        revision,
+        desired,
+        restored_from,
+    ) = row;
     Ok(Vm {
         vm_id,
         spec: Some(VmSpec::decode(spec.as_slice())?),
@@ -479,6 +513,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         update_time_ms: updated,
         revision: revision as u64,
         desired_state: desired,
+        restored_from,
     })
 }
 
@@ -486,8 +521,9 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     let spec = vm.spec.clone().unwrap_or_default();
     tx.execute(
         "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid, exit_code,
-                          boot_ms, create_time_ms, update_time_ms, revision, desired)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13)
+                          boot_ms, create_time_ms, update_time_ms, revision, desired,
+                          restored_from)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
              exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13",
         params![
@@ -503,7 +539,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.create_time_ms,
             vm.update_time_ms,
             vm.revision as i64,
-            vm.desired_state
+            vm.desired_state,
+            vm.restored_from
         ],
     )?;
     Ok(())
@@ -552,6 +589,9 @@ fn migrate(conn: &mut Connection) -> Result<(), StoreError> {
 #[path = "store_ops.rs"]
 mod ops;
 pub use ops::OperationFilter;
+
+#[path = "store_snapshots.rs"]
+mod snapshots;
 
 #[cfg(test)]
 #[path = "store_tests.rs"]

@@ -204,3 +204,82 @@ fn a_version_1_database_is_migrated_to_the_latest_keeping_its_vms() {
         VmState::Running
     );
 }
+
+fn snapshot(id: &str, vm_id: &str, base: &str, state: crate::proto::SnapshotState) -> crate::proto::Snapshot {
+    crate::proto::Snapshot {
+        snapshot_id: id.into(),
+        vm_id: vm_id.into(),
+        base_snapshot_id: base.into(),
+        state: state as i32,
+        ..Default::default()
+    }
+}
+
+#[test]
+fn snapshots_are_kept_listed_and_a_base_outlives_its_diffs() {
+    use crate::proto::SnapshotState::{Creating, Failed, Ready};
+    let dir = TempDir::new("agent-store").unwrap();
+    let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+    store.insert_snapshot(&snapshot("full", "a", "", Ready)).unwrap();
+    store
+        .insert_snapshot(&snapshot("diff", "a", "full", Ready))
+        .unwrap();
+    store
+        .insert_snapshot(&snapshot("other", "b", "", Creating))
+        .unwrap();
+    assert!(matches!(
+        store.insert_snapshot(&snapshot("full", "c", "", Ready)),
+        Err(StoreError::SnapshotExists(id)) if id == "full"
+    ));
+    let ids = |v: Vec<crate::proto::Snapshot>| v.into_iter().map(|s| s.snapshot_id).collect::<Vec<_>>();
+    assert_eq!(
+        ids(store.list_snapshots(None, None, 10).unwrap()),
+        ["diff", "full", "other"]
+    );
+    assert_eq!(
+        ids(store.list_snapshots(Some("a"), None, 10).unwrap()),
+        ["diff", "full"]
+    );
+    assert_eq!(
+        ids(store.list_snapshots(None, Some("diff"), 1).unwrap()),
+        ["full"]
+    );
+
+    let e = store.delete_snapshot("full").unwrap_err();
+    assert!(
+        matches!(&e, StoreError::SnapshotInUse(m) if m.contains("'diff'")),
+        "{e}"
+    );
+    let e = store.delete_snapshot("other").unwrap_err();
+    assert!(
+        matches!(&e, StoreError::SnapshotInUse(m) if m.contains("being written")),
+        "{e}"
+    );
+    assert!(matches!(
+        store.delete_snapshot("nope"),
+        Err(StoreError::SnapshotNotFound(_))
+    ));
+    assert_eq!(store.delete_snapshot("diff").unwrap().base_snapshot_id, "full");
+    store.delete_snapshot("full").unwrap();
+
+    // An agent that died while "other" was written left it CREATING.
+    assert_eq!(store.fail_unfinished_snapshots("cut short").unwrap(), ["other"]);
+    let other = store.get_snapshot("other").unwrap().unwrap();
+    assert_eq!(
+        (other.state(), other.state_reason.as_str()),
+        (Failed, "cut short")
+    );
+    assert!(store.fail_unfinished_snapshots("again").unwrap().is_empty());
+    assert!(store.remove_snapshot_record("other").unwrap());
+    assert!(store.get_snapshot("other").unwrap().is_none());
+}
+
+#[test]
+fn a_restored_vm_remembers_its_snapshot() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+    let mut clone = vm("clone", VmState::Starting, 1, 128);
+    clone.restored_from = "snap".into();
+    store.create_vm(clone, None, None).unwrap();
+    assert_eq!(store.get_vm("clone").unwrap().unwrap().restored_from, "snap");
+}

@@ -2,10 +2,12 @@
 //! command on the actor's queue, answered when the actor has done it.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use vmm_api::snapshot::{SnapshotInfo, SnapshotKind, SnapshotRestore};
 
 use crate::actor::{Command, Reply, VmActor};
 use crate::error::AgentError;
@@ -129,17 +131,63 @@ impl Supervisor {
         .await
     }
 
-    /// Stops a VM hard and forgets it.
-    pub async fn delete(&self, vm_id: &str) -> Result<(), AgentError> {
+    /// Writes a snapshot of a running or paused VM to `dir` (which must not exist), pausing it
+    /// meanwhile and resuming it afterwards unless `leave_paused`.
+    pub async fn snapshot(
+        &self,
+        vm_id: &str,
+        dir: PathBuf,
+        kind: SnapshotKind,
+        leave_paused: bool,
+        cancel: CancelToken,
+    ) -> Result<SnapshotInfo, AgentError> {
+        self.ask(vm_id, |reply| Command::Snapshot {
+            dir,
+            kind,
+            leave_paused,
+            cancel,
+            reply,
+        })
+        .await
+    }
+
+    /// Runs a VM just stored and added (STARTING) from a snapshot. If that fails, the VM is
+    /// removed (record and files) and the error returned.
+    pub async fn restore(
+        &self,
+        vm_id: &str,
+        request: SnapshotRestore,
+        cancel: CancelToken,
+    ) -> Result<Vm, AgentError> {
         let actor = self.actors().get(vm_id).cloned();
-        self.ask(vm_id, Command::Delete).await?;
-        // Only this actor's entry: a VM created again with the same id meanwhile has a new one.
+        let result = self
+            .ask(vm_id, |reply| Command::Restore {
+                request: Box::new(request),
+                cancel,
+                reply,
+            })
+            .await;
+        if result.is_err() {
+            self.forget(vm_id, actor);
+        }
+        result
+    }
+
+    /// Drops the actor entry of a VM that is gone, unless a new VM with its id has one by now.
+    fn forget(&self, vm_id: &str, actor: Option<mpsc::Sender<Command>>) {
         let mut actors = self.actors();
         if let (Some(old), Some(current)) = (actor, actors.get(vm_id)) {
             if old.same_channel(current) {
                 actors.remove(vm_id);
             }
         }
+    }
+
+    /// Stops a VM hard and forgets it.
+    pub async fn delete(&self, vm_id: &str) -> Result<(), AgentError> {
+        let actor = self.actors().get(vm_id).cloned();
+        self.ask(vm_id, Command::Delete).await?;
+        self.forget(vm_id, actor);
         Ok(())
     }
 }

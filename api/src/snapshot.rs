@@ -9,6 +9,38 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+/// The state-file format this VMM writes and the only one it reads. `vmm --version` names it, so
+/// that a host agent can refuse to restore an unreadable snapshot before starting anything.
+pub const FORMAT_VERSION: u32 = 1;
+
+/// The most diff snapshots a chain may hold above its full snapshot.
+pub const MAX_CHAIN: usize = 64;
+
+/// The host CPU's vendor and model name, from `/proc/cpuinfo`: the vCPU state of a snapshot belongs
+/// to it, and a restore on another model is refused.
+pub fn host_cpu_model() -> String {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    let field = |name: &str| {
+        info.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_once(':'))
+            .map(|(_, v)| v.trim().to_string())
+            .unwrap_or_default()
+    };
+    format!("{} {}", field("vendor_id"), field("model name"))
+}
+
+/// The `vmm --version` line: the version and the snapshot format.
+pub fn version_line(version: &str) -> String {
+    format!("vmm {version} (snapshot format {FORMAT_VERSION})")
+}
+
+/// The snapshot format a `vmm --version` line names, if it names one.
+pub fn format_of_version_line(line: &str) -> Option<u32> {
+    let (_, rest) = line.split_once("(snapshot format ")?;
+    rest.split_once(')')?.0.trim().parse().ok()
+}
+
 /// The parameters of `snapshot-create`. The VM must be paused.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -69,6 +101,9 @@ pub struct SnapshotInfo {
     pub vmm_version: String,
     /// The host CPU model (vendor and brand string) the vCPU state belongs to.
     pub cpu_model: String,
+    /// The state file's format version.
+    #[serde(default)]
+    pub format_version: u32,
 }
 
 /// The parameters of `snapshot-restore`, sent to a VMM started without a configuration.
@@ -135,4 +170,24 @@ pub struct NetOverride {
     /// The name of a tap descriptor passed with `add-fds`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<String>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_version_line_names_the_snapshot_format() {
+        let line = version_line("1.2.3");
+        assert_eq!(line, format!("vmm 1.2.3 (snapshot format {FORMAT_VERSION})"));
+        assert_eq!(format_of_version_line(&line), Some(FORMAT_VERSION));
+        assert_eq!(format_of_version_line("vmm 0.0.1"), None);
+        assert_eq!(format_of_version_line("vmm 1 (snapshot format x)"), None);
+    }
+
+    #[test]
+    fn the_cpu_model_names_vendor_and_model() {
+        let model = host_cpu_model();
+        assert!(model.len() > 1 && !model.starts_with(' '), "{model:?}");
+    }
 }

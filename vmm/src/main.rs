@@ -18,7 +18,7 @@ fn main() {
             0
         }
         Ok(Command::Version) => {
-            println!("vmm {}", env!("CARGO_PKG_VERSION"));
+            println!("{}", vmm_api::snapshot::version_line(env!("CARGO_PKG_VERSION")));
             0
         }
         // With --jail this forks: the launcher gets its child's exit code, the child runs the VM.

@@ -22,8 +22,7 @@ use super::crc64::Crc64;
 
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
-/// The format this VMM writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+pub use vmm_api::snapshot::FORMAT_VERSION;
 /// Largest state file read (vCPU state is ~10 KiB per vCPU; devices and config are small).
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 

@@ -178,18 +178,7 @@ pub struct SnapshotState {
     pub devices: DevicesState,
 }
 
-/// The host CPU's vendor and model name, from `/proc/cpuinfo`.
-pub fn host_cpu_model() -> String {
-    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    let field = |name: &str| {
-        info.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_once(':'))
-            .map(|(_, v)| v.trim().to_string())
-            .unwrap_or_default()
-    };
-    format!("{} {}", field("vendor_id"), field("model name"))
-}
+pub use vmm_api::snapshot::host_cpu_model;
 
 /// Writes a snapshot of `machine`, which must be paused, to the new directory `dir`: full, or a
 /// diff against the previous one. On failure the directory is removed.
@@ -307,6 +296,7 @@ fn write_all(
         duration_us: started.elapsed().as_micros() as u64,
         vmm_version: meta.vmm_version,
         cpu_model: meta.cpu_model,
+        format_version: format::FORMAT_VERSION,
     })
 }
 

@@ -32,8 +32,7 @@ pub struct Prepared {
     pub created_disks: Vec<PathBuf>,
 }
 
-/// Longest chain of diffs a restore follows (a loop of parents ends here too).
-pub const MAX_CHAIN: usize = 64;
+pub use vmm_api::snapshot::MAX_CHAIN;
 
 /// Guest memory as the snapshot at `dir` (whose state is `state`) saw it: the chain's full
 /// snapshot mapped copy-on-write, then each diff's pages copied in, oldest first.
@@ -406,6 +405,7 @@ pub fn merge(from: &Path, to: &Path) -> Result<SnapshotInfo, SnapshotError> {
             duration_us: started.elapsed().as_micros() as u64,
             vmm_version: state.meta.vmm_version.clone(),
             cpu_model: state.meta.cpu_model.clone(),
+            format_version: format::FORMAT_VERSION,
         })
     })();
     if result.is_err() {

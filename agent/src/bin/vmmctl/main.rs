@@ -17,6 +17,8 @@ use vmm_agent::proto::{
     Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
+mod snapshot;
+
 /// Operator CLI for vmm-agent.
 #[derive(Parser, Debug)]
 #[command(name = "vmmctl", version)]
@@ -70,6 +72,9 @@ enum Cmd {
         /// tap=TAP[,id=ID][,mac=MAC] (an existing TAP device); may be repeated.
         #[arg(long = "nic")]
         nics: Vec<String>,
+        /// Track written pages, for diff snapshots.
+        #[arg(long)]
+        track_dirty_pages: bool,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -154,6 +159,9 @@ enum Cmd {
     },
     /// Show the host: capacity, allocation, VMs by state, versions.
     Host,
+    /// Snapshots: create, restore, get, list, delete.
+    #[command(subcommand)]
+    Snapshot(snapshot::SnapshotCmd),
 }
 
 fn state_name(state: i32) -> String {
@@ -225,6 +233,7 @@ fn vm_json(vm: &Vm) -> Value {
         "create_time_ms": vm.create_time_ms,
         "update_time_ms": vm.update_time_ms,
         "revision": vm.revision,
+        "restored_from": vm.restored_from,
         "spec": {
             "vcpus": spec.vcpus,
             "memory_mib": spec.memory_mib,
@@ -346,6 +355,7 @@ async fn run(args: Args) -> Result<()> {
             disks,
             labels,
             nics,
+            track_dirty_pages,
             request_id,
         } => {
             let spec = VmSpec {
@@ -361,6 +371,7 @@ async fn run(args: Args) -> Result<()> {
                     .enumerate()
                     .map(|(i, n)| parse_nic(n, i))
                     .collect::<Result<_>>()?,
+                track_dirty_pages,
             };
             let vm = vms
                 .create_vm(CreateVmRequest {
@@ -548,6 +559,7 @@ async fn run(args: Args) -> Result<()> {
                 None => read.await?,
             }
         }
+        Cmd::Snapshot(cmd) => snapshot::run(channel, cmd, j).await?,
         Cmd::Host => {
             let host = HostServiceClient::new(channel)
                 .get_host(GetHostRequest {})

@@ -1,0 +1,119 @@
+//! The snapshot commands of a VM's actor: writing a snapshot of its running vmm, and running a new
+//! VM from one in an empty vmm.
+
+use std::path::Path;
+use std::time::Duration;
+
+use vmm_api::control::{Request, Response};
+use vmm_api::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotRestore};
+
+use super::{observed_state, NewVmm, VmActor};
+use crate::error::AgentError;
+use crate::operations::CancelToken;
+use crate::proto::{Vm, VmState};
+
+/// How long writing a snapshot may take (memory and disk copies; GiBs on slow disks).
+const SNAPSHOT_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+/// How long a restore may take (it copies the writable disks).
+const RESTORE_TIMEOUT: Duration = Duration::from_secs(30 * 60);
+
+impl VmActor {
+    /// Pauses the VM if it runs, writes a snapshot to `dir`, and resumes it unless `leave_paused`.
+    /// A failed snapshot leaves the VM as it was.
+    pub(super) async fn snapshot(
+        &mut self,
+        dir: &Path,
+        kind: SnapshotKind,
+        leave_paused: bool,
+        cancel: &CancelToken,
+    ) -> Result<SnapshotInfo, AgentError> {
+        let state = self.vm.state();
+        if self.proc.is_none() || !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(self.wrong_state(state, "snapshotted"));
+        }
+        if cancel.is_cancelled() {
+            return Err(AgentError::Cancelled(
+                "cancelled before the snapshot began; the VM is unchanged".into(),
+            ));
+        }
+        let was_running = state == VmState::Running;
+        if was_running {
+            self.pause_resume(true).await?;
+        }
+        // The vmm writes it in one go: past this point, a cancel request changes nothing.
+        let request = Request::SnapshotCreate(SnapshotCreate {
+            dir: dir.to_path_buf(),
+            kind,
+        });
+        let written = match self.request_within(request, SNAPSHOT_TIMEOUT).await {
+            Ok(Response::SnapshotCreated(info)) => Ok(info),
+            Ok(other) => Err(AgentError::Internal(format!(
+                "the vmm answered snapshot-create with {other:?}"
+            ))),
+            Err(e) => Err(e),
+        };
+        if was_running && (written.is_err() || !leave_paused) {
+            if let Err(e) = self.pause_resume(false).await {
+                tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot resume after a snapshot");
+                self.record(|vm| vm.state_reason = format!("not resumed after a snapshot: {e}"))
+                    .await;
+            }
+        }
+        written
+    }
+
+    /// Runs this VM (just stored, STARTING) from a snapshot in a new, empty vmm. On failure the
+    /// vmm is gone and the caller removes the VM.
+    pub(super) async fn restore(
+        &mut self,
+        request: SnapshotRestore,
+        cancel: &CancelToken,
+    ) -> Result<Vm, AgentError> {
+        if self.proc.is_some() || self.vm.state() != VmState::Starting {
+            return Err(self.wrong_state(self.vm.state(), "restored"));
+        }
+        let failed = |why: String| AgentError::Unavailable(format!("restoring VM: {why}"));
+        self.spawn_vmm(false)
+            .await
+            .map_err(|e| failed(format!("cannot start the vmm: {e}")))?;
+        match self.connect_new_vmm().await {
+            NewVmm::Connected => {}
+            NewVmm::Exited => {
+                self.finish().await;
+                return Err(failed(self.vm.state_reason.clone()));
+            }
+            NewVmm::Silent => {
+                self.kill_and_wait().await;
+                return Err(failed("the vmm did not open its control socket".into()));
+            }
+        }
+        let resume = request.resume;
+        let mut cancelled = cancel.clone();
+        let answer = tokio::select! {
+            answer = self.request_within(Request::SnapshotRestore(request), RESTORE_TIMEOUT) => answer,
+            _ = cancelled.cancelled() => Err(AgentError::Cancelled(
+                "cancelled: the restore was stopped and the new VM removed".into(),
+            )),
+        };
+        let state = match answer {
+            Ok(Response::Restored { state, .. }) => observed_state(state),
+            Ok(other) => {
+                self.kill_and_wait().await;
+                return Err(AgentError::Internal(format!(
+                    "the vmm answered snapshot-restore with {other:?}"
+                )));
+            }
+            Err(e) => {
+                self.kill_and_wait().await;
+                return Err(e);
+            }
+        };
+        let desired = if resume { VmState::Running } else { VmState::Paused };
+        self.save(|vm| {
+            vm.state = state as i32;
+            vm.desired_state = desired as i32;
+        })
+        .await?;
+        Ok(self.vm.clone())
+    }
+}
