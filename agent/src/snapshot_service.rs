@@ -239,7 +239,7 @@ async fn finish_create(
             .unwrap_or_default();
         let key = base.clone();
         let found = ctx.store.call(move |s| s.get_snapshot(&key)).await?;
-        if !found.is_some_and(|b| b.state() == SnapshotState::Ready) {
+        if found.is_none_or(|b| b.state() != SnapshotState::Ready) {
             return Err(AgentError::WrongState(format!(
                 "the VM's previous snapshot ({}) is no longer kept, so a diff has no base; take a full snapshot",
                 parent.display()

@@ -146,6 +146,12 @@ pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
 
 /// The vmm configuration for `spec`, with the serial console written to `console_log`.
 pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
+    let machine = MachineConfig {
+        // check_spec bounds vcpus to 1..=32 first; clamp anyway rather than wrap.
+        vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
+        memory_mib: spec.memory_mib,
+        track_dirty_pages: spec.track_dirty_pages,
+    };
     VmConfig {
         boot: BootSource {
             kernel: PathBuf::from(&spec.kernel),
@@ -156,13 +162,7 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
                 spec.cmdline.clone()
             },
         },
-        machine: MachineConfig {
-            // check_spec bounds vcpus to 1..=32 first; clamp anyway rather than wrap.
-            vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
-            memory_mib: spec.memory_mib,
-            track_dirty_pages: spec.track_dirty_pages,
-            ..MachineConfig::default()
-        },
+        machine,
         serial: SerialConfig::File(console_log.to_path_buf()),
         drives: spec
             .disks

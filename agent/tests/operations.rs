@@ -30,7 +30,7 @@ fn vm_of(op: &Operation) -> Option<&Vm> {
     match &op.result {
         Some(operation::Result::Response(r)) => match &r.value {
             Some(operation_response::Value::Vm(vm)) => Some(vm),
-            None => None,
+            _ => None,
         },
         _ => None,
     }

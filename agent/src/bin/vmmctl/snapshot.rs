@@ -139,11 +139,7 @@ async fn wait(channel: &Channel, op: Operation) -> Result<operation_response::Va
     while !op.done {
         if tty {
             let p = op.metadata.as_ref().and_then(|m| m.progress).unwrap_or_default();
-            let percent = if p.total_bytes > 0 {
-                100 * p.done_bytes / p.total_bytes
-            } else {
-                0
-            };
+            let percent = (100 * p.done_bytes).checked_div(p.total_bytes).unwrap_or(0);
             let mib = |b: u64| b as f64 / f64::from(1 << 20);
             eprint!(
                 "\r{} {percent:>3}% {:.1}/{:.1} MiB ",
