@@ -3,6 +3,8 @@
 //! network namespace and tap, and the guest carries on: the counter continues, the disk holds the
 //! data, a new TCP connection is echoed; ten clones of the snapshot run side by side. Damaged or
 //! mismatched snapshots are refused, the VMM stays unconfigured, and the snapshot is left as it was.
+//! A 4-vCPU guest under block I/O gives a chain of diffs that merges into exactly the full snapshot
+//! taken at the same instant, and restores.
 
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -347,7 +349,7 @@ fn a_chain_of_diffs_taken_under_block_io_equals_a_full_snapshot_and_restores() {
     let actions = "blk-load:vda:randread:4096:8:30,counter";
     let mut original = harness::GuestBuilder::new(&images.vmlinux)
         .cmdline(&format!("{} vmmprobe.count=1000000", probe_cmdline(actions)))
-        .vcpus(2)
+        .vcpus(4)
         .arg("--track-dirty-pages")
         .arg("on")
         .arg("--drive")
