@@ -362,6 +362,10 @@ impl VmActor {
             ConnEvent::Event(Event::VcpuError { message }) => {
                 tracing::warn!(vm = %self.vm.vm_id, message, "vCPU error");
             }
+            // The agent does not drive migrations yet.
+            ConnEvent::Event(
+                Event::MigrationProgress(_) | Event::MigrationCompleted(_) | Event::MigrationFailed(_),
+            ) => {}
             ConnEvent::Closed => {
                 if let Some(p) = self.proc.as_mut() {
                     p.conn = None;

@@ -18,6 +18,7 @@ use std::collections::BTreeMap;
 use serde::{Deserialize, Serialize};
 
 use crate::config::VmConfig;
+pub use crate::migration::{MigrateReceive, MigrateSend, MigrationStats};
 use crate::rate_limiter::RateLimiterConfig;
 pub use crate::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotMerge, SnapshotRestore};
 
@@ -86,8 +87,9 @@ pub enum Request {
     /// Builds and boots the configured VM.
     Start,
     /// Names the file descriptors sent with this line (SCM_RIGHTS ancillary data on the same
-    /// `sendmsg`), in order, so that a configuration can use them (`drives[].fd`). Only before
-    /// `start`; a name given again replaces its descriptor.
+    /// `sendmsg`), in order, so that a configuration can use them (`drives[].fd`, consumed at
+    /// `start`) or a migration (`migrate-send`, `migrate-receive`, at any time). A name given again
+    /// replaces its descriptor.
     AddFds {
         /// One name per descriptor (1-64 of `A-Z a-z 0-9 _ -`).
         names: Vec<String>,
@@ -100,6 +102,17 @@ pub enum Request {
     SnapshotRestore(SnapshotRestore),
     /// Writes a diff snapshot and its chain as one full snapshot.
     SnapshotMerge(SnapshotMerge),
+    /// Starts sending the running (or paused) VM to a destination VMM (see `migration`).
+    /// Answered at once; `migration-progress` events follow, then `migration-completed` and the
+    /// VMM's exit, or `migration-failed` with the VM running on here.
+    MigrateSend(MigrateSend),
+    /// Receives a migrating VM, in a VMM started without a configuration. Answered once the VM
+    /// runs here (`migration-received`), or with the error that ended the migration.
+    MigrateReceive(MigrateReceive),
+    /// The progress of the migration this VMM sends.
+    MigrationStatus,
+    /// Cancels the migration this VMM sends, unless it is past the point of no return.
+    MigrateCancel,
 }
 
 /// The parameters of [`Request::Shutdown`].
@@ -174,6 +187,21 @@ pub enum Response {
     SnapshotCreated(SnapshotInfo),
     /// Answer to [`Request::SnapshotMerge`]: the full snapshot written.
     SnapshotMerged(SnapshotInfo),
+    /// Answer to [`Request::MigrateSend`]: the migration runs.
+    MigrationStarted(MigrationStats),
+    /// Answer to [`Request::MigrationStatus`].
+    MigrationStatus(MigrationStats),
+    /// Answer to [`Request::MigrateCancel`]: the migration will stop at its next step.
+    MigrationCancelling,
+    /// Answer to [`Request::MigrateReceive`]: the VM runs here.
+    MigrationReceived {
+        /// The VM's state (running, or paused if it was paused at the source).
+        state: VmState,
+        /// Bytes of memory received.
+        memory_bytes: u64,
+        /// Time from the request to the VM running here, in microseconds.
+        duration_us: u64,
+    },
     /// Answer to [`Request::SnapshotRestore`]: the VM is rebuilt, in the state it says.
     Restored {
         /// Running if the request asked to resume, else paused.
@@ -213,6 +241,12 @@ pub enum Event {
         /// What happened.
         message: String,
     },
+    /// A memory round of the migration this VMM sends is done.
+    MigrationProgress(MigrationStats),
+    /// The destination runs the VM; this VMM exits right after (`exit`, code 0).
+    MigrationCompleted(MigrationStats),
+    /// The migration failed or was cancelled; the VM runs on here (paused if it was paused).
+    MigrationFailed(MigrationStats),
     /// The VM ended; the VMM exits right after.
     Exit {
         /// Why (guest power off, reboot, panic, vCPU failure, stop request, shutdown timeout).

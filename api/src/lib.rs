@@ -5,6 +5,7 @@
 pub mod config;
 pub mod control;
 pub mod drive;
+pub mod migration;
 pub mod net;
 pub mod rate_limiter;
 pub mod snapshot;

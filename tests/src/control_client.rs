@@ -74,6 +74,22 @@ impl ControlClient {
         self.answer()
     }
 
+    /// Sends one line without waiting for its answer (for requests answered later).
+    pub fn send(&mut self, line: &str) -> Result<()> {
+        self.writer.write_all(line.as_bytes())?;
+        self.writer.write_all(b"\n")?;
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the next answer (to a request sent with [`ControlClient::send`]),
+    /// keeping events that come first.
+    pub fn wait_answer(&mut self, timeout: Duration) -> Result<ResponseLine> {
+        self.writer.set_read_timeout(Some(timeout))?;
+        let answer = self.answer();
+        self.writer.set_read_timeout(Some(ANSWER_TIMEOUT))?;
+        answer
+    }
+
     fn answer(&mut self) -> Result<ResponseLine> {
         loop {
             let text = self.read_line()?;

@@ -143,6 +143,8 @@ pub struct ProcessEvents {
     pub boot_event: EventFd,
     /// vCPU exits by reason.
     pub exit_counters: Arc<ExitCounters>,
+    /// Raised by a migration thread that has something for the main loop.
+    pub migration_event: Arc<EventFd>,
 }
 
 impl ProcessEvents {
@@ -154,6 +156,7 @@ impl ProcessEvents {
             guest_boot: Arc::new(OnceLock::new()),
             boot_event: EventFd::new(EFD_NONBLOCK)?,
             exit_counters: Arc::new(ExitCounters::default()),
+            migration_event: Arc::new(EventFd::new(EFD_NONBLOCK)?),
         })
     }
 }
@@ -335,15 +338,56 @@ pub fn restore_vm(
         }
         (_, Err(e)) => return Err(e.into()),
     };
-    let result = restore_devices_and_vcpus(&mut prepared, kvm, vm, events, event_manager, fds, seccomp);
+    let saved = Saved {
+        config: prepared.config.clone(),
+        state: &prepared.state,
+        mem: prepared.mem.clone(),
+        backing: Backing::SnapshotFile,
+        restored_from: Some(prepared.dir.clone()),
+    };
+    let result = restore_devices_and_vcpus(saved, kvm, vm, events, event_manager, fds, seccomp);
     if result.is_err() {
         prepared.remove_created_disks();
     }
     result
 }
 
+/// Rebuilds the VM a live migration brought: memory as received, the disks where the
+/// configuration says (the same images the source used), devices and vCPUs from the state. The
+/// vCPU threads wait, paused, for [`Machine::resume`].
+pub fn migrated_vm(
+    received: &crate::migration::destination::Received,
+    events: &ProcessEvents,
+    event_manager: &mut VmmEventManager,
+    fds: &mut PassedFds,
+    seccomp: SeccompMode,
+) -> Result<Machine, BuildError> {
+    let kvm = vm::open_kvm()?;
+    crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
+    let vm = vm::create_vm(&kvm)?;
+    memory::register_with_kvm(&vm, &received.mem, received.config.machine.track_dirty_pages)?;
+    received.state.vm.restore(&vm)?;
+    let saved = Saved {
+        config: received.config.clone(),
+        state: &received.state,
+        mem: received.mem.clone(),
+        backing: Backing::Anonymous,
+        restored_from: None,
+    };
+    restore_devices_and_vcpus(saved, kvm, vm, events, event_manager, fds, seccomp)
+}
+
+/// A VM's saved state and the memory it goes with.
+struct Saved<'a> {
+    config: VmConfig,
+    state: &'a persist::SnapshotState,
+    mem: GuestMemoryMmap,
+    backing: Backing,
+    restored_from: Option<std::path::PathBuf>,
+}
+
 fn restore_devices_and_vcpus(
-    prepared: &mut persist::restore::Prepared,
+    saved: Saved<'_>,
     kvm: kvm_ioctls::Kvm,
     vm: kvm_ioctls::VmFd,
     events: &ProcessEvents,
@@ -351,9 +395,13 @@ fn restore_devices_and_vcpus(
     fds: &mut PassedFds,
     seccomp: SeccompMode,
 ) -> Result<Machine, BuildError> {
-    let config = prepared.config.clone();
-    let state = &prepared.state;
-    let mem = prepared.mem.clone();
+    let Saved {
+        config,
+        state,
+        mem,
+        backing,
+        restored_from,
+    } = saved;
     let serial = serial_output(&config.serial)?;
     let dirty = dirty_pages(&config, &mem);
     let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy), dirty.clone());
@@ -370,11 +418,11 @@ fn restore_devices_and_vcpus(
         kvm,
         vm,
         mem,
-        backing: Backing::SnapshotFile,
+        backing,
         dirty,
         devices,
         vcpus,
-        restored_from: Some(prepared.dir.clone()),
+        restored_from,
     };
     start_vcpu_threads(parts, events, event_manager, seccomp)
 }

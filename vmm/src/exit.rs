@@ -16,6 +16,8 @@ use vmm_sys_util::timerfd::TimerFd;
 /// Why the VM stopped. Ordered by severity.
 #[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
 pub enum VmExit {
+    /// The VM moved to another VMM (live migration committed).
+    Migrated,
     /// A control-socket client stopped the VM.
     Stopped,
     /// A graceful shutdown was asked for and the guest did not end in time: stopped hard.
@@ -34,7 +36,11 @@ impl VmExit {
     /// The process exit code: 0 for a guest that shut down cleanly, non-zero for a failure.
     pub fn exit_code(&self) -> i32 {
         match self {
-            VmExit::Stopped | VmExit::ShutdownTimedOut | VmExit::PowerOff | VmExit::Reset => 0,
+            VmExit::Migrated
+            | VmExit::Stopped
+            | VmExit::ShutdownTimedOut
+            | VmExit::PowerOff
+            | VmExit::Reset => 0,
             VmExit::GuestPanic => 2,
             VmExit::VcpuFault(_) => 3,
         }
@@ -44,6 +50,7 @@ impl VmExit {
 impl std::fmt::Display for VmExit {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
+            VmExit::Migrated => write!(f, "migrated to another VMM"),
             VmExit::Stopped => write!(f, "stopped by a control request"),
             VmExit::ShutdownTimedOut => write!(f, "the guest did not shut down in time: stopped"),
             VmExit::PowerOff => write!(f, "guest powered off"),
@@ -64,6 +71,8 @@ pub struct ExitEvents {
     pub panic: EventFd,
     /// Raised by the control socket's `stop`.
     pub stop: EventFd,
+    /// Raised once a live migration has handed the VM over.
+    pub migrated: EventFd,
     /// Fires when a graceful shutdown has taken too long.
     shutdown_timer: Mutex<TimerFd>,
     shutdown_timer_fd: RawFd,
@@ -80,6 +89,7 @@ impl ExitEvents {
             reset: EventFd::new(EFD_NONBLOCK)?,
             panic: EventFd::new(EFD_NONBLOCK)?,
             stop: EventFd::new(EFD_NONBLOCK)?,
+            migrated: EventFd::new(EFD_NONBLOCK)?,
             shutdown_timer_fd: shutdown_timer.as_raw_fd(),
             shutdown_timer: Mutex::new(shutdown_timer),
             fault: EventFd::new(EFD_NONBLOCK)?,
@@ -157,6 +167,8 @@ impl MutEventSubscriber for ExitWatcher {
             self.record(VmExit::GuestPanic);
         } else if fd == ev.stop.as_raw_fd() && drained(&ev.stop) {
             self.record(VmExit::Stopped);
+        } else if fd == ev.migrated.as_raw_fd() && drained(&ev.migrated) {
+            self.record(VmExit::Migrated);
         } else if fd == ev.shutdown_timer_fd {
             let expired = ev
                 .shutdown_timer
@@ -181,6 +193,7 @@ impl MutEventSubscriber for ExitWatcher {
             &self.events.reset,
             &self.events.panic,
             &self.events.stop,
+            &self.events.migrated,
             &self.events.fault,
         ] {
             if let Err(e) = ops.add(Events::new(evt, EventSet::IN)) {

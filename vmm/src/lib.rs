@@ -15,6 +15,7 @@ pub mod jail;
 pub mod logger;
 pub mod machine;
 pub mod metrics;
+pub mod migration;
 pub mod persist;
 pub mod runtime;
 pub mod seccomp;

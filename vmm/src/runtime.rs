@@ -63,6 +63,8 @@ pub enum Launch {
     Boot,
     /// Rebuilt from a snapshot (asked for at that instant).
     Restore(Box<SnapshotRestore>, Instant),
+    /// Rebuilt from what a live migration brought (answered once the source commits).
+    Migrated(Box<crate::migration::destination::Received>),
 }
 
 /// The process's VM and everything the control socket may touch.
@@ -72,7 +74,17 @@ pub struct Runtime {
     lifecycle: Lifecycle,
     fds: PassedFds,
     pending_start: Option<PendingStart>,
+    /// Carries out outgoing migrations; started with the VM, before the main loop's filter.
+    migration_worker: Option<std::sync::mpsc::Sender<crate::migration::source::SourceJob>>,
+    outgoing: Option<migration_glue::Outgoing>,
+    incoming: Option<migration_glue::Incoming>,
+    /// The progress of the last outgoing migration, for `migration-status`.
+    last_migration: Option<Arc<crate::migration::Shared>>,
 }
+
+#[path = "runtime_migration.rs"]
+mod migration_glue;
+pub use migration_glue::Notice;
 
 impl Runtime {
     /// A process with no VM yet, whose threads will run under `seccomp` filters once it has one.
@@ -83,6 +95,10 @@ impl Runtime {
             lifecycle: Lifecycle::NotConfigured,
             fds: PassedFds::new(),
             pending_start: None,
+            migration_worker: None,
+            outgoing: None,
+            incoming: None,
+            last_migration: None,
         }
     }
 
@@ -166,6 +182,10 @@ impl Runtime {
                 Err(f) => now(Err(f)),
             },
             Request::AddFds { names } => now(self.add_fds(names, fds)),
+            Request::SnapshotCreate(_) if self.migrating() => now(Err(wrong_state(
+                self.state(),
+                "a migration is running (it reads the dirty pages a snapshot would take)",
+            ))),
             Request::SnapshotCreate(params) => now(self
                 .machine()
                 .and_then(|m| {
@@ -175,6 +195,10 @@ impl Runtime {
             Request::SnapshotMerge(params) => now(persist::restore::merge(&params.from, &params.to)
                 .map(Response::SnapshotMerged)
                 .map_err(|e| (e.kind(), error_chain(&e)))),
+            Request::MigrateSend(params) => self.migrate_send(params),
+            Request::MigrateReceive(params) => self.migrate_receive(params, client, id),
+            Request::MigrationStatus => now(self.migration_status()),
+            Request::MigrateCancel => now(self.migrate_cancel()),
             Request::SnapshotRestore(params) => {
                 let asked = Instant::now();
                 match self.admit_restore() {
@@ -301,7 +325,6 @@ impl Runtime {
     }
 
     fn add_fds(&mut self, names: Vec<String>, fds: Vec<OwnedFd>) -> Result<Response, Failure> {
-        self.before_start("add file descriptors")?;
         if names.len() != fds.len() {
             return Err((
                 ErrorKind::InvalidArgument,
@@ -338,12 +361,13 @@ impl Runtime {
 
     /// Builds the configured VM, resumes its vCPUs, and from then on confines the main thread to
     /// its seccomp allow-list (each vCPU thread installs its own). On failure the VMM stays
-    /// configured, unconfined, and can be configured and started again.
+    /// configured, unconfined, and can be configured and started again. `None`: the answer
+    /// comes later (a migrated VM runs once the source commits).
     pub fn launch(
         &mut self,
         event_manager: &mut VmmEventManager,
         how: Launch,
-    ) -> Result<Response, BuildError> {
+    ) -> Result<Option<Response>, BuildError> {
         // Built before any thread exists that it must not apply to, applied once the VM runs: filters
         // are inherited by threads created later, and vCPU threads have their own.
         let main_filter = SeccompFilter::build(ThreadCategory::MainLoop, self.seccomp)?;
@@ -355,7 +379,7 @@ impl Runtime {
                 let mut machine =
                     builder::build_vm(config, &self.events, event_manager, &mut self.fds, self.seccomp)?;
                 machine.resume().map_err(BuildError::Start)?;
-                (machine, Response::Started)
+                (machine, Some(Response::Started))
             }
             Launch::Restore(params, asked) => {
                 let prepared = persist::restore::prepare(&params)?;
@@ -377,13 +401,38 @@ impl Runtime {
                     state: machine.state(),
                     duration_us: u64::try_from(asked.elapsed().as_micros()).unwrap_or(u64::MAX),
                 };
-                (machine, response)
+                (machine, Some(response))
+            }
+            Launch::Migrated(received) => {
+                match builder::migrated_vm(
+                    &received,
+                    &self.events,
+                    event_manager,
+                    &mut self.fds,
+                    self.seccomp,
+                ) {
+                    Ok(machine) => (machine, None),
+                    Err(e) => {
+                        // The receiving thread aborts the migration and its failure answers.
+                        self.migration_built(Err(error_chain(&e)));
+                        return Ok(None);
+                    }
+                }
             }
         };
+        let migrated = response.is_none();
+        // Started before the filter: the main loop may not create threads afterwards.
+        match crate::migration::source::spawn_worker(self.seccomp) {
+            Ok(worker) => self.migration_worker = Some(worker),
+            Err(e) => log::warn!("live migration will not be available: {e}"),
+        }
         main_filter.apply()?;
         // Descriptors no device took are of no further use.
         self.fds.clear();
         self.lifecycle = Lifecycle::Live(machine);
+        if migrated {
+            self.migration_built(Ok(()));
+        }
         Ok(response)
     }
 
@@ -497,7 +546,8 @@ pub fn run(
             let result = lock(&runtime).launch(&mut event_manager, start.how);
             let mut server = lock(server);
             match result {
-                Ok(response) => {
+                Ok(None) => {}
+                Ok(Some(response)) => {
                     let state = match &response {
                         Response::Restored { state, .. } => *state,
                         _ => VmState::Running,

@@ -22,7 +22,7 @@ use vmm_api::control::{
 };
 
 use crate::builder::ProcessEvents;
-use crate::runtime::{Failure, Reply, Runtime};
+use crate::runtime::{Failure, Notice, Reply, Runtime};
 use crate::sync::lock;
 use client::{Client, ReadOutcome};
 
@@ -207,7 +207,11 @@ impl ControlServer {
 
 impl MutEventSubscriber for ControlServer {
     fn init(&mut self, ops: &mut EventOps) {
-        for fd in [self.listener.as_raw_fd(), self.events.boot_event.as_raw_fd()] {
+        for fd in [
+            self.listener.as_raw_fd(),
+            self.events.boot_event.as_raw_fd(),
+            self.events.migration_event.as_raw_fd(),
+        ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, fd as u32, EventSet::IN)) {
                 log::error!("cannot watch the control socket: {e:?}");
             }
@@ -224,6 +228,15 @@ impl MutEventSubscriber for ControlServer {
             if let Some(boot) = self.events.guest_boot.get() {
                 let boot_ms = u64::try_from(boot.as_millis()).unwrap_or(u64::MAX);
                 self.broadcast_now(Event::GuestBootComplete { boot_ms });
+            }
+        } else if fd == self.events.migration_event.as_raw_fd() {
+            let _ = self.events.migration_event.read();
+            let notices = lock(&self.runtime).migration_tick();
+            for notice in notices {
+                match notice {
+                    Notice::Event(event) => self.broadcast_now(event),
+                    Notice::Answer(client, id, result) => self.answer(client, id, result),
+                }
             }
         } else {
             self.serve(fd, events.event_set());

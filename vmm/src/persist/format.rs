@@ -74,14 +74,12 @@ fn codec(limit: u64) -> impl Options {
         .reject_trailing_bytes()
 }
 
-/// Encodes `body` and writes the framed file at `path` (created; it must not exist), synced.
-/// Returns the file's size.
-pub fn write_state<T: Serialize>(path: &Path, body: &T) -> Result<u64, FormatError> {
-    let name = path.display().to_string();
+/// Encodes `body` as a framed, checksummed state (what a state file holds).
+pub fn encode<T: Serialize>(body: &T, name: &str) -> Result<Vec<u8>, FormatError> {
     let encoded = codec(MAX_STATE_BYTES)
         .serialize(body)
         .map_err(|source| FormatError::Codec {
-            path: name.clone(),
+            path: name.to_string(),
             source,
         })?;
     let mut bytes = Vec::with_capacity(HEADER_BYTES + encoded.len() + 8);
@@ -91,6 +89,14 @@ pub fn write_state<T: Serialize>(path: &Path, body: &T) -> Result<u64, FormatErr
     bytes.extend_from_slice(&encoded);
     let crc = Crc64::of(&bytes);
     bytes.extend_from_slice(&crc.to_le_bytes());
+    Ok(bytes)
+}
+
+/// Encodes `body` and writes the framed file at `path` (created; it must not exist), synced.
+/// Returns the file's size.
+pub fn write_state<T: Serialize>(path: &Path, body: &T) -> Result<u64, FormatError> {
+    let name = path.display().to_string();
+    let bytes = encode(body, &name)?;
     let io = |source| FormatError::Io {
         path: name.clone(),
         source,
@@ -122,7 +128,8 @@ pub fn read_state<T: DeserializeOwned>(path: &Path) -> Result<T, FormatError> {
     decode(&bytes, &name)
 }
 
-fn decode<T: DeserializeOwned>(bytes: &[u8], name: &str) -> Result<T, FormatError> {
+/// Checks and decodes framed state bytes (from a file or a migration stream named `name`).
+pub fn decode<T: DeserializeOwned>(bytes: &[u8], name: &str) -> Result<T, FormatError> {
     if bytes.len() < MAGIC.len() || bytes[..MAGIC.len()] != MAGIC {
         return Err(FormatError::Magic(name.into()));
     }

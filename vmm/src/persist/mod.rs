@@ -230,19 +230,19 @@ pub fn create(machine: &mut Machine, dir: &Path, kind: SnapshotKind) -> Result<S
     }
 }
 
-fn write_all(
-    machine: &mut Machine,
-    dir: &Path,
-    parent: Option<PathBuf>,
-    started: Instant,
-) -> Result<SnapshotInfo, SnapshotError> {
+/// Per memory region, one bit per page (bit `n` of word `n / 64` is page `n`).
+pub type PageBitmaps = Vec<Vec<u64>>;
+
+/// The state of a paused VM except its memory pages (vCPUs, VM, devices, configuration), and,
+/// if it tracks dirty pages, the pages written since the last time they were taken (which this
+/// resets): what a snapshot writes next to its memory, and what a migration sends last.
+pub fn capture(machine: &mut Machine) -> Result<(SnapshotState, Option<PageBitmaps>), SnapshotError> {
     let vcpus = machine.save_vcpus()?;
     let vm = VmState::save(&machine.kvm().vm)?;
     let devices = save_devices(machine)?;
     let kvm = machine.kvm();
     let mem = &kvm.mem;
     let memory_ranges = mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
-    // Every snapshot starts the next diff's count, full ones included.
     let written_pages = match &kvm.dirty {
         Some(dirty) => {
             // Used rings are written by devices through the queue, not marked buffer by buffer.
@@ -255,12 +255,6 @@ fn write_all(
         }
         None => None,
     };
-    let memory_path = dir.join(MEMORY_FILE);
-    let (written, memory_pages) = match (&parent, written_pages) {
-        (Some(_), Some(pages)) => (memory::save_pages(mem, &pages, &memory_path)?, Some(pages)),
-        _ => (memory::save(mem, kvm.backing, &memory_path)?, None),
-    };
-    let disk_bytes = save_disks(machine, dir)?;
     let config_json = serde_json::to_string(machine.config())
         .map_err(|e| SnapshotError::Invalid(format!("the configuration cannot be saved: {e}")))?;
     let meta = SnapshotMeta {
@@ -271,16 +265,38 @@ fn write_all(
             .map_or(0, |d| d.as_millis() as u64),
     };
     let state = SnapshotState {
-        meta: meta.clone(),
+        meta,
         config_json,
         memory_ranges,
-        parent: parent.clone(),
-        memory_pages,
+        parent: None,
+        memory_pages: None,
         vm,
         vcpus,
         devices,
     };
+    Ok((state, written_pages))
+}
+
+fn write_all(
+    machine: &mut Machine,
+    dir: &Path,
+    parent: Option<PathBuf>,
+    started: Instant,
+) -> Result<SnapshotInfo, SnapshotError> {
+    // Every snapshot starts the next diff's count, full ones included.
+    let (mut state, written_pages) = capture(machine)?;
+    let kvm = machine.kvm();
+    let mem = &kvm.mem;
+    let memory_path = dir.join(MEMORY_FILE);
+    let (written, memory_pages) = match (&parent, written_pages) {
+        (Some(_), Some(pages)) => (memory::save_pages(mem, &pages, &memory_path)?, Some(pages)),
+        _ => (memory::save(mem, kvm.backing, &memory_path)?, None),
+    };
+    let disk_bytes = save_disks(machine, dir)?;
+    state.parent = parent.clone();
+    state.memory_pages = memory_pages;
     let state_bytes = format::write_state(&dir.join(STATE_FILE), &state)?;
+    let meta = state.meta;
     Ok(SnapshotInfo {
         dir: dir.to_path_buf(),
         kind: if parent.is_some() {

@@ -190,7 +190,9 @@ fn ordered_drive_ids(config: &VmConfig) -> Vec<&str> {
         .collect()
 }
 
-fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) -> Result<(), SnapshotError> {
+/// Checks `overrides` against `config` and applies the NIC and serial ones (drives are the
+/// caller's: copies for a restore, the shared image for a migration).
+pub fn apply_overrides(config: &mut VmConfig, overrides: &RestoreOverrides) -> Result<(), SnapshotError> {
     for (i, o) in overrides.nets.iter().enumerate() {
         let net = config.nets.iter_mut().find(|n| n.id == o.id).ok_or_else(|| {
             SnapshotError::Invalid(format!(

@@ -76,6 +76,9 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
     r.allow(libc::SYS_fdatasync);
     // Block: discard and write-zeroes.
     r.allow(libc::SYS_fallocate);
+    // Live migration: handing the disks' locks to the destination at the switch-over, and taking
+    // them back if the migration fails.
+    r.allow(libc::SYS_flock);
     // Rate limiters and request timeouts: new timers at run time.
     r.allow(libc::SYS_timerfd_create);
     // Rate limiters: arming a timer.

@@ -18,6 +18,7 @@
 
 mod io_worker;
 mod main_loop;
+mod migration;
 mod vcpu;
 
 #[cfg(test)]
@@ -42,14 +43,17 @@ pub enum ThreadCategory {
     Vcpu,
     /// A (future) worker doing file or tap I/O on fds it was handed, woken by eventfds.
     IoWorker,
+    /// A live migration's sender or receiver: bytes over the connection it was handed.
+    Migration,
 }
 
 impl ThreadCategory {
     /// Every category, for tests and documentation.
-    pub const ALL: [ThreadCategory; 3] = [
+    pub const ALL: [ThreadCategory; 4] = [
         ThreadCategory::MainLoop,
         ThreadCategory::Vcpu,
         ThreadCategory::IoWorker,
+        ThreadCategory::Migration,
     ];
 }
 
@@ -59,6 +63,7 @@ impl fmt::Display for ThreadCategory {
             ThreadCategory::MainLoop => "main loop",
             ThreadCategory::Vcpu => "vCPU",
             ThreadCategory::IoWorker => "I/O worker",
+            ThreadCategory::Migration => "migration",
         })
     }
 }
@@ -178,6 +183,7 @@ pub fn build_program(
         ThreadCategory::MainLoop => main_loop::rules(),
         ThreadCategory::Vcpu => vcpu::rules(),
         ThreadCategory::IoWorker => io_worker::rules(),
+        ThreadCategory::Migration => migration::rules(),
     }
     .map_err(build_err)?;
     let filter = seccompiler::SeccompFilter::new(rules.0, mismatch, SeccompAction::Allow, target_arch())

@@ -178,8 +178,17 @@ pub fn lock_exclusive(file: &File) -> std::io::Result<()> {
     lock(file, false)
 }
 
+/// Gives up the lock on an image (a VM migrating away hands its disks to the destination; it
+/// takes the lock again with [`lock_exclusive`] if the migration fails).
+pub fn unlock(file: &File) -> std::io::Result<()> {
+    flock(file, libc::LOCK_UN)
+}
+
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {
-    let op = if shared { libc::LOCK_SH } else { libc::LOCK_EX };
+    flock(file, if shared { libc::LOCK_SH } else { libc::LOCK_EX })
+}
+
+fn flock(file: &File, op: libc::c_int) -> std::io::Result<()> {
     // SAFETY: flock only takes a file descriptor that `file` keeps open, and flags; no memory is
     // passed.
     let ret = unsafe { libc::flock(file.as_raw_fd(), op | libc::LOCK_NB) };

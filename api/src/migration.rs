@@ -1,0 +1,134 @@
+//! Live migration requests of the control protocol.
+//!
+//! The source VMM sends its running VM over a connected stream (a socket the caller set up and
+//! passed with `add-fds`: the VMM opens no network connections itself) to a destination VMM started
+//! empty, which received the other end the same way:
+//!
+//! ```text
+//! destination: -> {"id": 1, "request": {"add-fds": {"names": ["mig"]}}}   (+ the fd)
+//!              -> {"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}
+//! source:      -> {"id": 1, "request": {"add-fds": {"names": ["mig"]}}}   (+ the fd)
+//!              -> {"id": 2, "request": {"migrate-send": {"connection": "mig", "max_downtime_ms": 300}}}
+//!              <- {"id": 2, "ok": {"migration-started": ...}}
+//!              <- {"event": {"migration-progress": {...}}}   (every round)
+//!              <- {"event": {"migration-completed": {...}}}  then exit, code 0
+//! destination: <- {"id": 2, "ok": {"migration-received": {"state": "running", ...}}}
+//! ```
+//!
+//! Memory goes first (all pages that hold data, then rounds of the pages written since), then,
+//! with the source paused, the rest and the vCPU and device state. The destination builds the VM
+//! paused and says it is ready; only then does the source commit and end. Until the commit the
+//! source owns the VM: any failure resumes it there. Disks are not copied: both VMMs must see the
+//! same images (shared storage); the source gives up its locks on them at the switch-over.
+
+use serde::{Deserialize, Serialize};
+
+/// Default longest pause of the guest at the switch-over.
+pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
+/// Default and longest time a migration may take before its timeout policy applies.
+pub const DEFAULT_MIGRATION_TIMEOUT_MS: u64 = 10 * 60 * 1000;
+/// Longest timeout a request may set.
+pub const MAX_MIGRATION_TIMEOUT_MS: u64 = 24 * 3600 * 1000;
+
+fn default_max_downtime_ms() -> u64 {
+    DEFAULT_MAX_DOWNTIME_MS
+}
+
+fn default_timeout_ms() -> u64 {
+    DEFAULT_MIGRATION_TIMEOUT_MS
+}
+
+/// The parameters of `migrate-send`. The VM must be running or paused; it needs
+/// `machine.track_dirty_pages`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateSend {
+    /// The name (from `add-fds`) of the connected stream to the destination.
+    pub connection: String,
+    /// The switch-over happens once the estimated time to send what remains fits this.
+    #[serde(default = "default_max_downtime_ms")]
+    pub max_downtime_ms: u64,
+    /// Most bytes per second to send (0: as fast as the connection takes them).
+    #[serde(default)]
+    pub bandwidth_bytes_per_s: u64,
+    /// How long pre-copy may go on before `on_timeout` decides.
+    #[serde(default = "default_timeout_ms")]
+    pub timeout_ms: u64,
+    /// What a migration that has not converged in time does.
+    #[serde(default)]
+    pub on_timeout: TimeoutPolicy,
+}
+
+/// What a migration does when its timeout passes before it converged.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum TimeoutPolicy {
+    /// Give up; the VM runs on at the source.
+    #[default]
+    Cancel,
+    /// Switch over now, whatever the downtime.
+    Force,
+}
+
+/// The parameters of `migrate-receive`, sent to a VMM started without a configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrateReceive {
+    /// The name (from `add-fds`) of the connected stream from the source.
+    pub connection: String,
+    /// What differs on this host: the taps the NICs use (their MACs stay), where each drive's
+    /// image is (the same image, on storage both hosts see: `path` or `fd` names it, nothing is
+    /// copied), where the serial console goes.
+    #[serde(default)]
+    pub overrides: crate::snapshot::RestoreOverrides,
+}
+
+/// Where a migration is, in libvirt's terms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum MigrationPhase {
+    /// Handshake.
+    #[default]
+    Setup,
+    /// Memory rounds while the guest runs.
+    PreCopy,
+    /// The guest is paused; the rest and the device state are on their way.
+    SwitchOver,
+    /// The destination runs the VM.
+    Completed,
+    /// It failed or was cancelled; the VM runs on at the source.
+    Failed,
+}
+
+/// Progress and outcome of a migration (source side).
+#[derive(Debug, Clone, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationStats {
+    /// Where it is.
+    pub phase: MigrationPhase,
+    /// Memory round: 0 sends every page that holds data, later ones the pages written since.
+    pub iteration: u32,
+    /// Guest memory size.
+    pub memory_total_bytes: u64,
+    /// Bytes of pages sent so far (all rounds).
+    pub memory_transferred_bytes: u64,
+    /// Bytes of pages known to be dirty and not yet sent.
+    pub memory_remaining_bytes: u64,
+    /// Bytes of pages the guest dirtied per second during the last round.
+    pub dirty_rate_bytes_per_s: u64,
+    /// Bytes per second the last round was sent at.
+    pub throughput_bytes_per_s: u64,
+    /// Time the switch-over would take now, from the remaining bytes and the throughput.
+    pub expected_downtime_ms: u64,
+    /// How much the vCPUs are slowed down (auto-converge), in percent.
+    pub throttle_percent: u32,
+    /// Time since the migration began.
+    pub elapsed_ms: u64,
+    /// Once completed: how long the guest was paused (source pause to destination resume, as
+    /// far as the source saw it: to the destination's ready answer).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub downtime_ms: Option<u64>,
+    /// Once failed: why.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}

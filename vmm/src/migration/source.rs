@@ -1,0 +1,318 @@
+//! The source's migration thread: handshake, memory rounds until what is left fits the downtime
+//! budget (or the timeout's policy decides), then the switch-over.
+
+use std::io::{BufWriter, Write};
+use std::os::unix::net::UnixStream;
+use std::sync::atomic::Ordering;
+use std::sync::{mpsc, Arc};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
+use vmm_api::migration::{MigrateSend, MigrationPhase, TimeoutPolicy};
+
+use super::wire::{self, Frame, Hello, MAX_PAGES_PER_FRAME, PAGE_SIZE};
+use super::{spawn_confined, FromMain, MainLink, MigrationError, Shared, ToMain};
+use crate::seccomp::SeccompMode;
+use crate::sync::lock;
+
+/// How long one write may block (a stalled peer), and how long the destination may take to
+/// build the VM and answer.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
+const READ_TIMEOUT: Duration = Duration::from_secs(60);
+/// Most memory rounds before the timeout policy applies anyway.
+const MAX_ROUNDS: u32 = 30;
+
+/// A migration for the source thread to carry out.
+pub struct SourceJob {
+    /// The connected stream.
+    pub conn: UnixStream,
+    /// How.
+    pub params: MigrateSend,
+    /// Guest memory (read while the guest runs: what changes meanwhile is sent again).
+    pub mem: GuestMemoryMmap,
+    /// The handshake.
+    pub hello: Hello,
+    /// To the main loop.
+    pub link: MainLink,
+    /// Progress and cancel.
+    pub shared: Arc<Shared>,
+}
+
+/// Starts the thread that carries out source jobs, one at a time, under the migration filter.
+pub fn spawn_worker(seccomp: SeccompMode) -> Result<mpsc::Sender<SourceJob>, MigrationError> {
+    let (tx, rx) = mpsc::channel::<SourceJob>();
+    spawn_confined("vmm-migrate", seccomp, move || {
+        while let Ok(job) = rx.recv() {
+            run(job);
+        }
+    })?;
+    Ok(tx)
+}
+
+fn run(job: SourceJob) {
+    let result = migrate(&job);
+    let outcome = result.map_err(|e| {
+        let why = e.to_string();
+        let mut stats = lock(&job.shared.stats);
+        stats.phase = MigrationPhase::Failed;
+        stats.error = Some(why.clone());
+        why
+    });
+    if let Err(e) = job.link.tell(ToMain::SourceDone(outcome)) {
+        log::error!("migration: {e}");
+    }
+}
+
+/// Bytes on the wire, paced to a bandwidth limit.
+struct Sender<'a> {
+    out: BufWriter<&'a UnixStream>,
+    mem: &'a GuestMemoryMmap,
+    sent: u64,
+    since: Instant,
+    limit: u64,
+    buf: Vec<u8>,
+}
+
+impl Sender<'_> {
+    fn frame(&mut self, frame: &Frame) -> Result<(), MigrationError> {
+        wire::write_frame(&mut self.out, frame)?;
+        Ok(())
+    }
+
+    fn flush(&mut self) -> Result<(), MigrationError> {
+        self.out.flush().map_err(wire::WireError::Io)?;
+        Ok(())
+    }
+
+    /// Sends `pages` pages from `gpa`; with `skip_zero`, only the runs that hold data (a fresh
+    /// destination's memory reads as zeros).
+    fn run_of_pages(&mut self, gpa: u64, pages: usize, skip_zero: bool) -> Result<(), MigrationError> {
+        let len = pages * PAGE_SIZE;
+        self.buf.resize(len, 0);
+        self.mem
+            .read_slice(&mut self.buf[..len], GuestAddress(gpa))
+            .map_err(|e| MigrationError::Vm(format!("reading guest memory at {gpa:#x}: {e}")))?;
+        let mut start = None;
+        for page in 0..=pages {
+            let data = page < pages
+                && (!skip_zero
+                    || self.buf[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
+                        .iter()
+                        .any(|b| *b != 0));
+            match (data, start) {
+                (true, None) => start = Some(page),
+                (false, Some(first)) => {
+                    let bytes = self.buf[first * PAGE_SIZE..page * PAGE_SIZE].to_vec();
+                    let n = bytes.len() as u64;
+                    self.frame(&Frame::Pages {
+                        gpa: gpa + (first * PAGE_SIZE) as u64,
+                        data: bytes,
+                    })?;
+                    self.sent += n;
+                    self.pace();
+                    start = None;
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Sends the pages set in `bitmaps` (per region), or every page holding data with `None`.
+    fn pages(&mut self, bitmaps: Option<&[Vec<u64>]>) -> Result<(), MigrationError> {
+        let regions: Vec<(u64, u64)> = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
+        for (slot, (start, len)) in regions.into_iter().enumerate() {
+            let count = (len / PAGE_SIZE as u64) as usize;
+            let is_set = |page: usize| match bitmaps {
+                None => true,
+                Some(b) => b
+                    .get(slot)
+                    .and_then(|words| words.get(page / 64))
+                    .is_some_and(|w| w & (1 << (page % 64)) != 0),
+            };
+            let mut page = 0;
+            while page < count {
+                if !is_set(page) {
+                    page += 1;
+                    continue;
+                }
+                let first = page;
+                while page < count && page - first < MAX_PAGES_PER_FRAME && is_set(page) {
+                    page += 1;
+                }
+                self.run_of_pages(
+                    start + (first * PAGE_SIZE) as u64,
+                    page - first,
+                    bitmaps.is_none(),
+                )?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Sleeps as long as the bandwidth limit asks.
+    fn pace(&self) {
+        if self.limit == 0 {
+            return;
+        }
+        let due = Duration::from_secs_f64(self.sent as f64 / self.limit as f64);
+        let elapsed = self.since.elapsed();
+        if due > elapsed {
+            std::thread::sleep(due - elapsed);
+        }
+    }
+}
+
+fn count_pages(bitmaps: &[Vec<u64>]) -> u64 {
+    bitmaps.iter().flatten().map(|w| u64::from(w.count_ones())).sum()
+}
+
+fn merge(into: &mut Vec<Vec<u64>>, more: Vec<Vec<u64>>) {
+    if into.is_empty() {
+        *into = more;
+        return;
+    }
+    for (a, b) in into.iter_mut().zip(more) {
+        for (x, y) in a.iter_mut().zip(b) {
+            *x |= y;
+        }
+    }
+}
+
+fn dirty_log(link: &MainLink) -> Result<Vec<Vec<u64>>, MigrationError> {
+    match link.ask(ToMain::DirtyLog)? {
+        FromMain::Dirty(result) => result.map_err(MigrationError::Vm),
+        other => Err(MigrationError::Vm(format!("unexpected answer {other:?}"))),
+    }
+}
+
+fn per_second(bytes: u64, d: Duration) -> u64 {
+    let secs = d.as_secs_f64();
+    if secs <= 0.0 {
+        u64::MAX
+    } else {
+        (bytes as f64 / secs) as u64
+    }
+}
+
+fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
+    let started = Instant::now();
+    let params = &job.params;
+    let stream = &job.conn;
+    stream
+        .set_write_timeout(Some(WRITE_TIMEOUT))
+        .and_then(|()| stream.set_read_timeout(Some(READ_TIMEOUT)))
+        .map_err(wire::WireError::Io)?;
+    let mut reader = stream;
+    let mut tx = Sender {
+        out: BufWriter::with_capacity(1 << 20, stream),
+        mem: &job.mem,
+        sent: 0,
+        since: Instant::now(),
+        limit: params.bandwidth_bytes_per_s,
+        buf: Vec::new(),
+    };
+    let update = |f: &dyn Fn(&mut vmm_api::migration::MigrationStats)| {
+        let mut stats = lock(&job.shared.stats);
+        f(&mut stats);
+        stats.elapsed_ms = started.elapsed().as_millis() as u64;
+    };
+    let cancelled = || job.shared.cancel.load(Ordering::Acquire);
+
+    tx.frame(&Frame::Hello(job.hello.clone()))?;
+    tx.flush()?;
+    match wire::read_frame(&mut reader) {
+        Ok(Frame::HelloAck) => {}
+        Ok(other) => {
+            return Err(wire::WireError::Protocol(format!("expected hello-ack, got {other:?}")).into())
+        }
+        Err(wire::WireError::Aborted(why)) => return Err(MigrationError::Incompatible(why)),
+        Err(e) => return Err(e.into()),
+    }
+
+    // From here on every write is in the log: round 0 reads memory while the guest runs.
+    dirty_log(&job.link)?;
+    update(&|s| s.phase = MigrationPhase::PreCopy);
+    let mut round_start = Instant::now();
+    tx.pages(None)?;
+    tx.frame(&Frame::RoundEnd(0))?;
+    tx.flush()?;
+    let mut last_round = (tx.sent, round_start.elapsed());
+    let mut iteration = 0u32;
+    let budget = Duration::from_millis(params.max_downtime_ms);
+    let deadline = started + Duration::from_millis(params.timeout_ms);
+    let mut pending;
+    loop {
+        if cancelled() {
+            return Err(MigrationError::Cancelled);
+        }
+        let dirty = dirty_log(&job.link)?;
+        let remaining = count_pages(&dirty) * PAGE_SIZE as u64;
+        let throughput = per_second(last_round.0, last_round.1);
+        let expected = Duration::from_secs_f64(remaining as f64 / throughput.max(1) as f64);
+        let dirty_rate = per_second(remaining, round_start.elapsed());
+        let sent = tx.sent;
+        update(&|s| {
+            s.iteration = iteration;
+            s.memory_transferred_bytes = sent;
+            s.memory_remaining_bytes = remaining;
+            s.throughput_bytes_per_s = throughput;
+            s.dirty_rate_bytes_per_s = dirty_rate;
+            s.expected_downtime_ms = expected.as_millis() as u64;
+        });
+        job.link.tell(ToMain::Progress)?;
+        pending = dirty;
+        if expected <= budget {
+            break;
+        }
+        if Instant::now() > deadline || iteration >= MAX_ROUNDS {
+            match params.on_timeout {
+                TimeoutPolicy::Force => break,
+                TimeoutPolicy::Cancel => return Err(MigrationError::Timeout(params.timeout_ms)),
+            }
+        }
+        iteration += 1;
+        round_start = Instant::now();
+        let before = tx.sent;
+        tx.pages(Some(&pending))?;
+        tx.frame(&Frame::RoundEnd(iteration))?;
+        tx.flush()?;
+        last_round = (tx.sent - before, round_start.elapsed());
+    }
+
+    // Switch-over: from the pause to the destination's ready answer, the guest does not run.
+    update(&|s| s.phase = MigrationPhase::SwitchOver);
+    let paused = Instant::now();
+    let switched = match job.link.ask(ToMain::SwitchOver)? {
+        FromMain::Switched(Ok(s)) => s,
+        FromMain::Switched(Err(e)) => return Err(MigrationError::Vm(e)),
+        other => return Err(MigrationError::Vm(format!("unexpected answer {other:?}"))),
+    };
+    merge(&mut pending, switched.dirty);
+    tx.pages(Some(&pending))?;
+    tx.frame(&Frame::RoundEnd(iteration + 1))?;
+    tx.frame(&Frame::State(switched.state))?;
+    tx.flush()?;
+    match wire::read_frame(&mut reader) {
+        Ok(Frame::Ready) => {}
+        Ok(other) => return Err(wire::WireError::Protocol(format!("expected ready, got {other:?}")).into()),
+        Err(e) => return Err(e.into()),
+    }
+    if cancelled() {
+        return Err(MigrationError::Cancelled);
+    }
+    tx.frame(&Frame::Commit {
+        resume: switched.was_running,
+    })?;
+    tx.flush()?;
+    let downtime = paused.elapsed();
+    let sent = tx.sent;
+    update(&|s| {
+        s.phase = MigrationPhase::Completed;
+        s.iteration = iteration + 1;
+        s.memory_transferred_bytes = sent;
+        s.memory_remaining_bytes = 0;
+        s.downtime_ms = Some(downtime.as_millis() as u64);
+    });
+    Ok(())
+}

@@ -1,0 +1,390 @@
+//! The main loop's side of live migration: starting the source's job and the destination's
+//! receiver, and doing what their threads ask (dirty log, switch-over, build, commit, undo).
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Instant;
+
+use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+use vmm_api::control::{ErrorKind, Event, Response, VmState};
+use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationStats, MAX_MIGRATION_TIMEOUT_MS};
+
+use super::{now, wrong_state, Failure, Launch, PendingStart, Reply, Runtime};
+use crate::control::ClientId;
+use crate::migration::wire::{Hello, MAGIC, PROTOCOL_VERSION};
+use crate::migration::{self, destination, source, FromMain, LoopLink, Shared, SwitchedOver, ToMain};
+use crate::persist;
+use crate::sync::lock;
+
+/// Longest downtime budget a request may set.
+const MAX_DOWNTIME_MS: u64 = 60_000;
+
+/// The migration this VMM sends.
+pub(super) struct Outgoing {
+    shared: Arc<Shared>,
+    link: LoopLink,
+    /// Set at the switch-over: whether the VM ran before it was paused.
+    was_running: Option<bool>,
+}
+
+/// The migration this VMM receives.
+pub(super) struct Incoming {
+    link: LoopLink,
+    client: ClientId,
+    id: u64,
+    asked: Instant,
+    memory_bytes: u64,
+}
+
+/// What the control server must pass on after a migration step.
+pub enum Notice {
+    /// To every client.
+    Event(Event),
+    /// The deferred answer to a request.
+    Answer(ClientId, u64, Result<Response, Failure>),
+}
+
+impl Runtime {
+    pub(super) fn migrate_send(&mut self, params: MigrateSend) -> Reply {
+        now(self.start_send(params))
+    }
+
+    fn start_send(&mut self, params: MigrateSend) -> Result<Response, Failure> {
+        if self.outgoing.is_some() {
+            return Err(wrong_state(self.state(), "a migration is already running"));
+        }
+        if params.max_downtime_ms == 0 || params.max_downtime_ms > MAX_DOWNTIME_MS {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!(
+                    "max_downtime_ms: 1 to {MAX_DOWNTIME_MS}, got {}",
+                    params.max_downtime_ms
+                ),
+            ));
+        }
+        if params.timeout_ms == 0 || params.timeout_ms > MAX_MIGRATION_TIMEOUT_MS {
+            return Err((
+                ErrorKind::InvalidArgument,
+                format!(
+                    "timeout_ms: 1 to {MAX_MIGRATION_TIMEOUT_MS}, got {}",
+                    params.timeout_ms
+                ),
+            ));
+        }
+        let doorbell = Arc::clone(&self.events.migration_event);
+        let state = self.state();
+        let machine = self.machine()?;
+        if machine.kvm().dirty.is_none() {
+            return Err(wrong_state(
+                state,
+                "live migration needs machine.track_dirty_pages (--track-dirty-pages on)",
+            ));
+        }
+        let mem = machine.kvm().mem.clone();
+        let hello = Hello {
+            magic: MAGIC,
+            version: PROTOCOL_VERSION,
+            config_json: serde_json::to_string(machine.config())
+                .map_err(|e| (ErrorKind::Internal, format!("the configuration: {e}")))?,
+            memory_ranges: mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
+            cpu_model: persist::host_cpu_model(),
+            vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+        };
+        let worker = self
+            .migration_worker
+            .clone()
+            .ok_or_else(|| (ErrorKind::Internal, "no migration thread".to_string()))?;
+        let conn = self.fds.remove(&params.connection).ok_or_else(|| {
+            (
+                ErrorKind::NotFound,
+                format!(
+                    "connection: no descriptor named {:?} (send it with add-fds)",
+                    params.connection
+                ),
+            )
+        })?;
+        let shared = Arc::new(Shared::default());
+        lock(&shared.stats).memory_total_bytes = mem.iter().map(|r| r.len()).sum();
+        let stats = shared.snapshot();
+        let (thread_link, loop_link) = migration::link(doorbell);
+        let job = source::SourceJob {
+            conn: std::os::unix::net::UnixStream::from(conn),
+            params,
+            mem,
+            hello,
+            link: thread_link,
+            shared: Arc::clone(&shared),
+        };
+        worker
+            .send(job)
+            .map_err(|_| (ErrorKind::Internal, "the migration thread is gone".to_string()))?;
+        self.outgoing = Some(Outgoing {
+            shared: Arc::clone(&shared),
+            link: loop_link,
+            was_running: None,
+        });
+        self.last_migration = Some(shared);
+        Ok(Response::MigrationStarted(stats))
+    }
+
+    pub(super) fn migrate_receive(&mut self, params: MigrateReceive, client: ClientId, id: u64) -> Reply {
+        match self.start_receive(params, client, id) {
+            Ok(()) => Reply::Later,
+            Err(f) => now(Err(f)),
+        }
+    }
+
+    fn start_receive(&mut self, params: MigrateReceive, client: ClientId, id: u64) -> Result<(), Failure> {
+        self.before_start("receive a migration")?;
+        if self.incoming.is_some() || self.config().is_some() {
+            return Err(wrong_state(
+                self.state(),
+                "a migration is received by a VMM started without a configuration",
+            ));
+        }
+        let conn = self.fds.remove(&params.connection).ok_or_else(|| {
+            (
+                ErrorKind::NotFound,
+                format!(
+                    "connection: no descriptor named {:?} (send it with add-fds)",
+                    params.connection
+                ),
+            )
+        })?;
+        let (thread_link, loop_link) = migration::link(Arc::clone(&self.events.migration_event));
+        destination::spawn_receiver(conn, params.overrides, thread_link, self.seccomp)
+            .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
+        self.incoming = Some(Incoming {
+            link: loop_link,
+            client,
+            id,
+            asked: Instant::now(),
+            memory_bytes: 0,
+        });
+        Ok(())
+    }
+
+    pub(super) fn migration_status(&self) -> Result<Response, Failure> {
+        match &self.last_migration {
+            Some(shared) => Ok(Response::MigrationStatus(shared.snapshot())),
+            None => Err((ErrorKind::NotFound, "no migration was started".into())),
+        }
+    }
+
+    pub(super) fn migrate_cancel(&self) -> Result<Response, Failure> {
+        match &self.outgoing {
+            Some(o) => {
+                o.shared.cancel.store(true, Ordering::Release);
+                Ok(Response::MigrationCancelling)
+            }
+            None => Err(wrong_state(self.state(), "no migration is running")),
+        }
+    }
+
+    /// Whether a migration reads the dirty log now (snapshots must not take it from under it).
+    pub(super) fn migrating(&self) -> bool {
+        self.outgoing.is_some()
+    }
+
+    /// Does what the migration threads asked since the last call.
+    pub fn migration_tick(&mut self) -> Vec<Notice> {
+        let mut notices = Vec::new();
+        loop {
+            let msg = match &self.outgoing {
+                Some(o) => o.link.from_thread.try_recv().ok(),
+                None => None,
+            };
+            let Some(msg) = msg else { break };
+            self.on_source_message(msg, &mut notices);
+        }
+        loop {
+            let msg = match &self.incoming {
+                Some(i) => i.link.from_thread.try_recv().ok(),
+                None => None,
+            };
+            let Some(msg) = msg else { break };
+            self.on_destination_message(msg, &mut notices);
+        }
+        notices
+    }
+
+    fn stats(&self) -> MigrationStats {
+        self.last_migration
+            .as_ref()
+            .map(|s| s.snapshot())
+            .unwrap_or_default()
+    }
+
+    fn reply_to_source(&self, answer: FromMain) {
+        if let Some(o) = &self.outgoing {
+            // The thread may have given up already; then nobody waits for this.
+            let _ = o.link.to_thread.send(answer);
+        }
+    }
+
+    fn on_source_message(&mut self, msg: ToMain, notices: &mut Vec<Notice>) {
+        match msg {
+            ToMain::Progress => notices.push(Notice::Event(Event::MigrationProgress(self.stats()))),
+            ToMain::DirtyLog => {
+                let dirty = self.dirty_log();
+                self.reply_to_source(FromMain::Dirty(dirty));
+            }
+            ToMain::SwitchOver => {
+                let switched = self.switch_over();
+                if let Ok(s) = &switched {
+                    if let Some(o) = self.outgoing.as_mut() {
+                        o.was_running = Some(s.was_running);
+                    }
+                }
+                self.reply_to_source(FromMain::Switched(switched));
+            }
+            ToMain::SourceDone(Ok(())) => {
+                notices.push(Notice::Event(Event::MigrationCompleted(self.stats())));
+                crate::exit::ExitEvents::raise(&self.events.exits.migrated);
+            }
+            ToMain::SourceDone(Err(why)) => {
+                log::warn!("migration failed: {why}");
+                let was_running = self.outgoing.take().and_then(|o| o.was_running);
+                if let Some(ran) = was_running {
+                    if let Some(event) = self.undo_switch_over(ran) {
+                        notices.push(Notice::Event(event));
+                    }
+                }
+                notices.push(Notice::Event(Event::MigrationFailed(self.stats())));
+            }
+            _ => log::warn!("migration: unexpected message from the source thread"),
+        }
+    }
+
+    fn dirty_log(&mut self) -> Result<Vec<Vec<u64>>, String> {
+        let machine = self.machine().map_err(|(_, m)| m)?;
+        let kvm = machine.kvm();
+        let dirty = kvm.dirty.as_ref().ok_or("dirty pages are not tracked")?;
+        crate::vstate::memory::take_dirty_pages(&kvm.vm, &kvm.mem, dirty).map_err(|e| e.to_string())
+    }
+
+    /// Pauses the VM, captures its state and the last dirty pages, and hands the disks over.
+    fn switch_over(&mut self) -> Result<SwitchedOver, String> {
+        let machine = self.machine().map_err(|(_, m)| m)?;
+        let was_running = machine.state() == VmState::Running;
+        machine.pause().map_err(|e| format!("cannot pause the VM: {e}"))?;
+        let captured = persist::capture(machine).and_then(|(state, dirty)| {
+            let bytes = persist::format::encode(&state, "migration state")?;
+            Ok((bytes, dirty.unwrap_or_default()))
+        });
+        let (state, dirty) = match captured {
+            Ok(c) => c,
+            Err(e) => {
+                self.undo_switch_over(was_running);
+                return Err(format!("cannot capture the VM's state: {e}"));
+            }
+        };
+        // The destination opens the same images and must get their locks.
+        for handle in machine.blocks() {
+            let transport = lock(handle);
+            let block = transport.device();
+            if !block.read_only() {
+                if let Err(e) = devices::virtio::block::disk::unlock(block.disk_file()) {
+                    log::warn!("cannot unlock drive {}: {e}", block.id());
+                }
+            }
+        }
+        Ok(SwitchedOver {
+            state,
+            dirty,
+            was_running,
+        })
+    }
+
+    /// The migration failed after the switch-over: the VM takes its disks back and runs on.
+    fn undo_switch_over(&mut self, was_running: bool) -> Option<Event> {
+        let machine = self.machine().ok()?;
+        for handle in machine.blocks() {
+            let transport = lock(handle);
+            let block = transport.device();
+            if !block.read_only() {
+                if let Err(e) = devices::virtio::block::disk::lock_exclusive(block.disk_file()) {
+                    log::error!(
+                        "drive {}: cannot take its lock back after a failed migration: {e}",
+                        block.id()
+                    );
+                }
+            }
+        }
+        if !was_running {
+            return None;
+        }
+        match machine.resume() {
+            Ok(_) => Some(Event::StateChanged {
+                state: machine.state(),
+            }),
+            Err(e) => {
+                log::error!("cannot resume the VM after a failed migration: {e}");
+                None
+            }
+        }
+    }
+
+    fn on_destination_message(&mut self, msg: ToMain, notices: &mut Vec<Notice>) {
+        match msg {
+            ToMain::Build(received) => {
+                let (client, id) = match self.incoming.as_mut() {
+                    Some(i) => {
+                        i.memory_bytes = received.memory_bytes;
+                        (i.client, i.id)
+                    }
+                    None => return,
+                };
+                self.pending_start = Some(PendingStart {
+                    client,
+                    id,
+                    how: Launch::Migrated(received),
+                });
+            }
+            ToMain::Commit { resume } => {
+                let Some(incoming) = self.incoming.take() else {
+                    return;
+                };
+                let resumed = match self.machine() {
+                    Ok(m) if resume => m.resume().map(|_| m.state()).map_err(|e| e.to_string()),
+                    Ok(m) => Ok(m.state()),
+                    Err((_, why)) => Err(why),
+                };
+                let answer = resumed.map(|state| Response::MigrationReceived {
+                    state,
+                    memory_bytes: incoming.memory_bytes,
+                    duration_us: u64::try_from(incoming.asked.elapsed().as_micros()).unwrap_or(u64::MAX),
+                });
+                if let Ok(Response::MigrationReceived { state, .. }) = &answer {
+                    notices.push(Notice::Event(Event::StateChanged { state: *state }));
+                }
+                let answer = answer.map_err(|e| (ErrorKind::Internal, format!("cannot resume the VM: {e}")));
+                notices.push(Notice::Answer(incoming.client, incoming.id, answer));
+            }
+            ToMain::ReceiveFailed(why) => {
+                let Some(incoming) = self.incoming.take() else {
+                    return;
+                };
+                if self.live_machine().is_some() {
+                    // Built but never run: this VMM has no VM to offer any more.
+                    self.events.exits.vcpu_fault(format!(
+                        "the incoming migration failed after the VM was built: {why}"
+                    ));
+                }
+                notices.push(Notice::Answer(
+                    incoming.client,
+                    incoming.id,
+                    Err((ErrorKind::Internal, format!("migration failed: {why}"))),
+                ));
+            }
+            _ => log::warn!("migration: unexpected message from the receiving thread"),
+        }
+    }
+
+    /// After the main loop tried to build a migrated VM: tells the receiving thread.
+    pub(super) fn migration_built(&mut self, result: Result<(), String>) {
+        if let Some(i) = &self.incoming {
+            let _ = i.link.to_thread.send(FromMain::Built(result));
+        }
+    }
+}
