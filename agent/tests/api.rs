@@ -358,6 +358,8 @@ async fn status_codes_listing_and_host() -> Result<()> {
     for name in [
         "vmmagent.v1.VmService",
         "vmmagent.v1.HostService",
+        "vmmagent.v1.SnapshotService",
+        "vmmagent.v1.OperationsService",
         "grpc.health.v1.Health",
     ] {
         assert!(services.iter().any(|s| s == name), "{services:?}");

@@ -319,6 +319,29 @@ async fn snapshots_restore_as_clones_and_refuse_what_cannot_work() -> Result<()>
         .await?
         .into_inner();
     assert!(none.snapshots.is_empty());
+    // vmmctl shows the same, as JSON lines.
+    let json_lines = |args: &[&str]| -> Result<Vec<serde_json::Value>> {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+            .arg("--endpoint")
+            .arg(format!("unix:{}", agent.socket.display()))
+            .arg("--json")
+            .args(args)
+            .output()?;
+        if !out.status.success() {
+            bail!("vmmctl {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+        }
+        Ok(String::from_utf8_lossy(&out.stdout)
+            .lines()
+            .map(serde_json::from_str)
+            .collect::<Result<_, _>>()?)
+    };
+    let listed = json_lines(&["snapshot", "list", "--vm", "src"])?;
+    let ids: Vec<_> = listed.iter().map(|s| s["snapshot_id"].as_str()).collect();
+    assert_eq!(ids, [Some("diff1"), Some("full1")]);
+    assert_eq!(listed[0]["base_snapshot_id"], "full1");
+    let creates = json_lines(&["operation", "list", "--kind", "create-snapshot"])?;
+    assert_eq!(creates.len(), 2, "{creates:?}");
+    assert!(creates.iter().all(|o| o["outcome"] == "ok"), "{creates:?}");
 
     // The agent restarts: snapshots stay; one now claims another CPU and is refused up front.
     agent.kill9();

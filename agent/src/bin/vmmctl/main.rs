@@ -17,6 +17,7 @@ use vmm_agent::proto::{
     Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
+mod operation;
 mod snapshot;
 
 /// Operator CLI for vmm-agent.
@@ -107,6 +108,9 @@ enum Cmd {
         /// Stop at once.
         #[arg(long)]
         force: bool,
+        /// Return at once with the operation (StopVmAsync).
+        #[arg(long = "async")]
+        no_wait: bool,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -127,6 +131,9 @@ enum Cmd {
         vm_id: String,
         #[arg(long, default_value_t = 0)]
         timeout_ms: u64,
+        /// Return at once with the operation (RebootVmAsync).
+        #[arg(long = "async")]
+        no_wait: bool,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -159,6 +166,9 @@ enum Cmd {
     },
     /// Show the host: capacity, allocation, VMs by state, versions.
     Host,
+    /// Long-running operations: list, get, wait, cancel.
+    #[command(subcommand)]
+    Operation(operation::OperationCmd),
     /// Snapshots: create, restore, get, list, delete.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
@@ -428,17 +438,21 @@ async fn run(args: Args) -> Result<()> {
             vm_id,
             timeout_ms,
             force,
+            no_wait,
             request_id,
         } => {
-            let vm = vms
-                .stop_vm(StopVmRequest {
-                    vm_id,
-                    request_id,
-                    timeout_ms,
-                    force,
-                })
-                .await
-                .map_err(status)?;
+            let request = StopVmRequest {
+                vm_id,
+                request_id,
+                timeout_ms,
+                force,
+            };
+            if no_wait {
+                let op = vms.stop_vm_async(request).await.map_err(status)?;
+                operation::print_operations(std::slice::from_ref(op.get_ref()), j);
+                return Ok(());
+            }
+            let vm = vms.stop_vm(request).await.map_err(status)?;
             print_vm(vm.get_ref(), j);
         }
         Cmd::Pause { vm_id, request_id } => {
@@ -458,16 +472,20 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Reboot {
             vm_id,
             timeout_ms,
+            no_wait,
             request_id,
         } => {
-            let vm = vms
-                .reboot_vm(RebootVmRequest {
-                    vm_id,
-                    request_id,
-                    timeout_ms,
-                })
-                .await
-                .map_err(status)?;
+            let request = RebootVmRequest {
+                vm_id,
+                request_id,
+                timeout_ms,
+            };
+            if no_wait {
+                let op = vms.reboot_vm_async(request).await.map_err(status)?;
+                operation::print_operations(std::slice::from_ref(op.get_ref()), j);
+                return Ok(());
+            }
+            let vm = vms.reboot_vm(request).await.map_err(status)?;
             print_vm(vm.get_ref(), j);
         }
         Cmd::Delete { vm_id, request_id } => {
@@ -560,6 +578,7 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         Cmd::Snapshot(cmd) => snapshot::run(channel, cmd, j).await?,
+        Cmd::Operation(cmd) => operation::run(channel, cmd, j).await?,
         Cmd::Host => {
             let host = HostServiceClient::new(channel)
                 .get_host(GetHostRequest {})

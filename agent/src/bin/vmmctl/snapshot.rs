@@ -1,20 +1,18 @@
 //! `vmmctl snapshot ...`: create, restore, list, show and delete snapshots. Create and restore
 //! wait for their operation, showing its byte progress on standard error.
 
-use std::io::{IsTerminal, Write};
-
 use anyhow::{bail, Result};
 use clap::Subcommand;
 use serde_json::{json, Value};
 use tonic::transport::Channel;
-use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    operation, operation_response, CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest,
+    operation_response, CreateSnapshotRequest, DeleteSnapshotRequest, GetSnapshotRequest,
     ListSnapshotsRequest, NicOverride, Operation, RestoreSnapshotRequest, Snapshot, SnapshotKind,
-    SnapshotState, WaitOperationRequest,
+    SnapshotState,
 };
 
+use super::operation::wait;
 use super::{parse_kv, print_vm, status};
 
 #[derive(Subcommand, Debug)]
@@ -131,47 +129,6 @@ fn print_snapshots(snapshots: &[Snapshot], as_json: bool) {
     }
 }
 
-/// Waits for `op` to end, drawing its progress on a terminal; fails with the operation's error.
-async fn wait(channel: &Channel, op: Operation) -> Result<operation_response::Value> {
-    let mut ops = OperationsServiceClient::new(channel.clone());
-    let tty = std::io::stderr().is_terminal();
-    let mut op = op;
-    while !op.done {
-        if tty {
-            let p = op.metadata.as_ref().and_then(|m| m.progress).unwrap_or_default();
-            let percent = (100 * p.done_bytes).checked_div(p.total_bytes).unwrap_or(0);
-            let mib = |b: u64| b as f64 / f64::from(1 << 20);
-            eprint!(
-                "\r{} {percent:>3}% {:.1}/{:.1} MiB ",
-                op.name,
-                mib(p.done_bytes),
-                mib(p.total_bytes)
-            );
-            let _ = std::io::stderr().flush();
-        }
-        op = ops
-            .wait_operation(WaitOperationRequest {
-                name: op.name.clone(),
-                timeout_ms: 250,
-            })
-            .await
-            .map_err(status)?
-            .into_inner();
-    }
-    if tty {
-        eprintln!();
-    }
-    match op.result {
-        Some(operation::Result::Response(r)) => r
-            .value
-            .ok_or_else(|| anyhow::anyhow!("{} ended without a result", op.name)),
-        Some(operation::Result::Error(e)) => {
-            bail!("{}: {} (code {})", op.name, e.message, e.code)
-        }
-        None => bail!("{} ended without a result", op.name),
-    }
-}
-
 fn parse_nic_override(spec: &str) -> Result<NicOverride> {
     let kv = parse_kv("--nic", &spec.split(',').map(str::to_string).collect::<Vec<_>>())?;
     match (kv.get("id"), kv.get("tap")) {
@@ -184,11 +141,7 @@ fn parse_nic_override(spec: &str) -> Result<NicOverride> {
 }
 
 fn print_operation(op: &Operation, as_json: bool) {
-    if as_json {
-        println!("{}", json!({ "operation": op.name, "done": op.done }));
-    } else {
-        println!("{}", op.name);
-    }
+    super::operation::print_operations(std::slice::from_ref(op), as_json);
 }
 
 /// Runs one snapshot subcommand.
