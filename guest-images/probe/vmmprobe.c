@@ -205,6 +205,7 @@ static int probe_reboot_notify(struct notifier_block *nb, unsigned long event, v
 			   event == SYS_POWER_OFF ? "power-off" : "halt";
 
 	probe_print("vmmprobe: reboot-notifier event=%s", what);
+	probe_fs_unmount_all();
 	return NOTIFY_DONE;
 }
 
@@ -956,6 +957,7 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "blk-zero",	act_blk_zero, 3, 4, "blk-zero:DEV:OFFSET:LEN[:nounmap]" },
 	{ "blk-load",	act_blk_load, 5, 6, "blk-load:DEV:MODE:BS:QD:SECONDS[:SPAN]" },
 	{ "blk-root",	act_blk_root, 1, 1, "blk-root:PATH" },
+	{ "fs-write",	act_fs_write, 4, 4, "fs-write:DEV:NAME:LEN:SEED" },
 	{ "net-info",	act_net_info, 0, 0, "net-info" },
 	{ "net-addr",	act_net_addr, 3, 3, "net-addr:DEV:IP:PREFIXLEN" },
 	{ "net-echo",	act_net_echo, 1, 1, "net-echo:PORT" },

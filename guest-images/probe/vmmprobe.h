@@ -77,4 +77,8 @@ void act_net_udp_echo(int argc, char **argv);
 void act_net_send(int argc, char **argv);
 void act_net_recv(int argc, char **argv);
 
+/* File system actions (vmmprobe_fs.c). */
+void act_fs_write(int argc, char **argv);
+void probe_fs_unmount_all(void);
+
 #endif /* VMMPROBE_H */

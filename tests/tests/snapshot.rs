@@ -1,7 +1,9 @@
-//! Snapshots on real guests: a running guest (a counter in memory, data on its disk, a TCP echo
-//! server on its NIC) is paused, snapshotted and stopped; a new VMM restores it into another
-//! network namespace and tap, and the guest carries on: the counter continues, the disk holds the
-//! data, a new TCP connection is echoed; ten clones of the snapshot run side by side. Damaged or
+//! Snapshots on real guests: a running guest (a counter in memory, data on its disk, a file in the
+//! page cache of an ext4 file system on a second disk, a TCP echo server on its NIC) is paused,
+//! snapshotted and stopped; a new VMM restores it into another network namespace and tap, and the
+//! guest carries on: the counter continues, the disk holds the data, a new TCP connection is
+//! echoed, and after a clean shutdown `e2fsck` finds the file system consistent with the file in
+//! it; ten clones of the snapshot run side by side. Damaged or
 //! mismatched snapshots are refused, the VMM stays unconfigured, and the snapshot is left as it was.
 //! A 4-vCPU guest under block I/O gives a chain of diffs that merges into exactly the full snapshot
 //! taken at the same instant, and restores.
@@ -9,6 +11,7 @@
 use std::io::{Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::Path;
+use std::process::Command;
 use std::time::Duration;
 
 use harness::{
@@ -24,6 +27,8 @@ const ECHO_PORT: u16 = 7100;
 const MAC: &str = "02:00:00:00:79:02";
 /// Bytes the guest writes to its disk (seed 11) before it starts counting.
 const WRITTEN: usize = 64 << 10;
+/// Bytes of the file the guest writes into the ext4 file system of its second disk (seed 21).
+const FILE_BYTES: usize = 256 << 10;
 
 /// The value of every complete `vmmprobe: counter=N` line, in order.
 fn counters(guest: &Guest) -> Vec<u64> {
@@ -71,13 +76,13 @@ fn empty_vmm_from(mut cmd: std::process::Command, sock: &Path) -> (Guest, Contro
     (guest, c)
 }
 
-fn restore_line(dir: &Path, disk: &Path, tap: &str) -> String {
+fn restore_line(dir: &Path, disk: &Path, fs: &Path, tap: &str) -> String {
     serde_json::json!({
         "id": 9,
         "request": {"snapshot-restore": {
             "dir": dir,
             "overrides": {
-                "drives": [{"id": "data", "path": disk}],
+                "drives": [{"id": "data", "path": disk}, {"id": "fs", "path": fs}],
                 "nets": [{"id": "eth0", "tap": tap}],
             },
             "resume": true,
@@ -102,6 +107,31 @@ fn echo(ns: &NetNs, message: Vec<u8>) -> Vec<u8> {
     .expect("test setup")
 }
 
+/// A fresh ext4 image of 16 MiB (inode tables written now, so the guest does no lazy init).
+fn make_ext4(path: &Path) {
+    std::fs::File::create(path)
+        .and_then(|f| f.set_len(16 << 20))
+        .expect("test setup");
+    run_tool(
+        Command::new("mkfs.ext4")
+            .args(["-q", "-F", "-E", "lazy_itable_init=0,lazy_journal_init=0"])
+            .arg(path),
+    );
+}
+
+/// Runs a host tool and returns its standard output; panics with its output if it fails.
+fn run_tool(cmd: &mut Command) -> Vec<u8> {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?}: {}\n{}{}",
+        out.status,
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    out.stdout
+}
+
 /// Copies a snapshot directory, to damage the copy.
 fn copy_dir(from: &Path, to: &Path) {
     std::fs::create_dir(to).expect("test setup");
@@ -118,12 +148,17 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     let dir = TempDir::new("vmm-snapshot").unwrap();
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
+    let fs = dir.path().join("fs.img");
+    make_ext4(&fs);
 
     // The original VM, in its own namespace on tap vsnap0.
     let ns1 = NetNs::new("snap1").unwrap();
     ns1.add_tap("vsnap0", "10.79.0.1/24").unwrap();
     let sock1 = dir.path().join("api1.sock");
-    let actions = format!("blk-write:vda:0:64k:11,blk-flush:vda,net-echo:{ECHO_PORT},counter");
+    // The file stays in the guest's page cache: the snapshot holds part of the file system.
+    let actions = format!(
+        "blk-write:vda:0:64k:11,blk-flush:vda,fs-write:vdb:data.bin:{FILE_BYTES}:21,net-echo:{ECHO_PORT},counter"
+    );
     let cmdline = format!(
         "{} vmmprobe.count=1000000 ip={GUEST_IP}::10.79.0.1:255.255.255.0::eth0:off",
         probe_cmdline(&actions)
@@ -135,6 +170,8 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
         .args(["--net", &format!("tap=vsnap0,mac={MAC},id=eth0")])
         .arg("--drive")
         .arg(format!("path={},id=data", disk.display()))
+        .arg("--drive")
+        .arg(format!("path={},id=fs", fs.display()))
         .arg("--api-sock")
         .arg(&sock1);
     let mut original = Guest::spawn_command(cmd, None).unwrap();
@@ -143,6 +180,13 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     original
         .wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", original.output_tail()));
+    assert!(
+        original
+            .find_line(&["vmmprobe: fs-write dev=vdb", "result=0"])
+            .is_some(),
+        "{}",
+        original.output_tail()
+    );
     assert_eq!(echo(&ns1, b"before".to_vec()), b"before");
 
     // Snapshotting a running VM is refused; paused, it works.
@@ -190,14 +234,20 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     let sock2 = dir.path().join("api2.sock");
     let (mut restored, mut c2) = empty_vmm(&ns2, &sock2);
     let restored_disk = dir.path().join("restored.img");
+    let restored_fs = dir.path().join("restored-fs.img");
 
     // Damaged and mismatched snapshots: each refused clearly, nothing started, nothing changed.
     let mut bad = |name: &str, damage: &dyn Fn(&Path)| -> (ErrorKind, String) {
         let copy = dir.path().join(name);
         copy_dir(&snap, &copy);
         damage(&copy);
-        let answer = c2.error(&restore_line(&copy, &restored_disk, "vsnap1")).unwrap();
-        assert!(!restored_disk.exists(), "{name}: a disk was written");
+        let answer = c2
+            .error(&restore_line(&copy, &restored_disk, &restored_fs, "vsnap1"))
+            .unwrap();
+        assert!(
+            !restored_disk.exists() && !restored_fs.exists(),
+            "{name}: a disk was written"
+        );
         answer
     };
     let flip = |p: &Path| {
@@ -234,7 +284,7 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     assert_eq!(kind, ErrorKind::NotFound);
     assert!(msg.contains("disk-data"), "{msg}");
     let unknown_tap = c2
-        .error(&restore_line(&snap, &restored_disk, "nosuchtap0"))
+        .error(&restore_line(&snap, &restored_disk, &restored_fs, "nosuchtap0"))
         .unwrap();
     assert!(unknown_tap.1.contains("nosuchtap0"), "{unknown_tap:?}");
     let Response::Description(d) = c2.ok(r#"{"id": 6, "request": "describe"}"#).unwrap() else {
@@ -253,7 +303,9 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     );
 
     // The real restore: the guest continues where it stopped.
-    let Response::Restored { state, .. } = c2.ok(&restore_line(&snap, &restored_disk, "vsnap1")).unwrap()
+    let Response::Restored { state, .. } = c2
+        .ok(&restore_line(&snap, &restored_disk, &restored_fs, "vsnap1"))
+        .unwrap()
     else {
         panic!("snapshot-restore")
     };
@@ -275,13 +327,34 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     let message = ProbePattern::bytes(3, 50_000);
     assert_eq!(echo(&ns2, message.clone()), message);
     assert_eq!(fingerprint(&snap), pristine, "restoring changed the snapshot");
-    assert_eq!(
-        c2.ok(r#"{"id": 7, "request": "stop"}"#).unwrap(),
-        Response::Stopping
-    );
+    // A clean shutdown: the restored guest writes out the file system the snapshot caught mid-use.
+    assert!(matches!(
+        c2.ok(r#"{"id": 7, "request": {"shutdown": {"timeout_ms": 300000}}}"#)
+            .unwrap(),
+        Response::ShuttingDown { .. }
+    ));
     let _ = c2.wait_event(|e| matches!(e, Event::Exit { .. }));
     let status = restored.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{status:?}\n{}", restored.output_tail());
+    assert!(
+        restored
+            .find_line(&["vmmprobe: fs-umount dev=vdb result=0"])
+            .is_some(),
+        "{}",
+        restored.output_tail()
+    );
+    // Consistent (e2fsck finds nothing to fix: exit 0) and holding the file the original wrote.
+    run_tool(Command::new("e2fsck").arg("-fn").arg(&restored_fs));
+    let file = run_tool(
+        Command::new("debugfs")
+            .args(["-R", "cat /data.bin"])
+            .arg(&restored_fs),
+    );
+    assert!(
+        file == ProbePattern::bytes(21, FILE_BYTES),
+        "data.bin: {} bytes, not the {FILE_BYTES} written",
+        file.len()
+    );
 
     // Ten clones of the same snapshot at once, each in its own namespace behind its own tap, with
     // its own disk: all alive and answering.
@@ -294,7 +367,8 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
         let sock = dir.path().join(format!("clone{i}.sock"));
         let (guest, mut c) = empty_vmm(&ns, &sock);
         let disk = dir.path().join(format!("clone{i}.img"));
-        let line = restore_line(&snap, &disk, &tap);
+        let fs = dir.path().join(format!("clone{i}-fs.img"));
+        let line = restore_line(&snap, &disk, &fs, &tap);
         assert!(
             matches!(c.ok(&line).expect("clone restore"), Response::Restored { .. }),
             "clone {i}"
