@@ -81,7 +81,7 @@ artifacts_present() {
 add_probe() {
 	local src=$1
 	mkdir -p "$src/drivers/misc/vmmprobe"
-	cp "$here"/probe/{Kconfig,Makefile,vmmprobe.h,vmmprobe.c,vmmprobe_net.c} "$src/drivers/misc/vmmprobe/"
+	cp "$here"/probe/{Kconfig,Makefile,vmmprobe.h,vmmprobe.c,vmmprobe_net.c,vmmprobe_mem.c} "$src/drivers/misc/vmmprobe/"
 	# shellcheck disable=SC2016 # a literal make variable
 	echo 'obj-$(CONFIG_VMMPROBE) += vmmprobe/' >>"$src/drivers/misc/Makefile"
 	# Insert the source line before the final "endmenu" of drivers/misc/Kconfig.
