@@ -22,8 +22,8 @@ use super::crc64::Crc64;
 
 /// The first bytes of every state file.
 pub const MAGIC: [u8; 8] = *b"VMMSNAP\0";
-/// The format this VMM writes and the only one it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this VMM writes and the only one it reads (2: devices include the balloon).
+pub const FORMAT_VERSION: u32 = 2;
 /// Largest state file read (vCPU state is ~10 KiB per vCPU; devices and config are small).
 pub const MAX_STATE_BYTES: u64 = 16 << 20;
 
@@ -208,10 +208,10 @@ mod tests {
             );
         }
         let mut newer = good.clone();
-        newer[8] = 2;
+        newer[8] = FORMAT_VERSION as u8 + 1;
         assert!(matches!(
             decode::<Body>(&newer, "s"),
-            Err(FormatError::Version { found: 2, .. })
+            Err(FormatError::Version { found, .. }) if found == FORMAT_VERSION + 1
         ));
     }
 
