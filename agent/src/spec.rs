@@ -151,6 +151,7 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
         vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
         memory_mib: spec.memory_mib,
         track_dirty_pages: spec.track_dirty_pages,
+        ..MachineConfig::default()
     };
     VmConfig {
         boot: BootSource {

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balloon::{BalloonConfig, HugePages};
 use crate::drive::{validate_drives, DriveConfig};
 use crate::net::{validate_nets, NetConfig};
 
@@ -84,6 +85,17 @@ pub struct MachineConfig {
     /// that `snapshot-create` can write a diff. Costs the guest a little on each first write.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub track_dirty_pages: bool,
+    /// Offer guest RAM to the host's KSM (`MADV_MERGEABLE`): identical pages of this and other VMs
+    /// are merged while `/sys/kernel/mm/ksm/run` is 1. Costs the host CPU for scanning.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub mergeable: bool,
+    /// Transparent huge pages for guest RAM.
+    #[serde(default, skip_serializing_if = "HugePages::is_auto")]
+    pub hugepages: HugePages,
+    /// A virtio-balloon device. (Here rather than at the top level of `vm.json` so that code
+    /// building a `VmConfig` field by field keeps compiling: machine options take defaults.)
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<BalloonConfig>,
 }
 
 impl Default for MachineConfig {
@@ -92,6 +104,9 @@ impl Default for MachineConfig {
             vcpus: 1,
             memory_mib: 128,
             track_dirty_pages: false,
+            mergeable: false,
+            hugepages: HugePages::Auto,
+            balloon: None,
         }
     }
 }
@@ -156,11 +171,14 @@ impl VmConfig {
         }
         validate_drives(&self.drives)?;
         validate_nets(&self.nets)?;
-        let devices = self.drives.len() + self.nets.len();
+        if let Some(balloon) = &m.balloon {
+            balloon.validate(m.memory_mib)?;
+        }
+        let devices = self.drives.len() + self.nets.len() + usize::from(m.balloon.is_some());
         if devices > MAX_VIRTIO_DEVICES {
             return Err(invalid(
                 "nets",
-                format!("at most {MAX_VIRTIO_DEVICES} drives and NICs together, got {devices}"),
+                format!("at most {MAX_VIRTIO_DEVICES} drives, NICs and balloon together, got {devices}"),
             ));
         }
         Ok(())
@@ -203,7 +221,7 @@ mod tests {
             MachineConfig {
                 vcpus: 4,
                 memory_mib: 3584,
-                track_dirty_pages: false,
+                ..MachineConfig::default()
             }
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/console.log".into()));
@@ -219,6 +237,27 @@ mod tests {
         // Round trip.
         let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(again, c);
+    }
+
+    #[test]
+    fn memory_levers_parse() {
+        let c = VmConfig::from_json(
+            r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": 256, "mergeable": true,
+                "hugepages": "thp", "balloon": {"amount_mib": 64, "deflate_on_oom": true,
+                "stats_interval_s": 1, "free_page_reporting": true}}}"#,
+        )
+        .unwrap();
+        assert!(c.machine.mergeable);
+        assert_eq!(c.machine.hugepages, HugePages::Thp);
+        let b = c.machine.balloon.clone().unwrap();
+        assert_eq!((b.amount_mib, b.stats_interval_s), (64, 1));
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        let again = VmConfig::from_json(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(again, c);
+        // Defaults stay out of the serialized form.
+        let minimal = VmConfig::from_json(r#"{"boot": {"kernel": "/k"}}"#).unwrap();
+        let text = serde_json::to_string(&minimal).unwrap();
+        assert!(!text.contains("hugepages") && !text.contains("balloon"), "{text}");
     }
 
     #[test]
@@ -265,6 +304,18 @@ mod tests {
             (
                 r#"{"machine": {"vcpus": 1, "memory_mib": 64}}"#,
                 "missing field `boot`",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": 64, "balloon": {"size": 1}}}"#,
+                "unknown field `size`",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": 64, "balloon": {"amount_mib": 65}}}"#,
+                "machine.balloon.amount_mib",
+            ),
+            (
+                r#"{"boot": {"kernel": "/k"}, "machine": {"vcpus": 1, "memory_mib": 64, "hugepages": "always"}}"#,
+                "unknown variant `always`",
             ),
         ];
         for (json, expected) in cases {

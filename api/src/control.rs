@@ -17,6 +17,7 @@ use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
+use crate::balloon::{BalloonInfo, BalloonUpdate};
 use crate::config::VmConfig;
 pub use crate::migration::{MigrateReceive, MigrateSend, MigrationStats};
 use crate::rate_limiter::RateLimiterConfig;
@@ -81,6 +82,10 @@ pub enum Request {
         #[serde(default, skip_serializing_if = "Option::is_none")]
         tx_rate_limiter: Option<RateLimiterConfig>,
     },
+    /// Changes the balloon's target (and statistics interval) while the VM runs.
+    UpdateBalloon(BalloonUpdate),
+    /// The balloon's target, actual size, the guest's memory statistics and the device counters.
+    BalloonStats,
     /// Sets the VM's configuration (a VMM started without one, before `start`). May be repeated
     /// until `start`; the last one counts.
     Configure(VmConfig),
@@ -174,6 +179,10 @@ pub enum Response {
     Stopping,
     /// Answer to [`Request::UpdateRateLimiter`].
     RateLimiterUpdated,
+    /// Answer to [`Request::UpdateBalloon`]: the guest has been told (it moves at its own pace).
+    BalloonUpdated,
+    /// Answer to [`Request::BalloonStats`].
+    BalloonStats(Box<BalloonInfo>),
     /// Answer to [`Request::Configure`].
     Configured,
     /// Answer to [`Request::Start`]: the VM is built and its vCPUs run.
@@ -342,6 +351,9 @@ pub struct VmMetrics {
     /// One entry per NIC, in guest order.
     #[serde(default)]
     pub nets: Vec<NetMetrics>,
+    /// The balloon, if the VM has one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub balloon: Option<Box<BalloonInfo>>,
 }
 
 /// Counters of one NIC ("rx": to the guest, "tx": from the guest).
@@ -432,6 +444,29 @@ mod tests {
         ] {
             assert!(serde_json::from_str::<RequestLine>(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn balloon_requests_parse() {
+        let line: RequestLine =
+            serde_json::from_str(r#"{"id": 1, "request": {"update-balloon": {"amount_mib": 64}}}"#).unwrap();
+        assert_eq!(
+            line.request,
+            Request::UpdateBalloon(BalloonUpdate {
+                amount_mib: Some(64),
+                stats_interval_s: None
+            })
+        );
+        let line: RequestLine = serde_json::from_str(r#"{"id": 2, "request": "balloon-stats"}"#).unwrap();
+        assert_eq!(line.request, Request::BalloonStats);
+        let bad = r#"{"id": 3, "request": {"update-balloon": {"amount": 64}}}"#;
+        assert!(serde_json::from_str::<RequestLine>(bad).is_err());
+        let info = Response::BalloonStats(Box::default());
+        let text = serde_json::to_string(&info).unwrap();
+        assert!(
+            text.starts_with(r#"{"balloon-stats":{"target_pages":0"#),
+            "{text}"
+        );
     }
 
     #[test]

@@ -178,7 +178,7 @@ pub fn is_valid_name(name: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-fn on_off(key: &str, value: &str) -> Result<bool, String> {
+pub(crate) fn on_off(key: &str, value: &str) -> Result<bool, String> {
     match value {
         "on" | "true" | "1" => Ok(true),
         "off" | "false" | "0" => Ok(false),

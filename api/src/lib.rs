@@ -2,6 +2,7 @@
 //! and the control-socket messages. Data, plus the one socket helper both ends share: no KVM.
 #![forbid(unsafe_code)]
 
+pub mod balloon;
 pub mod config;
 pub mod control;
 pub mod drive;
@@ -11,6 +12,7 @@ pub mod rate_limiter;
 pub mod snapshot;
 pub mod socket;
 
+pub use balloon::{BalloonConfig, HugePages};
 pub use config::{BootSource, ConfigError, MachineConfig, SerialConfig, VmConfig};
 pub use drive::{CacheMode, DriveConfig, IoEngine};
 pub use net::{MacAddr, NetConfig};

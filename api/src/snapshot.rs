@@ -9,9 +9,10 @@ use std::path::PathBuf;
 
 use serde::{Deserialize, Serialize};
 
-/// The state-file format this VMM writes and the only one it reads. `vmm --version` names it, so
-/// that a host agent can refuse to restore an unreadable snapshot before starting anything.
-pub const FORMAT_VERSION: u32 = 1;
+/// The state-file format this VMM writes and the only one it reads (2: devices include the
+/// balloon). `vmm --version` names it, so that a host agent can refuse to restore an unreadable
+/// snapshot before starting anything.
+pub const FORMAT_VERSION: u32 = 2;
 
 /// The most diff snapshots a chain may hold above its full snapshot.
 pub const MAX_CHAIN: usize = 64;

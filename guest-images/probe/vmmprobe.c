@@ -964,6 +964,10 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "net-udp-echo", act_net_udp_echo, 1, 1, "net-udp-echo:PORT" },
 	{ "net-send",	act_net_send, 3, 4, "net-send:IP:PORT:BYTES[:STREAMS]" },
 	{ "net-recv",	act_net_recv, 2, 3, "net-recv:IP:PORT[:STREAMS]" },
+	{ "mem-alloc",	act_mem_alloc, 1, 1, "mem-alloc:SIZE" },
+	{ "mem-free",	act_mem_free, 0, 1, "mem-free[:odd]" },
+	{ "mem-info",	act_mem_info, 0, 0, "mem-info" },
+	{ "balloon-wait", act_balloon_wait, 1, 2, "balloon-wait:SIZE[:SECONDS]" },
 };
 
 /* Runs one action item "name[:arg[:arg...]]" of @len characters at @item. */

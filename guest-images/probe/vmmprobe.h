@@ -77,6 +77,12 @@ void act_net_udp_echo(int argc, char **argv);
 void act_net_send(int argc, char **argv);
 void act_net_recv(int argc, char **argv);
 
+/* Memory and balloon actions (vmmprobe_mem.c). */
+void act_mem_alloc(int argc, char **argv);
+void act_mem_free(int argc, char **argv);
+void act_mem_info(int argc, char **argv);
+void act_balloon_wait(int argc, char **argv);
+
 /* File system actions (vmmprobe_fs.c). */
 void act_fs_write(int argc, char **argv);
 void probe_fs_unmount_all(void);

@@ -199,7 +199,8 @@ pub fn build_vm(
         .transpose()?;
     let serial = serial_output(&config.serial)?;
 
-    let mem = memory::create_guest_memory(config.machine.memory_mib)?;
+    let mem = memory::create_guest_memory(config.machine.memory_mib, config.machine.hugepages)?;
+    memory::apply_advice(&mem, config.machine.mergeable, vmm_api::HugePages::Off)?;
     // KVM's first memory slot costs milliseconds on some hosts, and loading kernel and initrd costs
     // page faults: split the work over two threads.
     let (kvm_side, kernel) = std::thread::scope(|scope| {
@@ -223,11 +224,20 @@ pub fn build_vm(
     let (kvm, vm, initrd) = kvm_side?;
     let dirty = dirty_pages(config, &mem);
     let device_ctx = device_context(&vm, &mem, events, None, dirty.clone());
-    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
+    let devices = device_manager::create_devices(
+        &device_ctx,
+        serial,
+        &config.drives,
+        &config.nets,
+        config.machine.balloon.as_ref(),
+        fds,
+    )?;
     write_boot_data(config, flavor, &mem, &kernel, initrd, &devices)?;
     // Only now: zeroing huge pages while loading the kernel would slow the VMM's start-up, while the
     // guest's own page faults benefit from them.
-    memory::request_huge_pages(&mem);
+    if config.machine.hugepages == vmm_api::HugePages::Auto {
+        memory::request_huge_pages(&mem);
+    }
 
     let setup = VcpuSetup {
         kvm: &kvm,
@@ -405,7 +415,15 @@ fn restore_devices_and_vcpus(
     let serial = serial_output(&config.serial)?;
     let dirty = dirty_pages(&config, &mem);
     let device_ctx = device_context(&vm, &mem, events, Some(&state.devices.legacy), dirty.clone());
-    let devices = device_manager::create_devices(&device_ctx, serial, &config.drives, &config.nets, fds)?;
+    let devices = device_manager::create_devices(
+        &device_ctx,
+        serial,
+        &config.drives,
+        &config.nets,
+        config.machine.balloon.as_ref(),
+        fds,
+    )?;
+    memory::apply_advice(&mem, config.machine.mergeable, config.machine.hugepages)?;
     persist::restore::apply_device_states(&devices, &state.devices)?;
     let vcpus = state
         .vcpus
@@ -455,6 +473,9 @@ fn start_vcpu_threads(
     for net in &devices.nets {
         event_manager.add_subscriber(net.clone());
     }
+    if let Some(balloon) = &devices.balloon {
+        event_manager.add_subscriber(balloon.clone());
+    }
 
     let ctx = ExitContext {
         pio: devices.pio,
@@ -478,6 +499,7 @@ fn start_vcpu_threads(
     let handles = MachineDevices {
         blocks: devices.blocks,
         nets: devices.nets,
+        balloon: devices.balloon,
         legacy: devices.legacy,
     };
     Ok(Machine::new(

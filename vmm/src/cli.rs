@@ -4,15 +4,16 @@ use std::path::PathBuf;
 
 use crate::seccomp::SeccompMode;
 use vmm_api::{
-    config::default_cmdline, BootSource, ConfigError, DriveConfig, MachineConfig, NetConfig, SerialConfig,
-    VmConfig,
+    config::default_cmdline, BalloonConfig, BootSource, ConfigError, DriveConfig, HugePages, MachineConfig,
+    NetConfig, SerialConfig, VmConfig,
 };
 
 /// Usage text for `--help`.
 pub const USAGE: &str = "\
 usage: vmm --config vm.json [--api-sock PATH]
        vmm --kernel PATH [--initrd PATH] [--cmdline STRING] [--vcpus N] [--memory-mib N]
-           [--track-dirty-pages on|off] [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
+           [--track-dirty-pages on|off] [--mergeable on|off] [--hugepages auto|off|thp] [--balloon SPEC]
+           [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
        vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
        (every form also takes [--seccomp kill|log|off])
 
@@ -27,6 +28,12 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
   --memory-mib N     guest memory in MiB (default 128)
   --track-dirty-pages on|off
                      track pages written since the last snapshot, for diff snapshots (default off)
+  --mergeable on|off offer guest memory to the host's KSM (MADV_MERGEABLE; default off)
+  --hugepages MODE   transparent huge pages for guest memory: auto (default: MADV_HUGEPAGE after
+                     the kernel loads, best effort), off, thp (2 MiB-aligned and advised from the
+                     start; fails if the host refuses)
+  --balloon SPEC     a virtio-balloon: amount_mib=N[,deflate_on_oom=on][,stats_interval_s=N]
+                     [,free_page_reporting=on] (target changed at run time with update-balloon)
   --serial WHERE     guest serial console: stdout (default), off, or file:PATH
   --drive SPEC       a virtio-blk drive (repeatable; /dev/vda, /dev/vdb, ... in order, root first):
                      path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
@@ -61,6 +68,8 @@ pub struct RunOptions {
     pub jail: Option<Box<crate::jail::JailConfig>>,
 }
 
+// Parsed once per process: boxing the configuration would only add an allocation.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, PartialEq, Eq)]
 pub enum Command {
     /// Boot this VM, or (none) wait for a configuration on the control socket.
@@ -124,6 +133,9 @@ struct Flags {
     vcpus: Option<String>,
     memory_mib: Option<String>,
     track_dirty_pages: Option<String>,
+    mergeable: Option<String>,
+    hugepages: Option<String>,
+    balloon: Option<String>,
     serial: Option<String>,
     drives: Vec<String>,
     nets: Vec<String>,
@@ -151,6 +163,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--vcpus" => &mut flags.vcpus,
             "--memory-mib" => &mut flags.memory_mib,
             "--track-dirty-pages" => &mut flags.track_dirty_pages,
+            "--mergeable" => &mut flags.mergeable,
+            "--hugepages" => &mut flags.hugepages,
+            "--balloon" => &mut flags.balloon,
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
             "--seccomp" => &mut flags.seccomp,
@@ -205,6 +220,9 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             ("--vcpus", &flags.vcpus),
             ("--memory-mib", &flags.memory_mib),
             ("--track-dirty-pages", &flags.track_dirty_pages),
+            ("--mergeable", &flags.mergeable),
+            ("--hugepages", &flags.hugepages),
+            ("--balloon", &flags.balloon),
             ("--serial", &flags.serial),
         ];
         if let Some((flag, _)) = stray.iter().find(|(_, v)| v.is_some()) {
@@ -230,6 +248,9 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
             ("--vcpus", &flags.vcpus),
             ("--memory-mib", &flags.memory_mib),
             ("--track-dirty-pages", &flags.track_dirty_pages),
+            ("--mergeable", &flags.mergeable),
+            ("--hugepages", &flags.hugepages),
+            ("--balloon", &flags.balloon),
             ("--serial", &flags.serial),
         ];
         if let Some((flag, _)) = given.iter().find(|(_, v)| v.is_some()) {
@@ -255,17 +276,30 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
         machine: MachineConfig {
             vcpus: number("--vcpus", flags.vcpus)?.unwrap_or(defaults.vcpus),
             memory_mib: number("--memory-mib", flags.memory_mib)?.unwrap_or(defaults.memory_mib),
-            track_dirty_pages: match flags.track_dirty_pages.as_deref() {
-                None | Some("off") => false,
-                Some("on") => true,
+            track_dirty_pages: on_off("--track-dirty-pages", flags.track_dirty_pages.as_deref())?,
+            mergeable: on_off("--mergeable", flags.mergeable.as_deref())?,
+            hugepages: match flags.hugepages.as_deref() {
+                None | Some("auto") => HugePages::Auto,
+                Some("off") => HugePages::Off,
+                Some("thp") => HugePages::Thp,
                 Some(other) => {
                     return Err(CliError::BadValue {
-                        flag: "--track-dirty-pages".into(),
+                        flag: "--hugepages".into(),
                         value: other.into(),
-                        reason: "expected on or off".into(),
+                        reason: "expected auto, off or thp".into(),
                     })
                 }
             },
+            balloon: flags
+                .balloon
+                .map(|spec| {
+                    BalloonConfig::from_cli(&spec).map_err(|reason| CliError::BadValue {
+                        flag: "--balloon".into(),
+                        value: spec.clone(),
+                        reason,
+                    })
+                })
+                .transpose()?,
         },
         serial: flags.serial.map(serial).transpose()?.unwrap_or_default(),
         drives: flags
@@ -295,6 +329,18 @@ fn build(flags: Flags) -> Result<VmConfig, CliError> {
     };
     config.validate()?;
     Ok(config)
+}
+
+fn on_off(flag: &str, value: Option<&str>) -> Result<bool, CliError> {
+    match value {
+        None | Some("off") => Ok(false),
+        Some("on") => Ok(true),
+        Some(other) => Err(CliError::BadValue {
+            flag: flag.into(),
+            value: other.into(),
+            reason: "expected on or off".into(),
+        }),
+    }
 }
 
 fn number<T: std::str::FromStr>(flag: &str, value: Option<String>) -> Result<Option<T>, CliError>
@@ -351,7 +397,7 @@ mod tests {
             MachineConfig {
                 vcpus: 4,
                 memory_mib: 3584,
-                track_dirty_pages: false,
+                ..MachineConfig::default()
             }
         );
         assert_eq!(c.serial, SerialConfig::File("/tmp/c".into()));
@@ -374,6 +420,37 @@ mod tests {
             panic!("expected an empty start")
         };
         assert_eq!(options.api_sock, Some(PathBuf::from("/run/v.sock")));
+    }
+
+    #[test]
+    fn memory_flags_build_the_machine_options() {
+        let Command::Run(Some(c), _) = parse(args(
+            "--kernel /k --memory-mib 256 --mergeable on --hugepages thp \
+             --balloon amount_mib=64,deflate_on_oom=on,stats_interval_s=1,free_page_reporting=on",
+        ))
+        .unwrap() else {
+            panic!("expected run")
+        };
+        assert!(c.machine.mergeable);
+        assert_eq!(c.machine.hugepages, HugePages::Thp);
+        let b = c.machine.balloon.unwrap();
+        assert_eq!((b.amount_mib, b.stats_interval_s), (64, 1));
+        assert!(b.deflate_on_oom && b.free_page_reporting);
+        for (line, expected) in [
+            (
+                "--kernel /k --hugepages always",
+                "invalid value 'always' for --hugepages",
+            ),
+            ("--kernel /k --balloon size=1", "unknown key 'size'"),
+            (
+                "--kernel /k --memory-mib 64 --balloon amount_mib=65",
+                "machine.balloon.amount_mib",
+            ),
+            ("--api-sock /s --balloon amount_mib=1", "--balloon needs --kernel"),
+        ] {
+            let err = parse(args(line)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
     }
 
     #[test]

@@ -13,6 +13,7 @@ use devices::legacy::{
     SerialConsoleState, SerialOutput, I8042,
 };
 use devices::rate_limiter::{RateLimiter, RateLimiterError};
+use devices::virtio::balloon::{Balloon, BalloonError, BalloonSpec};
 use devices::virtio::block::{Block, BlockError, BlockSpec, DiskImage, EngineKind};
 use devices::virtio::dirty::DirtyPages;
 use devices::virtio::mmio::{MmioTransport, MMIO_WINDOW_SIZE, QUEUE_NOTIFY_OFFSET};
@@ -21,7 +22,7 @@ use devices::virtio::{Interrupt, VirtioDevice};
 use devices::{EventSignal, IrqLine};
 use kvm_ioctls::{IoEventAddress, VmFd};
 use vm_memory::GuestMemoryMmap;
-use vmm_api::{CacheMode, DriveConfig, IoEngine, NetConfig, RateLimiterConfig};
+use vmm_api::{BalloonConfig, CacheMode, DriveConfig, IoEngine, NetConfig, RateLimiterConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use crate::arch::acpi::VirtioMmioDevice;
@@ -58,6 +59,9 @@ pub enum DeviceError {
     /// A saved device state is unusable.
     #[error("saved device state: {0}")]
     State(String),
+    /// The balloon could not be set up.
+    #[error("balloon: {0}")]
+    Balloon(#[from] BalloonError),
     /// A drive could not be set up.
     #[error("drive {id}: {source}")]
     Drive {
@@ -105,6 +109,9 @@ pub type NetHandle = Arc<Mutex<MmioTransport<Net>>>;
 /// A virtio-blk drive as the rest of the VMM holds it.
 pub type BlockHandle = Arc<Mutex<MmioTransport<Block>>>;
 
+/// The virtio-balloon as the rest of the VMM holds it.
+pub type BalloonHandle = Arc<Mutex<MmioTransport<Balloon>>>;
+
 /// The i8042 as the VMM holds it (to type Ctrl-Alt-Del).
 pub type KeyboardHandle = Arc<Mutex<I8042>>;
 
@@ -142,6 +149,8 @@ pub struct Devices {
     pub blocks: Vec<BlockHandle>,
     /// The NICs, in guest order (`eth0` first).
     pub nets: Vec<NetHandle>,
+    /// The balloon, if configured.
+    pub balloon: Option<BalloonHandle>,
     /// The serial console, keyboard controller and RTC.
     pub legacy: LegacyHandles,
     /// The virtio-mmio devices, for the ACPI tables.
@@ -260,6 +269,7 @@ pub fn create_devices(
     serial: SerialOutput,
     drives: &[DriveConfig],
     nets: &[NetConfig],
+    balloon: Option<&BalloonConfig>,
     fds: &mut PassedFds,
 ) -> Result<Devices, DeviceError> {
     let (pio, legacy) = legacy_devices(ctx, serial)?;
@@ -285,6 +295,18 @@ pub fn create_devices(
         })?;
         nics.push(virtio.attach(ctx, nic)?);
     }
+    // After drives and NICs, so that their windows and interrupts stay where they always were.
+    let balloon = balloon
+        .map(|b| {
+            let device = Balloon::new(BalloonSpec {
+                target_pages: b.target_pages(),
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_s: b.stats_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            })?;
+            virtio.attach(ctx, device)
+        })
+        .transpose()?;
     let mut cmdline_args = Vec::new();
     if let Some(root) = drives.iter().find(|d| d.root) {
         cmdline_args.push("root=/dev/vda".into());
@@ -295,6 +317,7 @@ pub fn create_devices(
         mmio: Arc::new(virtio.bus),
         blocks,
         nets: nics,
+        balloon,
         legacy,
         virtio: virtio.described,
         cmdline_args,

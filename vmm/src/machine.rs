@@ -6,10 +6,11 @@ use std::time::{Duration, Instant};
 
 use kvm_ioctls::VmFd;
 use vm_memory::GuestMemoryMmap;
+use vmm_api::balloon::{BalloonInfo, BalloonUpdate};
 use vmm_api::control::{DriveMetrics, NetMetrics, VmState};
 use vmm_api::{RateLimiterConfig, VmConfig};
 
-use crate::device_manager::{BlockHandle, LegacyHandles, NetHandle};
+use crate::device_manager::{BalloonHandle, BlockHandle, LegacyHandles, NetHandle};
 use crate::exit::ExitEvents;
 use crate::persist::memory::Backing;
 use crate::sync::lock;
@@ -38,6 +39,12 @@ pub enum MachineError {
     /// The shutdown deadline could not be set.
     #[error("cannot arm the shutdown timer: {0}")]
     Timer(std::io::Error),
+    /// The VM has no balloon.
+    #[error("the VM has no balloon (machine.balloon)")]
+    NoBalloon,
+    /// A balloon update the balloon cannot take.
+    #[error("balloon: {0}")]
+    BalloonUpdate(String),
 }
 
 /// How a graceful shutdown request went.
@@ -53,6 +60,8 @@ pub struct MachineDevices {
     pub blocks: Vec<BlockHandle>,
     /// The NICs, in guest order.
     pub nets: Vec<NetHandle>,
+    /// The balloon, if configured.
+    pub balloon: Option<BalloonHandle>,
     /// The serial console, keyboard controller (graceful shutdown) and RTC.
     pub legacy: LegacyHandles,
 }
@@ -78,6 +87,7 @@ pub struct Machine {
     vcpus: VcpuSet,
     blocks: Vec<BlockHandle>,
     nets: Vec<NetHandle>,
+    balloon: Option<BalloonHandle>,
     legacy: LegacyHandles,
     exits: Arc<ExitEvents>,
     state: VmState,
@@ -100,6 +110,7 @@ impl Machine {
             vcpus,
             blocks: devices.blocks,
             nets: devices.nets,
+            balloon: devices.balloon,
             legacy: devices.legacy,
             exits,
             state: VmState::Paused,
@@ -125,6 +136,11 @@ impl Machine {
     /// The NICs, in guest order.
     pub fn nets(&self) -> &[NetHandle] {
         &self.nets
+    }
+
+    /// The balloon, if configured.
+    pub fn balloon(&self) -> Option<&BalloonHandle> {
+        self.balloon.as_ref()
     }
 
     /// The serial console, keyboard controller and RTC.
@@ -175,6 +191,9 @@ impl Machine {
         for net in &self.nets {
             lock(net).resume();
         }
+        if let Some(balloon) = &self.balloon {
+            lock(balloon).resume();
+        }
         if let Err(e) = self.vcpus.command(VcpuCommand::Resume) {
             // Leave it paused: the devices stop again so that nothing moves without the vCPUs.
             if let Err(again) = self.vcpus.command(VcpuCommand::Pause) {
@@ -194,6 +213,9 @@ impl Machine {
         }
         for net in &self.nets {
             lock(net).pause();
+        }
+        if let Some(balloon) = &self.balloon {
+            lock(balloon).pause();
         }
     }
 
@@ -246,6 +268,37 @@ impl Machine {
                 drive: net.to_string(),
                 source,
             })
+    }
+
+    /// Changes the balloon's target and/or statistics interval, and tells the guest.
+    pub fn update_balloon(&self, update: &BalloonUpdate) -> Result<(), MachineError> {
+        let balloon = self.balloon.as_ref().ok_or(MachineError::NoBalloon)?;
+        if update.amount_mib.is_none() && update.stats_interval_s.is_none() {
+            return Err(MachineError::BalloonUpdate(
+                "give amount_mib and/or stats_interval_s".into(),
+            ));
+        }
+        let mut transport = lock(balloon);
+        if let Some(seconds) = update.stats_interval_s {
+            transport
+                .device_mut()
+                .set_stats_interval(seconds)
+                .map_err(|e| MachineError::BalloonUpdate(e.to_string()))?;
+        }
+        if let Some(mib) = update.amount_mib {
+            vmm_api::balloon::check_amount("amount_mib", mib, self.config.machine.memory_mib)
+                .map_err(|e| MachineError::BalloonUpdate(e.to_string()))?;
+            transport
+                .device_mut()
+                .set_target_pages(vmm_api::balloon::mib_to_pages(mib));
+            transport.notify_config_change();
+        }
+        Ok(())
+    }
+
+    /// The balloon's target, size, the guest's statistics and the device's counters.
+    pub fn balloon_info(&self) -> Option<BalloonInfo> {
+        self.balloon.as_ref().map(|b| lock(b).device().info())
     }
 
     /// Counters of every NIC, in guest order.

@@ -169,6 +169,15 @@ impl Runtime {
                         .map_err(failure)
                 })
                 .map(|()| Response::RateLimiterUpdated)),
+            Request::UpdateBalloon(update) => now(self
+                .machine()
+                .and_then(|m| m.update_balloon(&update).map_err(failure))
+                .map(|()| Response::BalloonUpdated)),
+            Request::BalloonStats => now(self.machine().and_then(|m| {
+                m.balloon_info()
+                    .map(|info| Response::BalloonStats(Box::new(info)))
+                    .ok_or_else(|| failure(MachineError::NoBalloon))
+            })),
             Request::Configure(config) => now(self.configure(config)),
             Request::Start => match self.admit_start() {
                 Ok(()) => {
@@ -244,6 +253,7 @@ impl Runtime {
                 .map(Machine::drive_metrics)
                 .unwrap_or_default(),
             nets: self.live_machine().map(Machine::net_metrics).unwrap_or_default(),
+            balloon: self.live_machine().and_then(Machine::balloon_info).map(Box::new),
         }
     }
 
@@ -451,8 +461,10 @@ fn wrong_state(state: VmState, why: &str) -> Failure {
 
 fn failure(e: MachineError) -> Failure {
     let kind = match &e {
-        MachineError::NoSuchDrive(_) | MachineError::NoSuchNet(_) => ErrorKind::NotFound,
-        MachineError::RateLimiter { .. } => ErrorKind::InvalidArgument,
+        MachineError::NoSuchDrive(_) | MachineError::NoSuchNet(_) | MachineError::NoBalloon => {
+            ErrorKind::NotFound
+        }
+        MachineError::RateLimiter { .. } | MachineError::BalloonUpdate(_) => ErrorKind::InvalidArgument,
         MachineError::Vcpus(crate::vstate::vcpu_control::VcpuControlError::Exited(_)) => {
             ErrorKind::WrongState
         }

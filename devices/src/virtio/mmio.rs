@@ -201,9 +201,22 @@ impl<D: VirtioDevice> MmioTransport<D> {
         self.acked_features & !offered == 0 && self.acked_features & feature(VIRTIO_F_VERSION_1) != 0
     }
 
+    /// The queues the driver sets up for the features it accepted.
+    fn queues_in_use(&self, acked_features: u64) -> usize {
+        self.device.queues_in_use(acked_features).min(self.queues.len())
+    }
+
+    /// Tells the driver that the device changed its configuration space (a new balloon target).
+    pub fn notify_config_change(&mut self) {
+        self.config_generation = self.config_generation.wrapping_add(1);
+        if self.activated {
+            self.interrupt.signal_config_change();
+        }
+    }
+
     fn activate(&mut self) {
-        let invalid = self
-            .queues
+        let in_use = self.queues_in_use(self.acked_features);
+        let invalid = self.queues[..in_use]
             .iter()
             .position(|q| !q.ready() || !q.is_valid(&self.mem));
         if self.queue_config_refused {
@@ -218,7 +231,10 @@ impl<D: VirtioDevice> MmioTransport<D> {
         }
         let event_idx = self.acked_features & feature(super::VIRTIO_RING_F_EVENT_IDX) != 0;
         // The device gets live copies; the transport keeps its own so the registers read back.
-        let queues: Result<Vec<Queue>, _> = self.queues.iter().map(|q| Queue::try_from(q.state())).collect();
+        let queues: Result<Vec<Queue>, _> = self.queues[..in_use]
+            .iter()
+            .map(|q| Queue::try_from(q.state()))
+            .collect();
         let mut queues = match queues {
             Ok(queues) => queues,
             Err(e) => {

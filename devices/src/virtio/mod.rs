@@ -5,6 +5,7 @@
 //! DRIVER_OK. Queue notifications arrive on per-queue eventfds (registered with KVM as ioeventfds, so
 //! a guest kick never exits to user space) and interrupts leave through an irqfd.
 
+pub mod balloon;
 pub mod block;
 pub mod dirty;
 pub mod mmio;
@@ -161,6 +162,13 @@ pub trait VirtioDevice: Send {
     fn device_type(&self) -> u32;
     /// The maximum size of each queue; its length is the number of queues.
     fn queue_max_sizes(&self) -> &[u16];
+    /// How many of the queues (the first ones) a driver that accepted `acked_features` sets up;
+    /// only those must be ready at DRIVER_OK and are handed over on activation. A device whose
+    /// optional queues come with optional features (the balloon's) says fewer than all of them.
+    fn queues_in_use(&self, acked_features: u64) -> usize {
+        let _ = acked_features;
+        self.queue_max_sizes().len()
+    }
     /// The features the device offers.
     fn avail_features(&self) -> u64;
     /// Reads `data.len()` bytes of the configuration space at `offset`. Out-of-range bytes read as 0.

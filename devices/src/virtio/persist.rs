@@ -120,11 +120,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
         } else {
             Vec::new()
         };
-        let queues = if live.len() == self.queues.len() {
-            live
-        } else {
-            self.queues.iter().map(QueueSnapshot::of).collect()
-        };
+        // The device's live positions for the queues it runs, the registers for the rest (queues a
+        // driver did not set up, or all of them before activation).
+        let queues = self
+            .queues
+            .iter()
+            .enumerate()
+            .map(|(i, q)| live.get(i).copied().unwrap_or_else(|| QueueSnapshot::of(q)))
+            .collect();
         MmioState {
             device_type: self.device.device_type(),
             status: self.status,
@@ -168,10 +171,14 @@ impl<D: VirtioDevice> MmioTransport<D> {
             .map(|(i, q)| q.to_queue().map_err(|_| PersistError::InvalidQueue(i)))
             .collect::<Result<Vec<_>, _>>()?;
         if state.activated {
-            if let Some(i) = queues.iter().position(|q| !q.ready() || !q.is_valid(&self.mem)) {
+            let in_use = self.device.queues_in_use(state.acked_features).min(queues.len());
+            if let Some(i) = queues[..in_use]
+                .iter()
+                .position(|q| !q.ready() || !q.is_valid(&self.mem))
+            {
                 return Err(PersistError::InvalidQueue(i));
             }
-            let live = queues
+            let live = queues[..in_use]
                 .iter()
                 .map(|q| Queue::try_from(q.state()))
                 .collect::<Result<Vec<_>, _>>()

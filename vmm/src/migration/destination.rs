@@ -122,7 +122,7 @@ fn receive(
         other => return Err(wire::WireError::Protocol(format!("expected hello, got {other:?}")).into()),
     };
     let config = accept(&hello, overrides)?;
-    let mem = crate::vstate::memory::create_guest_memory(config.machine.memory_mib)
+    let mem = crate::vstate::memory::create_guest_memory(config.machine.memory_mib, config.machine.hugepages)
         .map_err(|e| MigrationError::Incompatible(format!("guest memory: {e}")))?;
     filter
         .apply()

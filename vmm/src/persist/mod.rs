@@ -15,6 +15,7 @@ pub mod restore;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use devices::virtio::balloon::BalloonState;
 use devices::virtio::block::BlockState;
 use devices::virtio::net::NetState;
 use devices::virtio::persist::{MmioState, PersistError};
@@ -145,6 +146,15 @@ pub struct NetSnapshot {
     pub device: NetState,
 }
 
+/// A virtio balloon's saved state.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct BalloonSnapshot {
+    /// Transport registers and queues.
+    pub transport: MmioState,
+    /// The device's own state.
+    pub device: BalloonState,
+}
+
 /// Every device's saved state.
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct DevicesState {
@@ -154,6 +164,8 @@ pub struct DevicesState {
     pub blocks: Vec<BlockSnapshot>,
     /// The NICs, in guest order.
     pub nets: Vec<NetSnapshot>,
+    /// The balloon, if the VM has one.
+    pub balloon: Option<BalloonSnapshot>,
 }
 
 /// The body of a state file.
@@ -248,6 +260,7 @@ pub fn capture(machine: &mut Machine) -> Result<(SnapshotState, Option<PageBitma
             // Used rings are written by devices through the queue, not marked buffer by buffer.
             let transports = devices.blocks.iter().map(|b| &b.transport);
             let transports = transports.chain(devices.nets.iter().map(|n| &n.transport));
+            let transports = transports.chain(devices.balloon.iter().map(|b| &b.transport));
             for queue in transports.filter(|t| t.activated).flat_map(|t| &t.queues) {
                 dirty.mark(GuestAddress(queue.used_ring), 6 + 8 * usize::from(queue.size));
             }
@@ -343,10 +356,18 @@ fn save_devices(machine: &Machine) -> Result<DevicesState, SnapshotError> {
             }
         })
         .collect();
+    let balloon = machine.balloon().map(|handle| {
+        let transport = lock(handle);
+        BalloonSnapshot {
+            transport: transport.save(),
+            device: transport.device().save_state(),
+        }
+    });
     Ok(DevicesState {
         legacy: machine.legacy().save(),
         blocks,
         nets,
+        balloon,
     })
 }
 

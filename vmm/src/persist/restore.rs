@@ -171,7 +171,8 @@ fn check_layout(state: &SnapshotState, config: &VmConfig) -> Result<(), Snapshot
     let saved_drives: Vec<&str> = state.devices.blocks.iter().map(|b| b.id.as_str()).collect();
     let net_ids: Vec<&str> = config.nets.iter().map(|n| n.id.as_str()).collect();
     let saved_nets: Vec<&str> = state.devices.nets.iter().map(|n| n.id.as_str()).collect();
-    if drive_ids != saved_drives || net_ids != saved_nets {
+    let balloons = (config.machine.balloon.is_some(), state.devices.balloon.is_some());
+    if drive_ids != saved_drives || net_ids != saved_nets || balloons.0 != balloons.1 {
         return Err(SnapshotError::Invalid(
             "the saved devices do not match the snapshot's configuration".into(),
         ));
@@ -348,6 +349,14 @@ pub fn apply_device_states(devices: &Devices, saved: &DevicesState) -> Result<()
             .restore_state(&s.device)
             .map_err(device_err(&s.id))?;
         transport.restore(&s.transport).map_err(device_err(&s.id))?;
+    }
+    if let (Some(handle), Some(s)) = (&devices.balloon, &saved.balloon) {
+        let mut transport = lock(handle);
+        transport
+            .device_mut()
+            .restore_state(&s.device)
+            .map_err(device_err("balloon"))?;
+        transport.restore(&s.transport).map_err(device_err("balloon"))?;
     }
     Ok(())
 }

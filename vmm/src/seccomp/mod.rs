@@ -330,6 +330,8 @@ pub(crate) fn base_rules() -> Result<Rules, BackendError> {
     // realloc of large blocks.
     r.allow(libc::SYS_mremap);
     // The allocator returning memory, glibc releasing a finished thread's stack.
+    // Also the balloon (main loop): MADV_DONTNEED on guest pages the guest gave up or reported
+    // free, after checking each range lies inside guest RAM (devices/src/virtio/balloon/pages.rs).
     r.allow(libc::SYS_madvise);
     // Returning from a signal handler (the vCPU kick signal).
     r.allow(libc::SYS_rt_sigreturn);

@@ -4,11 +4,18 @@ use std::ffi::CStr;
 
 use kvm_bindings::{kvm_userspace_memory_region, KVM_MEM_LOG_DIRTY_PAGES};
 use kvm_ioctls::VmFd;
+use vm_memory::mmap::MmapRegionBuilder;
 use vm_memory::{
-    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, MemoryRegionAddress,
+    Address, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion, GuestRegionMmap,
+    MemoryRegionAddress,
 };
 
+use vmm_api::HugePages;
+
 use crate::arch::layout;
+
+/// The size of an x86_64 transparent huge page (a PMD mapping).
+pub const HUGE_PAGE_SIZE: usize = 2 << 20;
 
 /// The name guest RAM mappings carry in `/proc/PID/smaps` (`[anon:vmm-guest-ram]`) on host kernels
 /// with `CONFIG_ANON_VMA_NAME`, so tools can tell guest memory from the VMM's own.
@@ -37,10 +44,23 @@ pub enum MemoryError {
     /// KVM could not hand over its dirty log.
     #[error("KVM_GET_DIRTY_LOG failed: {0}")]
     DirtyLog(kvm_ioctls::Error),
+    /// A 2 MiB-aligned mapping could not be made.
+    #[error("cannot map 2 MiB-aligned guest memory: {0}")]
+    MapAligned(std::io::Error),
+    /// The host refused advice the configuration asks for (`machine.mergeable`, `hugepages`).
+    #[error("{advice} refused for guest memory (does the host kernel support it?): {source}")]
+    Advise {
+        /// `MADV_MERGEABLE` or `MADV_HUGEPAGE`.
+        advice: &'static str,
+        /// Why.
+        source: std::io::Error,
+    },
 }
 
 /// Maps `mib` MiB of guest RAM. Fails early, with a clear message, when the host could never back it.
-pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
+/// With [`HugePages::Thp`] every region starts at a 2 MiB-aligned host address (so guest and host
+/// huge pages line up) and is advised `MADV_HUGEPAGE` before anything touches it.
+pub fn create_guest_memory(mib: u64, hugepages: HugePages) -> Result<GuestMemoryMmap, MemoryError> {
     if let Some(host_mib) = host_memory_mib() {
         if mib > host_mib {
             return Err(MemoryError::ExceedsHost {
@@ -53,11 +73,120 @@ pub fn create_guest_memory(mib: u64) -> Result<GuestMemoryMmap, MemoryError> {
         .iter()
         .map(|r| (GuestAddress(r.start), r.len as usize))
         .collect();
-    let mem = GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)?;
+    let mem = match hugepages {
+        HugePages::Thp => aligned_guest_memory(&ranges)?,
+        HugePages::Auto | HugePages::Off => {
+            GuestMemoryMmap::from_ranges(&ranges).map_err(MemoryError::Map)?
+        }
+    };
     for region in mem.iter() {
         name_mapping(region);
+        if hugepages == HugePages::Thp {
+            advise(region, libc::MADV_HUGEPAGE).map_err(|source| MemoryError::Advise {
+                advice: "MADV_HUGEPAGE",
+                source,
+            })?;
+        }
     }
     Ok(mem)
+}
+
+/// Applies the advice of `machine.mergeable` (and of `hugepages = "thp"`, for memory that was not
+/// created by [`create_guest_memory`], e.g. a restored snapshot's).
+pub fn apply_advice(mem: &GuestMemoryMmap, mergeable: bool, hugepages: HugePages) -> Result<(), MemoryError> {
+    for region in mem.iter() {
+        if mergeable {
+            advise(region, libc::MADV_MERGEABLE).map_err(|source| MemoryError::Advise {
+                advice: "MADV_MERGEABLE",
+                source,
+            })?;
+        }
+        if hugepages == HugePages::Thp {
+            advise(region, libc::MADV_HUGEPAGE).map_err(|source| MemoryError::Advise {
+                advice: "MADV_HUGEPAGE",
+                source,
+            })?;
+        }
+    }
+    Ok(())
+}
+
+/// Guest memory whose regions each start on a 2 MiB boundary of the host's address space.
+fn aligned_guest_memory(ranges: &[(GuestAddress, usize)]) -> Result<GuestMemoryMmap, MemoryError> {
+    let prot = libc::PROT_READ | libc::PROT_WRITE;
+    let flags = libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_PRIVATE;
+    let mut regions = Vec::with_capacity(ranges.len());
+    for &(start, len) in ranges {
+        let host = map_aligned(len).map_err(MemoryError::MapAligned)?;
+        // SAFETY: `host` is a fresh private anonymous mapping of exactly `len` bytes with `prot`
+        // and `flags`, made for this region alone and never unmapped (guest memory lives as long
+        // as the process), so the region may treat it as its own.
+        let builder = unsafe { MmapRegionBuilder::new(len).with_raw_mmap_pointer(host) };
+        let mapping = builder
+            .with_mmap_prot(prot)
+            .with_mmap_flags(flags)
+            .build()
+            .map_err(|e| MemoryError::MapAligned(std::io::Error::other(e.to_string())))?;
+        let region = GuestRegionMmap::new(mapping, start).ok_or_else(|| {
+            MemoryError::MapAligned(std::io::Error::other("region overflows the address space"))
+        })?;
+        regions.push(region);
+    }
+    GuestMemoryMmap::from_regions(regions)
+        .map_err(|e| MemoryError::MapAligned(std::io::Error::other(e.to_string())))
+}
+
+/// Maps `len` bytes of private anonymous memory at a 2 MiB-aligned address: reserves 2 MiB more
+/// than needed, maps the memory over the aligned part of the reservation, and unmaps the rest.
+fn map_aligned(len: usize) -> std::io::Result<*mut u8> {
+    let reserve = len
+        .checked_add(HUGE_PAGE_SIZE)
+        .ok_or_else(|| std::io::Error::other("guest memory too large"))?;
+    // SAFETY: a new PROT_NONE reservation chosen by the kernel; it overlaps nothing of ours.
+    let base = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            reserve,
+            libc::PROT_NONE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+            -1,
+            0,
+        )
+    };
+    if base == libc::MAP_FAILED {
+        return Err(std::io::Error::last_os_error());
+    }
+    let base_addr = base as usize;
+    let aligned = base_addr.next_multiple_of(HUGE_PAGE_SIZE);
+    let (head, tail_start) = (aligned - base_addr, aligned + len);
+    let tail = base_addr + reserve - tail_start;
+    // SAFETY: MAP_FIXED replaces only `[aligned, aligned + len)`, which lies inside the
+    // reservation just made (`aligned - base < 2 MiB`), never memory anything else uses.
+    let memory = unsafe {
+        libc::mmap(
+            aligned as *mut libc::c_void,
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE | libc::MAP_FIXED,
+            -1,
+            0,
+        )
+    };
+    // SAFETY: the head and tail are the unused ends of the reservation, outside the memory kept.
+    unsafe {
+        if memory == libc::MAP_FAILED {
+            let err = std::io::Error::last_os_error();
+            libc::munmap(base, reserve);
+            return Err(err);
+        }
+        if head > 0 {
+            libc::munmap(base, head);
+        }
+        if tail > 0 {
+            libc::munmap(tail_start as *mut libc::c_void, tail);
+        }
+    }
+    Ok(aligned as *mut u8)
 }
 
 /// Registers every region of `mem` as a KVM memory slot (slot N is region N), with KVM's dirty
@@ -113,15 +242,25 @@ pub fn request_huge_pages(mem: &GuestMemoryMmap) {
     }
 }
 
-fn advise_huge_pages(region: &vm_memory::GuestRegionMmap) {
-    let Ok(host) = region.get_host_address(MemoryRegionAddress(0)) else {
-        return;
-    };
-    // SAFETY: advisory only; the range is a private anonymous mapping this process owns and keeps
-    // mapped, and MADV_HUGEPAGE changes neither its contents nor its validity.
-    let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, libc::MADV_HUGEPAGE) };
-    if ret != 0 {
-        log::debug!("MADV_HUGEPAGE refused: {}", std::io::Error::last_os_error());
+fn advise_huge_pages(region: &GuestRegionMmap) {
+    if let Err(e) = advise(region, libc::MADV_HUGEPAGE) {
+        log::debug!("MADV_HUGEPAGE refused: {e}");
+    }
+}
+
+/// `madvise` on a whole region, for advice that changes neither its contents nor its validity.
+fn advise(region: &GuestRegionMmap, advice: libc::c_int) -> std::io::Result<()> {
+    debug_assert!(matches!(advice, libc::MADV_HUGEPAGE | libc::MADV_MERGEABLE));
+    let host = region
+        .get_host_address(MemoryRegionAddress(0))
+        .map_err(|e| std::io::Error::other(e.to_string()))?;
+    // SAFETY: the range is a mapping this process owns and keeps mapped (the region); the advice
+    // (MADV_HUGEPAGE, MADV_MERGEABLE) only changes how the kernel backs it, never its contents.
+    let ret = unsafe { libc::madvise(host.cast(), region.len() as usize, advice) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(std::io::Error::last_os_error())
     }
 }
 
@@ -160,17 +299,68 @@ mod tests {
     #[test]
     fn refuses_more_than_the_host_has() {
         let host = host_memory_mib().unwrap();
-        let err = create_guest_memory(host + 1).unwrap_err();
+        let err = create_guest_memory(host + 1, HugePages::Auto).unwrap_err();
         assert!(matches!(err, MemoryError::ExceedsHost { .. }), "{err}");
     }
 
     #[test]
     fn splits_around_the_hole() {
-        let mem = create_guest_memory(3584).unwrap();
+        let mem = create_guest_memory(3584, HugePages::Auto).unwrap();
         let regions: Vec<(u64, u64)> = mem
             .iter()
             .map(|r| (r.start_addr().raw_value(), r.len()))
             .collect();
         assert_eq!(regions, vec![(0, 3 << 30), (4 << 30, 512 << 20)]);
+    }
+
+    /// The VmFlags of the mapping that holds `addr`, from /proc/self/smaps.
+    fn vm_flags(addr: u64) -> Vec<String> {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        let mut lines = smaps.lines();
+        while let Some(line) = lines.next() {
+            let range = line.split(' ').next().and_then(|r| r.split_once('-'));
+            let Some((Ok(start), Ok(end))) =
+                range.map(|(a, b)| (u64::from_str_radix(a, 16), u64::from_str_radix(b, 16)))
+            else {
+                continue;
+            };
+            if !(start..end).contains(&addr) {
+                continue;
+            }
+            for l in lines.by_ref() {
+                if let Some(flags) = l.strip_prefix("VmFlags:") {
+                    return flags.split_whitespace().map(String::from).collect();
+                }
+            }
+        }
+        panic!("no mapping at {addr:#x}");
+    }
+
+    fn host_start(region: &GuestRegionMmap) -> u64 {
+        region.get_host_address(MemoryRegionAddress(0)).unwrap() as u64
+    }
+
+    #[test]
+    fn thp_memory_is_aligned_and_advised() {
+        let mem = create_guest_memory(64, HugePages::Thp).unwrap();
+        let region = mem.iter().next().unwrap();
+        let start = host_start(region);
+        assert_eq!(start % HUGE_PAGE_SIZE as u64, 0, "{start:#x}");
+        assert!(vm_flags(start).iter().any(|f| f == "hg"), "{:?}", vm_flags(start));
+        // Usable memory, of the right size.
+        use vm_memory::Bytes;
+        mem.write_obj(0x1234_5678u32, GuestAddress((64 << 20) - 4))
+            .unwrap();
+        assert!(mem.write_obj(0u32, GuestAddress(64 << 20)).is_err());
+        assert!(!vm_flags(start).iter().any(|f| f == "mg"));
+    }
+
+    #[test]
+    fn mergeable_memory_carries_the_ksm_flag() {
+        let mem = create_guest_memory(16, HugePages::Off).unwrap();
+        let start = host_start(mem.iter().next().unwrap());
+        assert!(!vm_flags(start).iter().any(|f| f == "hg" || f == "mg"));
+        apply_advice(&mem, true, HugePages::Off).unwrap();
+        assert!(vm_flags(start).iter().any(|f| f == "mg"), "{:?}", vm_flags(start));
     }
 }
