@@ -1,8 +1,11 @@
 //! Live migration between two VMM processes over a socket pair, on a real guest that keeps a
-//! counter in memory and wrote data to its disk (shared: both VMMs see the same image). A
-//! destination that cannot take the VM refuses at the handshake and the source runs on; a
-//! destination that can receives the memory rounds and the state, the source commits and exits
-//! with 0, and the guest continues counting at the destination without booting again.
+//! counter in memory, wrote data to its disk (shared: both VMMs see the same image) and answers
+//! pings on its NIC. Both VMMs sit in a network namespace the test makes, each behind its own tap
+//! on one bridge. A destination that cannot take the VM refuses at the handshake and the source
+//! runs on; a destination that can receives the memory rounds and the state, the source commits
+//! and exits with 0, the guest continues counting at the destination without booting again, the
+//! bridge learns the guest's MAC on the destination's tap (the VMM's announcement), and the guest
+//! answers pings there without any reconfiguration.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -10,7 +13,7 @@ use std::path::Path;
 use std::time::Duration;
 
 use harness::{
-    probe_cmdline, require_kvm, vmm_binary, ControlClient, Guest, GuestImages, ProbePattern, TempDir,
+    probe_cmdline, require_kvm, vmm_binary, ControlClient, Guest, GuestImages, NetNs, ProbePattern, TempDir,
 };
 use vmm_api::control::{Event, Outcome, Response, VmState};
 use vmm_api::migration::MigrationPhase;
@@ -18,6 +21,112 @@ use vmm_api::migration::MigrationPhase;
 const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(300);
+const GUEST_IP: &str = "10.82.0.2";
+const MAC: &str = "02:00:00:00:82:02";
+
+/// A namespace with bridge `br0` (10.82.0.1/24) and taps `msrc0` and `mdst0` on it.
+fn bridged_namespace() -> NetNs {
+    let ns = NetNs::new("mig").expect("test setup");
+    for args in [
+        &["link", "add", "br0", "type", "bridge"][..],
+        &["addr", "add", "10.82.0.1/24", "dev", "br0"],
+        &["link", "set", "br0", "up"],
+    ] {
+        ns.ip(args).expect("test setup");
+    }
+    for tap in ["msrc0", "mdst0"] {
+        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
+            .expect("test setup");
+        ns.ip(&["link", "set", tap, "master", "br0"]).expect("test setup");
+        ns.ip(&["link", "set", tap, "up"]).expect("test setup");
+    }
+    ns
+}
+
+/// Waits on `tap` (inside `ns`) for the first RARP frame (ethertype 0x8035) and returns it. Only a
+/// VMM announcing a guest sends those: the guest's own traffic does not count. Gives up (an error)
+/// after two minutes without a frame.
+fn catch_rarp(ns: &NetNs, tap: &str) -> std::thread::JoinHandle<anyhow::Result<Vec<u8>>> {
+    let tap = std::ffi::CString::new(tap).expect("test setup");
+    ns.spawn(move || {
+        // All protocols: frames on a bridge port reach protocol-specific sockets only after the
+        // bridge has taken them, so filter here instead.
+        let proto = (libc::ETH_P_ALL as u16).to_be();
+        // SAFETY: plain socket creation; the fd is owned (and closed) by `fd` below.
+        let raw = unsafe { libc::socket(libc::AF_PACKET, libc::SOCK_RAW, i32::from(proto)) };
+        anyhow::ensure!(raw >= 0, "AF_PACKET socket: {}", std::io::Error::last_os_error());
+        // SAFETY: `raw` is a descriptor just returned to us and not owned elsewhere.
+        let fd = unsafe { <std::os::fd::OwnedFd as std::os::fd::FromRawFd>::from_raw_fd(raw) };
+        // SAFETY: `tap` is a NUL-terminated string that outlives the call.
+        let index = unsafe { libc::if_nametoindex(tap.as_ptr()) };
+        anyhow::ensure!(index != 0, "no interface {tap:?}");
+        // SAFETY: sockaddr_ll is plain data; all-zero is a valid starting value.
+        let mut addr: libc::sockaddr_ll = unsafe { std::mem::zeroed() };
+        addr.sll_family = libc::AF_PACKET as u16;
+        addr.sll_protocol = proto;
+        addr.sll_ifindex = index as i32;
+        // SAFETY: `addr` is a valid sockaddr_ll of the size passed.
+        let bound = unsafe {
+            libc::bind(
+                fd.as_raw_fd(),
+                (&addr as *const libc::sockaddr_ll).cast(),
+                std::mem::size_of::<libc::sockaddr_ll>() as u32,
+            )
+        };
+        anyhow::ensure!(bound == 0, "bind: {}", std::io::Error::last_os_error());
+        let socket = std::fs::File::from(fd);
+        let mut buf = vec![0u8; 2048];
+        let tv = libc::timeval {
+            tv_sec: 120,
+            tv_usec: 0,
+        };
+        // SAFETY: `tv` is a valid timeval of the size passed; the fd is open.
+        unsafe {
+            libc::setsockopt(
+                socket.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_RCVTIMEO,
+                (&tv as *const libc::timeval).cast(),
+                std::mem::size_of::<libc::timeval>() as u32,
+            )
+        };
+        let deadline = std::time::Instant::now() + Duration::from_secs(120);
+        loop {
+            anyhow::ensure!(std::time::Instant::now() < deadline, "no RARP frame in time");
+            let n = std::io::Read::read(&mut &socket, &mut buf)?;
+            if n >= 14 && buf[12..14] == [0x80, 0x35] {
+                buf.truncate(n);
+                return Ok(buf);
+            }
+        }
+    })
+    .expect("test setup")
+}
+
+fn ping(ns: &NetNs) -> bool {
+    ns.command(Path::new("ping"))
+        .args(["-c", "1", "-W", "5", GUEST_IP])
+        .output()
+        .is_ok_and(|o| o.status.success())
+}
+
+/// The bridge port the guest's MAC was learned on, if any.
+fn learned_on(ns: &NetNs) -> Option<String> {
+    let out = ns
+        .command(Path::new("bridge"))
+        .args(["fdb", "show", "br", "br0"])
+        .output()
+        .ok()?;
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .find(|l| l.starts_with(MAC) && !l.contains("permanent"))
+        .and_then(|l| {
+            l.split_whitespace()
+                .skip_while(|w| *w != "dev")
+                .nth(1)
+                .map(str::to_string)
+        })
+}
 
 fn counters(guest: &Guest) -> Vec<u64> {
     guest
@@ -32,9 +141,9 @@ fn counters(guest: &Guest) -> Vec<u64> {
         .collect()
 }
 
-/// An empty VMM serving `sock`, connected.
-fn empty_vmm(sock: &Path) -> (Guest, ControlClient) {
-    let mut cmd = std::process::Command::new(vmm_binary());
+/// An empty VMM serving `sock` inside `ns`, connected.
+fn empty_vmm(ns: &NetNs, sock: &Path) -> (Guest, ControlClient) {
+    let mut cmd = ns.command(&vmm_binary());
     cmd.arg("--api-sock").arg(sock);
     let guest = Guest::spawn_command(cmd, None).expect("test setup");
     ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT).expect("test setup");
@@ -64,29 +173,33 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     let disk = dir.path().join("disk.img");
     std::fs::write(&disk, vec![0u8; 1 << 20]).unwrap();
     let sock = dir.path().join("src.sock");
-    let mut source = harness::GuestBuilder::new(&images.vmlinux)
-        .cmdline(&format!(
-            "{} vmmprobe.count=1000000",
-            probe_cmdline("blk-write:vda:0:64k:13,blk-flush:vda,counter")
-        ))
-        .vcpus(2)
-        .arg("--track-dirty-pages")
-        .arg("on")
+    let ns = bridged_namespace();
+    let cmdline = format!(
+        "{} vmmprobe.count=1000000 ip={GUEST_IP}::10.82.0.1:255.255.255.0::eth0:off",
+        probe_cmdline("blk-write:vda:0:64k:13,blk-flush:vda,counter")
+    );
+    let mut cmd = ns.command(&vmm_binary());
+    cmd.arg("--kernel")
+        .arg(&images.vmlinux)
+        .args(["--cmdline", &cmdline, "--memory-mib", "128", "--vcpus", "2"])
+        .args(["--track-dirty-pages", "on"])
+        .args(["--net", &format!("tap=msrc0,mac={MAC},id=eth0")])
         .arg("--drive")
         .arg(format!("path={},id=data", disk.display()))
         .arg("--api-sock")
-        .arg(&sock)
-        .spawn()
-        .unwrap();
+        .arg(&sock);
+    let mut source = Guest::spawn_command(cmd, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
     source
         .wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", source.output_tail()));
+    assert!(ping(&ns), "no ping answer before the migration");
+    assert_eq!(learned_on(&ns).as_deref(), Some("msrc0"));
 
     // A destination that cannot take it (an override names a NIC the VM does not have): refused
     // at the handshake; the source keeps running and counting.
-    let (mut refusing, mut r) = empty_vmm(&dir.path().join("refusing.sock"));
+    let (mut refusing, mut r) = empty_vmm(&ns, &dir.path().join("refusing.sock"));
     let (a, b) = UnixStream::pair().unwrap();
     give_connection(&mut r, &b);
     r.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig", "overrides": {"nets": [{"id": "eth9", "tap": "x"}]}}}}"#)
@@ -125,14 +238,15 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     let _ = refusing.kill();
 
     // The real destination.
-    let (mut dest, mut d) = empty_vmm(&dir.path().join("dest.sock"));
+    let (mut dest, mut d) = empty_vmm(&ns, &dir.path().join("dest.sock"));
     let (a, b) = UnixStream::pair().unwrap();
     give_connection(&mut d, &b);
-    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)
+    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig", "overrides": {"nets": [{"id": "eth0", "tap": "mdst0"}]}}}}"#)
         .unwrap();
     give_connection(&mut c, &a);
     drop((a, b));
     let before = counters(&source).last().copied().unwrap_or(0);
+    let announcement = catch_rarp(&ns, "mdst0");
     let started = c
         .ok(r#"{"id": 6, "request": {"migrate-send": {"connection": "mig", "max_downtime_ms": 300}}}"#)
         .unwrap();
@@ -170,6 +284,32 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
         dest.find_line(&["BOOT-COMPLETE"]).is_none(),
         "the guest booted again"
     );
+    // The network followed: the destination announced the guest's MAC on its tap, the bridge
+    // learned the MAC behind the new tap, and the guest answers there.
+    let frame = announcement
+        .join()
+        .expect("sniffer")
+        .expect("a RARP announcement on mdst0");
+    let mac: Vec<u8> = MAC
+        .split(':')
+        .map(|b| u8::from_str_radix(b, 16).expect("MAC"))
+        .collect();
+    assert_eq!(
+        (&frame[..6], &frame[6..12]),
+        (&[0xffu8; 6][..], &mac[..]),
+        "{frame:02x?}"
+    );
+    assert_eq!(&frame[12..14], &[0x80, 0x35]);
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    while learned_on(&ns).as_deref() != Some("mdst0") {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the bridge has the guest's MAC on {:?}",
+            learned_on(&ns)
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(ping(&ns), "no ping answer after the migration");
     let data = std::fs::read(&disk).unwrap();
     assert_eq!(&data[..64 << 10], ProbePattern::bytes(13, 64 << 10).as_slice());
     assert_eq!(

@@ -138,6 +138,18 @@ impl Machine {
         &self.nets
     }
 
+    /// Has every NIC announce the guest's MAC on its tap (after a live migration brought the VM
+    /// here, so that bridges learn where it is now). Failures are logged: the guest runs either way.
+    pub fn announce_nics(&self) {
+        for handle in &self.nets {
+            let mut transport = lock(handle);
+            let net = transport.device_mut();
+            if let Err(e) = net.announce(3) {
+                log::warn!("NIC {}: cannot announce the guest's MAC: {e}", net.id());
+            }
+        }
+    }
+
     /// The balloon, if configured.
     pub fn balloon(&self) -> Option<&BalloonHandle> {
         self.balloon.as_ref()

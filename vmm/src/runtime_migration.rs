@@ -346,8 +346,14 @@ impl Runtime {
                     return;
                 };
                 let resumed = match self.machine() {
-                    Ok(m) if resume => m.resume().map(|_| m.state()).map_err(|e| e.to_string()),
-                    Ok(m) => Ok(m.state()),
+                    Ok(m) => {
+                        m.announce_nics();
+                        if resume {
+                            m.resume().map(|_| m.state()).map_err(|e| e.to_string())
+                        } else {
+                            Ok(m.state())
+                        }
+                    }
                     Err((_, why)) => Err(why),
                 };
                 let answer = resumed.map(|state| Response::MigrationReceived {

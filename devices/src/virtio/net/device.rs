@@ -208,6 +208,18 @@ impl Net {
         })
     }
 
+    /// Announces the guest's MAC on its tap after a live migration, as QEMU does: a broadcast RARP
+    /// from that MAC, so that bridges and switches learn the port it is behind now (the guest's IP
+    /// and MAC are unchanged, so peers' ARP caches stay right). Sent `times` times in a row: a
+    /// learning bridge needs one, the rest cover drops.
+    pub fn announce(&mut self, times: usize) -> std::io::Result<()> {
+        let frame = rarp_frame(self.mac);
+        for _ in 0..times {
+            super::tap::TxFrame::write_host(self.tap.as_mut(), &frame)?;
+        }
+        Ok(())
+    }
+
     /// The NIC's name.
     pub fn id(&self) -> &str {
         &self.id
@@ -554,5 +566,43 @@ impl VirtioDevice for Net {
             TOKEN_TX_LIMITER => self.limiter_fired(true),
             _ => log::error!("net {}: unknown event token {token}", self.id),
         }
+    }
+}
+
+/// A broadcast RARP request (reverse request, ethertype 0x8035) from `mac`, after an empty
+/// virtio-net header, padded to the Ethernet minimum.
+fn rarp_frame(mac: [u8; 6]) -> Vec<u8> {
+    let mut f = vec![0u8; super::HDR_LEN];
+    f.extend_from_slice(&[0xff; 6]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0x80, 0x35]);
+    // Ethernet, IPv4, 6-byte and 4-byte addresses, "reverse request"; sender and target are the
+    // guest's MAC with no IP.
+    f.extend_from_slice(&[0x00, 0x01, 0x08, 0x00, 6, 4, 0x00, 0x03]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.extend_from_slice(&mac);
+    f.extend_from_slice(&[0; 4]);
+    f.resize(super::HDR_LEN + 60, 0);
+    f
+}
+
+#[cfg(test)]
+mod announce_tests {
+    use super::*;
+
+    #[test]
+    fn the_announcement_is_a_broadcast_rarp_from_the_guest_mac() {
+        let mac = [0x02, 0, 0, 0, 0x79, 0x02];
+        let f = rarp_frame(mac);
+        let eth = &f[crate::virtio::net::HDR_LEN..];
+        assert_eq!(eth.len(), 60);
+        assert_eq!(&eth[..6], &[0xff; 6]);
+        assert_eq!(&eth[6..12], &mac);
+        assert_eq!(&eth[12..14], &[0x80, 0x35]);
+        assert_eq!(&eth[20..22], &[0, 3], "reverse request");
+        assert_eq!(&eth[22..28], &mac);
+        assert_eq!(&eth[32..38], &mac);
+        assert!(f[..crate::virtio::net::HDR_LEN].iter().all(|b| *b == 0));
     }
 }

@@ -95,7 +95,8 @@ pub trait TapIo: Send {
 /// straight from the guest's buffers.
 ///
 /// Invariant: every `iovec` was built from a slice that vm-memory validated against guest memory,
-/// and guest memory stays mapped for the life of the VMM, so the pointers can always be read.
+/// and guest memory stays mapped for the life of the VMM, so the pointers can always be read (or,
+/// in [`TxFrame::write_host`], from a buffer that outlives the frame).
 #[derive(Debug, Default)]
 pub struct TxFrame {
     iovs: Vec<libc::iovec>,
@@ -143,6 +144,19 @@ impl TxFrame {
             self.len += slice.len();
         }
         Ok(())
+    }
+
+    /// Writes `bytes` (a frame the VMM itself made, virtio-net header first) to `tap`. The frame
+    /// that points at `bytes` lives only inside this call, so the pointer cannot outlive the buffer.
+    pub(crate) fn write_host(tap: &mut dyn TapIo, bytes: &[u8]) -> io::Result<usize> {
+        let frame = TxFrame {
+            iovs: vec![libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            }],
+            len: bytes.len(),
+        };
+        tap.write_frame(&frame)
     }
 
     /// Total bytes, header included.

@@ -1,0 +1,356 @@
+//! Live migration: total time, downtime and bytes sent to move a running guest from one `vmm`
+//! process to another over a Unix socket pair (migrate-send / migrate-receive), and QEMU microvm's
+//! own live migration (`migrate` to an `-incoming unix:` destination) of the same guest side by side.
+//!
+//! `cargo run --release -p benches --bin migration`
+
+use std::os::fd::AsRawFd;
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{anyhow, bail, Context, Result};
+use benches::{cell, host_json, qemu_microvm, ratio, unix_time, write_json, Args, Qmp, Summary};
+use harness::{try_vmm_binary, ControlClient, Guest, GuestImages, TempDir};
+use serde_json::json;
+use vmm_api::control::{Event, Outcome, Response};
+use vmm_api::migration::MigrationStats;
+
+const USAGE: &str = "\
+usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--out PATH]
+                 [--qemu PATH | --no-qemu]
+
+For each guest size (default 128x1,1024x2): boots the guest probe (a counter in memory) once, then
+migrates it N times (default 5) to a fresh vmm process, each time from the last destination, and
+reports the median total time (migrate-send to migration-completed), the downtime the source
+measured (pause to the destination's ready answer), the bytes sent and the rounds. QEMU microvm
+migrates the same guest N times the same way (`migrate` to a new -incoming unix: QEMU), with
+QEMU's own downtime and total time from query-migrate. Both get the same downtime budget
+(--downtime-ms, default 300). JSON goes to --out (default target/bench/migration.json).";
+
+const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
+const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
+const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+
+struct Options {
+    sizes: Vec<(u32, u32)>,
+    runs: usize,
+    downtime_ms: u64,
+    qemu: Option<String>,
+    out: PathBuf,
+}
+
+impl Options {
+    fn parse<S: Into<String>>(args: impl IntoIterator<Item = S>) -> Result<Options> {
+        let mut opts = Options {
+            sizes: vec![(128, 1), (1024, 2)],
+            runs: 5,
+            downtime_ms: 300,
+            qemu: Some("qemu-system-x86_64".into()),
+            out: harness::workspace_root().join("target/bench/migration.json"),
+        };
+        let mut args = Args::new(args, USAGE);
+        while let Some(flag) = args.next_flag() {
+            match flag.as_str() {
+                "--sizes" => {
+                    opts.sizes = args
+                        .value(&flag)?
+                        .split(',')
+                        .map(|s| {
+                            let (m, v) = s
+                                .split_once('x')
+                                .ok_or_else(|| anyhow!("--sizes: {s}: want MIBxVCPUS"))?;
+                            Ok((m.parse()?, v.parse()?))
+                        })
+                        .collect::<Result<_>>()?
+                }
+                "--runs" => opts.runs = args.parse(&flag)?,
+                "--downtime-ms" => opts.downtime_ms = args.parse(&flag)?,
+                "--qemu" => opts.qemu = Some(args.value(&flag)?),
+                "--no-qemu" => opts.qemu = None,
+                "--out" => opts.out = args.path(&flag)?,
+                _ => return Err(args.unexpected(&flag)),
+            }
+        }
+        if opts.runs == 0 || opts.sizes.is_empty() || opts.downtime_ms == 0 {
+            bail!("--runs, --sizes and --downtime-ms need at least one");
+        }
+        Ok(opts)
+    }
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// One migration as the source saw it.
+struct Measured {
+    total_ms: f64,
+    stats: MigrationStats,
+}
+
+fn empty_vmm(sock: &Path) -> Result<(Guest, ControlClient)> {
+    let mut cmd = Command::new(try_vmm_binary()?);
+    cmd.arg("--api-sock").arg(sock);
+    let guest = Guest::spawn_command(cmd, None)?;
+    ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT)?;
+    Ok((guest, ControlClient::connect(sock)?))
+}
+
+fn give(c: &mut ControlClient, end: &UnixStream) -> Result<()> {
+    let answer = c.call_with_fds(
+        r#"{"id": 1, "request": {"add-fds": {"names": ["mig"]}}}"#,
+        &[end.as_raw_fd()],
+    )?;
+    match answer.result {
+        Outcome::Ok(Response::FdsAdded { .. }) => Ok(()),
+        other => bail!("add-fds: {other:?}"),
+    }
+}
+
+/// Moves the VM of `(guest, c)` to a new vmm and returns that one with the measurement.
+fn migrate_once(
+    dir: &Path,
+    run: usize,
+    downtime_ms: u64,
+    mut source: (Guest, ControlClient),
+) -> Result<((Guest, ControlClient), Measured)> {
+    let (dest_guest, mut d) = empty_vmm(&dir.join(format!("dest{run}.sock")))?;
+    let (a, b) = UnixStream::pair()?;
+    give(&mut d, &b)?;
+    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)?;
+    give(&mut source.1, &a)?;
+    drop((a, b));
+    let line =
+        json!({"id": 3, "request": {"migrate-send": {"connection": "mig", "max_downtime_ms": downtime_ms}}});
+    let started = Instant::now();
+    match source.1.ok(&line.to_string())? {
+        Response::MigrationStarted(_) => {}
+        other => bail!("migrate-send: {other:?}"),
+    }
+    let stats = loop {
+        match source.1.next_event()? {
+            Event::MigrationCompleted(stats) => break stats,
+            Event::MigrationFailed(stats) => bail!("migration failed: {stats:?}"),
+            _ => {}
+        }
+    };
+    let total_ms = ms(started.elapsed());
+    match d.wait_answer(MIGRATION_TIMEOUT)?.result {
+        Outcome::Ok(Response::MigrationReceived { .. }) => {}
+        other => bail!("migrate-receive: {other:?}\n{}", dest_guest.output_tail()),
+    }
+    let (mut old, _) = source;
+    old.wait_exit(Duration::from_secs(60))?;
+    Ok(((dest_guest, d), Measured { total_ms, stats }))
+}
+
+fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<Measured>> {
+    let dir = TempDir::new("bench-migration")?;
+    let sock = dir.path().join("src.sock");
+    let guest = harness::GuestBuilder::new(kernel)
+        .cmdline(&format!(
+            "{} vmmprobe.count=100000000",
+            benches::bench_cmdline("counter")
+        ))
+        .memory_mib(mib)
+        .vcpus(vcpus)
+        .arg("--track-dirty-pages")
+        .arg("on")
+        .arg("--api-sock")
+        .arg(&sock)
+        .spawn()?;
+    ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT)?;
+    let c = ControlClient::connect(&sock)?;
+    guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
+    let mut current = (guest, c);
+    let mut out = Vec::new();
+    for run in 0..opts.runs {
+        let (next, m) = migrate_once(dir.path(), run, opts.downtime_ms, current)?;
+        // The guest runs on at the destination.
+        let seen = next.0.lines().len();
+        next.0
+            .wait_for_line("vmmprobe: counter=", BOOT_TIMEOUT)
+            .with_context(|| {
+                format!("run {run}: the guest does not count at the destination ({seen} lines)")
+            })?;
+        out.push(m);
+        current = next;
+    }
+    let (mut last, mut c) = current;
+    let _ = c.ok(r#"{"id": 9, "request": "stop"}"#);
+    let _ = last.wait_exit(Duration::from_secs(30));
+    Ok(out)
+}
+
+#[derive(Default)]
+struct QemuRun {
+    total_ms: f64,
+    downtime_ms: Option<f64>,
+    ram_bytes: Option<u64>,
+}
+
+fn qemu_guest(
+    qemu: &str,
+    kernel: &Path,
+    mib: u32,
+    vcpus: u32,
+    qmp: &Path,
+    incoming: Option<&Path>,
+) -> Result<Guest> {
+    let mut cmd: Command = qemu_microvm(qemu, "microvm", mib, vcpus);
+    cmd.arg("-kernel")
+        .arg(kernel)
+        .args([
+            "-append",
+            &format!("{} vmmprobe.count=100000000", benches::bench_cmdline("counter")),
+        ])
+        .arg("-qmp")
+        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+    if let Some(path) = incoming {
+        cmd.args(["-incoming", &format!("unix:{}", path.display())]);
+    }
+    Guest::spawn_command(cmd, None)
+}
+
+fn wait_path(path: &Path) -> Result<()> {
+    let deadline = Instant::now() + SOCKET_TIMEOUT;
+    while !path.exists() {
+        if Instant::now() > deadline {
+            bail!("{} did not appear", path.display());
+        }
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    Ok(())
+}
+
+fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<QemuRun>> {
+    let dir = TempDir::new("bench-migration-qemu")?;
+    let qmp_path = dir.path().join("q0.sock");
+    let mut guest = qemu_guest(qemu, kernel, mib, vcpus, &qmp_path, None)?;
+    let result = (|| -> Result<Vec<QemuRun>> {
+        guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
+        let mut qmp = Qmp::connect(&qmp_path)?;
+        let mut out = Vec::new();
+        for run in 0..opts.runs {
+            let next_qmp = dir.path().join(format!("q{}.sock", run + 1));
+            let mig = dir.path().join(format!("mig{run}.sock"));
+            let mut next = qemu_guest(qemu, kernel, mib, vcpus, &next_qmp, Some(&mig))?;
+            wait_path(&mig)?;
+            wait_path(&next_qmp)?;
+            let mut next_q = Qmp::connect(&next_qmp)?;
+            qmp.execute_with(
+                "migrate-set-parameters",
+                Some(json!({"downtime-limit": opts.downtime_ms})),
+            )?;
+            let started = Instant::now();
+            qmp.execute_with("migrate", Some(json!({"uri": format!("unix:{}", mig.display())})))?;
+            let status = loop {
+                let s = qmp.execute("query-migrate")?;
+                match s["status"].as_str() {
+                    Some("completed") => break s,
+                    Some("failed") | Some("cancelled") => bail!("QEMU migrate: {s}"),
+                    _ => std::thread::sleep(Duration::from_millis(1)),
+                }
+            };
+            let total_ms = ms(started.elapsed());
+            out.push(QemuRun {
+                total_ms,
+                downtime_ms: status["downtime"].as_f64(),
+                ram_bytes: status["ram"]["transferred"].as_u64(),
+            });
+            let _ = guest.kill();
+            next.wait_for_line("vmmprobe: counter=", BOOT_TIMEOUT)
+                .context("the QEMU guest does not count at the destination")?;
+            // Pointers move to the destination, which the next run migrates away from.
+            std::mem::swap(&mut guest, &mut next);
+            std::mem::swap(&mut qmp, &mut next_q);
+        }
+        Ok(out)
+    })();
+    let _ = guest.kill();
+    result
+}
+
+fn median(v: impl IntoIterator<Item = f64>) -> Option<f64> {
+    let v: Vec<f64> = v.into_iter().collect();
+    Summary::of(&v).map(|s| s.median)
+}
+
+fn main() -> Result<()> {
+    if benches::wants_help() {
+        println!("{USAGE}");
+        return Ok(());
+    }
+    let opts = Options::parse(std::env::args().skip(1))?;
+    let kernel = GuestImages::get()?.vmlinux.clone();
+    let mut table = String::from(
+        "| guest | vmm total ms | vmm downtime ms | vmm MiB sent | vmm rounds | QEMU total ms | QEMU downtime ms | QEMU MiB sent | QEMU/vmm downtime |\n|---|---|---|---|---|---|---|---|---|\n",
+    );
+    let mut rows = Vec::new();
+    for &(mib, vcpus) in &opts.sizes {
+        eprintln!("vmm: {mib} MiB, {vcpus} vCPU(s)");
+        let v = measure_vmm(&opts, &kernel, mib, vcpus)?;
+        let q = match &opts.qemu {
+            Some(qemu) => {
+                eprintln!("qemu: {mib} MiB, {vcpus} vCPU(s)");
+                measure_qemu(&opts, qemu, &kernel, mib, vcpus)?
+            }
+            None => Vec::new(),
+        };
+        let mib_of = |b: u64| b as f64 / f64::from(1 << 20);
+        let v_down = median(v.iter().filter_map(|m| m.stats.downtime_ms.map(|d| d as f64)));
+        let q_down = median(q.iter().filter_map(|r| r.downtime_ms));
+        table.push_str(&format!(
+            "| {mib} MiB / {vcpus} vCPU | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            cell(median(v.iter().map(|m| m.total_ms)), 1),
+            cell(v_down, 1),
+            cell(
+                median(v.iter().map(|m| mib_of(m.stats.memory_transferred_bytes))),
+                1
+            ),
+            cell(median(v.iter().map(|m| f64::from(m.stats.iteration))), 0),
+            cell(median(q.iter().map(|r| r.total_ms)), 1),
+            cell(q_down, 1),
+            cell(median(q.iter().filter_map(|r| r.ram_bytes.map(mib_of))), 1),
+            cell(ratio(q_down, v_down), 1),
+        ));
+        rows.push(json!({
+            "memory_mib": mib, "vcpus": vcpus,
+            "vmm": v.iter().map(|m| json!({"total_ms": m.total_ms, "stats": m.stats})).collect::<Vec<_>>(),
+            "qemu": q.iter().map(|r| json!({"total_ms": r.total_ms, "downtime_ms": r.downtime_ms, "ram_transferred_bytes": r.ram_bytes})).collect::<Vec<_>>(),
+        }));
+    }
+    println!("{table}");
+    let report = json!({"benchmark": "migration", "unix_time": unix_time(), "host": host_json(),
+        "runs": opts.runs, "downtime_budget_ms": opts.downtime_ms, "sizes": rows});
+    write_json(&opts.out, &report)?;
+    eprintln!("wrote {}", opts.out.display());
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn options() {
+        let o = Options::parse([
+            "--sizes",
+            "256x2",
+            "--runs",
+            "2",
+            "--downtime-ms",
+            "50",
+            "--no-qemu",
+        ])
+        .unwrap();
+        assert_eq!(
+            (o.sizes, o.runs, o.downtime_ms, o.qemu),
+            (vec![(256, 2)], 2, 50, None)
+        );
+        assert!(Options::parse(["--runs", "0"]).is_err());
+        assert!(Options::parse(["--downtime-ms", "0"]).is_err());
+    }
+}
