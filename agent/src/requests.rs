@@ -2,6 +2,7 @@
 //! the first call's answer instead of acting again) and the start of long-running operations.
 
 use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
 use prost::Message;
@@ -11,6 +12,17 @@ use crate::operations::{OperationHandle, Operations};
 use crate::proto::{Operation, OperationKind};
 use crate::spec::check_request_id;
 use crate::state::StoreHandle;
+
+/// UNAVAILABLE until `ready` is set (the agent re-adopts its VMs before it serves).
+pub fn check_ready(ready: &AtomicBool) -> Result<(), AgentError> {
+    if ready.load(Ordering::Acquire) {
+        Ok(())
+    } else {
+        Err(AgentError::Unavailable(
+            "the agent is re-adopting its VMs; try again shortly".into(),
+        ))
+    }
+}
 
 /// The request's encoding without its request id: what a retry must repeat exactly.
 pub fn fingerprint<T: Message + Clone>(request: &T, clear: impl FnOnce(&mut T)) -> Vec<u8> {

@@ -1,7 +1,7 @@
 //! The gRPC handlers of `VmService`: they check input, handle `request_id` replays and hand the work
 //! to the supervisor or the store. Errors become statuses only in `error.rs`.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -68,13 +68,7 @@ impl VmApi {
     }
 
     fn check_ready(&self) -> Result<(), AgentError> {
-        if self.ready.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(AgentError::Unavailable(
-                "the agent is re-adopting its VMs; try again shortly".into(),
-            ))
-        }
+        crate::requests::check_ready(&self.ready)
     }
 
     /// Runs a per-VM lifecycle call with request-id replay.

@@ -2,7 +2,7 @@
 //! under `<state dir>/snapshots/<id>/`; the VM's actor drives the vmm (`actor_snapshot.rs`), and
 //! creating and restoring are operations whose progress is the bytes written so far.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
 use tonic::{Request, Response, Status};
@@ -68,13 +68,7 @@ impl SnapshotApi {
     }
 
     fn check_ready(&self) -> Result<(), AgentError> {
-        if self.ready.load(Ordering::Acquire) {
-            Ok(())
-        } else {
-            Err(AgentError::Unavailable(
-                "the agent is re-adopting its VMs; try again shortly".into(),
-            ))
-        }
+        crate::requests::check_ready(&self.ready)
     }
 
     async fn snapshot(&self, id: &str) -> Result<Snapshot, AgentError> {

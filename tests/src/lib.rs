@@ -50,7 +50,8 @@ pub use images::{workspace_root, GuestImages};
 pub use netns::NetNs;
 pub use output::{Line, LineHook, Stream};
 pub use probe::{
-    find_probe_fields, parse_probe_facts, probe_cmdline, probe_fields, ProbeFacts, ProbePattern,
+    find_probe_fields, parse_probe_facts, probe_cmdline, probe_counters, probe_fields, ProbeFacts,
+    ProbePattern,
 };
 pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};
 pub use temp_dir::TempDir;

@@ -23,6 +23,22 @@ pub fn find_probe_fields(stdout: &str, prefix: &str) -> Option<HashMap<String, S
     )
 }
 
+/// The value of every complete `vmmprobe: counter=N` line of `guest` so far, in order (the
+/// probe's `counter` action: a guest that continues after a pause, restore or migration goes on
+/// from where it was).
+pub fn probe_counters(guest: &crate::Guest) -> Vec<u64> {
+    guest
+        .lines()
+        .iter()
+        .filter_map(|l| {
+            l.text
+                .split_once("vmmprobe: counter=")
+                .map(|(_, n)| n.trim().parse().ok())
+        })
+        .flatten()
+        .collect()
+}
+
 /// Like [`find_probe_fields`], for a line that must be there: panics with the output otherwise.
 pub fn probe_fields(stdout: &str, prefix: &str) -> HashMap<String, String> {
     find_probe_fields(stdout, prefix)

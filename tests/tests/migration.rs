@@ -128,19 +128,6 @@ fn learned_on(ns: &NetNs) -> Option<String> {
         })
 }
 
-fn counters(guest: &Guest) -> Vec<u64> {
-    guest
-        .lines()
-        .iter()
-        .filter_map(|l| {
-            l.text
-                .split_once("vmmprobe: counter=")
-                .map(|(_, n)| n.trim().parse().ok())
-        })
-        .flatten()
-        .collect()
-}
-
 /// An empty VMM serving `sock` inside `ns`, connected.
 fn empty_vmm(ns: &NetNs, sock: &Path) -> (Guest, ControlClient) {
     let mut cmd = ns.command(&vmm_binary());
@@ -225,7 +212,7 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
         panic!("describe")
     };
     assert_eq!(d.state, VmState::Running);
-    let seen = counters(&source).last().copied().unwrap_or(0);
+    let seen = harness::probe_counters(&source).last().copied().unwrap_or(0);
     source
         .wait_for_line(&format!("vmmprobe: counter={}", seen + 3), BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("the source stopped counting: {e}\n{}", source.output_tail()));
@@ -245,7 +232,7 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
         .unwrap();
     give_connection(&mut c, &a);
     drop((a, b));
-    let before = counters(&source).last().copied().unwrap_or(0);
+    let before = harness::probe_counters(&source).last().copied().unwrap_or(0);
     let announcement = catch_rarp(&ns, "mdst0");
     let started = c
         .ok(r#"{"id": 6, "request": {"migrate-send": {"connection": "mig", "max_downtime_ms": 300}}}"#)
@@ -275,7 +262,7 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     // The guest counts on where it was, without booting.
     dest.wait_for_line("vmmprobe: counter=", BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", dest.output_tail()));
-    let after = counters(&dest);
+    let after = harness::probe_counters(&dest);
     assert!(
         after.first().is_some_and(|n| *n > before),
         "counted {before} at the source, then {after:?} at the destination"

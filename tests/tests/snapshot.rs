@@ -30,20 +30,6 @@ const WRITTEN: usize = 64 << 10;
 /// Bytes of the file the guest writes into the ext4 file system of its second disk (seed 21).
 const FILE_BYTES: usize = 256 << 10;
 
-/// The value of every complete `vmmprobe: counter=N` line, in order.
-fn counters(guest: &Guest) -> Vec<u64> {
-    guest
-        .lines()
-        .iter()
-        .filter_map(|l| {
-            l.text
-                .split_once("vmmprobe: counter=")
-                .map(|(_, n)| n.trim().parse().ok())
-        })
-        .flatten()
-        .collect()
-}
-
 /// Every file of a directory with its CRC-32 and length, to show it did not change.
 fn fingerprint(dir: &Path) -> Vec<(String, u64, u32)> {
     let mut out: Vec<_> = std::fs::read_dir(dir)
@@ -226,7 +212,7 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     let status = original.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{status:?}\n{}", original.output_tail());
     std::thread::sleep(Duration::from_millis(300));
-    let last_before = *counters(&original).last().expect("counter lines");
+    let last_before = *harness::probe_counters(&original).last().expect("counter lines");
 
     // The restoring VMM lives in another namespace, behind another tap.
     let ns2 = NetNs::new("snap2").unwrap();
@@ -314,7 +300,7 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
     restored
         .wait_for_line(&next, BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("{e}\n{}", restored.output_tail()));
-    let first_after = counters(&restored)[0];
+    let first_after = harness::probe_counters(&restored)[0];
     assert!(
         first_after == last_before + 1 || first_after == last_before + 2,
         "counter went from {last_before} to {first_after}"

@@ -94,15 +94,7 @@ impl Runtime {
             .migration_worker
             .clone()
             .ok_or_else(|| (ErrorKind::Internal, "no migration thread".to_string()))?;
-        let conn = self.fds.remove(&params.connection).ok_or_else(|| {
-            (
-                ErrorKind::NotFound,
-                format!(
-                    "connection: no descriptor named {:?} (send it with add-fds)",
-                    params.connection
-                ),
-            )
-        })?;
+        let conn = self.take_connection(&params.connection)?;
         let shared = Arc::new(Shared::default());
         lock(&shared.stats).memory_total_bytes = mem.iter().map(|r| r.len()).sum();
         let stats = shared.snapshot();
@@ -142,15 +134,7 @@ impl Runtime {
                 "a migration is received by a VMM started without a configuration",
             ));
         }
-        let conn = self.fds.remove(&params.connection).ok_or_else(|| {
-            (
-                ErrorKind::NotFound,
-                format!(
-                    "connection: no descriptor named {:?} (send it with add-fds)",
-                    params.connection
-                ),
-            )
-        })?;
+        let conn = self.take_connection(&params.connection)?;
         let (thread_link, loop_link) = migration::link(Arc::clone(&self.events.migration_event));
         destination::spawn_receiver(conn, params.overrides, thread_link, self.seccomp)
             .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
@@ -162,6 +146,15 @@ impl Runtime {
             memory_bytes: 0,
         });
         Ok(())
+    }
+
+    fn take_connection(&mut self, name: &str) -> Result<std::os::fd::OwnedFd, Failure> {
+        self.fds.remove(name).ok_or_else(|| {
+            (
+                ErrorKind::NotFound,
+                format!("connection: no descriptor named {name:?} (send it with add-fds)"),
+            )
+        })
     }
 
     pub(super) fn migration_status(&self) -> Result<Response, Failure> {
