@@ -327,10 +327,7 @@ pub fn restore_vm(
         } = &mut prepared;
         let (mem, state, log_dirty) = (&*mem, &*state, config.machine.track_dirty_pages);
         let kvm_side = scope.spawn(move || -> Result<_, BuildError> {
-            let kvm = vm::open_kvm()?;
-            crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
-            let vm = vm::create_vm(&kvm)?;
-            memory::register_with_kvm(&vm, mem, log_dirty)?;
+            let (kvm, vm) = prepare_kvm(mem, log_dirty)?;
             state.vm.restore(&vm)?;
             Ok((kvm, vm))
         });
@@ -367,15 +364,17 @@ pub fn restore_vm(
 /// vCPU threads wait, paused, for [`Machine::resume`].
 pub fn migrated_vm(
     received: &crate::migration::destination::Received,
+    prepared: Option<Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd), String>>,
     events: &ProcessEvents,
     event_manager: &mut VmmEventManager,
     fds: &mut PassedFds,
     seccomp: SeccompMode,
 ) -> Result<Machine, BuildError> {
-    let kvm = vm::open_kvm()?;
-    crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
-    let vm = vm::create_vm(&kvm)?;
-    memory::register_with_kvm(&vm, &received.mem, received.config.machine.track_dirty_pages)?;
+    let (kvm, vm) = match prepared {
+        Some(Ok(kvm_vm)) => kvm_vm,
+        // Set up early and failed: once more now, for the real error.
+        Some(Err(_)) | None => prepare_kvm(&received.mem, received.config.machine.track_dirty_pages)?,
+    };
     received.state.vm.restore(&vm)?;
     let saved = Saved {
         config: received.config.clone(),
@@ -385,6 +384,20 @@ pub fn migrated_vm(
         restored_from: None,
     };
     restore_devices_and_vcpus(saved, kvm, vm, events, event_manager, fds, seccomp)
+}
+
+/// Opens KVM, checks that its vCPU state fits what snapshots and migrations carry, creates a VM and
+/// registers `mem` as its memory (with the dirty log if `log_dirty`): what a restored or migrated
+/// VM needs before any state is applied.
+pub fn prepare_kvm(
+    mem: &GuestMemoryMmap,
+    log_dirty: bool,
+) -> Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd), BuildError> {
+    let kvm = vm::open_kvm()?;
+    crate::vstate::vcpu_state::check_xsave_size(&kvm).map_err(persist::SnapshotError::from)?;
+    let vm = vm::create_vm(&kvm)?;
+    memory::register_with_kvm(&vm, mem, log_dirty)?;
+    Ok((kvm, vm))
 }
 
 /// A VM's saved state and the memory it goes with.

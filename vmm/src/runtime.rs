@@ -414,8 +414,10 @@ impl Runtime {
                 (machine, Some(response))
             }
             Launch::Migrated(received) => {
+                let prepared = self.take_prepared_kvm();
                 match builder::migrated_vm(
                     &received,
+                    prepared,
                     &self.events,
                     event_manager,
                     &mut self.fds,

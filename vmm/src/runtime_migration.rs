@@ -34,6 +34,8 @@ pub(super) struct Incoming {
     id: u64,
     asked: Instant,
     memory_bytes: u64,
+    /// KVM's VM with guest memory registered, set up while pages arrive.
+    kvm: Option<Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd), String>>,
 }
 
 /// What the control server must pass on after a migration step.
@@ -81,6 +83,7 @@ impl Runtime {
             ));
         }
         let mem = machine.kvm().mem.clone();
+        let touched = persist::memory::touched_pages(&mem, machine.kvm().backing);
         let hello = Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
@@ -104,6 +107,7 @@ impl Runtime {
             params,
             mem,
             hello,
+            touched,
             link: thread_link,
             shared: Arc::clone(&shared),
         };
@@ -144,6 +148,7 @@ impl Runtime {
             id,
             asked: Instant::now(),
             memory_bytes: 0,
+            kvm: None,
         });
         Ok(())
     }
@@ -320,6 +325,12 @@ impl Runtime {
 
     fn on_destination_message(&mut self, msg: ToMain, notices: &mut Vec<Notice>) {
         match msg {
+            ToMain::PrepareKvm(mem, log_dirty) => {
+                let prepared = crate::builder::prepare_kvm(&mem, log_dirty).map_err(|e| e.to_string());
+                if let Some(i) = self.incoming.as_mut() {
+                    i.kvm = Some(prepared);
+                }
+            }
             ToMain::Build(received) => {
                 let (client, id) = match self.incoming.as_mut() {
                     Some(i) => {
@@ -378,6 +389,13 @@ impl Runtime {
             }
             _ => log::warn!("migration: unexpected message from the receiving thread"),
         }
+    }
+
+    /// The KVM VM set up for the incoming migration, if it was.
+    pub(super) fn take_prepared_kvm(
+        &mut self,
+    ) -> Option<Result<(kvm_ioctls::Kvm, kvm_ioctls::VmFd), String>> {
+        self.incoming.as_mut().and_then(|i| i.kvm.take())
     }
 
     /// After the main loop tried to build a migrated VM: tells the receiving thread.

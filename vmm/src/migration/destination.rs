@@ -127,6 +127,7 @@ fn receive(
     filter
         .apply()
         .map_err(|e| MigrationError::Thread(e.to_string()))?;
+    link.tell(ToMain::PrepareKvm(mem.clone(), config.machine.track_dirty_pages))?;
     wire::write_frame(&mut out, &Frame::HelloAck)?;
     out.flush().map_err(wire::WireError::Io)?;
 

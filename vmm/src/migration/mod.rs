@@ -72,6 +72,9 @@ pub enum ToMain {
     SwitchOver,
     /// Source: the migration ended; `Ok` after the commit.
     SourceDone(Result<(), String>),
+    /// Destination: guest memory exists; set up KVM's VM and memory slots now, while pages arrive,
+    /// so that the switch-over does not wait for them.
+    PrepareKvm(vm_memory::GuestMemoryMmap, bool),
     /// Destination: memory and state are in; build the VM, paused.
     Build(Box<destination::Received>),
     /// Destination: the source committed; run the VM (if it ran there).

@@ -32,6 +32,9 @@ pub struct SourceJob {
     pub mem: GuestMemoryMmap,
     /// The handshake.
     pub hello: Hello,
+    /// The pages the guest had touched when the migration began, if known: the first round sends
+    /// those (the others read as zeros), not every page.
+    pub touched: Option<Vec<Vec<u64>>>,
     /// To the main loop.
     pub link: MainLink,
     /// Progress and cancel.
@@ -118,8 +121,9 @@ impl Sender<'_> {
         Ok(())
     }
 
-    /// Sends the pages set in `bitmaps` (per region), or every page holding data with `None`.
-    fn pages(&mut self, bitmaps: Option<&[Vec<u64>]>) -> Result<(), MigrationError> {
+    /// Sends the pages set in `bitmaps` (per region), or every page with `None`; with
+    /// `skip_zero`, only those that hold data.
+    fn pages(&mut self, bitmaps: Option<&[Vec<u64>]>, skip_zero: bool) -> Result<(), MigrationError> {
         let regions: Vec<(u64, u64)> = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         for (slot, (start, len)) in regions.into_iter().enumerate() {
             let count = (len / PAGE_SIZE as u64) as usize;
@@ -140,11 +144,7 @@ impl Sender<'_> {
                 while page < count && page - first < MAX_PAGES_PER_FRAME && is_set(page) {
                     page += 1;
                 }
-                self.run_of_pages(
-                    start + (first * PAGE_SIZE) as u64,
-                    page - first,
-                    bitmaps.is_none(),
-                )?;
+                self.run_of_pages(start + (first * PAGE_SIZE) as u64, page - first, skip_zero)?;
             }
         }
         Ok(())
@@ -234,7 +234,8 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
     dirty_log(&job.link)?;
     update(&|s| s.phase = MigrationPhase::PreCopy);
     let mut round_start = Instant::now();
-    tx.pages(None)?;
+    // A fresh destination's memory reads as zeros: round 0 sends only what holds data.
+    tx.pages(job.touched.as_deref(), true)?;
     tx.frame(&Frame::RoundEnd(0))?;
     tx.flush()?;
     let mut last_round = (tx.sent, round_start.elapsed());
@@ -274,7 +275,7 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
         iteration += 1;
         round_start = Instant::now();
         let before = tx.sent;
-        tx.pages(Some(&pending))?;
+        tx.pages(Some(&pending), false)?;
         tx.frame(&Frame::RoundEnd(iteration))?;
         tx.flush()?;
         last_round = (tx.sent - before, round_start.elapsed());
@@ -289,7 +290,7 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
         other => return Err(MigrationError::Vm(format!("unexpected answer {other:?}"))),
     };
     merge(&mut pending, switched.dirty);
-    tx.pages(Some(&pending))?;
+    tx.pages(Some(&pending), false)?;
     tx.frame(&Frame::RoundEnd(iteration + 1))?;
     tx.frame(&Frame::State(switched.state))?;
     tx.flush()?;

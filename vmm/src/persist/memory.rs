@@ -114,6 +114,36 @@ fn write_regions(
     Ok(written)
 }
 
+/// Per region, the pages of anonymous guest memory the guest has touched (bit `n` of word `n / 64`
+/// is page `n`): what a live migration's first round must look at, the rest reads as zeros. `None`
+/// where that cannot be known (memory mapped from a snapshot file, a host with swap, or mincore
+/// refused). Reads page tables only, so the guest may run meanwhile.
+pub fn touched_pages(mem: &GuestMemoryMmap, backing: Backing) -> Option<Vec<Vec<u64>>> {
+    if backing != Backing::Anonymous || swap_enabled() {
+        return None;
+    }
+    mem.iter()
+        .map(|region| {
+            let host = region.get_host_address(MemoryRegionAddress(0)).ok()?;
+            let len = region.len() as usize;
+            let mut vec = vec![0u8; len.div_ceil(PAGE)];
+            // SAFETY: `host..host+len` is a live mapping owned by `region`; mincore only reads the
+            // page tables of that range and writes one byte per page into `vec`, which has that many.
+            let ret = unsafe { libc::mincore(host.cast(), len, vec.as_mut_ptr()) };
+            if ret != 0 {
+                return None;
+            }
+            let mut bits = vec![0u64; vec.len().div_ceil(64)];
+            for (page, r) in vec.iter().enumerate() {
+                if r & 1 != 0 {
+                    bits[page / 64] |= 1 << (page % 64);
+                }
+            }
+            Some(bits)
+        })
+        .collect()
+}
+
 /// Writes guest memory to `path` (created; it must not exist), sparse. The VM must be paused.
 pub fn save(mem: &GuestMemoryMmap, backing: Backing, path: &Path) -> Result<Written, MemoryFileError> {
     // mincore calls a swapped-out page not resident: trust it only on hosts without swap.
