@@ -148,6 +148,12 @@ impl Runtime {
             Request::Describe => now(Ok(Response::Description(self.describe()))),
             Request::Metrics => now(Ok(Response::Metrics(self.metrics()))),
             Request::Pause => self.change_state(Machine::pause),
+            // Past the switch-over the destination may be about to run this VM: only a failed
+            // migration gives it back here.
+            Request::Resume | Request::Shutdown(_) if self.switched_over() => now(Err(wrong_state(
+                self.state(),
+                "a migration is handing this VM over; it runs here again only if the migration fails",
+            ))),
             Request::Resume => self.change_state(Machine::resume),
             Request::Shutdown(params) => now(self.shutdown(params)),
             Request::Stop => {

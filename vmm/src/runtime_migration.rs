@@ -179,6 +179,11 @@ impl Runtime {
         }
     }
 
+    /// Whether an outgoing migration has paused the VM for its switch-over.
+    pub(super) fn switched_over(&self) -> bool {
+        self.outgoing.as_ref().is_some_and(|o| o.was_running.is_some())
+    }
+
     /// Whether a migration reads the dirty log now (snapshots must not take it from under it).
     pub(super) fn migrating(&self) -> bool {
         self.outgoing.is_some()
