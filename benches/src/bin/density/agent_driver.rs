@@ -284,6 +284,7 @@ impl AgentDriver {
             .restore_snapshot(RestoreSnapshotRequest {
                 snapshot_id: SNAPSHOT_ID.into(),
                 vm_id: vm_id.clone(),
+                start_paused: self.inner.shape.paused,
                 ..Default::default()
             })
             .await
@@ -298,7 +299,11 @@ impl AgentDriver {
             },
             other => bail!("RestoreSnapshot ended with {other:?}"),
         };
-        if vm.state() != VmState::Running {
+        let wanted = match self.inner.shape.paused {
+            true => VmState::Paused,
+            false => VmState::Running,
+        };
+        if vm.state() != wanted {
             bail!("{vm_id} restored {:?}: {}", vm.state(), vm.state_reason);
         }
         let pid = match vm.pid {

@@ -205,7 +205,7 @@ impl DirectDriver {
         let mut c = self.connect(&name, pid)?;
         // No console: nobody reads a clone's, and the agent's clones write theirs to a file.
         let line = json!({"id": 1, "request": {"snapshot-restore": {
-            "dir": snapshot, "resume": true, "overrides": {"serial": "off"}}}});
+            "dir": snapshot, "resume": !self.inner.shape.paused, "overrides": {"serial": "off"}}}});
         match c.ok(&line.to_string()) {
             Ok(Response::Restored { .. }) => {}
             Ok(other) => bail!("{name}: snapshot-restore: {other:?}"),

@@ -16,7 +16,8 @@ use crate::procfs;
 pub struct Created {
     pub vm_id: String,
     pub pid: u32,
-    /// From the request (agent) or the process spawn (direct) to its vCPUs running.
+    /// From the request (agent) or the process spawn (direct) to its vCPUs running (or, for
+    /// clones restored paused, ready to).
     pub running_ms: f64,
     /// To the guest's workload running (its probe's marker on the console); boot mode only.
     pub ready_ms: Option<f64>,
@@ -64,6 +65,8 @@ pub struct VmShape {
     pub ready_marker: &'static str,
     pub boot_timeout: Duration,
     pub source_quiet: Duration,
+    /// Clones are restored paused.
+    pub paused: bool,
 }
 
 impl VmShape {
@@ -80,6 +83,7 @@ impl VmShape {
             ready_marker: opts.workload.ready_marker(),
             boot_timeout: opts.boot_timeout,
             source_quiet: opts.source_quiet,
+            paused: opts.paused,
         }
     }
 }

@@ -7,7 +7,7 @@ use anyhow::{bail, Result};
 use benches::Args;
 
 pub const USAGE: &str = "\
-usage: density [--mode clone|boot] [--direct] [--count N] [--min-free-mib N] [--concurrency N]
+usage: density [--mode clone|boot] [--direct] [--paused] [--count N] [--min-free-mib N] [--concurrency N]
                [--memory-mib N] [--vcpus N] [--workload idle|counter] [--window-secs S]
                [--settle-secs S] [--rpc-samples N] [--boot-timeout-secs S]
                [--source-quiet-secs S] [--out PATH]
@@ -22,6 +22,8 @@ stopped and removed at the end, also on failure and on Ctrl-C / SIGTERM.
   --mode clone      boot ONE VM, snapshot it once, fill the host with restored clones (default)
   --mode boot       every VM boots the guest kernel (costly on kvm_pvm: ~35 s of CPU each)
   --direct          start vmm processes directly instead of through a vmm-agent of its own
+  --paused          clone mode: restore the clones paused (vCPUs ready, not run), which takes
+                    the guests' own CPU use out of the measurement
   --count N         VMs to reach (default 150 for clone, 3 for boot)
   --min-free-mib N  stop before a wave once MemAvailable is below this (default 2048)
   --concurrency N   VMs started at once per wave (default 10 for clone, 3 for boot)
@@ -111,6 +113,7 @@ pub struct Options {
     pub rpc_samples: usize,
     pub boot_timeout: Duration,
     pub source_quiet: Duration,
+    pub paused: bool,
     pub out: PathBuf,
     pub vmm: Option<PathBuf>,
     pub agent: Option<PathBuf>,
@@ -136,6 +139,7 @@ impl Options {
             rpc_samples: 200,
             boot_timeout: Duration::from_secs(900),
             source_quiet: Duration::from_secs(300),
+            paused: false,
             out: harness::workspace_root().join("target/bench/density.json"),
             vmm: None,
             agent: None,
@@ -152,6 +156,7 @@ impl Options {
                     }
                 }
                 "--direct" => o.direct = true,
+                "--paused" => o.paused = true,
                 "--count" => count = Some(args.parse(&flag)?),
                 "--min-free-mib" => o.min_free_mib = args.parse(&flag)?,
                 "--concurrency" => concurrency = Some(args.parse(&flag)?),
@@ -194,6 +199,9 @@ impl Options {
         }
         if o.memory_mib == 0 || o.vcpus == 0 {
             bail!("--memory-mib and --vcpus must be at least 1\n{USAGE}");
+        }
+        if o.paused && mode != Mode::Clone {
+            bail!("--paused is for clone mode\n{USAGE}");
         }
         if o.window.is_zero() {
             bail!("--window-secs must be at least 1\n{USAGE}");

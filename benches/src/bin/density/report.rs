@@ -58,9 +58,10 @@ fn derive(run: &Run) -> Derived {
     let mib = |kib: u64| kib as f64 / KIB_PER_MIB;
     let full = run.full.as_ref();
     let agent_pss_mib = full.and_then(|f| f.agent).map(|a| mib(a.pss));
-    let mem_drop_per_vm_mib = full
-        .filter(|_| count > 0)
-        .map(|f| mib(run.baseline_mem_available_kib.saturating_sub(f.mem_available_kib)) / count as f64);
+    // Signed: other work on the host may free memory meanwhile.
+    let mem_drop_per_vm_mib = full.filter(|_| count > 0).map(|f| {
+        (run.baseline_mem_available_kib as f64 - f.mem_available_kib as f64) / KIB_PER_MIB / count as f64
+    });
     let cpu = full.map(|f| &f.cpu).filter(|c| c.secs > 0.0);
     Derived {
         count,
@@ -125,7 +126,7 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
         "unix_time": run.started_unix,
         "host": host_json(),
         "config": {
-            "mode": opts.mode.name(), "driver": run.driver, "count": opts.count,
+            "mode": opts.mode.name(), "driver": run.driver, "paused": opts.paused, "count": opts.count,
             "concurrency": opts.concurrency, "min_free_mib": opts.min_free_mib,
             "memory_mib": opts.memory_mib, "vcpus": opts.vcpus, "workload": opts.workload.name(),
             "cmdline": opts.workload.cmdline(), "window_secs": opts.window.as_secs(),
@@ -178,8 +179,9 @@ fn verdict(met: Option<bool>) -> &'static str {
 pub fn markdown(opts: &Options, run: &Run) -> String {
     let d = derive(run);
     let mut out = format!(
-        "## density: {} mode, {}, {} x {} MiB / {} vCPU guests ({} workload)\n\n",
+        "## density: {} mode{}, {}, {} x {} MiB / {} vCPU guests ({} workload)\n\n",
         opts.mode.name(),
+        if opts.paused { " (clones paused)" } else { "" },
         match run.driver {
             "agent" => "through vmm-agent",
             _ => "vmm processes directly",
@@ -317,7 +319,7 @@ pub fn markdown(opts: &Options, run: &Run) -> String {
     out.push_str(&format!(
         "| >= {RESIDENT_TARGET} idle VMs resident | {} | {} |\n",
         d.count,
-        verdict(clone.then_some(d.count >= RESIDENT_TARGET))
+        verdict((clone && !opts.paused).then_some(d.count >= RESIDENT_TARGET))
     ));
     out.push_str(&format!(
         "| agent RPC p99 < {RPC_P99_TARGET_MS} ms while full | {} | {} |\n",

@@ -38,11 +38,16 @@ fn nice_step(span: f64) -> f64 {
     step.max(f64::MIN_POSITIVE)
 }
 
-/// Axis range from 0 (both quantities here start at 0) to a multiple of the step above `max`.
-fn axis(max: f64) -> (f64, f64) {
-    let max = if max.is_finite() && max > 0.0 { max } else { 1.0 };
-    let step = nice_step(max);
-    ((max / step).ceil().max(1.0) * step, step)
+/// Axis range (low, high, step) covering 0 and `min..max` in whole steps: counts and costs start
+/// at 0, but a memory delta may go below it when other work on the host frees memory.
+fn axis(min: f64, max: f64) -> (f64, f64, f64) {
+    let max = if max.is_finite() && max > 0.0 { max } else { 0.0 };
+    let min = if min.is_finite() && min < 0.0 { min } else { 0.0 };
+    let span = if max - min > 0.0 { max - min } else { 1.0 };
+    let step = nice_step(span);
+    let low = (min / step).floor() * step;
+    let high = ((max / step).ceil() * step).max(low + step);
+    (low, high, step)
 }
 
 fn escape(s: &str) -> String {
@@ -68,12 +73,18 @@ impl Chart {
             .flat_map(|s| s.points.iter().copied())
             .filter(|(x, y)| finite(x) && finite(y))
             .collect();
-        let (x_max, x_step) = axis(all.iter().map(|p| p.0).fold(0.0, f64::max));
-        let (y_max, y_step) = axis(all.iter().map(|p| p.1).fold(0.0, f64::max));
+        let (x_min, x_max, x_step) = axis(
+            all.iter().map(|p| p.0).fold(0.0, f64::min),
+            all.iter().map(|p| p.0).fold(0.0, f64::max),
+        );
+        let (y_min, y_max, y_step) = axis(
+            all.iter().map(|p| p.1).fold(0.0, f64::min),
+            all.iter().map(|p| p.1).fold(0.0, f64::max),
+        );
         let plot_w = WIDTH - LEFT - RIGHT;
         let plot_h = HEIGHT - TOP - BOTTOM;
-        let px = |x: f64| LEFT + x / x_max * plot_w;
-        let py = |y: f64| TOP + plot_h - y / y_max * plot_h;
+        let px = |x: f64| LEFT + (x - x_min) / (x_max - x_min) * plot_w;
+        let py = |y: f64| TOP + plot_h - (y - y_min) / (y_max - y_min) * plot_h;
         let mut out = String::new();
         let _ = writeln!(
             out,
@@ -87,7 +98,7 @@ impl Chart {
             escape(&self.title)
         );
         // Grid lines and tick labels.
-        let mut x = 0.0;
+        let mut x = x_min;
         while x <= x_max + x_step / 2.0 {
             let _ = writeln!(
                 out,
@@ -100,7 +111,7 @@ impl Chart {
             );
             x += x_step;
         }
-        let mut y = 0.0;
+        let mut y = y_min;
         while y <= y_max + y_step / 2.0 {
             let _ = writeln!(
                 out,
@@ -174,8 +185,9 @@ mod tests {
         assert_eq!(nice_step(10.0), 2.0);
         assert_eq!(nice_step(150.0), 50.0);
         assert_eq!(nice_step(0.0), 1.0);
-        assert_eq!(axis(143.0), (150.0, 50.0));
-        assert_eq!(axis(0.0), (1.0, 0.2));
+        assert_eq!(axis(0.0, 143.0), (0.0, 150.0, 50.0));
+        assert_eq!(axis(0.0, 0.0), (0.0, 0.2, 0.2));
+        assert_eq!(axis(-30.0, 80.0), (-50.0, 100.0, 50.0));
     }
 
     #[test]
