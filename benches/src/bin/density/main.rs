@@ -76,6 +76,9 @@ pub struct CpuWindow {
     pub vmm_ms: f64,
     /// The vmms' vCPU threads' part of `vmm_ms` (on kvm_pvm the guest's own work shows there).
     pub vcpu_ms: f64,
+    /// User-space part of `vmm_ms` (the rest is the host kernel: KVM, and on kvm_pvm the
+    /// emulation of the guest's privileged instructions).
+    pub user_ms: f64,
     pub agent_ms: Option<f64>,
     pub host_busy_ms: f64,
     pub host_total_ms: f64,
@@ -206,12 +209,14 @@ async fn cpu_window(window: Duration, vms: &[Created], agent: Option<u32>) -> Cp
     let agent_after = agent.and_then(procfs::cpu_ticks);
     let mut vmm_ms = 0.0;
     let mut vcpu_ms = 0.0;
+    let mut user_ms = 0.0;
     let mut vms_measured = 0;
     for (c, b) in vms.iter().zip(before) {
         if let (Some(b), Ok(a)) = (b, CpuTicks::read(c.pid)) {
             let used = a.since(&b);
             vmm_ms += used.total();
             vcpu_ms += used.vcpu.unwrap_or(0.0);
+            user_ms += used.user;
             vms_measured += 1;
         }
     }
@@ -225,6 +230,7 @@ async fn cpu_window(window: Duration, vms: &[Created], agent: Option<u32>) -> Cp
         vms_measured,
         vmm_ms,
         vcpu_ms,
+        user_ms,
         agent_ms: match (agent_before, agent_after) {
             (Some(b), Some(a)) => Some(to_ms(a.saturating_sub(b))),
             _ => None,

@@ -114,7 +114,7 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
             "vms": f.vms.iter().map(|(c, s)| json!({"vm_id": c.vm_id, "pid": c.pid, "memory": s.map(|s| s.to_json())})).collect::<Vec<_>>(),
             "cpu_window": {
                 "secs": f.cpu.secs, "vms_measured": f.cpu.vms_measured, "vmm_total_ms": f.cpu.vmm_ms,
-                "vmm_vcpu_threads_ms": f.cpu.vcpu_ms,
+                "vmm_vcpu_threads_ms": f.cpu.vcpu_ms, "vmm_user_ms": f.cpu.user_ms,
                 "agent_ms": f.cpu.agent_ms, "host_busy_ms": f.cpu.host_busy_ms, "host_total_ms": f.cpu.host_total_ms,
             },
             "alive_after_window": f.alive_after,
@@ -272,6 +272,13 @@ pub fn markdown(opts: &Options, run: &Run) -> String {
             "  of it in vCPU threads, %",
             cell(
                 (f.cpu.vmm_ms > 0.0).then(|| f.cpu.vcpu_ms / f.cpu.vmm_ms * 100.0),
+                1,
+            ),
+        );
+        row(
+            "  of it in user space (rest: host kernel, KVM), %",
+            cell(
+                (f.cpu.vmm_ms > 0.0).then(|| f.cpu.user_ms / f.cpu.vmm_ms * 100.0),
                 1,
             ),
         );
