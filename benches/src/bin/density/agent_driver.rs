@@ -232,7 +232,7 @@ impl AgentDriver {
         let start = Instant::now();
         let source = self.boot(SOURCE_ID).await.context("booting the source VM")?;
         let source_ready_ms = ms(start);
-        let (source_quiet_ms, source_cpu_pct) = wait_quiet(source.pid, self.inner.shape.source_quiet).await;
+        let (source_quiet_ms, source_cpu_pct) = wait_quiet(source.pid, &self.inner.shape).await;
         let mut snaps = SnapshotServiceClient::new(self.inner.channel.clone());
         let start = Instant::now();
         let op = snaps

@@ -225,7 +225,7 @@ impl DirectDriver {
         let (pid, _, source_ready_ms) = tokio::task::spawn_blocking(move || me.boot_blocking(name))
             .await?
             .context("booting the source VM")?;
-        let (source_quiet_ms, source_cpu_pct) = wait_quiet(pid, self.inner.shape.source_quiet).await;
+        let (source_quiet_ms, source_cpu_pct) = wait_quiet(pid, &self.inner.shape).await;
         let me = self.clone();
         let prepared = tokio::task::spawn_blocking(move || me.snapshot_blocking(name, pid)).await??;
         Ok(Prepared {

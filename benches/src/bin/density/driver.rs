@@ -65,6 +65,7 @@ pub struct VmShape {
     pub ready_marker: &'static str,
     pub boot_timeout: Duration,
     pub source_quiet: Duration,
+    pub quiet_percent: f64,
     /// Clones are restored paused.
     pub paused: bool,
 }
@@ -83,6 +84,7 @@ impl VmShape {
             ready_marker: opts.workload.ready_marker(),
             boot_timeout: opts.boot_timeout,
             source_quiet: opts.source_quiet,
+            quiet_percent: opts.workload.quiet_percent(),
             paused: opts.paused,
         }
     }
@@ -145,14 +147,14 @@ impl Driver {
     }
 }
 
-/// A source VM counts as quiet below this share of one core.
-const QUIET_PERCENT: f64 = 5.0;
 const QUIET_INTERVAL: Duration = Duration::from_secs(2);
 
-/// Waits (at most `max`) until `pid` uses less than [`QUIET_PERCENT`] of a core over an
-/// interval: a guest that has printed its ready marker may still be busy finishing its boot,
-/// and every clone of a snapshot taken then would redo that work. Returns (ms waited, last %).
-pub async fn wait_quiet(pid: u32, max: Duration) -> (f64, f64) {
+/// Waits (at most `shape.source_quiet`) until `pid` uses less than `shape.quiet_percent` of a
+/// core over an interval: a guest that has printed its ready marker may still be busy finishing
+/// its boot, and every clone of a snapshot taken then would redo that work. Returns (ms waited,
+/// last %).
+pub async fn wait_quiet(pid: u32, shape: &VmShape) -> (f64, f64) {
+    let (max, quiet_percent) = (shape.source_quiet, shape.quiet_percent);
     let start = tokio::time::Instant::now();
     let mut percent = f64::NAN;
     while start.elapsed() < max {
@@ -166,7 +168,7 @@ pub async fn wait_quiet(pid: u32, max: Duration) -> (f64, f64) {
         };
         let used_ms = after.saturating_sub(before) as f64 * 1000.0 / procfs::USER_HZ;
         percent = used_ms / (t.elapsed().as_secs_f64() * 1000.0) * 100.0;
-        if percent < QUIET_PERCENT {
+        if percent < quiet_percent {
             break;
         }
     }
