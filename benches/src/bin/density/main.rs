@@ -263,6 +263,12 @@ async fn measure_full(
         vms.iter().map(|c| (c.clone(), guest.split(c.pid))).collect();
     let agent = driver.agent_pid().and_then(procfs::rollup);
     let mem_available_kib = procfs::mem_available_kib();
+    if let (Some(nice), Some(pid)) = (opts.agent_nice, driver.agent_pid()) {
+        // This process too: it is the RPC client, and its wait in the run queue would otherwise
+        // be counted as the agent's latency.
+        renice_threads(pid, nice)?;
+        renice_threads(std::process::id(), nice)?;
+    }
     progress.note(&format!("measuring host CPU for {} s", opts.window.as_secs()));
     let cpu = cpu_window(opts.window, vms, driver.agent_pid()).await;
     let alive_after = vms.iter().filter(|c| procfs::alive(c.pid)).count();
@@ -276,6 +282,27 @@ async fn measure_full(
         rpc,
         alive_after,
     })
+}
+
+/// Renices every thread of `pid` (setpriority applies to one thread on Linux, and threads made
+/// later inherit from their creator: done once the VMs are all there, so no vmm inherits it).
+fn renice_threads(pid: u32, nice: i32) -> Result<()> {
+    let tids: Vec<String> = std::fs::read_dir(format!("/proc/{pid}/task"))
+        .with_context(|| format!("cannot list the agent's threads ({pid})"))?
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
+    let status = std::process::Command::new("renice")
+        .args(["-n", &nice.to_string(), "-p"])
+        .args(&tids)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .context("cannot run renice")?;
+    anyhow::ensure!(
+        status.success(),
+        "renice -n {nice} of the agent's threads: {status}"
+    );
+    Ok(())
 }
 
 /// Everything up to the cleanup: the source (clone mode), the waves, the measurements.

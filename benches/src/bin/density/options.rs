@@ -11,7 +11,7 @@ usage: density [--mode clone|boot] [--direct] [--paused] [--count N] [--min-free
                [--memory-mib N] [--vcpus N] [--workload idle|counter] [--window-secs S]
                [--settle-secs S] [--rpc-samples N] [--boot-timeout-secs S]
                [--source-quiet-secs S] [--out PATH]
-               [--vmm PATH] [--agent PATH] [--agent-arg ARG]...
+               [--vmm PATH] [--agent PATH] [--agent-arg ARG]... [--agent-nice N]
 
 Fills this host with VMs in waves of --concurrency until --count VMs run, MemAvailable falls
 below --min-free-mib, or a VM fails to start; then, with all of them resident, measures per-VM
@@ -46,7 +46,11 @@ stopped and removed at the end, also on failure and on Ctrl-C / SIGTERM.
   --agent PATH      the vmm-agent binary (default $VMM_AGENT_BIN, else next to the vmm binary,
                     else next to this program)
   --agent-arg ARG   one more argument for vmm-agent (repeatable), e.g. --agent-arg
-                    --reserve-memory-mib=512";
+                    --reserve-memory-mib=512
+  --agent-nice N    once the host is full, renice every thread of the agent and of this
+                    program (the RPC client) to N (e.g. -10) before the CPU window and the RPC
+                    calls; the vmms keep theirs, so this shows the agent's latency without most
+                    of the run-queue wait";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Mode {
@@ -127,6 +131,7 @@ pub struct Options {
     pub vmm: Option<PathBuf>,
     pub agent: Option<PathBuf>,
     pub agent_args: Vec<String>,
+    pub agent_nice: Option<i32>,
 }
 
 impl Options {
@@ -153,6 +158,7 @@ impl Options {
             vmm: None,
             agent: None,
             agent_args: Vec::new(),
+            agent_nice: None,
         };
         let mut args = Args::new(args, USAGE);
         while let Some(flag) = args.next_flag() {
@@ -191,6 +197,7 @@ impl Options {
                 "--vmm" => o.vmm = Some(args.path(&flag)?),
                 "--agent" => o.agent = Some(args.path(&flag)?),
                 "--agent-arg" => o.agent_args.push(args.value(&flag)?),
+                "--agent-nice" => o.agent_nice = Some(args.parse(&flag)?),
                 _ => return Err(args.unexpected(&flag)),
             }
         }
@@ -268,7 +275,11 @@ mod tests {
         assert_eq!(o.sibling(".md"), PathBuf::from("/r/d-boot.md"));
         assert_eq!(o.sibling("-latency.svg"), PathBuf::from("/r/d-boot-latency.svg"));
         assert!(o.workload.cmdline().contains("vmmprobe.action=counter"));
+        let o = Options::parse(["--agent-nice", "-10", "--paused"]).unwrap();
+        assert_eq!((o.agent_nice, o.paused), (Some(-10), true));
         for bad in [
+            vec!["--mode", "boot", "--paused"],
+            vec!["--agent-nice", "x"],
             vec!["--count", "0"],
             vec!["--mode", "x"],
             vec!["--workload", "memory"],

@@ -131,7 +131,7 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
             "memory_mib": opts.memory_mib, "vcpus": opts.vcpus, "workload": opts.workload.name(),
             "cmdline": opts.workload.cmdline(), "window_secs": opts.window.as_secs(),
             "settle_secs": opts.settle.as_secs(), "rpc_samples": opts.rpc_samples,
-            "agent_args": opts.agent_args, "work_dir": run.work_dir,
+            "agent_args": opts.agent_args, "agent_nice": opts.agent_nice, "work_dir": run.work_dir,
         },
         "mem_total_kib": run.mem_total_kib,
         "start_mem_available_kib": run.start_mem_available_kib,
@@ -199,6 +199,11 @@ pub fn markdown(opts: &Options, run: &Run) -> String {
         opts.concurrency,
         run.stop.describe()
     ));
+    if let Some(n) = opts.agent_nice.filter(|_| run.driver == "agent") {
+        out.push_str(&format!(
+            "The agent's and the benchmark's (the RPC client's) threads were reniced to {n} once the host was full (before the CPU window and the RPC calls); the vmms kept nice 0.\n\n"
+        ));
+    }
     if let Some(p) = &run.prepared {
         out.push_str(&format!(
             "Source VM: booted to its workload in {:.1} s, left {:.1} s more to settle (then {:.1}% of a core), full snapshot in {:.0} ms ({:.1} MiB of memory written, {:.1} MiB on disk).\n\n",
