@@ -176,7 +176,8 @@ pub fn alive(pid: u32) -> bool {
 /// Live processes (other than this one) whose command line names something under `dir`: the vmms
 /// and the agent this benchmark started there.
 pub fn processes_under(dir: &Path) -> Vec<u32> {
-    let needle = dir.display().to_string();
+    // With the separator: `/tmp/density-1-0` must not match `/tmp/density-1-01/...`.
+    let needle = format!("{}/", dir.display());
     let me = std::process::id();
     let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
