@@ -1,7 +1,8 @@
 //! Live migration between two VMM processes over a socket pair, on a real guest that keeps a
 //! counter in memory, wrote data to its disk (shared: both VMMs see the same image) and answers
 //! pings on its NIC. Both VMMs sit in a network namespace the test makes, each behind its own tap
-//! on one bridge. A destination that cannot take the VM refuses at the handshake and the source
+//! on one bridge. A destination that cannot take the VM refuses at the handshake, a migration
+//! cancelled mid-way and one whose destination is killed mid-way fail, and each time the source
 //! runs on; a destination that can receives the memory rounds and the state, the source commits
 //! and exits with 0, the guest continues counting at the destination without booting again, the
 //! bridge learns the guest's MAC on the destination's tap (the VMM's announcement), and the guest
@@ -223,6 +224,47 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     assert_eq!(status.phase, MigrationPhase::Failed);
     drop(r);
     let _ = refusing.kill();
+
+    // Slowed to 1 MiB/s, round 0 (about 11 MiB) takes seconds: a migration cancelled, or whose
+    // destination is killed, right after it started is still in it. Each time the source runs on.
+    for (round, how) in ["cancel", "kill"].into_iter().enumerate() {
+        let (mut victim, mut v) = empty_vmm(&ns, &dir.path().join(format!("{how}.sock")));
+        let (a, b) = UnixStream::pair().unwrap();
+        give_connection(&mut v, &b);
+        v.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig", "overrides": {"nets": [{"id": "eth0", "tap": "mdst0"}]}}}}"#)
+            .unwrap();
+        give_connection(&mut c, &a);
+        drop((a, b));
+        let line = r#"{"id": 10, "request": {"migrate-send": {"connection": "mig", "bandwidth_bytes_per_s": 1048576}}}"#;
+        assert!(matches!(c.ok(line).unwrap(), Response::MigrationStarted(_)));
+        if how == "cancel" {
+            assert_eq!(
+                c.ok(r#"{"id": 11, "request": "migrate-cancel"}"#).unwrap(),
+                Response::MigrationCancelling
+            );
+        } else {
+            victim.kill().unwrap();
+        }
+        let Event::MigrationFailed(stats) = c.wait_event(|e| matches!(e, Event::MigrationFailed(_))) else {
+            unreachable!()
+        };
+        assert!(stats.error.is_some(), "{how}: {stats:?}");
+        let Response::Description(desc) = c.ok(r#"{"id": 12, "request": "describe"}"#).unwrap() else {
+            panic!("describe")
+        };
+        assert_eq!(desc.state, VmState::Running, "{how}");
+        let seen = harness::probe_counters(&source).last().copied().unwrap_or(0);
+        source
+            .wait_for_line(&format!("vmmprobe: counter={}", seen + 2), BOOT_TIMEOUT)
+            .unwrap_or_else(|e| panic!("{how}: the source stopped counting: {e}"));
+        if how == "cancel" {
+            // The destination learns it from the closed stream and stays without a VM.
+            let answer = v.wait_answer(Duration::from_secs(150)).unwrap();
+            assert!(matches!(answer.result, Outcome::Error(_)), "{answer:?}");
+            let _ = victim.kill();
+        }
+        eprintln!("{how} (round {round}): {stats:?}");
+    }
 
     // The real destination.
     let (mut dest, mut d) = empty_vmm(&ns, &dir.path().join("dest.sock"));

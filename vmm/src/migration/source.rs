@@ -69,6 +69,7 @@ fn run(job: SourceJob) {
 /// Bytes on the wire, paced to a bandwidth limit.
 struct Sender<'a> {
     out: BufWriter<&'a UnixStream>,
+    shared: &'a Shared,
     mem: &'a GuestMemoryMmap,
     sent: u64,
     since: Instant,
@@ -112,7 +113,12 @@ impl Sender<'_> {
                         data: bytes,
                     })?;
                     self.sent += n;
+                    lock(&self.shared.stats).memory_transferred_bytes = self.sent;
                     self.pace();
+                    // Looked at per frame: a round of a large guest on a slow link takes long.
+                    if self.shared.cancel.load(Ordering::Acquire) {
+                        return Err(MigrationError::Cancelled);
+                    }
                     start = None;
                 }
                 _ => {}
@@ -206,6 +212,7 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
     let mut reader = stream;
     let mut tx = Sender {
         out: BufWriter::with_capacity(1 << 20, stream),
+        shared: &job.shared,
         mem: &job.mem,
         sent: 0,
         since: Instant::now(),
