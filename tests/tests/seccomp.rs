@@ -171,8 +171,9 @@ fn a_guest_runs_to_power_off_under_the_default_kill_filters() {
         );
         std::thread::sleep(Duration::from_millis(20));
     };
-    // The main thread (tid = pid) and two vCPUs, each under exactly one filter of its own: the vCPU
-    // threads were created before the main thread installed its filter, so they did not inherit it.
+    // The main thread (tid = pid), two vCPUs and the idle migration sender, each under exactly one
+    // filter of its own: they were created before the main thread installed its filter, so they did
+    // not inherit it.
     // KVM and io_uring may add kernel workers to the process (`kvm-nx-lpage-recovery`, `iou-wrk-N`),
     // which never run user code; they are filtered too, having been forked from a filtered thread.
     assert!(threads.contains_key(&guest.pid()), "{threads:?}");
@@ -182,7 +183,7 @@ fn a_guest_runs_to_power_off_under_the_default_kill_filters() {
         .map(|(_, (name, _, _))| name.as_str())
         .collect();
     others.sort_unstable();
-    assert_eq!(others, ["vcpu0", "vcpu1"], "{threads:?}");
+    assert_eq!(others, ["vcpu0", "vcpu1", "vmm-migrate"], "{threads:?}");
     for (tid, (name, _, filters)) in &threads {
         if let (Some(filters), false) = (filters, kernel_worker(name)) {
             assert_eq!(filters, "1", "thread {tid} ({name}) runs under {filters} filters");
