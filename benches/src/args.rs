@@ -74,6 +74,19 @@ impl Args {
         self.parse(flag).map(Duration::from_secs)
     }
 
+    /// The value that follows `flag` as guest sizes `MIBxVCPUS,...` (e.g. `128x1,2048x2`).
+    pub fn sizes(&mut self, flag: &str) -> Result<Vec<(u32, u32)>> {
+        self.value(flag)?
+            .split(',')
+            .map(|s| {
+                let (m, v) = s
+                    .split_once('x')
+                    .ok_or_else(|| anyhow!("{flag}: {s}: want MIBxVCPUS"))?;
+                Ok((m.parse()?, v.parse()?))
+            })
+            .collect()
+    }
+
     /// The error for a flag the program does not know: the usage text alone for `-h` / `--help`.
     pub fn unexpected(&self, flag: &str) -> anyhow::Error {
         match flag {

@@ -10,7 +10,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use anyhow::{anyhow, bail, Context, Result};
+use anyhow::{bail, Context, Result};
 use benches::{cell, host_json, qemu_microvm, ratio, unix_time, write_json, Args, Qmp, Summary};
 use harness::{try_vmm_binary, ControlClient, Guest, GuestImages, TempDir};
 use serde_json::json;
@@ -53,18 +53,7 @@ impl Options {
         let mut args = Args::new(args, USAGE);
         while let Some(flag) = args.next_flag() {
             match flag.as_str() {
-                "--sizes" => {
-                    opts.sizes = args
-                        .value(&flag)?
-                        .split(',')
-                        .map(|s| {
-                            let (m, v) = s
-                                .split_once('x')
-                                .ok_or_else(|| anyhow!("--sizes: {s}: want MIBxVCPUS"))?;
-                            Ok((m.parse()?, v.parse()?))
-                        })
-                        .collect::<Result<_>>()?
-                }
+                "--sizes" => opts.sizes = args.sizes(&flag)?,
                 "--runs" => opts.runs = args.parse(&flag)?,
                 "--downtime-ms" => opts.downtime_ms = args.parse(&flag)?,
                 "--qemu" => opts.qemu = Some(args.value(&flag)?),

@@ -57,18 +57,7 @@ impl Options {
         let mut args = Args::new(args, USAGE);
         while let Some(flag) = args.next_flag() {
             match flag.as_str() {
-                "--sizes" => {
-                    opts.sizes = args
-                        .value(&flag)?
-                        .split(',')
-                        .map(|s| {
-                            let (m, v) = s
-                                .split_once('x')
-                                .ok_or_else(|| anyhow!("--sizes: {s}: want MIBxVCPUS"))?;
-                            Ok((m.parse()?, v.parse()?))
-                        })
-                        .collect::<Result<_>>()?
-                }
+                "--sizes" => opts.sizes = args.sizes(&flag)?,
                 "--runs" => opts.runs = args.parse(&flag)?,
                 "--clones" => {
                     opts.clones = args
