@@ -14,6 +14,8 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vmmagent/v1/vm_resources.proto",
         "vmmagent/v1/snapshot.proto",
         "vmmagent/v1/snapshot_resources.proto",
+        "vmmagent/v1/migration.proto",
+        "vmmagent/v1/migration_resources.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

@@ -11,7 +11,7 @@ use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::{sleep, Instant};
 use vmm_api::control::{Event, Request, Response, ShutdownRequest, VmState as VmmState};
 use vmm_api::snapshot::{SnapshotInfo, SnapshotKind, SnapshotRestore};
@@ -21,7 +21,7 @@ use crate::control::{ConnEvent, ControlClientError, ControlConn};
 use crate::error::AgentError;
 use crate::operations::CancelToken;
 use crate::process::{is_our_vmm, kill};
-use crate::proto::{Vm, VmState};
+use crate::proto::{MigrationProgress, Vm, VmState};
 use crate::spec::to_vm_config;
 use crate::state::Context;
 use crate::store::holds_resources;
@@ -68,6 +68,20 @@ pub(crate) enum Command {
     Restore {
         request: Box<SnapshotRestore>,
         cancel: CancelToken,
+        reply: Reply<Vm>,
+    },
+    /// Live-migrates the VM away; once the destination owns it, it is deleted here and the actor
+    /// ends.
+    MigrateOut {
+        plan: Box<migration::Outgoing>,
+        cancel: CancelToken,
+        progress: watch::Sender<MigrationProgress>,
+        reply: Reply<MigrationProgress>,
+    },
+    /// Runs this new VM from an incoming migration; if that fails, the VM is deleted and the
+    /// actor ends.
+    MigrateIn {
+        plan: Box<migration::Incoming>,
         reply: Reply<Vm>,
     },
 }
@@ -203,18 +217,38 @@ impl VmActor {
                 reply,
             } => {
                 let result = self.restore(*request, &cancel).await;
-                if result.is_err() {
-                    // Nothing of a failed restore is kept: no VM, no files.
-                    if let Err(e) = self.delete().await {
-                        tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot remove a failed restore");
-                    }
-                    let _ = reply.send(result);
-                    return true;
-                }
+                return self.keep_or_remove(result, reply, "restore").await;
+            }
+            Command::MigrateOut {
+                plan,
+                cancel,
+                progress,
+                reply,
+            } => {
+                let result = self.migrate_out(*plan, &cancel, &progress).await;
+                let gone = result.is_ok();
                 let _ = reply.send(result);
+                return gone;
+            }
+            Command::MigrateIn { plan, reply } => {
+                let result = self.migrate_in(*plan).await;
+                return self.keep_or_remove(result, reply, "incoming migration").await;
             }
         }
         false
+    }
+
+    /// Answers a command that made this VM; if it failed, nothing of the VM is kept (no record,
+    /// no files) and the actor ends (true).
+    async fn keep_or_remove(&mut self, result: Result<Vm, AgentError>, reply: Reply<Vm>, what: &str) -> bool {
+        let failed = result.is_err();
+        if failed {
+            if let Err(e) = self.delete().await {
+                tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot remove a failed {what}");
+            }
+        }
+        let _ = reply.send(result);
+        failed
     }
 
     fn wrong_state(&self, state: VmState, verb: &str) -> AgentError {
@@ -362,7 +396,7 @@ impl VmActor {
             ConnEvent::Event(Event::VcpuError { message }) => {
                 tracing::warn!(vm = %self.vm.vm_id, message, "vCPU error");
             }
-            // The agent does not drive migrations yet.
+            // Followed by `migrate_out` while it runs; stray ones say nothing new.
             ConnEvent::Event(
                 Event::MigrationProgress(_) | Event::MigrationCompleted(_) | Event::MigrationFailed(_),
             ) => {}
@@ -675,18 +709,30 @@ impl VmActor {
     /// Sends a control request and waits up to `timeout` for its answer; a refusal is
     /// FAILED_PRECONDITION with the vmm's message.
     async fn request_within(&self, request: Request, timeout: Duration) -> Result<Response, AgentError> {
+        self.request_fds_within(request, &[], timeout).await
+    }
+
+    /// Like `request_within`, with descriptors attached (SCM_RIGHTS).
+    async fn request_fds_within(
+        &self,
+        request: Request,
+        fds: &[std::os::fd::BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Response, AgentError> {
         let conn = self.proc.as_ref().and_then(|p| p.conn.as_ref()).ok_or_else(|| {
             AgentError::Unavailable(format!(
                 "the control connection of VM '{}' is down; try again",
                 self.vm.vm_id
             ))
         })?;
-        conn.request(request, timeout).await.map_err(|e| match e {
-            ControlClientError::Refused(c) => {
-                AgentError::WrongState(format!("the vmm refused: {}", c.message))
-            }
-            e => AgentError::Unavailable(format!("VM '{}': {e}", self.vm.vm_id)),
-        })
+        conn.request_with_fds(request, fds, timeout)
+            .await
+            .map_err(|e| match e {
+                ControlClientError::Refused(c) => {
+                    AgentError::WrongState(format!("the vmm refused: {}", c.message))
+                }
+                e => AgentError::Unavailable(format!("VM '{}': {e}", self.vm.vm_id)),
+            })
     }
 
     async fn pause_resume(&mut self, pause: bool) -> Result<Vm, AgentError> {
@@ -789,6 +835,11 @@ impl VmActor {
             }
             self.stopping = false;
         }
+        self.remove_record_and_files().await
+    }
+
+    /// Forgets the VM: its record, then its directory.
+    async fn remove_record_and_files(&mut self) -> Result<(), AgentError> {
         let id = self.vm.vm_id.clone();
         self.ctx.store.call(move |s| s.delete_vm(&id)).await?;
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
@@ -802,6 +853,9 @@ impl VmActor {
 
 #[path = "actor_snapshot.rs"]
 mod snapshot;
+
+#[path = "actor_migration.rs"]
+pub(crate) mod migration;
 
 /// How connecting to a new vmm went.
 enum NewVmm {

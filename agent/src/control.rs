@@ -3,6 +3,7 @@
 //! end) to the owner.
 
 use std::collections::HashMap;
+use std::os::fd::BorrowedFd;
 use std::path::Path;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -73,6 +74,17 @@ impl ControlConn {
 
     /// Sends `request` and waits up to `timeout` for its answer.
     pub async fn request(&self, request: Request, timeout: Duration) -> Result<Response, ControlClientError> {
+        self.request_with_fds(request, &[], timeout).await
+    }
+
+    /// Sends `request` with `fds` attached to its line (SCM_RIGHTS; for `add-fds`) and waits up
+    /// to `timeout` for its answer.
+    pub async fn request_with_fds(
+        &self,
+        request: Request,
+        fds: &[BorrowedFd<'_>],
+        timeout: Duration,
+    ) -> Result<Response, ControlClientError> {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = oneshot::channel();
         lock(&self.pending).insert(id, tx);
@@ -80,7 +92,13 @@ impl ControlConn {
             let mut line = serde_json::to_vec(&RequestLine { id, request })
                 .map_err(|e| ControlClientError::Io(e.into()))?;
             line.push(b'\n');
-            self.writer.lock().await.write_all(&line).await?;
+            let mut writer = self.writer.lock().await;
+            let sent = if fds.is_empty() {
+                0
+            } else {
+                send_with_fds(writer.as_ref(), &line, fds).await?
+            };
+            writer.write_all(&line[sent..]).await?;
             rx.await.map_err(|_| ControlClientError::Closed)
         })
         .await;
@@ -90,6 +108,33 @@ impl ControlConn {
             Ok(Err(e)) => Err(e),
             Ok(Ok(Outcome::Ok(response))) => Ok(response),
             Ok(Ok(Outcome::Error(e))) => Err(ControlClientError::Refused(e)),
+        }
+    }
+}
+
+/// Sends the start of `bytes` with `fds` in one `sendmsg`; returns how much of `bytes` went.
+async fn send_with_fds(sock: &UnixStream, bytes: &[u8], fds: &[BorrowedFd<'_>]) -> std::io::Result<usize> {
+    use rustix::net::{sendmsg, SendAncillaryBuffer, SendAncillaryMessage, SendFlags};
+    loop {
+        sock.writable().await?;
+        let sent = sock.try_io(tokio::io::Interest::WRITABLE, || {
+            let mut space =
+                vec![std::mem::MaybeUninit::<u8>::uninit(); rustix::cmsg_space!(ScmRights(fds.len()))];
+            let mut control = SendAncillaryBuffer::new(&mut space);
+            if !control.push(SendAncillaryMessage::ScmRights(fds)) {
+                return Err(std::io::Error::other("too many descriptors for one message"));
+            }
+            sendmsg(
+                sock,
+                &[std::io::IoSlice::new(bytes)],
+                &mut control,
+                SendFlags::NOSIGNAL,
+            )
+            .map_err(std::io::Error::from)
+        });
+        match sent {
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            other => return other,
         }
     }
 }

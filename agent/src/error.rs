@@ -62,6 +62,9 @@ pub enum AgentError {
     /// Something else failed inside the agent (logged with details).
     #[error("{0}")]
     Internal(String),
+    /// Another host's agent refused or failed; its status code is kept.
+    #[error("the destination agent: {1}")]
+    Peer(Code, String),
 }
 
 impl AgentError {
@@ -91,6 +94,9 @@ fn status_parts(err: &AgentError) -> (Code, String) {
         AgentError::Aborted(_) => Code::Aborted,
         AgentError::PermissionDenied(_) => Code::PermissionDenied,
         AgentError::Store(_) | AgentError::Internal(_) => Code::Internal,
+        // Its internal failures are not ours: the peer is what is unavailable.
+        AgentError::Peer(Code::Internal | Code::Unknown, _) => Code::Unavailable,
+        AgentError::Peer(code, _) => *code,
     };
     if code == Code::Internal {
         // The details (paths, SQLite messages) go to the log, not to the client.

@@ -18,6 +18,8 @@ pub mod control;
 pub mod error;
 pub mod host;
 pub mod listen;
+pub mod migration_service;
+pub mod migrations;
 pub mod nics;
 pub mod operations;
 pub mod ops_service;

@@ -8,6 +8,10 @@
 //! everything, including delete. A method this table does not know needs admin, so that a new RPC
 //! is closed until someone decides who may call it. The Unix socket has no such layer: its file
 //! mode decides who connects, and whoever does is admin.
+//!
+//! Apart from that ladder, `vmmagent-role:migration-peer` marks another host's agent: it may call
+//! `MigrationPeerService` (prepare this host to receive a VM) and nothing else, and nothing else
+//! may call that service, admins included.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -21,6 +25,29 @@ use crate::error::AgentError;
 
 /// The URI scheme of a role in a certificate's subject alternative names.
 pub const ROLE_URI_PREFIX: &str = "vmmagent-role:";
+/// The role name of a peer agent.
+pub const MIGRATION_PEER: &str = "migration-peer";
+/// The service only peer agents may call.
+const PEER_SERVICE: &str = "vmmagent.v1.MigrationPeerService";
+
+/// What a client certificate grants.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct Grants {
+    /// Its place on the viewer/operator/admin ladder, if any.
+    pub role: Option<Role>,
+    /// It is another host's agent.
+    pub migration_peer: bool,
+}
+
+impl Grants {
+    /// A client with `role` only.
+    pub fn role(role: Role) -> Self {
+        Grants {
+            role: Some(role),
+            migration_peer: false,
+        }
+    }
+}
 
 /// What a client may do, each role including the ones below it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
@@ -74,6 +101,8 @@ pub fn required_role(path: &str) -> Role {
             | "RebootVmAsync",
         ) => Role::Operator,
         ("vmmagent.v1.OperationsService", "CancelOperation") => Role::Operator,
+        ("vmmagent.v1.MigrationService", "WatchMigration") => Role::Viewer,
+        ("vmmagent.v1.MigrationService", "MigrateVm" | "CancelMigration") => Role::Operator,
         _ => Role::Admin,
     }
 }
@@ -166,16 +195,35 @@ pub fn san_uris(cert: &[u8]) -> Vec<String> {
 
 /// The role a DER client certificate grants, if any.
 pub fn certificate_role(cert: &[u8]) -> Option<Role> {
-    san_uris(cert)
-        .iter()
-        .filter_map(|uri| uri.strip_prefix(ROLE_URI_PREFIX).and_then(Role::from_name))
-        .max()
+    certificate_grants(cert).role
 }
 
-/// Checks that a client with `role` (`None`: its certificate names none) may call `path`.
-pub fn authorize(role: Option<Role>, path: &str) -> Result<(), AgentError> {
+/// What a DER client certificate grants.
+pub fn certificate_grants(cert: &[u8]) -> Grants {
+    let uris = san_uris(cert);
+    let names = || uris.iter().filter_map(|uri| uri.strip_prefix(ROLE_URI_PREFIX));
+    Grants {
+        role: names().filter_map(Role::from_name).max(),
+        migration_peer: names().any(|n| n == MIGRATION_PEER),
+    }
+}
+
+/// Checks that a client with `grants` may call `path`.
+pub fn authorize(grants: &Grants, path: &str) -> Result<(), AgentError> {
+    let service = path.trim_start_matches('/').split_once('/').map(|(s, _)| s);
+    if service == Some(PEER_SERVICE) || grants.role.is_none() && grants.migration_peer {
+        return match (service == Some(PEER_SERVICE), grants.migration_peer) {
+            (true, true) => Ok(()),
+            (true, false) => Err(AgentError::PermissionDenied(format!(
+                "{path} is for peer agents: it needs a certificate naming {ROLE_URI_PREFIX}{MIGRATION_PEER}"
+            ))),
+            _ => Err(AgentError::PermissionDenied(format!(
+                "{path}: a {MIGRATION_PEER} certificate may only call {PEER_SERVICE}"
+            ))),
+        };
+    }
     let needed = required_role(path);
-    match role {
+    match grants.role {
         Some(r) if r >= needed => Ok(()),
         Some(r) => Err(AgentError::PermissionDenied(format!(
             "{path} needs the {} role; the client certificate grants {}",
@@ -227,12 +275,13 @@ where
     fn call(&mut self, request: http::Request<B>) -> Self::Future {
         // rustls has verified the chain against the client CA before any request arrives; only
         // the leaf names the role.
-        let role = request
+        let grants = request
             .extensions()
             .get::<TlsConnectInfo<TcpConnectInfo>>()
             .and_then(|info| info.peer_certs())
-            .and_then(|certs| certs.first().and_then(|c| certificate_role(c.as_ref())));
-        match authorize(role, request.uri().path()) {
+            .and_then(|certs| certs.first().map(|c| certificate_grants(c.as_ref())))
+            .unwrap_or_default();
+        match authorize(&grants, request.uri().path()) {
             Ok(()) => Box::pin(self.inner.call(request)),
             Err(e) => {
                 tracing::info!(error = %e, "call refused");
@@ -276,10 +325,40 @@ mod tests {
         // Unknown methods are closed to all but admins.
         assert_eq!(required_role("/vmmagent.v1.VmService/Nuke"), Role::Admin);
         assert_eq!(required_role("garbage"), Role::Admin);
-        let e = authorize(Some(Role::Viewer), "/vmmagent.v1.VmService/StopVm").unwrap_err();
+        let e = authorize(&Grants::role(Role::Viewer), "/vmmagent.v1.VmService/StopVm").unwrap_err();
         assert!(e.to_string().contains("needs the operator role"), "{e}");
-        assert!(authorize(Some(Role::Admin), "/vmmagent.v1.VmService/DeleteVm").is_ok());
-        assert!(authorize(None, "/vmmagent.v1.VmService/ListVms").is_err());
+        assert!(authorize(&Grants::role(Role::Admin), "/vmmagent.v1.VmService/DeleteVm").is_ok());
+        assert!(authorize(&Grants::default(), "/vmmagent.v1.VmService/ListVms").is_err());
+        assert_eq!(
+            required_role("/vmmagent.v1.MigrationService/MigrateVm"),
+            Role::Operator
+        );
+    }
+
+    #[test]
+    fn only_peer_agents_prepare_incoming_migrations_and_peers_do_nothing_else() {
+        let prepare = "/vmmagent.v1.MigrationPeerService/PrepareIncoming";
+        let peer = Grants {
+            role: None,
+            migration_peer: true,
+        };
+        assert!(authorize(&peer, prepare).is_ok());
+        for denied in [
+            "/vmmagent.v1.VmService/ListVms",
+            "/vmmagent.v1.MigrationService/MigrateVm",
+        ] {
+            let e = authorize(&peer, denied).unwrap_err();
+            assert!(e.to_string().contains("may only call"), "{e}");
+        }
+        let e = authorize(&Grants::role(Role::Admin), prepare).unwrap_err();
+        assert!(e.to_string().contains("vmmagent-role:migration-peer"), "{e}");
+        // A peer that is also an operator keeps both.
+        let both = Grants {
+            role: Some(Role::Operator),
+            migration_peer: true,
+        };
+        assert!(authorize(&both, prepare).is_ok());
+        assert!(authorize(&both, "/vmmagent.v1.VmService/StopVm").is_ok());
     }
 
     fn cert_with(sans: Vec<rcgen::SanType>) -> Vec<u8> {
@@ -307,6 +386,14 @@ mod tests {
         assert_eq!(certificate_role(&cert), Some(Role::Operator));
         let both = cert_with(vec![uri("vmmagent-role:viewer"), uri("vmmagent-role:admin")]);
         assert_eq!(certificate_role(&both), Some(Role::Admin));
+        let peer = cert_with(vec![uri("vmmagent-role:migration-peer")]);
+        assert_eq!(
+            certificate_grants(&peer),
+            Grants {
+                role: None,
+                migration_peer: true
+            }
+        );
         assert_eq!(
             certificate_role(&cert_with(vec![uri("vmmagent-role:root")])),
             None

@@ -17,9 +17,13 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::host::{HostApi, HostFacts};
 use crate::listen::{Listen, TlsFiles};
+use crate::migration_service::{MigrationApi, PeerApi};
+use crate::migrations::Migrations;
 use crate::operations::Operations;
 use crate::ops_service::OperationsApi;
 use crate::proto::host_service_server::HostServiceServer;
+use crate::proto::migration_peer_service_server::MigrationPeerServiceServer;
+use crate::proto::migration_service_server::MigrationServiceServer;
 use crate::proto::operations_service_server::OperationsServiceServer;
 use crate::proto::snapshot_service_server::SnapshotServiceServer;
 use crate::proto::vm_service_server::VmServiceServer;
@@ -27,7 +31,7 @@ use crate::roles::RoleLayer;
 use crate::service::VmApi;
 use crate::snapshot_service::{SnapshotApi, INTERRUPTED_REASON};
 use crate::snapshots::HostCompat;
-use crate::state::{AgentConfig, Context, StoreHandle};
+use crate::state::{AgentConfig, Context, PeerIdentity, StoreHandle};
 use crate::store::{Store, StoreError};
 use crate::supervisor::Supervisor;
 
@@ -117,6 +121,8 @@ pub async fn run(
     let ctx = Arc::new(Context {
         config,
         store: StoreHandle::new(store),
+        migrations: Migrations::default(),
+        peer: peer_identity(&listens)?,
     });
     let supervisor = Supervisor::new(ctx.clone());
     // Before serving: no worker of a previous agent is left to finish what it started.
@@ -148,6 +154,9 @@ pub async fn run(
     health
         .set_not_serving::<SnapshotServiceServer<SnapshotApi>>()
         .await;
+    health
+        .set_not_serving::<MigrationServiceServer<MigrationApi>>()
+        .await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -162,11 +171,25 @@ pub async fn run(
     let compat = HostCompat {
         cpu_model: vmm_api::snapshot::host_cpu_model(),
         format_version: vmm_api::snapshot::format_of_version_line(&facts.vmm_version),
+        migration_protocol: vmm_api::snapshot::migration_protocol_of_version_line(&facts.vmm_version),
     };
     let snapshot_service = SnapshotServiceServer::new(SnapshotApi::new(
         ctx.clone(),
         supervisor.clone(),
         ops.clone(),
+        ready.clone(),
+        compat.clone(),
+    ));
+    let migration_service = MigrationServiceServer::new(MigrationApi::new(
+        ctx.clone(),
+        supervisor.clone(),
+        ops.clone(),
+        ready.clone(),
+        compat.clone(),
+    ));
+    let peer_service = MigrationPeerServiceServer::new(PeerApi::new(
+        ctx.clone(),
+        supervisor.clone(),
         ready.clone(),
         compat,
     ));
@@ -180,6 +203,8 @@ pub async fn run(
                 .add_service(reflection.clone())
                 .add_service(vm_service.clone())
                 .add_service(snapshot_service.clone())
+                .add_service(migration_service.clone())
+                .add_service(peer_service.clone())
                 .add_service(ops_service.clone())
                 .add_service(host_service.clone())
         };
@@ -239,6 +264,7 @@ pub async fn run(
     health.set_serving::<VmServiceServer<VmApi>>().await;
     health.set_serving::<HostServiceServer<HostApi>>().await;
     health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
+    health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
     tracing::info!("ready");
 
     // The first listener to fail ends the agent (dropping the set stops the others).
@@ -262,6 +288,24 @@ pub async fn run(
         }
     }
     result
+}
+
+/// What this agent shows peer agents: the identity and client CA of its first TLS listener, whose
+/// address also takes incoming migration connections.
+fn peer_identity(listens: &[Listen]) -> Result<Option<PeerIdentity>, ServerError> {
+    let Some((addr, files)) = listens.iter().find_map(|l| match l {
+        Listen::Tls { addr, tls } => Some((addr, tls)),
+        _ => None,
+    }) else {
+        return Ok(None);
+    };
+    let read = |p: &Path| std::fs::read_to_string(p).map_err(|e| ServerError::TlsFile(p.to_path_buf(), e));
+    Ok(Some(PeerIdentity {
+        cert_pem: read(&files.cert)?,
+        key_pem: read(&files.key)?,
+        ca_pem: read(&files.client_ca)?,
+        listen_ip: addr.ip(),
+    }))
 }
 
 /// The server side of mutual TLS: our identity, and the CA that client certificates must chain

@@ -48,6 +48,8 @@ pub struct HostCompat {
     pub cpu_model: String,
     /// From `vmm --version`.
     pub format_version: Option<u32>,
+    /// The migration protocol this host's vmm speaks, from `vmm --version`.
+    pub migration_protocol: Option<u32>,
 }
 
 /// Refuses (FAILED_PRECONDITION) a snapshot this host cannot restore: taken on another CPU model
@@ -89,6 +91,16 @@ pub fn restored_spec(
             disk.path = restored_disk_path(vm_dir, i).display().to_string();
         }
     }
+    move_nics(&mut spec, nics, "the snapshot's VM")?;
+    if !labels.is_empty() {
+        spec.labels = labels;
+    }
+    Ok(spec)
+}
+
+/// Puts the NICs `nics` names on their new taps (restores, migrations); `whose` names the VM in
+/// errors.
+pub fn move_nics(spec: &mut VmSpec, nics: &[NicOverride], whose: &str) -> Result<(), AgentError> {
     for (i, o) in nics.iter().enumerate() {
         if nics[..i].iter().any(|earlier| earlier.id == o.id) {
             return Err(AgentError::invalid(
@@ -99,15 +111,12 @@ pub fn restored_spec(
         let Some(nic) = spec.nics.iter_mut().find(|n| n.id == o.id) else {
             return Err(AgentError::invalid(
                 format!("nics[{i}].id"),
-                format!("the snapshot's VM has no NIC '{}'", o.id),
+                format!("{whose} has no NIC '{}'", o.id),
             ));
         };
         nic.tap = o.tap.clone();
     }
-    if !labels.is_empty() {
-        spec.labels = labels;
-    }
-    Ok(spec)
+    Ok(())
 }
 
 /// What the vmm must change to run `spec` (from [`restored_spec`]) from its snapshot: the disk
@@ -214,6 +223,7 @@ mod tests {
         let host = HostCompat {
             cpu_model: "GenuineIntel Xeon".into(),
             format_version: Some(1),
+            migration_protocol: None,
         };
         assert!(check_compatible(&snapshot(), &host).is_ok());
         let other_cpu = HostCompat {

@@ -83,10 +83,38 @@ impl StoreHandle {
     }
 }
 
+/// What this agent presents to other agents when it migrates a VM (its TLS listener's identity)
+/// and where it receives migrations.
+#[derive(Clone)]
+pub struct PeerIdentity {
+    /// Certificate chain, PEM (a client certificate to peers: it must name the
+    /// `migration-peer` role for them to accept it).
+    pub cert_pem: String,
+    /// Its key, PEM.
+    pub key_pem: String,
+    /// The CA peers' certificates chain to (the listener's client CA), PEM.
+    pub ca_pem: String,
+    /// The address of the TLS listener: incoming migration connections are accepted there too.
+    pub listen_ip: std::net::IpAddr,
+}
+
+impl std::fmt::Debug for PeerIdentity {
+    // The key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PeerIdentity")
+            .field("listen_ip", &self.listen_ip)
+            .finish_non_exhaustive()
+    }
+}
+
 /// The store and the settings, shared by the RPC handlers and the supervisor.
 pub struct Context {
     /// Settings.
     pub config: AgentConfig,
     /// State.
     pub store: StoreHandle,
+    /// The VMs migrating away from here.
+    pub migrations: crate::migrations::Migrations,
+    /// This agent's identity toward peers; `None` without a TLS listener (no migrations then).
+    pub peer: Option<PeerIdentity>,
 }

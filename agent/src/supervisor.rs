@@ -6,13 +6,14 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use vmm_api::snapshot::{SnapshotInfo, SnapshotKind, SnapshotRestore};
 
+use crate::actor::migration::{Incoming, Outgoing};
 use crate::actor::{Command, Reply, VmActor};
 use crate::error::AgentError;
 use crate::operations::CancelToken;
-use crate::proto::Vm;
+use crate::proto::{MigrationProgress, Vm};
 use crate::state::Context;
 
 /// Default time a guest gets to shut down.
@@ -64,6 +65,12 @@ impl Supervisor {
         self.spawn_actor(vm, None);
     }
 
+    /// Like `ask`, refused (FAILED_PRECONDITION) while the VM migrates: for calls that change it.
+    async fn change<T>(&self, vm_id: &str, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
+        self.ctx.migrations.check_idle(vm_id)?;
+        self.ask(vm_id, make).await
+    }
+
     async fn ask<T>(&self, vm_id: &str, make: impl FnOnce(Reply<T>) -> Command) -> Result<T, AgentError> {
         let tx = self
             .actors()
@@ -79,7 +86,7 @@ impl Supervisor {
 
     /// Starts a stopped VM.
     pub async fn start(&self, vm_id: &str) -> Result<Vm, AgentError> {
-        self.ask(vm_id, Command::Start).await
+        self.change(vm_id, Command::Start).await
     }
 
     /// Whether this agent has a VM with this id.
@@ -96,7 +103,7 @@ impl Supervisor {
         force: bool,
         cancel: CancelToken,
     ) -> Result<Vm, AgentError> {
-        self.ask(vm_id, |reply| Command::Stop {
+        self.change(vm_id, |reply| Command::Stop {
             timeout,
             force,
             cancel,
@@ -107,12 +114,12 @@ impl Supervisor {
 
     /// Pauses a running VM.
     pub async fn pause(&self, vm_id: &str) -> Result<Vm, AgentError> {
-        self.ask(vm_id, Command::Pause).await
+        self.change(vm_id, Command::Pause).await
     }
 
     /// Resumes a paused VM.
     pub async fn resume(&self, vm_id: &str) -> Result<Vm, AgentError> {
-        self.ask(vm_id, Command::Resume).await
+        self.change(vm_id, Command::Resume).await
     }
 
     /// Stops (gracefully) and starts a VM; when `cancel` fires during the stop, the VM is stopped
@@ -123,7 +130,7 @@ impl Supervisor {
         timeout: Duration,
         cancel: CancelToken,
     ) -> Result<Vm, AgentError> {
-        self.ask(vm_id, |reply| Command::Reboot {
+        self.change(vm_id, |reply| Command::Reboot {
             timeout,
             cancel,
             reply,
@@ -141,7 +148,7 @@ impl Supervisor {
         leave_paused: bool,
         cancel: CancelToken,
     ) -> Result<SnapshotInfo, AgentError> {
-        self.ask(vm_id, |reply| Command::Snapshot {
+        self.change(vm_id, |reply| Command::Snapshot {
             dir,
             kind,
             leave_paused,
@@ -186,8 +193,48 @@ impl Supervisor {
     /// Stops a VM hard and forgets it.
     pub async fn delete(&self, vm_id: &str) -> Result<(), AgentError> {
         let actor = self.actors().get(vm_id).cloned();
-        self.ask(vm_id, Command::Delete).await?;
+        self.change(vm_id, Command::Delete).await?;
         self.forget(vm_id, actor);
         Ok(())
+    }
+
+    /// Live-migrates a VM away (see [`Command::MigrateOut`]); once it succeeded the VM is gone
+    /// from here.
+    pub(crate) async fn migrate_out(
+        &self,
+        vm_id: &str,
+        plan: Outgoing,
+        cancel: CancelToken,
+        progress: watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress, AgentError> {
+        let actor = self.actors().get(vm_id).cloned();
+        let result = self
+            .ask(vm_id, |reply| Command::MigrateOut {
+                plan: Box::new(plan),
+                cancel,
+                progress,
+                reply,
+            })
+            .await;
+        if result.is_ok() {
+            self.forget(vm_id, actor);
+        }
+        result
+    }
+
+    /// Runs a VM just stored and added (STARTING) from an incoming migration. If that fails, the
+    /// VM is removed (record and files) and the error returned.
+    pub(crate) async fn migrate_in(&self, vm_id: &str, plan: Incoming) -> Result<Vm, AgentError> {
+        let actor = self.actors().get(vm_id).cloned();
+        let result = self
+            .ask(vm_id, |reply| Command::MigrateIn {
+                plan: Box::new(plan),
+                reply,
+            })
+            .await;
+        if result.is_err() {
+            self.forget(vm_id, actor);
+        }
+        result
     }
 }

@@ -7,12 +7,11 @@
 
 mod common;
 
-use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use common::{state_dir, Agent};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
+use common::{state_dir, write, Agent, Ca};
+use rcgen::SanType;
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -20,54 +19,6 @@ use vmm_agent::client::{connect, ClientTls};
 use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{DeleteVmRequest, ListOperationsRequest, ListVmsRequest, StopVmRequest};
-
-/// A CA that signs certificates into PEM files under `dir`.
-struct Ca {
-    issuer: Issuer<'static, KeyPair>,
-    pem: String,
-}
-
-impl Ca {
-    fn new(name: &str) -> Result<Ca> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
-        params.distinguished_name.push(rcgen::DnType::CommonName, name);
-        let pem = params.self_signed(&key)?.pem();
-        Ok(Ca {
-            issuer: Issuer::new(params, key),
-            pem,
-        })
-    }
-
-    /// A leaf certificate with `sans`; returns (cert, key) PEM.
-    fn leaf(&self, sans: Vec<SanType>) -> Result<(String, String)> {
-        let key = KeyPair::generate()?;
-        let mut params = CertificateParams::new(Vec::<String>::new())?;
-        params.subject_alt_names = sans;
-        let cert = params.signed_by(&key, &self.issuer)?;
-        Ok((cert.pem(), key.serialize_pem()))
-    }
-
-    fn client(&self, role: Option<&str>) -> Result<ClientTls> {
-        let sans = match role {
-            Some(r) => vec![SanType::URI(format!("vmmagent-role:{r}").try_into()?)],
-            None => vec![SanType::URI("spiffe://test/nobody".try_into()?)],
-        };
-        let (cert, key) = self.leaf(sans)?;
-        Ok(ClientTls {
-            ca: Vec::new(),
-            identity: Some((cert.into_bytes(), key.into_bytes())),
-        })
-    }
-}
-
-fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
-    let path = dir.join(name);
-    std::fs::write(&path, text)?;
-    Ok(path)
-}
 
 /// A port that was free a moment ago.
 fn free_port() -> Result<u16> {

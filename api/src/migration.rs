@@ -20,8 +20,15 @@
 //! paused and says it is ready; only then does the source commit and end. Until the commit the
 //! source owns the VM: any failure resumes it there. Disks are not copied: both VMMs must see the
 //! same images (shared storage); the source gives up its locks on them at the switch-over.
+//!
+//! Between hosts the connection is TCP with mutual TLS (`tls` on both requests; the source is the
+//! client) and the destination's agent hands out a one-time `token` that the source's handshake
+//! must carry: a peer that has neither the certificate nor the token gets nothing.
 
 use serde::{Deserialize, Serialize};
+
+/// The version of the VMM-to-VMM migration protocol this build speaks.
+pub const PROTOCOL_VERSION: u32 = 2;
 
 /// Default longest pause of the guest at the switch-over.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
@@ -57,6 +64,42 @@ pub struct MigrateSend {
     /// What a migration that has not converged in time does.
     #[serde(default)]
     pub on_timeout: TimeoutPolicy,
+    /// Mutual TLS on the connection (this side is the client); without it the stream is plain,
+    /// for connections that never leave the host.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrationTls>,
+    /// The one-time token the destination was given for this migration; sent in the handshake.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
+}
+
+/// The TLS identity of one side of a migration connection. The source is the TLS client and
+/// checks the destination's certificate against `ca_pem` and `server_name`; the destination asks
+/// the source for a certificate that chains to `ca_pem`.
+#[derive(Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MigrationTls {
+    /// This side's certificate chain, PEM.
+    pub cert_pem: String,
+    /// Its private key, PEM.
+    pub key_pem: String,
+    /// The CA (one or more certificates, PEM) the peer's certificate must chain to.
+    pub ca_pem: String,
+    /// Source only: the name (DNS name or IP address) the destination's certificate must carry.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub server_name: Option<String>,
+}
+
+impl std::fmt::Debug for MigrationTls {
+    // The private key stays out of logs.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("MigrationTls")
+            .field("cert_pem", &format_args!("{} bytes", self.cert_pem.len()))
+            .field("key_pem", &"<redacted>")
+            .field("ca_pem", &format_args!("{} bytes", self.ca_pem.len()))
+            .field("server_name", &self.server_name)
+            .finish()
+    }
 }
 
 /// What a migration does when its timeout passes before it converged.
@@ -81,6 +124,13 @@ pub struct MigrateReceive {
     /// copied), where the serial console goes.
     #[serde(default)]
     pub overrides: crate::snapshot::RestoreOverrides,
+    /// Mutual TLS on the connection (this side is the server).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub tls: Option<MigrationTls>,
+    /// When set, the source's handshake must carry this token (compared in constant time), or
+    /// the migration is refused.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 /// Where a migration is, in libvirt's terms.

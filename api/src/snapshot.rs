@@ -33,13 +33,30 @@ pub fn host_cpu_model() -> String {
 
 /// The `vmm --version` line: the version and the snapshot format.
 pub fn version_line(version: &str) -> String {
-    format!("vmm {version} (snapshot format {FORMAT_VERSION})")
+    format!(
+        "vmm {version} (snapshot format {FORMAT_VERSION}, migration protocol {})",
+        crate::migration::PROTOCOL_VERSION
+    )
+}
+
+/// The number a `vmm --version` line gives after `name` in its parentheses, if any.
+fn version_field(line: &str, name: &str) -> Option<u32> {
+    let (_, inside) = line.split_once('(')?;
+    let inside = inside.split_once(')')?.0;
+    inside
+        .split(',')
+        .find_map(|part| part.trim().strip_prefix(name))
+        .and_then(|n| n.trim().parse().ok())
 }
 
 /// The snapshot format a `vmm --version` line names, if it names one.
 pub fn format_of_version_line(line: &str) -> Option<u32> {
-    let (_, rest) = line.split_once("(snapshot format ")?;
-    rest.split_once(')')?.0.trim().parse().ok()
+    version_field(line, "snapshot format ")
+}
+
+/// The migration protocol a `vmm --version` line names, if it names one.
+pub fn migration_protocol_of_version_line(line: &str) -> Option<u32> {
+    version_field(line, "migration protocol ")
 }
 
 /// The parameters of `snapshot-create`. The VM must be paused.
@@ -178,10 +195,21 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_version_line_names_the_snapshot_format() {
+    fn the_version_line_names_the_snapshot_format_and_migration_protocol() {
         let line = version_line("1.2.3");
-        assert_eq!(line, format!("vmm 1.2.3 (snapshot format {FORMAT_VERSION})"));
+        let protocol = crate::migration::PROTOCOL_VERSION;
+        assert_eq!(
+            line,
+            format!("vmm 1.2.3 (snapshot format {FORMAT_VERSION}, migration protocol {protocol})")
+        );
         assert_eq!(format_of_version_line(&line), Some(FORMAT_VERSION));
+        assert_eq!(migration_protocol_of_version_line(&line), Some(protocol));
+        // What an earlier vmm printed.
+        assert_eq!(format_of_version_line("vmm 0.1.0 (snapshot format 2)"), Some(2));
+        assert_eq!(
+            migration_protocol_of_version_line("vmm 0.1.0 (snapshot format 2)"),
+            None
+        );
         assert_eq!(format_of_version_line("vmm 0.0.1"), None);
         assert_eq!(format_of_version_line("vmm 1 (snapshot format x)"), None);
     }

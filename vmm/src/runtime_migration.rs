@@ -92,6 +92,7 @@ impl Runtime {
             memory_ranges: mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
             cpu_model: persist::host_cpu_model(),
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
+            token: params.token.clone(),
         };
         let worker = self
             .migration_worker
@@ -103,7 +104,7 @@ impl Runtime {
         let stats = shared.snapshot();
         let (thread_link, loop_link) = migration::link(doorbell);
         let job = source::SourceJob {
-            conn: std::os::unix::net::UnixStream::from(conn),
+            conn: Some(std::os::unix::net::UnixStream::from(conn)),
             params,
             mem,
             hello,
@@ -140,7 +141,7 @@ impl Runtime {
         }
         let conn = self.take_connection(&params.connection)?;
         let (thread_link, loop_link) = migration::link(Arc::clone(&self.events.migration_event));
-        destination::spawn_receiver(conn, params.overrides, thread_link, self.seccomp)
+        destination::spawn_receiver(conn, params, thread_link, self.seccomp)
             .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
         self.incoming = Some(Incoming {
             link: loop_link,

@@ -8,10 +8,12 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use harness::{GuestImages, TempDir};
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair, KeyUsagePurpose, SanType};
 use tonic::transport::Channel;
 use tonic_health::pb::health_check_response::ServingStatus;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
+use vmm_agent::client::ClientTls;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{GetConsoleRequest, GetVmRequest, Vm, VmSpec, VmState};
 
@@ -225,4 +227,52 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
         }
     }
     pids
+}
+
+/// A CA that signs certificates into PEM files under `dir`.
+pub struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pub pem: String,
+}
+
+impl Ca {
+    pub fn new(name: &str) -> Result<Ca> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign];
+        params.distinguished_name.push(rcgen::DnType::CommonName, name);
+        let pem = params.self_signed(&key)?.pem();
+        Ok(Ca {
+            issuer: Issuer::new(params, key),
+            pem,
+        })
+    }
+
+    /// A leaf certificate with `sans`; returns (cert, key) PEM.
+    pub fn leaf(&self, sans: Vec<SanType>) -> Result<(String, String)> {
+        let key = KeyPair::generate()?;
+        let mut params = CertificateParams::new(Vec::<String>::new())?;
+        params.subject_alt_names = sans;
+        let cert = params.signed_by(&key, &self.issuer)?;
+        Ok((cert.pem(), key.serialize_pem()))
+    }
+
+    pub fn client(&self, role: Option<&str>) -> Result<ClientTls> {
+        let sans = match role {
+            Some(r) => vec![SanType::URI(format!("vmmagent-role:{r}").try_into()?)],
+            None => vec![SanType::URI("spiffe://test/nobody".try_into()?)],
+        };
+        let (cert, key) = self.leaf(sans)?;
+        Ok(ClientTls {
+            ca: Vec::new(),
+            identity: Some((cert.into_bytes(), key.into_bytes())),
+        })
+    }
+}
+
+pub fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
+    let path = dir.join(name);
+    std::fs::write(&path, text)?;
+    Ok(path)
 }

@@ -8,9 +8,10 @@ use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
-use vmm_api::snapshot::RestoreOverrides;
+use vmm_api::migration::MigrateReceive;
 use vmm_api::VmConfig;
 
+use super::conn::Conn;
 use super::wire::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
 use super::{FromMain, MainLink, MigrationError, ToMain};
 use crate::arch::layout;
@@ -39,18 +40,25 @@ pub struct Received {
 /// bulk of what the peer sends.
 pub fn spawn_receiver(
     conn: OwnedFd,
-    overrides: RestoreOverrides,
+    params: MigrateReceive,
     link: MainLink,
     seccomp: SeccompMode,
 ) -> Result<(), MigrationError> {
     let filter = SeccompFilter::build(ThreadCategory::Migration, seccomp)
         .map_err(|e| MigrationError::Thread(e.to_string()))?;
     let body = move || {
-        let stream = UnixStream::from(conn);
-        if let Err(e) = receive(&stream, &overrides, &link, &filter) {
-            // Best effort: the source learns why instead of waiting for its timeout.
-            let mut out = &stream;
-            let _ = wire::write_frame(&mut out, &Frame::Abort(e.to_string()));
+        let sock = UnixStream::from(conn);
+        let failed = match Conn::destination(sock, params.tls.as_ref(), READ_TIMEOUT, WRITE_TIMEOUT) {
+            Ok(conn) => {
+                let mut input = BufReader::with_capacity(1 << 20, conn);
+                receive(&mut input, &params, &link, &filter).err().inspect(|e| {
+                    // Best effort: the source learns why instead of waiting for its timeout.
+                    let _ = send(input.get_mut(), &Frame::Abort(e.to_string()));
+                })
+            }
+            Err(e) => Some(e.into()),
+        };
+        if let Some(e) = failed {
             if let Err(e) = link.tell(ToMain::ReceiveFailed(e.to_string())) {
                 log::error!("incoming migration: {e}");
             }
@@ -63,14 +71,27 @@ pub fn spawn_receiver(
         .map_err(|e| MigrationError::Thread(e.to_string()))
 }
 
-/// The VM the handshake describes, refused if this host cannot run it.
-fn accept(hello: &Hello, overrides: &RestoreOverrides) -> Result<VmConfig, MigrationError> {
+/// Whether two tokens are equal, in time that does not depend on where they differ.
+fn same_token(a: &str, b: &str) -> bool {
+    a.len() == b.len() && a.bytes().zip(b.bytes()).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+/// The VM the handshake describes, refused if this host cannot run it or the token is wrong.
+fn accept(hello: &Hello, params: &MigrateReceive) -> Result<VmConfig, MigrationError> {
+    let overrides = &params.overrides;
     let incompatible = |why: String| MigrationError::Incompatible(why);
     if hello.magic != MAGIC || hello.version != PROTOCOL_VERSION {
         return Err(incompatible(format!(
             "migration protocol version {} (this VMM speaks {PROTOCOL_VERSION})",
             hello.version
         )));
+    }
+    if !params.token.is_empty() && !same_token(&hello.token, &params.token) {
+        return Err(MigrationError::Refused(if hello.token.is_empty() {
+            "the source sent no migration token".into()
+        } else {
+            "wrong migration token".into()
+        }));
     }
     let here = host_cpu_model();
     if hello.cpu_model != here {
@@ -106,34 +127,27 @@ fn accept(hello: &Hello, overrides: &RestoreOverrides) -> Result<VmConfig, Migra
 }
 
 fn receive(
-    stream: &UnixStream,
-    overrides: &RestoreOverrides,
+    input: &mut BufReader<Conn>,
+    params: &MigrateReceive,
     link: &MainLink,
     filter: &SeccompFilter,
 ) -> Result<(), MigrationError> {
-    stream
-        .set_read_timeout(Some(READ_TIMEOUT))
-        .and_then(|()| stream.set_write_timeout(Some(WRITE_TIMEOUT)))
-        .map_err(wire::WireError::Io)?;
-    let mut input = BufReader::with_capacity(1 << 20, stream);
-    let mut out = stream;
-    let hello = match wire::read_frame(&mut input)? {
+    let hello = match wire::read_frame(input)? {
         Frame::Hello(h) => h,
         other => return Err(wire::WireError::Protocol(format!("expected hello, got {other:?}")).into()),
     };
-    let config = accept(&hello, overrides)?;
+    let config = accept(&hello, params)?;
     let mem = crate::vstate::memory::create_guest_memory(config.machine.memory_mib, config.machine.hugepages)
         .map_err(|e| MigrationError::Incompatible(format!("guest memory: {e}")))?;
     filter
         .apply()
         .map_err(|e| MigrationError::Thread(e.to_string()))?;
     link.tell(ToMain::PrepareKvm(mem.clone(), config.machine.track_dirty_pages))?;
-    wire::write_frame(&mut out, &Frame::HelloAck)?;
-    out.flush().map_err(wire::WireError::Io)?;
+    send(input.get_mut(), &Frame::HelloAck)?;
 
     let mut memory_bytes = 0u64;
     let state = loop {
-        match wire::read_frame(&mut input)? {
+        match wire::read_frame(input)? {
             Frame::Pages { gpa, data } => {
                 // Bounds are checked by the write: a range outside guest RAM (or across a hole)
                 // is refused, and nothing outside it is touched.
@@ -165,10 +179,14 @@ fn receive(
         FromMain::Built(Err(e)) => return Err(MigrationError::Vm(e)),
         other => return Err(MigrationError::Vm(format!("unexpected answer {other:?}"))),
     }
-    wire::write_frame(&mut out, &Frame::Ready)?;
-    out.flush().map_err(wire::WireError::Io)?;
-    match wire::read_frame(&mut input)? {
+    send(input.get_mut(), &Frame::Ready)?;
+    match wire::read_frame(input)? {
         Frame::Commit { resume } => link.tell(ToMain::Commit { resume }),
         other => Err(wire::WireError::Protocol(format!("expected commit, got {other:?}")).into()),
     }
+}
+
+fn send(out: &mut Conn, frame: &Frame) -> Result<(), wire::WireError> {
+    wire::write_frame(out, frame)?;
+    out.flush().map_err(wire::WireError::Io)
 }

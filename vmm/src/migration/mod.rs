@@ -9,6 +9,7 @@
 //! started with the VM, before the main loop confines itself (its filter has no `clone`), and
 //! waits for a job; both threads run under the [`ThreadCategory::Migration`] filter.
 
+pub mod conn;
 pub mod destination;
 pub mod source;
 pub mod wire;
@@ -28,9 +29,15 @@ pub enum MigrationError {
     /// The stream failed or the peer misbehaved.
     #[error(transparent)]
     Wire(#[from] wire::WireError),
+    /// The connection could not be set up (TLS).
+    #[error(transparent)]
+    Conn(#[from] conn::ConnError),
     /// The destination cannot run this VM.
     #[error("incompatible: {0}")]
     Incompatible(String),
+    /// The source did not prove it may send this VM (its token).
+    #[error("refused: {0}")]
+    Refused(String),
     /// The main loop could not do its part.
     #[error("{0}")]
     Vm(String),

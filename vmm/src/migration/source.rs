@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_api::migration::{MigrateSend, MigrationPhase, TimeoutPolicy};
 
+use super::conn::Conn;
 use super::wire::{self, Frame, Hello, MAX_PAGES_PER_FRAME, PAGE_SIZE};
 use super::{spawn_confined, FromMain, MainLink, MigrationError, Shared, ToMain};
 use crate::seccomp::SeccompMode;
@@ -24,8 +25,8 @@ const MAX_ROUNDS: u32 = 30;
 
 /// A migration for the source thread to carry out.
 pub struct SourceJob {
-    /// The connected stream.
-    pub conn: UnixStream,
+    /// The connected stream (taken by the thread).
+    pub conn: Option<UnixStream>,
     /// How.
     pub params: MigrateSend,
     /// Guest memory (read while the guest runs: what changes meanwhile is sent again).
@@ -45,15 +46,18 @@ pub struct SourceJob {
 pub fn spawn_worker(seccomp: SeccompMode) -> Result<mpsc::Sender<SourceJob>, MigrationError> {
     let (tx, rx) = mpsc::channel::<SourceJob>();
     spawn_confined("vmm-migrate", seccomp, move || {
-        while let Ok(job) = rx.recv() {
-            run(job);
+        while let Ok(mut job) = rx.recv() {
+            run(&mut job);
         }
     })?;
     Ok(tx)
 }
 
-fn run(job: SourceJob) {
-    let result = migrate(&job);
+fn run(job: &mut SourceJob) {
+    let result = match job.conn.take() {
+        Some(sock) => migrate(job, sock),
+        None => Err(MigrationError::Vm("no connection".into())),
+    };
     let outcome = result.map_err(|e| {
         let why = e.to_string();
         let mut stats = lock(&job.shared.stats);
@@ -68,7 +72,7 @@ fn run(job: SourceJob) {
 
 /// Bytes on the wire, paced to a bandwidth limit.
 struct Sender<'a> {
-    out: BufWriter<&'a UnixStream>,
+    out: BufWriter<Conn>,
     shared: &'a Shared,
     mem: &'a GuestMemoryMmap,
     sent: u64,
@@ -86,6 +90,12 @@ impl Sender<'_> {
     fn flush(&mut self) -> Result<(), MigrationError> {
         self.out.flush().map_err(wire::WireError::Io)?;
         Ok(())
+    }
+
+    /// Reads the peer's next frame (after sending everything written so far).
+    fn answer(&mut self) -> Result<Frame, wire::WireError> {
+        self.out.flush()?;
+        wire::read_frame(self.out.get_mut())
     }
 
     /// Sends `pages` pages from `gpa`; with `skip_zero`, only the runs that hold data (a fresh
@@ -201,17 +211,12 @@ fn per_second(bytes: u64, d: Duration) -> u64 {
     }
 }
 
-fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
+fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
     let started = Instant::now();
     let params = &job.params;
-    let stream = &job.conn;
-    stream
-        .set_write_timeout(Some(WRITE_TIMEOUT))
-        .and_then(|()| stream.set_read_timeout(Some(READ_TIMEOUT)))
-        .map_err(wire::WireError::Io)?;
-    let mut reader = stream;
+    let conn = Conn::source(sock, params.tls.as_ref(), READ_TIMEOUT, WRITE_TIMEOUT)?;
     let mut tx = Sender {
-        out: BufWriter::with_capacity(1 << 20, stream),
+        out: BufWriter::with_capacity(1 << 20, conn),
         shared: &job.shared,
         mem: &job.mem,
         sent: 0,
@@ -227,8 +232,7 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
     let cancelled = || job.shared.cancel.load(Ordering::Acquire);
 
     tx.frame(&Frame::Hello(job.hello.clone()))?;
-    tx.flush()?;
-    match wire::read_frame(&mut reader) {
+    match tx.answer() {
         Ok(Frame::HelloAck) => {}
         Ok(other) => {
             return Err(wire::WireError::Protocol(format!("expected hello-ack, got {other:?}")).into())
@@ -300,8 +304,7 @@ fn migrate(job: &SourceJob) -> Result<(), MigrationError> {
     tx.pages(Some(&pending), false)?;
     tx.frame(&Frame::RoundEnd(iteration + 1))?;
     tx.frame(&Frame::State(switched.state))?;
-    tx.flush()?;
-    match wire::read_frame(&mut reader) {
+    match tx.answer() {
         Ok(Frame::Ready) => {}
         Ok(other) => return Err(wire::WireError::Protocol(format!("expected ready, got {other:?}")).into()),
         Err(e) => return Err(e.into()),

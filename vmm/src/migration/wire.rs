@@ -19,8 +19,7 @@ use serde::{Deserialize, Serialize};
 
 /// What a stream starts with.
 pub const MAGIC: [u8; 8] = *b"VMMMIGR\0";
-/// The protocol this VMM speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
+pub use vmm_api::migration::PROTOCOL_VERSION;
 /// Largest frame: a run of 1024 pages and its address, or a state body.
 pub const MAX_FRAME_BYTES: usize = 16 << 20;
 /// Most pages one `Pages` frame carries.
@@ -43,6 +42,9 @@ pub enum WireError {
     /// The peer gave up, saying why.
     #[error("the peer aborted: {0}")]
     Aborted(String),
+    /// The peer speaks another version of this protocol.
+    #[error("the peer speaks migration protocol version {0}, this VMM speaks {PROTOCOL_VERSION}")]
+    Version(u32),
 }
 
 /// The source's first frame: what the destination must be able to run.
@@ -60,6 +62,8 @@ pub struct Hello {
     pub cpu_model: String,
     /// The source VMM's version.
     pub vmm_version: String,
+    /// The one-time token the destination's agent issued for this migration (empty: none).
+    pub token: String,
 }
 
 /// One frame.
@@ -183,6 +187,13 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
         }
     };
     match header[0] {
+        // The magic and version lead every version's hello: another version is named as such,
+        // not reported as a body that does not decode.
+        HELLO if body.len() >= 12 && body[..8] == MAGIC && body[8..12] != PROTOCOL_VERSION.to_le_bytes() => {
+            Err(WireError::Version(u32::from_le_bytes([
+                body[8], body[9], body[10], body[11],
+            ])))
+        }
         HELLO => codec()
             .deserialize(&body)
             .map(Frame::Hello)
@@ -238,6 +249,7 @@ mod tests {
             memory_ranges: vec![(0, 128 << 20)],
             cpu_model: "GenuineIntel X".into(),
             vmm_version: "0.1.0".into(),
+            token: "t0ken".into(),
         };
         for frame in [
             Frame::Hello(hello),

@@ -134,13 +134,49 @@ pub struct SeccompFilter {
     category: ThreadCategory,
     /// `None` for [`SeccompMode::Off`].
     program: Option<Arc<BpfProgram>>,
+    /// A second program, stacked on the first, that makes the calls of [`refused`] fail with
+    /// `EACCES` (the kernel applies the stricter verdict of the two); `None` when there are none.
+    refusals: Option<Arc<BpfProgram>>,
+}
+
+/// Calls a category's allow-list admits only so that a second filter can make them fail with
+/// `EACCES` instead of killing the process: glibc's allocator opens
+/// `/proc/sys/vm/overcommit_memory` the first time a thread's own arena shrinks (TLS buffers
+/// freed by the migration thread), and copes with that failing.
+fn refused(category: ThreadCategory) -> &'static [i64] {
+    match category {
+        ThreadCategory::Migration => &[libc::SYS_open, libc::SYS_openat],
+        _ => &[],
+    }
+}
+
+fn build_refusals(category: ThreadCategory, mode: SeccompMode) -> Result<Option<BpfProgram>, SeccompError> {
+    let calls = refused(category);
+    if mode == SeccompMode::Off || calls.is_empty() {
+        return Ok(None);
+    }
+    let build_err = |source| SeccompError::Build { category, source };
+    let rules = calls.iter().map(|nr| (*nr, Vec::new())).collect();
+    let filter = seccompiler::SeccompFilter::new(
+        rules,
+        SeccompAction::Allow,
+        SeccompAction::Errno(libc::EACCES as u32),
+        target_arch(),
+    )
+    .map_err(build_err)?;
+    Ok(Some(filter.try_into().map_err(build_err)?))
 }
 
 impl SeccompFilter {
     /// Compiles the allow-list of `category`; a call outside it is handled as `mode` says.
     pub fn build(category: ThreadCategory, mode: SeccompMode) -> Result<Self, SeccompError> {
         let program = build_program(category, mode)?.map(Arc::new);
-        Ok(SeccompFilter { category, program })
+        let refusals = build_refusals(category, mode)?.map(Arc::new);
+        Ok(SeccompFilter {
+            category,
+            program,
+            refusals,
+        })
     }
 
     /// Whose filter this is.
@@ -157,13 +193,13 @@ impl SeccompFilter {
     /// creates from now on). Sets `no_new_privs` first, as the kernel requires of unprivileged
     /// callers. Allocates nothing and takes no lock, so it may run in a freshly forked child.
     pub fn apply(&self) -> Result<(), SeccompError> {
-        match &self.program {
-            Some(program) => seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
+        for program in [&self.refusals, &self.program].into_iter().flatten() {
+            seccompiler::apply_filter(program).map_err(|source| SeccompError::Install {
                 category: self.category,
                 source,
-            }),
-            None => Ok(()),
+            })?;
         }
+        Ok(())
     }
 }
 

@@ -17,6 +17,7 @@ use vmm_agent::proto::{
     Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
+mod migration;
 mod operation;
 mod snapshot;
 
@@ -172,6 +173,11 @@ enum Cmd {
     /// Snapshots: create, restore, get, list, delete.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
+    /// Live-migrate a VM to another host's agent, drawing its progress.
+    Migrate(migration::MigrateArgs),
+    /// A VM's live migration: watch, cancel.
+    #[command(subcommand)]
+    Migration(migration::MigrationCmd),
 }
 
 fn state_name(state: i32) -> String {
@@ -578,6 +584,8 @@ async fn run(args: Args) -> Result<()> {
             }
         }
         Cmd::Snapshot(cmd) => snapshot::run(channel, cmd, j).await?,
+        Cmd::Migrate(args) => migration::migrate(channel, args, j).await?,
+        Cmd::Migration(cmd) => migration::run(channel, cmd, j).await?,
         Cmd::Operation(cmd) => operation::run(channel, cmd, j).await?,
         Cmd::Host => {
             let host = HostServiceClient::new(channel)

@@ -129,7 +129,7 @@ fn print_snapshots(snapshots: &[Snapshot], as_json: bool) {
     }
 }
 
-fn parse_nic_override(spec: &str) -> Result<NicOverride> {
+pub(super) fn parse_nic_override(spec: &str) -> Result<NicOverride> {
     let kv = parse_kv("--nic", &spec.split(',').map(str::to_string).collect::<Vec<_>>())?;
     match (kv.get("id"), kv.get("tap")) {
         (Some(id), Some(tap)) if kv.len() == 2 => Ok(NicOverride {

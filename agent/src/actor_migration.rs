@@ -1,0 +1,260 @@
+//! The live-migration commands of a VM's actor: sending its running vmm's VM to another host over
+//! a TCP connection the destination's agent opened for it, and receiving one into a new, empty
+//! vmm. The vmms do the migration (memory rounds, state, mutual TLS, the token); the actors hand
+//! them the connection, follow their events and settle the records.
+
+use std::os::fd::{AsFd, OwnedFd};
+use std::time::Duration;
+
+use tokio::sync::watch;
+use tokio::time::{sleep, timeout, Instant};
+use vmm_api::control::{Event, Request, Response};
+use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationStats};
+
+use super::{next_event, observed_state, NewVmm, VmActor, EXIT_TIMEOUT};
+use crate::control::ConnEvent;
+use crate::error::AgentError;
+use crate::migrations::with_stats;
+use crate::operations::CancelToken;
+use crate::proto::{MigrationProgress, Vm, VmState};
+
+/// The name the connection gets in the vmm's descriptor table.
+const CONNECTION: &str = "migration";
+/// How long connecting to the destination's port may take.
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
+/// How often the source's progress is asked for between the vmm's own reports.
+const STATUS_INTERVAL: Duration = Duration::from_millis(500);
+/// How long the destination waits for the source's vmm to connect.
+pub(crate) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// What the source's actor needs: where to connect, and what to ask its vmm.
+pub(crate) struct Outgoing {
+    /// The destination's `HOST:PORT` for the vmm's connection.
+    pub data_address: String,
+    /// `migrate-send`, with TLS and the token (its connection is set here).
+    pub send: MigrateSend,
+}
+
+/// What the destination's actor needs.
+pub(crate) struct Incoming {
+    /// The port the source's vmm connects to (one connection is taken).
+    pub listener: tokio::net::TcpListener,
+    /// `migrate-receive`, with TLS, the token and this host's taps and console.
+    pub receive: MigrateReceive,
+    /// How long the migration may take once connected.
+    pub wait: Duration,
+}
+
+/// The migration connection, ready for the vmm (blocking, with Nagle off: frames are flushed
+/// whole and the switch-over waits on small ones).
+fn for_vmm(stream: tokio::net::TcpStream) -> std::io::Result<OwnedFd> {
+    let stream = stream.into_std()?;
+    stream.set_nonblocking(false)?;
+    stream.set_nodelay(true)?;
+    Ok(stream.into())
+}
+
+impl VmActor {
+    /// Hands `conn` to the vmm under [`CONNECTION`].
+    async fn give_connection(&self, conn: OwnedFd) -> Result<(), AgentError> {
+        let request = Request::AddFds {
+            names: vec![CONNECTION.to_string()],
+        };
+        self.request_fds_within(request, &[conn.as_fd()], super::REQUEST_TIMEOUT)
+            .await
+            .map(|_| ())
+    }
+
+    /// Sends this VM to the destination. On success the vmm has ended, the destination runs the
+    /// VM and this agent's record and files are gone (the caller ends the actor); on failure the
+    /// VM runs on here.
+    pub(super) async fn migrate_out(
+        &mut self,
+        plan: Outgoing,
+        cancel: &CancelToken,
+        progress: &watch::Sender<MigrationProgress>,
+    ) -> Result<MigrationProgress, AgentError> {
+        let state = self.vm.state();
+        if self.proc.is_none() || !matches!(state, VmState::Running | VmState::Paused) {
+            return Err(self.wrong_state(state, "migrated"));
+        }
+        if cancel.is_cancelled() {
+            return Err(AgentError::Cancelled(
+                "cancelled before the migration began; the VM runs on here".into(),
+            ));
+        }
+        let unreachable = |why: String| {
+            AgentError::Unavailable(format!(
+                "cannot connect to the destination's migration port {}: {why}",
+                plan.data_address
+            ))
+        };
+        let stream = match timeout(
+            CONNECT_TIMEOUT,
+            tokio::net::TcpStream::connect(&plan.data_address),
+        )
+        .await
+        {
+            Err(_) => return Err(unreachable(format!("no answer within {CONNECT_TIMEOUT:?}"))),
+            Ok(Err(e)) => return Err(unreachable(e.to_string())),
+            Ok(Ok(s)) => s,
+        };
+        let conn = for_vmm(stream).map_err(|e| unreachable(e.to_string()))?;
+        self.give_connection(conn).await?;
+        let mut send = plan.send;
+        send.connection = CONNECTION.to_string();
+        match self.request(Request::MigrateSend(send)).await? {
+            Response::MigrationStarted(stats) => report(progress, &stats),
+            other => {
+                return Err(AgentError::Internal(format!(
+                    "the vmm answered migrate-send with {other:?}"
+                )))
+            }
+        }
+        let outcome = self.follow_migration(cancel, progress).await;
+        if outcome.is_ok() {
+            // The destination owns the VM: this vmm ends by itself; then nothing of it is left here.
+            self.stopping = true;
+            self.pump_until(Instant::now() + EXIT_TIMEOUT, CancelToken::never(), |a| {
+                a.proc.is_none()
+            })
+            .await;
+            if self.proc.is_some() {
+                self.kill_and_wait().await;
+            }
+            self.remove_record_and_files().await?;
+        }
+        outcome.map(|()| progress.borrow().clone())
+    }
+
+    /// Follows the vmm's migration events to the end, asking it to cancel when `cancel` fires.
+    async fn follow_migration(
+        &mut self,
+        cancel: &CancelToken,
+        progress: &watch::Sender<MigrationProgress>,
+    ) -> Result<(), AgentError> {
+        let mut cancelled = cancel.clone();
+        let mut cancel_asked = false;
+        // The vmm reports at the end of each round; a round on a slow link is long.
+        let mut poll = tokio::time::interval(STATUS_INTERVAL);
+        loop {
+            tokio::select! {
+                _ = poll.tick() => {
+                    if let Ok(Response::MigrationStatus(stats)) = self.request(Request::MigrationStatus).await {
+                        report(progress, &stats);
+                    }
+                }
+                event = next_event(&mut self.proc) => match event {
+                    ConnEvent::Event(Event::MigrationProgress(stats)) => report(progress, &stats),
+                    ConnEvent::Event(Event::MigrationCompleted(stats)) => {
+                        report(progress, &stats);
+                        return Ok(());
+                    }
+                    ConnEvent::Event(Event::MigrationFailed(stats)) => {
+                        report(progress, &stats);
+                        let why = stats.error.unwrap_or_else(|| "unknown".into());
+                        // The vmm has resumed the VM if it ran: what it says is the truth.
+                        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
+                            let state = observed_state(d.state);
+                            self.record(|vm| vm.state = state as i32).await;
+                        }
+                        return Err(if cancel_asked {
+                            AgentError::Cancelled(format!("cancelled ({why}); the VM runs on here"))
+                        } else {
+                            AgentError::Aborted(format!("the migration failed: {why}; the VM runs on here"))
+                        });
+                    }
+                    other => self.on_conn_event(other).await,
+                },
+                _ = cancelled.cancelled(), if !cancel_asked => {
+                    cancel_asked = true;
+                    if let Err(e) = self.request(Request::MigrateCancel).await {
+                        // Past the switch-over there is nothing to cancel; the events tell.
+                        tracing::info!(vm = %self.vm.vm_id, error = %e, "migrate-cancel not taken");
+                    }
+                }
+                _ = sleep(Duration::from_millis(200)) => {
+                    if self.exited().await {
+                        self.finish().await;
+                        progress.send_modify(|p| {
+                            p.phase = crate::proto::MigrationPhase::Failed as i32;
+                            p.error = "the vmm ended during the migration".into();
+                        });
+                        return Err(AgentError::Aborted(format!(
+                            "the vmm ended during the migration: {}",
+                            self.vm.state_reason
+                        )));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Runs this VM (just stored, STARTING) from a migration into a new, empty vmm. On failure
+    /// the vmm is gone and the caller removes the VM.
+    pub(super) async fn migrate_in(&mut self, plan: Incoming) -> Result<Vm, AgentError> {
+        if self.proc.is_some() || self.vm.state() != VmState::Starting {
+            return Err(self.wrong_state(self.vm.state(), "migrated here"));
+        }
+        let failed = |why: String| AgentError::Unavailable(format!("receiving the VM: {why}"));
+        self.spawn_vmm(false)
+            .await
+            .map_err(|e| failed(format!("cannot start the vmm: {e}")))?;
+        match self.connect_new_vmm().await {
+            NewVmm::Connected => {}
+            NewVmm::Exited => {
+                self.finish().await;
+                return Err(failed(self.vm.state_reason.clone()));
+            }
+            NewVmm::Silent => {
+                self.kill_and_wait().await;
+                return Err(failed("the vmm did not open its control socket".into()));
+            }
+        }
+        let received = async {
+            let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
+                Err(_) => {
+                    return Err(failed(format!(
+                        "the source did not connect within {ACCEPT_TIMEOUT:?}"
+                    )))
+                }
+                Ok(Err(e)) => return Err(failed(format!("accepting the source's connection: {e}"))),
+                Ok(Ok(accepted)) => accepted,
+            };
+            // One connection per token: nobody else gets in, whatever they send.
+            drop(plan.listener);
+            tracing::info!(vm = %self.vm.vm_id, %peer, "migration connection");
+            let conn = for_vmm(stream).map_err(|e| failed(e.to_string()))?;
+            self.give_connection(conn).await?;
+            let mut receive = plan.receive;
+            receive.connection = CONNECTION.to_string();
+            self.request_within(Request::MigrateReceive(receive), plan.wait)
+                .await
+        }
+        .await;
+        let state = match received {
+            Ok(Response::MigrationReceived { state, .. }) => observed_state(state),
+            Ok(other) => {
+                self.kill_and_wait().await;
+                return Err(AgentError::Internal(format!(
+                    "the vmm answered migrate-receive with {other:?}"
+                )));
+            }
+            Err(e) => {
+                self.kill_and_wait().await;
+                return Err(e);
+            }
+        };
+        self.save(|vm| {
+            vm.state = state as i32;
+            vm.desired_state = state as i32;
+            vm.state_reason = String::new();
+        })
+        .await?;
+        Ok(self.vm.clone())
+    }
+}
+
+fn report(progress: &watch::Sender<MigrationProgress>, stats: &MigrationStats) {
+    progress.send_modify(|p| *p = with_stats(p, stats));
+}
