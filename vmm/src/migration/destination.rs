@@ -190,3 +190,16 @@ fn send(out: &mut Conn, frame: &Frame) -> Result<(), wire::WireError> {
     wire::write_frame(out, frame)?;
     out.flush().map_err(wire::WireError::Io)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::same_token;
+
+    #[test]
+    fn tokens_match_only_exactly() {
+        assert!(same_token("abc123", "abc123"));
+        assert!(!same_token("abc123", "abc124"));
+        assert!(!same_token("abc123", "abc12"));
+        assert!(!same_token("", "abc"));
+    }
+}

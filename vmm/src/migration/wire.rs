@@ -273,6 +273,21 @@ mod tests {
     }
 
     #[test]
+    fn a_hello_of_another_protocol_version_is_named_as_such() {
+        // What a version-1 source sent: magic, version, and a body this version cannot decode.
+        let mut body = MAGIC.to_vec();
+        body.extend_from_slice(&1u32.to_le_bytes());
+        body.extend_from_slice(&[0; 40]);
+        let mut bytes = vec![HELLO];
+        bytes.extend_from_slice(&((8 + body.len()) as u32).to_le_bytes());
+        bytes.extend_from_slice(&[0; 8]);
+        bytes.extend_from_slice(&body);
+        let e = read_frame(&mut bytes.as_slice()).unwrap_err();
+        assert!(matches!(e, WireError::Version(1)), "{e}");
+        assert!(e.to_string().contains("version 1"), "{e}");
+    }
+
+    #[test]
     fn malformed_frames_are_refused_without_allocating() {
         let frame = |kind: u8, len: u32, rest: &[u8]| {
             let mut b = vec![kind];
