@@ -226,6 +226,7 @@ async fn migrate_work(
                 MigrationTimeoutPolicy::Cancel => TimeoutPolicy::Cancel,
                 MigrationTimeoutPolicy::Force => TimeoutPolicy::Force,
             },
+            auto_converge: !req.disable_auto_converge,
             tls: Some(MigrationTls {
                 cert_pem: prepared.peer.cert_pem.clone(),
                 key_pem: prepared.peer.key_pem.clone(),

@@ -41,6 +41,10 @@ fn default_max_downtime_ms() -> u64 {
     DEFAULT_MAX_DOWNTIME_MS
 }
 
+fn yes() -> bool {
+    true
+}
+
 fn default_timeout_ms() -> u64 {
     DEFAULT_MIGRATION_TIMEOUT_MS
 }
@@ -64,6 +68,10 @@ pub struct MigrateSend {
     /// What a migration that has not converged in time does.
     #[serde(default)]
     pub on_timeout: TimeoutPolicy,
+    /// Slow the vCPUs down, step by step, while the guest dirties memory faster than it is
+    /// sent (auto-converge): first by 20 %, then 10 % more each time, up to 99 %.
+    #[serde(default = "yes")]
+    pub auto_converge: bool,
     /// Mutual TLS on the connection (this side is the client); without it the stream is plain,
     /// for connections that never leave the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]

@@ -7,6 +7,7 @@
 pub mod bus;
 pub mod legacy;
 pub mod rate_limiter;
+pub mod timer;
 pub mod virtio;
 
 use vmm_sys_util::eventfd::EventFd;

@@ -967,6 +967,7 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "mem-alloc",	act_mem_alloc, 1, 1, "mem-alloc:SIZE" },
 	{ "mem-free",	act_mem_free, 0, 1, "mem-free[:odd]" },
 	{ "mem-info",	act_mem_info, 0, 0, "mem-info" },
+	{ "mem-dirty",	act_mem_dirty, 1, 1, "mem-dirty:SIZE" },
 	{ "balloon-wait", act_balloon_wait, 1, 2, "balloon-wait:SIZE[:SECONDS]" },
 };
 

@@ -81,6 +81,7 @@ void act_net_recv(int argc, char **argv);
 void act_mem_alloc(int argc, char **argv);
 void act_mem_free(int argc, char **argv);
 void act_mem_info(int argc, char **argv);
+void act_mem_dirty(int argc, char **argv);
 void act_balloon_wait(int argc, char **argv);
 
 /* File system actions (vmmprobe_fs.c). */

@@ -12,9 +12,11 @@
 #include <linux/delay.h>
 #include <linux/gfp.h>
 #include <linux/jiffies.h>
+#include <linux/kthread.h>
 #include <linux/list.h>
 #include <linux/mm.h>
 #include <linux/slab.h>
+#include <linux/vmalloc.h>
 #include <linux/vmstat.h>
 
 #include "vmmprobe.h"
@@ -155,4 +157,80 @@ void act_mem_info(int argc, char **argv)
 		    global_zone_page_state(NR_FREE_PAGES) << (PAGE_SHIFT - 10),
 		    pages < 0 ? pages : pages << (PAGE_SHIFT - 10),
 		    held_count << (PAGE_SHIFT - 10));
+}
+
+/*
+ * mem-dirty:SIZE - a kernel thread that owns a SIZE-byte buffer and writes
+ * one word of every page of it, pass after pass, at full speed: the load a
+ * live migration must converge under. Pass n writes word (n % 512) of page i
+ * with a value derived from (n, i) after checking that word (n - 1) % 512
+ * still holds what pass n - 1 wrote there: a page that arrived stale or
+ * damaged at a migration's destination is counted as an error. Once a
+ * second it prints passes, bytes written and errors so far.
+ */
+struct dirty_state {
+	u64 *buf;
+	unsigned long pages;
+};
+
+static u64 dirty_value(u64 pass, unsigned long page)
+{
+	return (pass * 0x9e3779b97f4a7c15ULL) ^ ((u64)page << 20) ^ 0x5eed;
+}
+
+static int dirty_thread(void *arg)
+{
+	struct dirty_state *s = arg;
+	const unsigned long words = PAGE_SIZE / sizeof(u64);
+	unsigned long next_report = jiffies + HZ, i;
+	u64 pass, errors = 0, written = 0;
+
+	for (pass = 0; !kthread_should_stop(); pass++) {
+		for (i = 0; i < s->pages; i++) {
+			u64 *page = s->buf + i * words;
+
+			if (pass > 0 && page[(pass - 1) % words] != dirty_value(pass - 1, i)) {
+				if (!errors)
+					probe_print("vmmprobe: mem-dirty mismatch page=%lu pass=%llu",
+						    i, (unsigned long long)pass);
+				errors++;
+			}
+			page[pass % words] = dirty_value(pass, i);
+			written += PAGE_SIZE;
+			if (!(i % 1024))
+				cond_resched();
+		}
+		if (time_after(jiffies, next_report)) {
+			next_report = jiffies + HZ;
+			probe_print("vmmprobe: mem-dirty passes=%llu bytes=%llu errors=%llu",
+				    (unsigned long long)pass + 1, (unsigned long long)written,
+				    (unsigned long long)errors);
+		}
+	}
+	return 0;
+}
+
+void act_mem_dirty(int argc, char **argv)
+{
+	struct dirty_state *s;
+	struct task_struct *t;
+	u64 bytes;
+
+	if (parse_bytes(argv[1], &bytes) || bytes < PAGE_SIZE) {
+		probe_print("vmmprobe: bad action arguments: %s", argv[1]);
+		return;
+	}
+	s = kzalloc(sizeof(*s), GFP_KERNEL);
+	if (s) {
+		s->pages = bytes >> PAGE_SHIFT;
+		s->buf = vzalloc(s->pages << PAGE_SHIFT);
+	}
+	if (!s || !s->buf) {
+		kfree(s);
+		probe_print("vmmprobe: mem-dirty bytes=%llu result=%d", (unsigned long long)bytes, -ENOMEM);
+		return;
+	}
+	t = kthread_run(dirty_thread, s, "vmmprobe-dirty");
+	probe_print("vmmprobe: mem-dirty started bytes=%llu result=%d",
+		    (unsigned long long)s->pages << PAGE_SHIFT, IS_ERR(t) ? (int)PTR_ERR(t) : 0);
 }

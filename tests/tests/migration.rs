@@ -348,3 +348,145 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     let status = dest.wait_exit(Duration::from_secs(60)).unwrap();
     assert!(status.success(), "{status:?}\n{}", dest.output_tail());
 }
+
+/// The last `vmmprobe: mem-dirty passes=P bytes=B errors=E` line of `guest`: (passes, errors).
+fn dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
+    let line = guest
+        .lines()
+        .into_iter()
+        .rev()
+        .find(|l| l.text.contains("vmmprobe: mem-dirty passes="))?;
+    let field = |name: &str| {
+        line.text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("passes=")?, field("errors=")?))
+}
+
+/// A migration from `c` to a fresh empty VMM over a socket pair, with `params` added to
+/// `migrate-send`; returns the outcome event and the destination.
+fn migrate_with(c: &mut ControlClient, dir: &Path, tag: &str, params: &str) -> (Event, Guest, ControlClient) {
+    let (dest, mut d) = empty_vmm_here(&dir.join(format!("{tag}.sock")));
+    let (a, b) = UnixStream::pair().unwrap();
+    give_connection(&mut d, &b);
+    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)
+        .unwrap();
+    give_connection(c, &a);
+    drop((a, b));
+    let line = format!(r#"{{"id": 20, "request": {{"migrate-send": {{"connection": "mig", {params}}}}}}}"#);
+    assert!(matches!(c.ok(&line).unwrap(), Response::MigrationStarted(_)));
+    let done = c.wait_event(|e| matches!(e, Event::MigrationCompleted(_) | Event::MigrationFailed(_)));
+    (done, dest, d)
+}
+
+/// An empty VMM serving `sock` in this namespace, connected.
+fn empty_vmm_here(sock: &Path) -> (Guest, ControlClient) {
+    let mut cmd = std::process::Command::new(vmm_binary());
+    cmd.arg("--api-sock").arg(sock);
+    let guest = Guest::spawn_command(cmd, None).expect("test setup");
+    ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT).expect("test setup");
+    let c = ControlClient::connect(sock).expect("test setup");
+    (guest, c)
+}
+
+/// A guest that rewrites a 16 MiB buffer at full speed never fits a 300 ms budget on a link
+/// slower than it dirties: without auto-converge the migration times out and is cancelled per
+/// policy (the guest runs on); with it, the vCPU is slowed step by step until the rest fits, and
+/// the guest's buffer checks out at the destination (no page stale or damaged).
+#[test]
+fn a_guest_dirtying_faster_than_the_link_converges_by_throttling_or_is_cancelled_per_policy() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let dir = TempDir::new("vmm-converge").unwrap();
+    let sock = dir.path().join("src.sock");
+    let mut cmd = std::process::Command::new(vmm_binary());
+    cmd.arg("--kernel")
+        .arg(&images.vmlinux)
+        .args(["--cmdline", &probe_cmdline("mem-dirty:16m,idle")])
+        .args(["--memory-mib", "128", "--vcpus", "1", "--track-dirty-pages", "on"])
+        .arg("--api-sock")
+        .arg(&sock);
+    let source = Guest::spawn_command(cmd, None).unwrap();
+    ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    source
+        .wait_for_line("vmmprobe: mem-dirty passes=", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", source.output_tail()));
+
+    // 8 MiB/s, no throttling, 5 s: it cannot converge, and the policy cancels it.
+    let (done, mut refused, _) = migrate_with(
+        &mut c,
+        dir.path(),
+        "timeout",
+        r#""bandwidth_bytes_per_s": 8388608, "auto_converge": false, "timeout_ms": 5000"#,
+    );
+    let Event::MigrationFailed(stats) = done else {
+        panic!("{done:?}")
+    };
+    assert!(
+        stats.error.as_deref().is_some_and(|e| e.contains("converge")),
+        "{stats:?}"
+    );
+    assert_eq!(stats.throttle_percent, 0, "{stats:?}");
+    let _ = refused.kill();
+    let (before, errors) = dirty_progress(&source).expect("mem-dirty progress");
+    assert_eq!(errors, 0);
+    source
+        .wait_for_line(
+            &format!("vmmprobe: mem-dirty passes={}", before + 1),
+            BOOT_TIMEOUT,
+        )
+        .unwrap_or_else(|e| {
+            panic!(
+                "the source stopped after the cancel: {e}\n{}",
+                source.output_tail()
+            )
+        });
+
+    // The same link with auto-converge: it completes, throttled.
+    let (done, dest, mut d) = migrate_with(
+        &mut c,
+        dir.path(),
+        "converge",
+        r#""bandwidth_bytes_per_s": 8388608, "timeout_ms": 240000"#,
+    );
+    let Event::MigrationCompleted(stats) = done else {
+        panic!("{done:?}\n{}", source.output_tail())
+    };
+    eprintln!("converged: {stats:?}");
+    assert!(stats.throttle_percent > 0, "{stats:?}");
+    let answer = d.wait_answer(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        matches!(answer.result, Outcome::Ok(Response::MigrationReceived { .. })),
+        "{answer:?}"
+    );
+    // At full speed again at the destination, and every page holds what the last pass wrote.
+    let (at_source, _) = dirty_progress(&source).unwrap_or((0, 0));
+    dest.wait_for_line("vmmprobe: mem-dirty passes=", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", dest.output_tail()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    loop {
+        let (passes, errors) = dirty_progress(&dest).unwrap_or((0, 0));
+        assert_eq!(
+            errors,
+            0,
+            "stale or damaged pages at the destination\n{}",
+            dest.output_tail()
+        );
+        if passes > at_source + 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{passes} passes\n{}",
+            dest.output_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        d.ok(r#"{"id": 7, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+}

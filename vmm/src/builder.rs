@@ -11,6 +11,7 @@ use event_manager::{EventManager, MutEventSubscriber, SubscriberOps};
 use vm_memory::GuestMemoryMmap;
 use vmm_api::{SerialConfig, VmConfig};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::arch::host_quirks::{self, KvmFlavor};
 use crate::arch::{acpi, boot, layout};
@@ -21,7 +22,7 @@ use crate::persist::{self, memory::Backing};
 use crate::seccomp::{SeccompError, SeccompFilter, SeccompMode, ThreadCategory};
 use crate::vstate::memory::{self, MemoryError};
 use crate::vstate::vcpu::{ExitContext, ExitCounters, Vcpu, VcpuError, VcpuSetup};
-use crate::vstate::vcpu_control::VcpuSet;
+use crate::vstate::vcpu_control::{Throttle, VcpuSet};
 use crate::vstate::vm::{self, VmError};
 
 /// Why a VM could not be built or run.
@@ -145,6 +146,10 @@ pub struct ProcessEvents {
     pub exit_counters: Arc<ExitCounters>,
     /// Raised by a migration thread that has something for the main loop.
     pub migration_event: Arc<EventFd>,
+    /// How much the vCPUs are held back (auto-converge during a migration).
+    pub throttle: Arc<Throttle>,
+    /// Ticks while the vCPUs are throttled; each tick kicks them so that they sit out their share.
+    pub throttle_timer: Mutex<TimerFd>,
 }
 
 impl ProcessEvents {
@@ -157,6 +162,8 @@ impl ProcessEvents {
             boot_event: EventFd::new(EFD_NONBLOCK)?,
             exit_counters: Arc::new(ExitCounters::default()),
             migration_event: Arc::new(EventFd::new(EFD_NONBLOCK)?),
+            throttle: Arc::default(),
+            throttle_timer: Mutex::new(devices::timer::nonblocking_timer()?),
         })
     }
 }
@@ -499,6 +506,7 @@ fn start_vcpu_threads(
         exit_counters: Arc::clone(&events.exit_counters),
         seccomp: SeccompFilter::build(ThreadCategory::Vcpu, seccomp)?,
         msr_indices: msr_indices.into(),
+        throttle: Arc::clone(&events.throttle),
     };
     let mut vcpu_set = VcpuSet::new();
     for vcpu in vcpus {

@@ -170,7 +170,12 @@ impl Machine {
         self.kvm.last_snapshot = Some(dir);
     }
 
-    /// Asks every (paused) vCPU thread for its state.
+    /// Kicks the running vCPUs out of the guest, for the throttle to hold them back.
+    pub fn kick_vcpus(&mut self) {
+        self.vcpus.kick_running();
+    }
+
+    /// The state of every vCPU (they must be paused).
     pub fn save_vcpus(&mut self) -> Result<Vec<crate::vstate::vcpu_state::VcpuState>, MachineError> {
         Ok(self.vcpus.save_states()?)
     }

@@ -233,6 +233,7 @@ impl Runtime {
                 let dirty = self.dirty_log();
                 self.reply_to_source(FromMain::Dirty(dirty));
             }
+            ToMain::Throttle(percent) => self.set_throttle(percent),
             ToMain::SwitchOver => {
                 let switched = self.switch_over();
                 if let Ok(s) = &switched {
@@ -242,11 +243,43 @@ impl Runtime {
                 }
                 self.reply_to_source(FromMain::Switched(switched));
             }
-            ToMain::SourceDone(Ok(())) => {
+            ToMain::SourceDone(outcome) => {
+                self.set_throttle(0);
+                self.source_done(outcome, notices);
+            }
+            _ => log::warn!("migration: unexpected message from the source thread"),
+        }
+    }
+
+    /// Holds the vCPUs back by `percent` (0: not at all), with the timer that kicks them.
+    fn set_throttle(&mut self, percent: u32) {
+        self.events.throttle.set(percent);
+        let mut timer = lock(&self.events.throttle_timer);
+        let period = crate::vstate::vcpu_control::Throttle::PERIOD;
+        let armed = if percent > 0 {
+            timer.reset(period, Some(period))
+        } else {
+            timer.clear()
+        };
+        if let Err(e) = armed {
+            log::warn!("migration: cannot set the vCPU throttle timer: {e}");
+        }
+    }
+
+    /// A throttle tick: the running vCPUs sit out their share.
+    pub fn throttle_tick(&mut self) {
+        if let Ok(machine) = self.machine() {
+            machine.kick_vcpus();
+        }
+    }
+
+    fn source_done(&mut self, outcome: Result<(), String>, notices: &mut Vec<Notice>) {
+        match outcome {
+            Ok(()) => {
                 notices.push(Notice::Event(Event::MigrationCompleted(self.stats())));
                 crate::exit::ExitEvents::raise(&self.events.exits.migrated);
             }
-            ToMain::SourceDone(Err(why)) => {
+            Err(why) => {
                 log::warn!("migration failed: {why}");
                 let was_running = self.outgoing.take().and_then(|o| o.was_running);
                 if let Some(ran) = was_running {
@@ -256,7 +289,6 @@ impl Runtime {
                 }
                 notices.push(Notice::Event(Event::MigrationFailed(self.stats())));
             }
-            _ => log::warn!("migration: unexpected message from the source thread"),
         }
     }
 
@@ -269,6 +301,8 @@ impl Runtime {
 
     /// Pauses the VM, captures its state and the last dirty pages, and hands the disks over.
     fn switch_over(&mut self) -> Result<SwitchedOver, String> {
+        // Paused now, for as long as the hand-over takes: nothing left to hold back.
+        self.set_throttle(0);
         let machine = self.machine().map_err(|(_, m)| m)?;
         let was_running = machine.state() == VmState::Running;
         machine.pause().map_err(|e| format!("cannot pause the VM: {e}"))?;

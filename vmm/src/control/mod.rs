@@ -211,6 +211,7 @@ impl MutEventSubscriber for ControlServer {
             self.listener.as_raw_fd(),
             self.events.boot_event.as_raw_fd(),
             self.events.migration_event.as_raw_fd(),
+            lock(&self.events.throttle_timer).as_raw_fd(),
         ] {
             if let Err(e) = ops.add(Events::with_data_raw(fd, fd as u32, EventSet::IN)) {
                 log::error!("cannot watch the control socket: {e:?}");
@@ -237,6 +238,11 @@ impl MutEventSubscriber for ControlServer {
                     Notice::Event(event) => self.broadcast_now(event),
                     Notice::Answer(client, id, result) => self.answer(client, id, result),
                 }
+            }
+        } else if fd == lock(&self.events.throttle_timer).as_raw_fd() {
+            // A stale wake-up (the timer was re-armed or stopped since) reads nothing.
+            if lock(&self.events.throttle_timer).wait().is_ok() {
+                lock(&self.runtime).throttle_tick();
             }
         } else {
             self.serve(fd, events.event_set());

@@ -232,7 +232,10 @@ mod tests {
             // A refused source hears of it only when it reads: keep reading until it gives up.
             if let Ok(mut c) = conn {
                 let mut byte = [0u8; 5];
-                return c.read_exact(&mut byte).map(|()| c).map_err(|e| ConnError::Handshake(e.to_string()));
+                return c
+                    .read_exact(&mut byte)
+                    .map(|()| c)
+                    .map_err(|e| ConnError::Handshake(e.to_string()));
             }
             conn
         });

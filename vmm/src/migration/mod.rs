@@ -75,6 +75,8 @@ pub enum ToMain {
     Progress,
     /// Source: the pages written since the last ask (the dirty log, ORed with device writes).
     DirtyLog,
+    /// Source: hold the vCPUs back this much (percent; 0 lets them run freely).
+    Throttle(u32),
     /// Source: pause the VM, give up the disk locks, capture its state and the last dirty pages.
     SwitchOver,
     /// Source: the migration ended; `Ok` after the commit.

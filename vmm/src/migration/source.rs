@@ -22,6 +22,43 @@ const WRITE_TIMEOUT: Duration = Duration::from_secs(30);
 const READ_TIMEOUT: Duration = Duration::from_secs(60);
 /// Most memory rounds before the timeout policy applies anyway.
 const MAX_ROUNDS: u32 = 30;
+/// Auto-converge: the first throttle step, the later ones, and how many rounds in a row must
+/// leave more than half of what they sent dirty again before a step.
+const THROTTLE_FIRST: u32 = 20;
+const THROTTLE_STEP: u32 = 10;
+const ROUNDS_BEFORE_STEP: u32 = 2;
+
+/// Auto-converge's throttle: raised a step after [`ROUNDS_BEFORE_STEP`] rounds in a row that
+/// did not converge (what the guest dirtied during a round is more than half of what the round
+/// sent), as QEMU does.
+#[derive(Debug, Default)]
+struct AutoConverge {
+    percent: u32,
+    high_rounds: u32,
+}
+
+impl AutoConverge {
+    /// After a round that sent `sent` bytes while `dirtied` became dirty: the new throttle, if it
+    /// changed.
+    fn after_round(&mut self, sent: u64, dirtied: u64) -> Option<u32> {
+        if dirtied.saturating_mul(2) <= sent {
+            self.high_rounds = 0;
+            return None;
+        }
+        self.high_rounds += 1;
+        if self.high_rounds < ROUNDS_BEFORE_STEP
+            || self.percent >= crate::vstate::vcpu_control::Throttle::MAX_PERCENT
+        {
+            return None;
+        }
+        self.high_rounds = 0;
+        self.percent = match self.percent {
+            0 => THROTTLE_FIRST,
+            p => (p + THROTTLE_STEP).min(crate::vstate::vcpu_control::Throttle::MAX_PERCENT),
+        };
+        Some(self.percent)
+    }
+}
 
 /// A migration for the source thread to carry out.
 pub struct SourceJob {
@@ -253,6 +290,7 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
     let mut iteration = 0u32;
     let budget = Duration::from_millis(params.max_downtime_ms);
     let deadline = started + Duration::from_millis(params.timeout_ms);
+    let mut throttle = AutoConverge::default();
     let mut pending;
     loop {
         if cancelled() {
@@ -272,6 +310,12 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
             s.dirty_rate_bytes_per_s = dirty_rate;
             s.expected_downtime_ms = expected.as_millis() as u64;
         });
+        if expected > budget && params.auto_converge && iteration > 0 {
+            if let Some(percent) = throttle.after_round(last_round.0, remaining) {
+                job.link.tell(ToMain::Throttle(percent))?;
+                update(&|s| s.throttle_percent = percent);
+            }
+        }
         job.link.tell(ToMain::Progress)?;
         pending = dirty;
         if expected <= budget {
@@ -326,4 +370,32 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         s.downtime_ms = Some(downtime.as_millis() as u64);
     });
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::AutoConverge;
+
+    #[test]
+    fn the_throttle_steps_up_after_two_rounds_that_do_not_converge() {
+        let mut t = AutoConverge::default();
+        // Converging rounds change nothing.
+        assert_eq!(t.after_round(100, 10), None);
+        assert_eq!(t.after_round(100, 60), None);
+        assert_eq!(t.after_round(100, 60), Some(20));
+        // A converging round in between resets the count.
+        assert_eq!(t.after_round(100, 60), None);
+        assert_eq!(t.after_round(100, 40), None);
+        assert_eq!(t.after_round(100, 60), None);
+        assert_eq!(t.after_round(100, 60), Some(30));
+        let mut last = 30;
+        for _ in 0..40 {
+            if let Some(p) = t.after_round(100, 100) {
+                assert!(p > last);
+                last = p;
+            }
+        }
+        assert_eq!(last, 99);
+        assert_eq!(t.after_round(100, 100), None);
+    }
 }

@@ -9,7 +9,7 @@
 //! A virtio-net status write sets the tap's offloads and may move frames (read, writev, a
 //! zero-timeout poll of the tap). It opens nothing, creates no socket and no fd of any kind, and
 //! ioctls only `KVM_RUN`, `TUNSETOFFLOAD`, and the `KVM_GET_*` reads of its state
-//! when a snapshot asks.
+//! when a snapshot asks. While a migration throttles the guest, it sleeps.
 
 use seccompiler::BackendError;
 
@@ -48,5 +48,8 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
     r.allow(libc::SYS_fallocate);
     // Block device activate: a throttled queue arms its rate limiter's timerfd.
     r.allow(libc::SYS_timerfd_settime);
+    // Auto-converge during a migration: a kicked vCPU sits out its share of the throttle period.
+    r.allow(libc::SYS_clock_nanosleep);
+    r.allow(libc::SYS_nanosleep);
     Ok(r)
 }

@@ -60,6 +60,8 @@ pub struct ExitContext {
     pub seccomp: SeccompFilter,
     /// The MSRs a snapshot saves (what KVM reports).
     pub msr_indices: Arc<[u32]>,
+    /// How much a kicked vCPU holds back (auto-converge).
+    pub throttle: Arc<crate::vstate::vcpu_control::Throttle>,
 }
 
 /// vCPU exits that reached the VMM, by reason (relaxed atomics: statistics, not synchronisation).
@@ -244,6 +246,9 @@ impl Vcpu {
                     self.fd.set_kvm_immediate_exit(0);
                     while let Some(order) = channel.poll() {
                         running = self.obey(order, channel, ctx, running);
+                    }
+                    if let (true, Some(pause)) = (running, ctx.throttle.pause()) {
+                        std::thread::sleep(pause);
                     }
                 }
                 Ok(Step::VmEnded) => return,

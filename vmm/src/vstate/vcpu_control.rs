@@ -8,6 +8,7 @@
 
 use std::cell::Cell;
 use std::collections::BTreeSet;
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender};
 use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
@@ -259,6 +260,18 @@ impl VcpuSet {
         Ok(())
     }
 
+    /// Kicks the running vCPUs out of KVM_RUN (for the throttle); they ask nothing of the set.
+    pub fn kick_running(&mut self) {
+        self.absorb_exit_notices();
+        for v in &self.vcpus {
+            if let (VcpuRunState::Running, Some(thread)) = (v.state, &v.thread) {
+                if let Err(e) = thread.kill(kick_signal()) {
+                    log::warn!("cannot kick vCPU {}: {e}", v.index);
+                }
+            }
+        }
+    }
+
     fn absorb_exit_notices(&mut self) {
         while let Ok(ack) = self.acks.try_recv() {
             self.record(ack);
@@ -269,6 +282,36 @@ impl VcpuSet {
         if let Some(v) = self.vcpus.iter_mut().find(|v| v.index == ack.vcpu) {
             v.state = ack.state;
         }
+    }
+}
+
+/// How much of the time the vCPUs are kept out of the guest, in percent: auto-converge slows a
+/// guest that dirties memory faster than a migration sends it. Every [`Throttle::PERIOD`] the
+/// main loop kicks the running vCPUs, and each sits out its share of the period before it runs
+/// the guest again.
+#[derive(Debug, Default)]
+pub struct Throttle(AtomicU32);
+
+impl Throttle {
+    /// The throttle's time slice.
+    pub const PERIOD: Duration = Duration::from_millis(20);
+    /// The most it holds back.
+    pub const MAX_PERCENT: u32 = 99;
+
+    /// Sets the share (capped at [`Throttle::MAX_PERCENT`]); 0 stops it.
+    pub fn set(&self, percent: u32) {
+        self.0.store(percent.min(Self::MAX_PERCENT), Ordering::Relaxed);
+    }
+
+    /// The share now.
+    pub fn percent(&self) -> u32 {
+        self.0.load(Ordering::Relaxed)
+    }
+
+    /// How long a kicked vCPU sits out now, if at all.
+    pub fn pause(&self) -> Option<Duration> {
+        let percent = self.percent();
+        (percent > 0).then(|| Self::PERIOD * percent / 100)
     }
 }
 

@@ -40,6 +40,9 @@ pub struct MigrateArgs {
     /// Both hosts see the VM's disks at the same paths.
     #[arg(long)]
     shared_storage: bool,
+    /// Never slow the guest down to make the migration converge.
+    #[arg(long)]
+    no_auto_converge: bool,
     /// id=NIC,tap=TAP: the TAP device a NIC uses at the destination; may be repeated.
     #[arg(long = "nic")]
     nics: Vec<String>,
@@ -184,6 +187,7 @@ pub async fn migrate(channel: Channel, args: MigrateArgs, as_json: bool) -> Resu
             .map(|n| parse_nic_override(n))
             .collect::<Result<_>>()?,
         request_id: args.request_id,
+        disable_auto_converge: args.no_auto_converge,
     };
     let op = MigrationServiceClient::new(channel.clone())
         .migrate_vm(request)

@@ -126,8 +126,7 @@ impl Balloon {
             avail_features |= feature(VIRTIO_BALLOON_F_REPORTING);
         }
         let queues = roles(avail_features).len();
-        let stats_timer = TimerFd::new().map_err(|e| BalloonError::Setup(errno_to_io(e)))?;
-        set_nonblocking(&stats_timer).map_err(BalloonError::Setup)?;
+        let stats_timer = crate::timer::nonblocking_timer().map_err(BalloonError::Setup)?;
         let queue_evts = (0..queues)
             .map(|_| EventFd::new(EFD_NONBLOCK))
             .collect::<Result<Vec<_>, _>>()
@@ -330,26 +329,6 @@ impl Balloon {
             BalloonMetrics::inc(&self.metrics.interrupts);
             active.interrupt.signal_used_queue();
         }
-    }
-}
-
-/// The timer is read from the event loop, which must never block on it.
-fn set_nonblocking(timer: &TimerFd) -> std::io::Result<()> {
-    let fd = timer.as_raw_fd();
-    // SAFETY: F_GETFL/F_SETFL on a descriptor this function's caller owns (the timer lives for the
-    // duration of the call) only read and change its status flags.
-    let ret = unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 {
-            flags
-        } else {
-            libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK)
-        }
-    };
-    if ret < 0 {
-        Err(std::io::Error::last_os_error())
-    } else {
-        Ok(())
     }
 }
 
