@@ -9,8 +9,9 @@
 //! while it migrates. A migration cancelled mid-way and one whose destination vmm is killed
 //! mid-way both leave the VM running at the source and nothing at the destination. Then
 //! `vmmctl migrate` moves it: the destination runs it (the counter goes on, no boot), the
-//! source has neither record nor process, the disk image is unchanged, and the client's
-//! connection survived; its longest gap between echoes is the client-view downtime.
+//! source has neither record nor process, the disk image is unchanged, the buffer the guest keeps
+//! rewriting and checking has no stale or damaged page, and the client's connection survived;
+//! its longest gap between echoes is the client-view downtime.
 
 mod common;
 
@@ -311,9 +312,9 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let disk = shared.path().join("data.img");
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
 
-    // The guest: writes its disk, serves echo, counts.
+    // The guest: writes its disk, serves echo, keeps rewriting a buffer it checks, counts.
     let mut spec = probe_spec(&format!(
-        "blk-write:vda:0:64k:5,blk-flush:vda,net-echo:{ECHO_PORT},counter"
+        "blk-write:vda:0:64k:5,blk-flush:vda,net-echo:{ECHO_PORT},mem-dirty:4m,counter"
     ))?;
     spec.cmdline.push_str(&format!(
         " vmmprobe.count=1000000 ip={GUEST_IP}::{HOST_A}:255.255.255.0::eth0:off"
@@ -470,6 +471,19 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     )
     .await?;
     assert!(!console.contains("Linux version"), "the guest booted again");
+    // Its buffer checked out, pass after pass, across the move.
+    let checked = wait_console(
+        &mut dst_vms,
+        "mover",
+        "vmmprobe: mem-dirty passes=",
+        Duration::from_secs(60),
+    )
+    .await?;
+    let errors: Vec<&str> = checked
+        .lines()
+        .filter(|l| l.contains("vmmprobe: mem-dirty") && !l.contains("errors=0") && !l.contains("started"))
+        .collect();
+    assert!(errors.is_empty(), "stale or damaged pages: {errors:?}");
     // The source has nothing of it.
     let e = src_vms
         .get_vm(GetVmRequest {

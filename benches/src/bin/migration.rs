@@ -18,7 +18,7 @@ use vmm_api::control::{Event, Outcome, Response};
 use vmm_api::migration::MigrationStats;
 
 const USAGE: &str = "\
-usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--out PATH]
+usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--dirty-mib N] [--out PATH]
                  [--qemu PATH | --no-qemu]
 
 For each guest size (default 128x1,1024x2): boots the guest probe (a counter in memory) once, then
@@ -27,7 +27,9 @@ reports the median total time (migrate-send to migration-completed), the downtim
 measured (pause to the destination's ready answer), the bytes sent and the rounds. QEMU microvm
 migrates the same guest N times the same way (`migrate` to a new -incoming unix: QEMU), with
 QEMU's own downtime and total time from query-migrate. Both get the same downtime budget
-(--downtime-ms, default 300). JSON goes to --out (default target/bench/migration.json).";
+(--downtime-ms, default 300). With --dirty-mib N the guest also rewrites an N MiB buffer at full
+speed (the probe's mem-dirty; both VMMs then throttle it, auto-converge, to fit the budget). JSON
+goes to --out (default target/bench/migration.json).";
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
@@ -37,6 +39,7 @@ struct Options {
     sizes: Vec<(u32, u32)>,
     runs: usize,
     downtime_ms: u64,
+    dirty_mib: u32,
     qemu: Option<String>,
     out: PathBuf,
 }
@@ -47,6 +50,7 @@ impl Options {
             sizes: vec![(128, 1), (1024, 2)],
             runs: 5,
             downtime_ms: 300,
+            dirty_mib: 0,
             qemu: Some("qemu-system-x86_64".into()),
             out: harness::workspace_root().join("target/bench/migration.json"),
         };
@@ -56,6 +60,7 @@ impl Options {
                 "--sizes" => opts.sizes = args.sizes(&flag)?,
                 "--runs" => opts.runs = args.parse(&flag)?,
                 "--downtime-ms" => opts.downtime_ms = args.parse(&flag)?,
+                "--dirty-mib" => opts.dirty_mib = args.parse(&flag)?,
                 "--qemu" => opts.qemu = Some(args.value(&flag)?),
                 "--no-qemu" => opts.qemu = None,
                 "--out" => opts.out = args.path(&flag)?,
@@ -67,6 +72,15 @@ impl Options {
         }
         Ok(opts)
     }
+}
+
+/// The guest's command line: a counter, and with `--dirty-mib` a buffer rewritten at full speed.
+fn guest_cmdline(opts: &Options) -> String {
+    let actions = match opts.dirty_mib {
+        0 => "counter".to_string(),
+        n => format!("mem-dirty:{n}m,counter"),
+    };
+    format!("{} vmmprobe.count=100000000", benches::bench_cmdline(&actions))
 }
 
 fn ms(d: Duration) -> f64 {
@@ -139,10 +153,7 @@ fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Ve
     let dir = TempDir::new("bench-migration")?;
     let sock = dir.path().join("src.sock");
     let guest = harness::GuestBuilder::new(kernel)
-        .cmdline(&format!(
-            "{} vmmprobe.count=100000000",
-            benches::bench_cmdline("counter")
-        ))
+        .cmdline(&guest_cmdline(opts))
         .memory_mib(mib)
         .vcpus(vcpus)
         .arg("--track-dirty-pages")
@@ -181,6 +192,7 @@ struct QemuRun {
 }
 
 fn qemu_guest(
+    opts: &Options,
     qemu: &str,
     kernel: &Path,
     mib: u32,
@@ -191,10 +203,7 @@ fn qemu_guest(
     let mut cmd: Command = qemu_microvm(qemu, "microvm", mib, vcpus);
     cmd.arg("-kernel")
         .arg(kernel)
-        .args([
-            "-append",
-            &format!("{} vmmprobe.count=100000000", benches::bench_cmdline("counter")),
-        ])
+        .args(["-append", &guest_cmdline(opts)])
         .arg("-qmp")
         .arg(format!("unix:{},server=on,wait=off", qmp.display()));
     if let Some(path) = incoming {
@@ -217,7 +226,7 @@ fn wait_path(path: &Path) -> Result<()> {
 fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<QemuRun>> {
     let dir = TempDir::new("bench-migration-qemu")?;
     let qmp_path = dir.path().join("q0.sock");
-    let mut guest = qemu_guest(qemu, kernel, mib, vcpus, &qmp_path, None)?;
+    let mut guest = qemu_guest(opts, qemu, kernel, mib, vcpus, &qmp_path, None)?;
     let result = (|| -> Result<Vec<QemuRun>> {
         guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
         let mut qmp = Qmp::connect(&qmp_path)?;
@@ -225,13 +234,18 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32)
         for run in 0..opts.runs {
             let next_qmp = dir.path().join(format!("q{}.sock", run + 1));
             let mig = dir.path().join(format!("mig{run}.sock"));
-            let mut next = qemu_guest(qemu, kernel, mib, vcpus, &next_qmp, Some(&mig))?;
+            let mut next = qemu_guest(opts, qemu, kernel, mib, vcpus, &next_qmp, Some(&mig))?;
             wait_path(&mig)?;
             wait_path(&next_qmp)?;
             let mut next_q = Qmp::connect(&next_qmp)?;
             qmp.execute_with(
                 "migrate-set-parameters",
                 Some(json!({"downtime-limit": opts.downtime_ms})),
+            )?;
+            // The same lever ours has (QEMU's is off by default).
+            qmp.execute_with(
+                "migrate-set-capabilities",
+                Some(json!({"capabilities": [{"capability": "auto-converge", "state": opts.dirty_mib > 0}]})),
             )?;
             let started = Instant::now();
             qmp.execute_with("migrate", Some(json!({"uri": format!("unix:{}", mig.display())})))?;
@@ -275,7 +289,7 @@ fn main() -> Result<()> {
     let opts = Options::parse(std::env::args().skip(1))?;
     let kernel = GuestImages::get()?.vmlinux.clone();
     let mut table = String::from(
-        "| guest | vmm total ms | vmm downtime ms | vmm MiB sent | vmm rounds | QEMU total ms | QEMU downtime ms | QEMU MiB sent | QEMU/vmm downtime |\n|---|---|---|---|---|---|---|---|---|\n",
+        "| guest | dirty MiB | vmm total ms | vmm downtime ms | vmm MiB sent | vmm rounds | vmm throttle % | QEMU total ms | QEMU downtime ms | QEMU MiB sent | QEMU/vmm downtime |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = Vec::new();
     for &(mib, vcpus) in &opts.sizes {
@@ -292,7 +306,8 @@ fn main() -> Result<()> {
         let v_down = median(v.iter().filter_map(|m| m.stats.downtime_ms.map(|d| d as f64)));
         let q_down = median(q.iter().filter_map(|r| r.downtime_ms));
         table.push_str(&format!(
-            "| {mib} MiB / {vcpus} vCPU | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {mib} MiB / {vcpus} vCPU | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            opts.dirty_mib,
             cell(median(v.iter().map(|m| m.total_ms)), 1),
             cell(v_down, 1),
             cell(
@@ -300,6 +315,7 @@ fn main() -> Result<()> {
                 1
             ),
             cell(median(v.iter().map(|m| f64::from(m.stats.iteration))), 0),
+            cell(median(v.iter().map(|m| f64::from(m.stats.throttle_percent))), 0),
             cell(median(q.iter().map(|r| r.total_ms)), 1),
             cell(q_down, 1),
             cell(median(q.iter().filter_map(|r| r.ram_bytes.map(mib_of))), 1),
@@ -313,7 +329,7 @@ fn main() -> Result<()> {
     }
     println!("{table}");
     let report = json!({"benchmark": "migration", "unix_time": unix_time(), "host": host_json(),
-        "runs": opts.runs, "downtime_budget_ms": opts.downtime_ms, "sizes": rows});
+        "runs": opts.runs, "downtime_budget_ms": opts.downtime_ms, "dirty_mib": opts.dirty_mib, "sizes": rows});
     write_json(&opts.out, &report)?;
     eprintln!("wrote {}", opts.out.display());
     Ok(())
@@ -332,12 +348,14 @@ mod tests {
             "2",
             "--downtime-ms",
             "50",
+            "--dirty-mib",
+            "16",
             "--no-qemu",
         ])
         .unwrap();
         assert_eq!(
-            (o.sizes, o.runs, o.downtime_ms, o.qemu),
-            (vec![(256, 2)], 2, 50, None)
+            (o.sizes, o.runs, o.downtime_ms, o.dirty_mib, o.qemu),
+            (vec![(256, 2)], 2, 50, 16, None)
         );
         assert!(Options::parse(["--runs", "0"]).is_err());
         assert!(Options::parse(["--downtime-ms", "0"]).is_err());
