@@ -369,14 +369,17 @@ fn dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
 /// `migrate-send`; returns the outcome event and the destination.
 fn migrate_with(c: &mut ControlClient, dir: &Path, tag: &str, params: &str) -> (Event, Guest, ControlClient) {
     let (dest, mut d) = empty_vmm_here(&dir.join(format!("{tag}.sock")));
-    let (a, b) = UnixStream::pair().unwrap();
+    let (a, b) = UnixStream::pair().expect("socket pair");
     give_connection(&mut d, &b);
     d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)
-        .unwrap();
+        .expect("migrate-receive");
     give_connection(c, &a);
     drop((a, b));
     let line = format!(r#"{{"id": 20, "request": {{"migrate-send": {{"connection": "mig", {params}}}}}}}"#);
-    assert!(matches!(c.ok(&line).unwrap(), Response::MigrationStarted(_)));
+    assert!(matches!(
+        c.ok(&line).expect("migrate-send"),
+        Response::MigrationStarted(_)
+    ));
     let done = c.wait_event(|e| matches!(e, Event::MigrationCompleted(_) | Event::MigrationFailed(_)));
     (done, dest, d)
 }
