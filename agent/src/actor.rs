@@ -678,6 +678,25 @@ impl VmActor {
         Ok(())
     }
 
+    /// Starts a vmm without a configuration (for a restore or an incoming migration) and connects
+    /// to it; on failure it is gone and the error says why.
+    async fn start_empty_vmm(&mut self) -> Result<(), String> {
+        self.spawn_vmm(false)
+            .await
+            .map_err(|e| format!("cannot start the vmm: {e}"))?;
+        match self.connect_new_vmm().await {
+            NewVmm::Connected => Ok(()),
+            NewVmm::Exited => {
+                self.finish().await;
+                Err(self.vm.state_reason.clone())
+            }
+            NewVmm::Silent => {
+                self.kill_and_wait().await;
+                Err("the vmm did not open its control socket".into())
+            }
+        }
+    }
+
     /// Kills a vmm that misbehaves while starting and records it as failed.
     async fn give_up(&mut self, why: &str) -> Result<Vm, AgentError> {
         tracing::warn!(vm = %self.vm.vm_id, why, "killing the vmm");

@@ -11,7 +11,7 @@ use tokio::time::{sleep, timeout, Instant};
 use vmm_api::control::{Event, Request, Response};
 use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationStats};
 
-use super::{next_event, observed_state, NewVmm, VmActor, EXIT_TIMEOUT};
+use super::{next_event, observed_state, VmActor, EXIT_TIMEOUT};
 use crate::control::ConnEvent;
 use crate::error::AgentError;
 use crate::migrations::with_stats;
@@ -197,20 +197,7 @@ impl VmActor {
             return Err(self.wrong_state(self.vm.state(), "migrated here"));
         }
         let failed = |why: String| AgentError::Unavailable(format!("receiving the VM: {why}"));
-        self.spawn_vmm(false)
-            .await
-            .map_err(|e| failed(format!("cannot start the vmm: {e}")))?;
-        match self.connect_new_vmm().await {
-            NewVmm::Connected => {}
-            NewVmm::Exited => {
-                self.finish().await;
-                return Err(failed(self.vm.state_reason.clone()));
-            }
-            NewVmm::Silent => {
-                self.kill_and_wait().await;
-                return Err(failed("the vmm did not open its control socket".into()));
-            }
-        }
+        self.start_empty_vmm().await.map_err(failed)?;
         let received = async {
             let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
                 Err(_) => {

@@ -7,7 +7,7 @@ use std::time::Duration;
 use vmm_api::control::{Request, Response};
 use vmm_api::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotRestore};
 
-use super::{observed_state, NewVmm, VmActor};
+use super::{observed_state, VmActor};
 use crate::error::AgentError;
 use crate::operations::CancelToken;
 use crate::proto::{Vm, VmState};
@@ -72,21 +72,9 @@ impl VmActor {
         if self.proc.is_some() || self.vm.state() != VmState::Starting {
             return Err(self.wrong_state(self.vm.state(), "restored"));
         }
-        let failed = |why: String| AgentError::Unavailable(format!("restoring VM: {why}"));
-        self.spawn_vmm(false)
+        self.start_empty_vmm()
             .await
-            .map_err(|e| failed(format!("cannot start the vmm: {e}")))?;
-        match self.connect_new_vmm().await {
-            NewVmm::Connected => {}
-            NewVmm::Exited => {
-                self.finish().await;
-                return Err(failed(self.vm.state_reason.clone()));
-            }
-            NewVmm::Silent => {
-                self.kill_and_wait().await;
-                return Err(failed("the vmm did not open its control socket".into()));
-            }
-        }
+            .map_err(|why| AgentError::Unavailable(format!("restoring VM: {why}")))?;
         let resume = request.resume;
         let mut cancelled = cancel.clone();
         let answer = tokio::select! {

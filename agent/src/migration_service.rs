@@ -84,19 +84,7 @@ impl MigrationApi {
     /// identity, a migration already running. Marks the VM migrating.
     async fn prepare(&self, req: &MigrateVmRequest) -> Result<Prepared, AgentError> {
         let (authority, host) = parse_destination(&req.destination)?;
-        let id = req.vm_id.clone();
-        let vm = self
-            .ctx
-            .store
-            .call(move |s| s.get_vm(&id))
-            .await?
-            .ok_or_else(|| AgentError::VmNotFound(req.vm_id.clone()))?;
-        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
-            return Err(AgentError::WrongState(format!(
-                "VM '{}' is not running or paused and cannot be migrated",
-                vm.vm_id
-            )));
-        }
+        let vm = self.ctx.live_vm(&req.vm_id, "migrated").await?;
         let spec = vm.spec.clone().unwrap_or_default();
         if !spec.track_dirty_pages {
             return Err(AgentError::WrongState(format!(

@@ -87,19 +87,7 @@ impl SnapshotApi {
         req: &CreateSnapshotRequest,
         kind: VmmKind,
     ) -> Result<Snapshot, AgentError> {
-        let id = req.vm_id.clone();
-        let vm = self
-            .ctx
-            .store
-            .call(move |s| s.get_vm(&id))
-            .await?
-            .ok_or_else(|| AgentError::VmNotFound(req.vm_id.clone()))?;
-        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
-            return Err(AgentError::WrongState(format!(
-                "VM '{}' is not running or paused and cannot be snapshotted",
-                vm.vm_id
-            )));
-        }
+        let vm = self.ctx.live_vm(&req.vm_id, "snapshotted").await?;
         let spec = vm.spec.clone().unwrap_or_default();
         if kind == VmmKind::Diff && !spec.track_dirty_pages {
             return Err(AgentError::WrongState(format!(

@@ -118,3 +118,23 @@ pub struct Context {
     /// This agent's identity toward peers; `None` without a TLS listener (no migrations then).
     pub peer: Option<PeerIdentity>,
 }
+
+impl Context {
+    /// The stored VM `vm_id`, which must be running or paused (FAILED_PRECONDITION naming `verb`,
+    /// e.g. "snapshotted", otherwise).
+    pub async fn live_vm(&self, vm_id: &str, verb: &str) -> Result<crate::proto::Vm, AgentError> {
+        use crate::proto::VmState;
+        let id = vm_id.to_string();
+        let vm = self
+            .store
+            .call(move |s| s.get_vm(&id))
+            .await?
+            .ok_or_else(|| AgentError::VmNotFound(vm_id.to_string()))?;
+        if !matches!(vm.state(), VmState::Running | VmState::Paused) {
+            return Err(AgentError::WrongState(format!(
+                "VM '{vm_id}' is not running or paused and cannot be {verb}"
+            )));
+        }
+        Ok(vm)
+    }
+}
