@@ -12,8 +12,8 @@ use std::time::Duration;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 use vmm_api::migration::{
-    MigrateReceive, MigrateSend, MigrationTls, TimeoutPolicy, DEFAULT_MAX_DOWNTIME_MS,
-    DEFAULT_MIGRATION_TIMEOUT_MS, MAX_MIGRATION_TIMEOUT_MS,
+    MigrateReceive, MigrateSend, TimeoutPolicy, DEFAULT_MAX_DOWNTIME_MS, DEFAULT_MIGRATION_TIMEOUT_MS,
+    MAX_MIGRATION_TIMEOUT_MS,
 };
 
 use crate::actor::migration::{Incoming, Outgoing, ACCEPT_TIMEOUT};
@@ -31,7 +31,7 @@ use crate::proto::{
 };
 use crate::requests::{fingerprint, OperationCall, OperationStarter, Requests};
 use crate::snapshots::{move_nics, restore_overrides, HostCompat};
-use crate::spec::{check_labels, check_spec, check_vm_id};
+use crate::spec::{check_spec, check_vm_id};
 use crate::state::{Context, PeerIdentity};
 use crate::supervisor::Supervisor;
 
@@ -159,7 +159,6 @@ async fn prepare_destination(
     let request = PrepareIncomingRequest {
         vm_id: p.vm.vm_id.clone(),
         spec: p.vm.spec.clone(),
-        labels: p.vm.spec.as_ref().map(|s| s.labels.clone()).unwrap_or_default(),
         cpu_model: cpu_model.to_string(),
         protocol_version,
         nics: req.nics.clone(),
@@ -215,12 +214,7 @@ async fn migrate_work(
                 MigrationTimeoutPolicy::Force => TimeoutPolicy::Force,
             },
             auto_converge: !req.disable_auto_converge,
-            tls: Some(MigrationTls {
-                cert_pem: prepared.peer.cert_pem.clone(),
-                key_pem: prepared.peer.key_pem.clone(),
-                ca_pem: prepared.peer.ca_pem.clone(),
-                server_name: Some(prepared.host.clone()),
-            }),
+            tls: Some(prepared.peer.migration_tls(Some(prepared.host.clone()))),
             token: ready.token,
         };
         let plan = Outgoing {
@@ -385,7 +379,6 @@ impl MigrationPeerService for PeerApi {
         let req = request.into_inner();
         crate::requests::check_ready(&self.ready)?;
         check_vm_id("vm_id", &req.vm_id)?;
-        check_labels("labels", &req.labels)?;
         self.check_host(&req)?;
         let peer = self.ctx.peer.clone().ok_or_else(|| {
             AgentError::WrongState("this agent has no TLS listener to receive migrations on".into())
@@ -432,12 +425,7 @@ impl MigrationPeerService for PeerApi {
         let receive = MigrateReceive {
             connection: String::new(),
             overrides,
-            tls: Some(MigrationTls {
-                cert_pem: peer.cert_pem.clone(),
-                key_pem: peer.key_pem.clone(),
-                ca_pem: peer.ca_pem.clone(),
-                server_name: None,
-            }),
+            tls: Some(peer.migration_tls(None)),
             token: token.clone(),
         };
         let plan = Incoming {

@@ -98,6 +98,19 @@ pub struct PeerIdentity {
     pub listen_ip: std::net::IpAddr,
 }
 
+impl PeerIdentity {
+    /// This identity for a vmm's side of a migration connection: the source names the
+    /// destination it must find in the peer's certificate, the destination names none.
+    pub fn migration_tls(&self, server_name: Option<String>) -> vmm_api::migration::MigrationTls {
+        vmm_api::migration::MigrationTls {
+            cert_pem: self.cert_pem.clone(),
+            key_pem: self.key_pem.clone(),
+            ca_pem: self.ca_pem.clone(),
+            server_name,
+        }
+    }
+}
+
 impl std::fmt::Debug for PeerIdentity {
     // The key stays out of logs.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
