@@ -43,6 +43,8 @@ pub(crate) struct Incoming {
     pub receive: MigrateReceive,
     /// How long the migration may take once connected.
     pub wait: Duration,
+    /// The files the copied disks go to, created here, empty (none with shared storage).
+    pub disk_copies: Vec<std::path::PathBuf>,
 }
 
 /// The migration connection, ready for the vmm (blocking, with Nagle off: frames are flushed
@@ -197,6 +199,8 @@ impl VmActor {
             return Err(self.wrong_state(self.vm.state(), "migrated here"));
         }
         let failed = |why: String| AgentError::Unavailable(format!("receiving the VM: {why}"));
+        create_empty(&self.dir, &plan.disk_copies)
+            .map_err(|e| AgentError::Internal(format!("cannot create the disk copies: {e}")))?;
         self.start_empty_vmm().await.map_err(failed)?;
         let received = async {
             let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
@@ -240,6 +244,18 @@ impl VmActor {
         .await?;
         Ok(self.vm.clone())
     }
+}
+
+/// Creates `files` in `dir`, empty; none may exist already (a copy never lands on something).
+fn create_empty(dir: &std::path::Path, files: &[std::path::PathBuf]) -> std::io::Result<()> {
+    if files.is_empty() {
+        return Ok(());
+    }
+    std::fs::create_dir_all(dir)?;
+    for f in files {
+        std::fs::OpenOptions::new().write(true).create_new(true).open(f)?;
+    }
+    Ok(())
 }
 
 fn report(progress: &watch::Sender<MigrationProgress>, stats: &MigrationStats) {

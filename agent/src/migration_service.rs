@@ -5,6 +5,7 @@
 //! mutual TLS with the agents' identities.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -27,7 +28,7 @@ use crate::proto::migration_service_server::MigrationService;
 use crate::proto::{
     operation_response, CancelMigrationRequest, MigrateVmRequest, MigrationPhase, MigrationProgress,
     MigrationTimeoutPolicy, Operation, OperationKind, OperationResponse, PrepareIncomingRequest,
-    PrepareIncomingResponse, Vm, VmState, WatchMigrationRequest,
+    PrepareIncomingResponse, Vm, VmSpec, VmState, WatchMigrationRequest,
 };
 use crate::requests::{fingerprint, OperationCall, OperationStarter, Requests};
 use crate::snapshots::{move_nics, restore_overrides, HostCompat};
@@ -164,6 +165,7 @@ async fn prepare_destination(
         nics: req.nics.clone(),
         running: p.vm.state() == VmState::Running,
         timeout_ms: or_default(req.timeout_ms, DEFAULT_MIGRATION_TIMEOUT_MS),
+        copy_disks: !req.shared_storage,
     };
     let call = async {
         let channel = connect_tcp(&p.authority, Some(tls)).await.map_err(|e| {
@@ -214,6 +216,7 @@ async fn migrate_work(
                 MigrationTimeoutPolicy::Force => TimeoutPolicy::Force,
             },
             auto_converge: !req.disable_auto_converge,
+            copy_disks: !req.shared_storage,
             tls: Some(prepared.peer.migration_tls(Some(prepared.host.clone()))),
             token: ready.token,
         };
@@ -221,13 +224,18 @@ async fn migrate_work(
             data_address: ready.data_address,
             send,
         };
-        let total = prepared.vm.spec.as_ref().map_or(0, |s| s.memory_mib << 20);
+        let spec = prepared.vm.spec.clone().unwrap_or_default();
+        let disks = if req.shared_storage { 0 } else { disk_bytes(&spec) };
+        let total = (spec.memory_mib << 20) + disks;
         let watching = prepared.progress.subscribe();
         let cancel = handle.cancel_token();
         crate::snapshots::with_progress(
             &mut handle,
             total,
-            || watching.borrow().memory_transferred_bytes,
+            || {
+                let p = watching.borrow();
+                p.memory_transferred_bytes + p.disk_transferred_bytes
+            },
             supervisor.migrate_out(&vm_id, plan, cancel, prepared.progress.clone()),
         )
         .await
@@ -255,6 +263,15 @@ async fn migrate_work(
             handle.fail(e).await;
         }
     }
+}
+
+/// The size of the VM's disk images (those that cannot be read count 0: the vmm has them open).
+fn disk_bytes(spec: &VmSpec) -> u64 {
+    spec.disks
+        .iter()
+        .filter_map(|d| std::fs::metadata(&d.path).ok())
+        .map(|m| m.len())
+        .sum()
 }
 
 type Stream<T> = ReceiverStream<Result<T, Status>>;
@@ -385,6 +402,18 @@ impl MigrationPeerService for PeerApi {
         })?;
         let mut spec = check_spec(req.spec.as_ref())?.clone();
         move_nics(&mut spec, &req.nics, "the migrating VM")?;
+        // Copied disks arrive in new files of the VM's own; shared ones stay where they are.
+        let vm_dir = self.ctx.config.vm_dir(&req.vm_id);
+        let disk_copies: Vec<PathBuf> = if req.copy_disks {
+            (0..spec.disks.len())
+                .map(|i| crate::snapshots::restored_disk_path(&vm_dir, i))
+                .collect()
+        } else {
+            Vec::new()
+        };
+        for (disk, path) in spec.disks.iter_mut().zip(&disk_copies) {
+            disk.path = path.display().to_string();
+        }
         crate::nics::check_nics(&spec.nics)?;
         let listener = tokio::net::TcpListener::bind(SocketAddr::new(peer.listen_ip, 0))
             .await
@@ -417,9 +446,17 @@ impl MigrationPeerService for PeerApi {
             .await?;
         self.supervisor.add(vm);
         drop(guard);
-        // With shared storage the disks stay where they are: only the taps and the console move.
         let overrides = vmm_api::snapshot::RestoreOverrides {
-            drives: Vec::new(),
+            drives: disk_copies
+                .iter()
+                .enumerate()
+                .map(|(i, path)| vmm_api::snapshot::DriveOverride {
+                    // The ids `spec::to_vm_config` gives drives.
+                    id: format!("disk{i}"),
+                    path: Some(path.clone()),
+                    fd: None,
+                })
+                .collect(),
             ..restore_overrides(&spec, &self.ctx.config.console_log(&req.vm_id))
         };
         let receive = MigrateReceive {
@@ -431,6 +468,7 @@ impl MigrationPeerService for PeerApi {
         let plan = Incoming {
             listener,
             receive,
+            disk_copies,
             wait: Duration::from_millis(req.timeout_ms.min(MAX_MIGRATION_TIMEOUT_MS)) + ACCEPT_TIMEOUT,
         };
         let supervisor = self.supervisor.clone();

@@ -134,23 +134,17 @@ pub fn new_token() -> Result<String, AgentError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
-/// Refuses (FAILED_PRECONDITION) a VM whose disks would not be there at the destination: disks
-/// are not copied yet, so they must be on shared storage, and not in this agent's state
-/// directory (which it deletes with the VM once the destination owns it).
+/// Refuses (FAILED_PRECONDITION) shared storage for disks that cannot be: those in this agent's
+/// state directory (which it deletes with the VM once the destination owns it). Without shared
+/// storage every disk is copied, wherever it is.
 pub fn check_storage(
     vm_id: &str,
     spec: &VmSpec,
     shared_storage: bool,
     state_dir: &Path,
 ) -> Result<(), AgentError> {
-    if spec.disks.is_empty() {
-        return Ok(());
-    }
     if !shared_storage {
-        return Err(AgentError::WrongState(format!(
-            "VM '{vm_id}' has disks, which this agent does not copy: migrate it with shared_storage \
-             when both hosts see its disks at the same paths"
-        )));
+        return Ok(());
     }
     if let Some(disk) = spec
         .disks
@@ -187,6 +181,9 @@ pub fn with_stats(progress: &MigrationProgress, stats: &MigrationStats) -> Migra
         throughput_bytes_per_s: stats.throughput_bytes_per_s,
         expected_downtime_ms: stats.expected_downtime_ms,
         throttle_percent: stats.throttle_percent,
+        disk_total_bytes: stats.disk_total_bytes,
+        disk_transferred_bytes: stats.disk_transferred_bytes,
+        disk_remaining_bytes: stats.disk_remaining_bytes,
         elapsed_ms: stats.elapsed_ms,
         downtime_ms: stats.downtime_ms,
         error: stats.error.clone().unwrap_or_default(),
@@ -234,7 +231,7 @@ mod tests {
     }
 
     #[test]
-    fn disks_must_be_on_shared_storage_outside_the_state_dir() {
+    fn shared_disks_must_be_outside_the_state_dir() {
         let state = Path::new("/var/lib/vmm-agent");
         let none = VmSpec::default();
         assert!(check_storage("vm", &none, false, state).is_ok());
@@ -247,11 +244,12 @@ mod tests {
         };
         let shared = spec("/mnt/shared/vm.ext4");
         assert!(check_storage("vm", &shared, true, state).is_ok());
-        let e = check_storage("vm", &shared, false, state).unwrap_err();
-        assert!(e.to_string().contains("shared_storage"), "{e}");
+        assert!(check_storage("vm", &shared, false, state).is_ok());
         let local = spec("/var/lib/vmm-agent/vms/vm/disk0.img");
         let e = check_storage("vm", &local, true, state).unwrap_err();
         assert!(e.to_string().contains("state directory"), "{e}");
+        // Copied, it may be anywhere.
+        assert!(check_storage("vm", &local, false, state).is_ok());
     }
 
     #[test]

@@ -18,8 +18,10 @@
 //! Memory goes first (all pages that hold data, then rounds of the pages written since), then,
 //! with the source paused, the rest and the vCPU and device state. The destination builds the VM
 //! paused and says it is ready; only then does the source commit and end. Until the commit the
-//! source owns the VM: any failure resumes it there. Disks are not copied: both VMMs must see the
-//! same images (shared storage); the source gives up its locks on them at the switch-over.
+//! source owns the VM: any failure resumes it there. Disks: either both VMMs see the
+//! same images (shared storage; the source gives up its locks on them at the switch-over), or, with
+//! `copy_disks`, the source copies them too, in the same rounds as memory: all data first, then
+//! the chunks the guest wrote since.
 //!
 //! Between hosts the connection is TCP with mutual TLS (`tls` on both requests; the source is the
 //! client) and the destination's agent hands out a one-time `token` that the source's handshake
@@ -28,7 +30,7 @@
 use serde::{Deserialize, Serialize};
 
 /// The version of the VMM-to-VMM migration protocol this build speaks.
-pub const PROTOCOL_VERSION: u32 = 2;
+pub const PROTOCOL_VERSION: u32 = 3;
 
 /// Default longest pause of the guest at the switch-over.
 pub const DEFAULT_MAX_DOWNTIME_MS: u64 = 300;
@@ -72,6 +74,11 @@ pub struct MigrateSend {
     /// sent (auto-converge): first by 20 %, then 10 % more each time, up to 99 %.
     #[serde(default = "yes")]
     pub auto_converge: bool,
+    /// Copy the drives' contents too (local disks, no storage both hosts see): all of each image
+    /// while the guest runs, then, round by round, what it wrote meanwhile, and the rest while
+    /// it is paused. The destination names an empty file (or one of the same size) per drive.
+    #[serde(default)]
+    pub copy_disks: bool,
     /// Mutual TLS on the connection (this side is the client); without it the stream is plain,
     /// for connections that never leave the host.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -128,8 +135,9 @@ pub struct MigrateReceive {
     /// The name (from `add-fds`) of the connected stream from the source.
     pub connection: String,
     /// What differs on this host: the taps the NICs use (their MACs stay), where each drive's
-    /// image is (the same image, on storage both hosts see: `path` or `fd` names it, nothing is
-    /// copied), where the serial console goes.
+    /// image is (the same image on storage both hosts see, `path` or `fd`; or, when the source
+    /// copies the disks, the `path` of the file that receives the copy: empty, or already of the
+    /// drive's size), where the serial console goes.
     #[serde(default)]
     pub overrides: crate::snapshot::RestoreOverrides,
     /// Mutual TLS on the connection (this side is the server).
@@ -172,6 +180,15 @@ pub struct MigrationStats {
     pub memory_transferred_bytes: u64,
     /// Bytes of pages known to be dirty and not yet sent.
     pub memory_remaining_bytes: u64,
+    /// Size of the drives being copied (0 with shared storage).
+    #[serde(default)]
+    pub disk_total_bytes: u64,
+    /// Bytes of disk contents sent so far (all rounds).
+    #[serde(default)]
+    pub disk_transferred_bytes: u64,
+    /// Bytes of disk chunks known to be written by the guest and not yet sent.
+    #[serde(default)]
+    pub disk_remaining_bytes: u64,
     /// Bytes of pages the guest dirtied per second during the last round.
     pub dirty_rate_bytes_per_s: u64,
     /// Bytes per second the last round was sent at.

@@ -269,7 +269,7 @@ static dev_t probe_disk_devt(const char *name)
  * writes to a read-only disk really reach the device (the 6.12 block layer
  * only warns about them): the VMM has to reject them itself.
  */
-static struct file *probe_disk_open(const char *name, bool write)
+struct file *probe_disk_open(const char *name, bool write)
 {
 	dev_t devt = probe_disk_devt(name);
 
@@ -283,7 +283,7 @@ static struct file *probe_disk_open(const char *name, bool write)
  * fput() from the init task would only queue the release as task work, which
  * runs on the return to user space that never comes.
  */
-static void probe_disk_close(struct file *file)
+void probe_disk_close(struct file *file)
 {
 	__fput_sync(file);
 }
@@ -957,6 +957,7 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "blk-zero",	act_blk_zero, 3, 4, "blk-zero:DEV:OFFSET:LEN[:nounmap]" },
 	{ "blk-load",	act_blk_load, 5, 6, "blk-load:DEV:MODE:BS:QD:SECONDS[:SPAN]" },
 	{ "blk-root",	act_blk_root, 1, 1, "blk-root:PATH" },
+	{ "blk-dirty",	act_blk_dirty, 2, 2, "blk-dirty:DEV:SPAN" },
 	{ "fs-write",	act_fs_write, 4, 4, "fs-write:DEV:NAME:LEN:SEED" },
 	{ "net-info",	act_net_info, 0, 0, "net-info" },
 	{ "net-addr",	act_net_addr, 3, 3, "net-addr:DEV:IP:PREFIXLEN" },

@@ -84,6 +84,14 @@ void act_mem_info(int argc, char **argv);
 void act_mem_dirty(int argc, char **argv);
 void act_balloon_wait(int argc, char **argv);
 
+/* Block devices opened without a holder (vmmprobe.c). */
+struct file;
+struct file *probe_disk_open(const char *name, bool write);
+void probe_disk_close(struct file *file);
+
+/* The disk-dirtying load (vmmprobe_blk_dirty.c). */
+void act_blk_dirty(int argc, char **argv);
+
 /* File system actions (vmmprobe_fs.c). */
 void act_fs_write(int argc, char **argv);
 void probe_fs_unmount_all(void);

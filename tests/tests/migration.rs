@@ -7,6 +7,10 @@
 //! and exits with 0, the guest continues counting at the destination without booting again, the
 //! bridge learns the guest's MAC on the destination's tap (the VMM's announcement), and the guest
 //! answers pings there without any reconfiguration.
+//!
+//! With local disks the source copies the image too, while the guest keeps rewriting part of it
+//! (the probe's `blk-dirty`): the destination's first pass over that part finds every block as
+//! the source's last pass left it.
 
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
@@ -477,6 +481,186 @@ fn a_guest_dirtying_faster_than_the_link_converges_by_throttling_or_is_cancelled
             "stale or damaged pages at the destination\n{}",
             dest.output_tail()
         );
+        if passes > at_source + 2 {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{passes} passes\n{}",
+            dest.output_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(
+        d.ok(r#"{"id": 7, "request": "stop"}"#).unwrap(),
+        Response::Stopping
+    );
+}
+
+/// The last `vmmprobe: blk-dirty dev=... passes=P bytes=B errors=E` line of `guest`: (passes,
+/// errors).
+fn disk_dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
+    let line = guest
+        .lines()
+        .into_iter()
+        .rev()
+        .find(|l| l.text.contains("vmmprobe: blk-dirty dev="))?;
+    let field = |name: &str| {
+        line.text
+            .split_whitespace()
+            .find_map(|w| w.strip_prefix(name))
+            .and_then(|v| v.parse::<u64>().ok())
+    };
+    Some((field("passes=")?, field("errors=")?))
+}
+
+/// A migration with `copy_disks` into a fresh empty VMM whose drive `data` goes to `target`
+/// (`None`: no override, the source's own path).
+fn migrate_copying(
+    c: &mut ControlClient,
+    dir: &Path,
+    tag: &str,
+    target: Option<&Path>,
+) -> (Event, Guest, ControlClient) {
+    let (dest, mut d) = empty_vmm_here(&dir.join(format!("{tag}.sock")));
+    let (a, b) = UnixStream::pair().expect("socket pair");
+    give_connection(&mut d, &b);
+    let overrides = match target {
+        Some(p) => format!(
+            r#", "overrides": {{"drives": [{{"id": "data", "path": "{}"}}]}}"#,
+            p.display()
+        ),
+        None => String::new(),
+    };
+    d.send(&format!(
+        r#"{{"id": 2, "request": {{"migrate-receive": {{"connection": "mig"{overrides}}}}}}}"#
+    ))
+    .expect("migrate-receive");
+    give_connection(c, &a);
+    drop((a, b));
+    // 16 MiB/s: pre-copy takes seconds while the guest rewrites its disk, and a second round
+    // (what it rewrote meanwhile) fits a budget of a second.
+    let line = r#"{"id": 30, "request": {"migrate-send": {"connection": "mig", "copy_disks": true, "bandwidth_bytes_per_s": 16777216, "max_downtime_ms": 1000}}}"#;
+    assert!(matches!(
+        c.ok(line).expect("migrate-send"),
+        Response::MigrationStarted(_)
+    ));
+    let done = c.wait_event(|e| matches!(e, Event::MigrationCompleted(_) | Event::MigrationFailed(_)));
+    (done, dest, d)
+}
+
+/// Local disks: the source copies the image while the guest rewrites its first 8 MiB pass after
+/// pass; a target of the wrong size, and the source's own (locked) image, are refused and the
+/// guest runs on; into an empty file the copy completes, data the guest never touched (and the
+/// holes) arrive as they were, and the destination's passes find every block the source's last
+/// pass wrote.
+#[test]
+fn a_guest_rewriting_its_local_disk_moves_with_an_identical_copy() {
+    require_kvm();
+    let images = GuestImages::get().unwrap();
+    let dir = TempDir::new("vmm-disk-copy").unwrap();
+    let disk = dir.path().join("disk.img");
+    // 64 MiB, sparse, with known data at 32 MiB that the guest never touches.
+    let untouched = ProbePattern::bytes(21, 1 << 20);
+    {
+        use std::os::unix::fs::FileExt;
+        let f = std::fs::File::create(&disk).unwrap();
+        f.set_len(64 << 20).unwrap();
+        f.write_all_at(&untouched, 32 << 20).unwrap();
+    }
+    let sock = dir.path().join("src.sock");
+    let mut cmd = std::process::Command::new(vmm_binary());
+    cmd.arg("--kernel")
+        .arg(&images.vmlinux)
+        .args(["--cmdline", &probe_cmdline("blk-dirty:vda:8m,mem-dirty:4m,idle")])
+        .args(["--memory-mib", "128", "--vcpus", "2", "--track-dirty-pages", "on"])
+        .arg("--drive")
+        .arg(format!("path={},id=data", disk.display()))
+        .arg("--api-sock")
+        .arg(&sock);
+    let source = Guest::spawn_command(cmd, None).unwrap();
+    ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
+    let mut c = ControlClient::connect(&sock).unwrap();
+    source
+        .wait_for_line("vmmprobe: blk-dirty dev=vda passes=", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", source.output_tail()));
+
+    // Refused before any copy: a file of another size, and the source's own image.
+    let wrong = dir.path().join("wrong.img");
+    std::fs::write(&wrong, vec![1u8; 1 << 20]).unwrap();
+    for (tag, target, why) in [("wrong", Some(wrong.as_path()), "bytes"), ("own", None, "lock")] {
+        let (done, mut refusing, _) = migrate_copying(&mut c, dir.path(), tag, target);
+        let Event::MigrationFailed(stats) = done else {
+            panic!("{tag}: {done:?}")
+        };
+        assert!(
+            stats.error.as_deref().is_some_and(|e| e.contains(why)),
+            "{tag}: {stats:?}"
+        );
+        assert_eq!(stats.disk_transferred_bytes, 0, "{tag}: {stats:?}");
+        let _ = refusing.kill();
+    }
+    assert_eq!(std::fs::read(&wrong).unwrap(), vec![1u8; 1 << 20]);
+    let (before, errors) = disk_dirty_progress(&source).expect("blk-dirty progress");
+    assert_eq!(errors, 0, "{}", source.output_tail());
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    while disk_dirty_progress(&source).is_none_or(|(passes, _)| passes <= before) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the source stopped writing after the refusals\n{}",
+            source.output_tail()
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+
+    let copy = dir.path().join("copy.img");
+    std::fs::File::create(&copy).unwrap();
+    let (done, dest, mut d) = migrate_copying(&mut c, dir.path(), "copy", Some(&copy));
+    let Event::MigrationCompleted(stats) = done else {
+        panic!("{done:?}\n{}", source.output_tail())
+    };
+    eprintln!("copied: {stats:?}");
+    assert_eq!(stats.disk_total_bytes, 64 << 20);
+    // Round 0 sent the data (the 8 MiB rewritten, the 1 MiB untouched), not the holes; later
+    // rounds what the guest rewrote meanwhile (it never stops).
+    assert!(
+        stats.disk_transferred_bytes > 9 << 20 && stats.iteration >= 1,
+        "{stats:?}"
+    );
+    let answer = d.wait_answer(MIGRATION_TIMEOUT).unwrap();
+    assert!(
+        matches!(answer.result, Outcome::Ok(Response::MigrationReceived { .. })),
+        "{answer:?}"
+    );
+    assert_eq!(std::fs::metadata(&copy).unwrap().len(), 64 << 20);
+    {
+        use std::os::unix::fs::{FileExt, MetadataExt};
+        let f = std::fs::File::open(&copy).unwrap();
+        let mut got = vec![0u8; untouched.len()];
+        f.read_exact_at(&mut got, 32 << 20).unwrap();
+        assert!(got == untouched, "the untouched data differs in the copy");
+        let mut hole = vec![1u8; 1 << 20];
+        f.read_exact_at(&mut hole, 48 << 20).unwrap();
+        assert!(hole.iter().all(|b| *b == 0));
+        // The holes stayed holes.
+        let allocated = std::fs::metadata(&copy).unwrap().blocks() * 512;
+        assert!(allocated < 32 << 20, "{allocated} bytes allocated");
+    }
+    // The destination goes on rewriting, and its first pass checks the source's last.
+    let (at_source, _) = disk_dirty_progress(&source).unwrap_or((0, 0));
+    dest.wait_for_line("vmmprobe: blk-dirty dev=vda passes=", BOOT_TIMEOUT)
+        .unwrap_or_else(|e| panic!("{e}\n{}", dest.output_tail()));
+    let deadline = std::time::Instant::now() + Duration::from_secs(120);
+    loop {
+        let (passes, errors) = disk_dirty_progress(&dest).unwrap_or((0, 0));
+        assert_eq!(
+            errors,
+            0,
+            "stale or missing disk blocks at the destination\n{}",
+            dest.output_tail()
+        );
+        let memory_errors = dirty_progress(&dest).map_or(0, |(_, e)| e);
+        assert_eq!(memory_errors, 0, "{}", dest.output_tail());
         if passes > at_source + 2 {
             break;
         }

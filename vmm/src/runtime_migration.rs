@@ -11,7 +11,8 @@ use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationStats, MAX_MIGRAT
 
 use super::{now, wrong_state, Failure, Launch, PendingStart, Reply, Runtime};
 use crate::control::ClientId;
-use crate::migration::wire::{Hello, MAGIC, PROTOCOL_VERSION};
+use crate::machine::Machine;
+use crate::migration::wire::{DiskCopy, Hello, MAGIC, PROTOCOL_VERSION};
 use crate::migration::{self, destination, source, FromMain, LoopLink, Shared, SwitchedOver, ToMain};
 use crate::persist;
 use crate::sync::lock;
@@ -44,6 +45,35 @@ pub enum Notice {
     Event(Event),
     /// The deferred answer to a request.
     Answer(ClientId, u64, Result<Response, Failure>),
+}
+
+/// The drives of `machine` as the source thread copies them: a descriptor of each image of its
+/// own (the thread may not open files), its size, and what the guest writes to it.
+fn source_disks(machine: &Machine) -> Result<Vec<(String, source::SourceDisk)>, Failure> {
+    machine
+        .blocks()
+        .iter()
+        .map(|handle| {
+            let transport = lock(handle);
+            let block = transport.device();
+            let file = block.disk_file().try_clone().map_err(|e| {
+                (
+                    ErrorKind::Internal,
+                    format!(
+                        "drive {}: cannot share its image with the migration: {e}",
+                        block.id()
+                    ),
+                )
+            })?;
+            let written = Arc::clone(block.written());
+            let disk = source::SourceDisk {
+                file,
+                bytes: written.disk_bytes(),
+                written,
+            };
+            Ok((block.id().to_string(), disk))
+        })
+        .collect()
 }
 
 impl Runtime {
@@ -83,6 +113,11 @@ impl Runtime {
             ));
         }
         let mem = machine.kvm().mem.clone();
+        let disks = if params.copy_disks {
+            source_disks(machine)?
+        } else {
+            Vec::new()
+        };
         let touched = persist::memory::touched_pages(&mem, machine.kvm().backing);
         let hello = Hello {
             magic: MAGIC,
@@ -93,6 +128,13 @@ impl Runtime {
             cpu_model: persist::host_cpu_model(),
             vmm_version: env!("CARGO_PKG_VERSION").to_string(),
             token: params.token.clone(),
+            disks: disks
+                .iter()
+                .map(|(id, d)| DiskCopy {
+                    id: id.clone(),
+                    bytes: d.bytes,
+                })
+                .collect(),
         };
         let worker = self
             .migration_worker
@@ -100,7 +142,11 @@ impl Runtime {
             .ok_or_else(|| (ErrorKind::Internal, "no migration thread".to_string()))?;
         let conn = self.take_connection(&params.connection)?;
         let shared = Arc::new(Shared::default());
-        lock(&shared.stats).memory_total_bytes = mem.iter().map(|r| r.len()).sum();
+        {
+            let mut stats = lock(&shared.stats);
+            stats.memory_total_bytes = mem.iter().map(|r| r.len()).sum();
+            stats.disk_total_bytes = disks.iter().map(|(_, d)| d.bytes).sum();
+        }
         let stats = shared.snapshot();
         let (thread_link, loop_link) = migration::link(doorbell);
         let job = source::SourceJob {
@@ -109,6 +155,7 @@ impl Runtime {
             mem,
             hello,
             touched,
+            disks: disks.into_iter().map(|(_, d)| d).collect(),
             link: thread_link,
             shared: Arc::clone(&shared),
         };
@@ -322,7 +369,7 @@ impl Runtime {
             let transport = lock(handle);
             let block = transport.device();
             if !block.read_only() {
-                if let Err(e) = devices::virtio::block::disk::unlock(block.disk_file()) {
+                if let Err(e) = devices::virtio::block::disk::unlock(block.locked_file()) {
                     log::warn!("cannot unlock drive {}: {e}", block.id());
                 }
             }
@@ -341,7 +388,7 @@ impl Runtime {
             let transport = lock(handle);
             let block = transport.device();
             if !block.read_only() {
-                if let Err(e) = devices::virtio::block::disk::lock_exclusive(block.disk_file()) {
+                if let Err(e) = devices::virtio::block::disk::lock_exclusive(block.locked_file()) {
                     log::error!(
                         "drive {}: cannot take its lock back after a failed migration: {e}",
                         block.id()

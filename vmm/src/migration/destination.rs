@@ -2,8 +2,10 @@
 //! fresh guest memory, hands memory and state to the main loop to build the VM (paused), says
 //! ready, and waits for the source's commit.
 
-use std::io::{BufReader, Write};
+use std::fs::File;
+use std::io::{BufReader, Seek, SeekFrom, Write};
 use std::os::fd::OwnedFd;
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::time::Duration;
 
@@ -12,7 +14,7 @@ use vmm_api::migration::MigrateReceive;
 use vmm_api::VmConfig;
 
 use super::conn::Conn;
-use super::wire::{self, Frame, Hello, MAGIC, PROTOCOL_VERSION};
+use super::wire::{self, DiskCopy, Frame, Hello, MAGIC, PROTOCOL_VERSION};
 use super::{FromMain, MainLink, MigrationError, ToMain};
 use crate::arch::layout;
 use crate::persist::{format, host_cpu_model, SnapshotState};
@@ -126,6 +128,97 @@ fn accept(hello: &Hello, params: &MigrateReceive) -> Result<VmConfig, MigrationE
     Ok(config)
 }
 
+/// A file receiving a copied drive's image.
+struct DiskTarget {
+    file: File,
+    bytes: u64,
+    /// Written since it was last made durable.
+    unsynced: bool,
+}
+
+impl DiskTarget {
+    fn sync(&mut self, id: &str) -> Result<(), MigrationError> {
+        if self.unsynced {
+            self.file
+                .sync_data()
+                .map_err(|e| MigrationError::Vm(format!("drive {id}: cannot write its copy to disk: {e}")))?;
+            self.unsynced = false;
+        }
+        Ok(())
+    }
+}
+
+/// Opens the files the copied drives go to: each drive's `path` (as the overrides set it), empty
+/// (it is given the image's size) or already of that size, and not in use (locked) by a VM.
+/// Anything else is refused: this side does not overwrite an image it was pointed at by mistake.
+/// The lock is held until the copy is complete.
+fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>, MigrationError> {
+    let incompatible = |why: String| MigrationError::Incompatible(why);
+    disks
+        .iter()
+        .map(|copy| {
+            let drive = config.drives.iter().find(|d| d.id == copy.id).ok_or_else(|| {
+                incompatible(format!(
+                    "the copied drive {:?} is not in the configuration",
+                    copy.id
+                ))
+            })?;
+            if drive.fd.is_some() || drive.path.as_os_str().is_empty() {
+                return Err(incompatible(format!(
+                    "drive {}: its copy needs a path on this host (an fd cannot receive it)",
+                    copy.id
+                )));
+            }
+            let mut file = std::fs::OpenOptions::new()
+                .read(true)
+                .write(true)
+                .open(&drive.path)
+                .map_err(|e| incompatible(format!("drive {}: {}: {e}", copy.id, drive.path.display())))?;
+            // The image a VM uses (the source's own, when both run on one host and the drive has
+            // no override) is locked: a copy must never be written over a live disk.
+            devices::virtio::block::disk::lock_exclusive(&file).map_err(|e| {
+                incompatible(format!(
+                    "drive {}: {} cannot receive the copy: {}",
+                    copy.id,
+                    drive.path.display(),
+                    if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
+                        "another process (a VM) holds a lock on it".to_string()
+                    } else {
+                        e.to_string()
+                    }
+                ))
+            })?;
+            let size = file
+                .seek(SeekFrom::End(0))
+                .map_err(|e| incompatible(format!("drive {}: {e}", copy.id)))?;
+            if size == 0 {
+                file.set_len(copy.bytes)
+                    .map_err(|e| incompatible(format!("drive {}: cannot size its copy: {e}", copy.id)))?;
+            } else if size != copy.bytes {
+                return Err(incompatible(format!(
+                    "drive {}: {} is {size} bytes, the source's image {} bytes",
+                    copy.id,
+                    drive.path.display(),
+                    copy.bytes
+                )));
+            }
+            Ok(DiskTarget {
+                file,
+                bytes: copy.bytes,
+                unsynced: size == 0,
+            })
+        })
+        .collect()
+}
+
+/// Makes every copy durable: the guest may have flushed what the last rounds carried.
+fn sync_all(targets: &mut [DiskTarget], disks: &[DiskCopy]) -> Result<(), MigrationError> {
+    for (t, d) in targets.iter_mut().zip(disks) {
+        t.sync(&d.id)?;
+    }
+    Ok(())
+}
+
 fn receive(
     input: &mut BufReader<Conn>,
     params: &MigrateReceive,
@@ -137,6 +230,7 @@ fn receive(
         other => return Err(wire::WireError::Protocol(format!("expected hello, got {other:?}")).into()),
     };
     let config = accept(&hello, params)?;
+    let mut targets = open_targets(&hello.disks, &config)?;
     let mem = crate::vstate::memory::create_guest_memory(config.machine.memory_mib, config.machine.hugepages)
         .map_err(|e| MigrationError::Incompatible(format!("guest memory: {e}")))?;
     filter
@@ -156,8 +250,30 @@ fn receive(
                 })?;
                 memory_bytes += data.len() as u64;
             }
-            Frame::RoundEnd(_) => {}
+            Frame::Disk { disk, offset, data } => {
+                let target = targets
+                    .get_mut(disk as usize)
+                    .ok_or_else(|| wire::WireError::Protocol(format!("disk frame for drive {disk}")))?;
+                if offset
+                    .checked_add(data.len() as u64)
+                    .is_none_or(|end| end > target.bytes)
+                {
+                    return Err(wire::WireError::Protocol(format!(
+                        "disk {disk}: {} bytes at {offset:#x} lie past its end",
+                        data.len()
+                    ))
+                    .into());
+                }
+                target
+                    .file
+                    .write_all_at(&data, offset)
+                    .map_err(|e| MigrationError::Vm(format!("writing the copy of drive {disk}: {e}")))?;
+                target.unsynced = true;
+            }
+            // Durable round by round, so that the switch-over has little left to wait for.
+            Frame::RoundEnd(_) => sync_all(&mut targets, &hello.disks)?,
             Frame::State(bytes) => {
+                sync_all(&mut targets, &hello.disks)?;
                 let state: SnapshotState = format::decode(&bytes, "migration state")
                     .map_err(|e| wire::WireError::Protocol(e.to_string()))?;
                 if state.memory_ranges != hello.memory_ranges {
@@ -168,6 +284,8 @@ fn receive(
             other => return Err(wire::WireError::Protocol(format!("unexpected {other:?}")).into()),
         }
     };
+    // The VM opens (and locks) its images itself.
+    drop(targets);
     let received = Received {
         config,
         state,

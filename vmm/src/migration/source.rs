@@ -1,7 +1,9 @@
 //! The source's migration thread: handshake, memory rounds until what is left fits the downtime
 //! budget (or the timeout's policy decides), then the switch-over.
 
+use std::fs::File;
 use std::io::{BufWriter, Write};
+use std::os::unix::fs::FileExt;
 use std::os::unix::net::UnixStream;
 use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
@@ -11,7 +13,10 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestM
 use vmm_api::migration::{MigrateSend, MigrationPhase, TimeoutPolicy};
 
 use super::conn::Conn;
-use super::wire::{self, Frame, Hello, MAX_PAGES_PER_FRAME, PAGE_SIZE};
+use devices::virtio::block::written::CHUNK_BYTES;
+use devices::virtio::block::WrittenChunks;
+
+use super::wire::{self, Frame, Hello, MAX_DISK_BYTES_PER_FRAME, MAX_PAGES_PER_FRAME, PAGE_SIZE};
 use super::{spawn_confined, FromMain, MainLink, MigrationError, Shared, ToMain};
 use crate::seccomp::SeccompMode;
 use crate::sync::lock;
@@ -60,6 +65,16 @@ impl AutoConverge {
     }
 }
 
+/// A drive whose image the source copies (no shared storage).
+pub struct SourceDisk {
+    /// The image, through the page cache.
+    pub file: File,
+    /// Its size.
+    pub bytes: u64,
+    /// What the guest writes to it.
+    pub written: Arc<WrittenChunks>,
+}
+
 /// A migration for the source thread to carry out.
 pub struct SourceJob {
     /// The connected stream (taken by the thread).
@@ -73,6 +88,8 @@ pub struct SourceJob {
     /// The pages the guest had touched when the migration began, if known: the first round sends
     /// those (the others read as zeros), not every page.
     pub touched: Option<Vec<Vec<u64>>>,
+    /// The drives to copy, in the order of [`Hello::disks`].
+    pub disks: Vec<SourceDisk>,
     /// To the main loop.
     pub link: MainLink,
     /// Progress and cancel.
@@ -112,7 +129,10 @@ struct Sender<'a> {
     out: BufWriter<Conn>,
     shared: &'a Shared,
     mem: &'a GuestMemoryMmap,
+    /// Bytes of memory pages sent.
     sent: u64,
+    /// Bytes of disk contents sent.
+    disk_sent: u64,
     since: Instant,
     limit: u64,
     buf: Vec<u8>,
@@ -143,33 +163,25 @@ impl Sender<'_> {
         self.mem
             .read_slice(&mut self.buf[..len], GuestAddress(gpa))
             .map_err(|e| MigrationError::Vm(format!("reading guest memory at {gpa:#x}: {e}")))?;
-        let mut start = None;
-        for page in 0..=pages {
-            let data = page < pages
-                && (!skip_zero
-                    || self.buf[page * PAGE_SIZE..(page + 1) * PAGE_SIZE]
-                        .iter()
-                        .any(|b| *b != 0));
-            match (data, start) {
-                (true, None) => start = Some(page),
-                (false, Some(first)) => {
-                    let bytes = self.buf[first * PAGE_SIZE..page * PAGE_SIZE].to_vec();
-                    let n = bytes.len() as u64;
-                    self.frame(&Frame::Pages {
-                        gpa: gpa + (first * PAGE_SIZE) as u64,
-                        data: bytes,
-                    })?;
-                    self.sent += n;
-                    lock(&self.shared.stats).memory_transferred_bytes = self.sent;
-                    self.pace();
-                    // Looked at per frame: a round of a large guest on a slow link takes long.
-                    if self.shared.cancel.load(Ordering::Acquire) {
-                        return Err(MigrationError::Cancelled);
-                    }
-                    start = None;
-                }
-                _ => {}
-            }
+        for (start, end) in data_runs(&self.buf[..len], skip_zero) {
+            let bytes = self.buf[start..end].to_vec();
+            self.frame(&Frame::Pages {
+                gpa: gpa + start as u64,
+                data: bytes,
+            })?;
+            self.sent += (end - start) as u64;
+            lock(&self.shared.stats).memory_transferred_bytes = self.sent;
+            self.after_frame()?;
+        }
+        Ok(())
+    }
+
+    /// Paces to the bandwidth limit and looks for a cancel: per frame, as a round of a large
+    /// guest on a slow link takes long.
+    fn after_frame(&self) -> Result<(), MigrationError> {
+        self.pace();
+        if self.shared.cancel.load(Ordering::Acquire) {
+            return Err(MigrationError::Cancelled);
         }
         Ok(())
     }
@@ -180,27 +192,80 @@ impl Sender<'_> {
         let regions: Vec<(u64, u64)> = self.mem.iter().map(|r| (r.start_addr().0, r.len())).collect();
         for (slot, (start, len)) in regions.into_iter().enumerate() {
             let count = (len / PAGE_SIZE as u64) as usize;
-            let is_set = |page: usize| match bitmaps {
-                None => true,
-                Some(b) => b
-                    .get(slot)
-                    .and_then(|words| words.get(page / 64))
-                    .is_some_and(|w| w & (1 << (page % 64)) != 0),
-            };
-            let mut page = 0;
-            while page < count {
-                if !is_set(page) {
-                    page += 1;
-                    continue;
-                }
-                let first = page;
-                while page < count && page - first < MAX_PAGES_PER_FRAME && is_set(page) {
-                    page += 1;
-                }
-                self.run_of_pages(start + (first * PAGE_SIZE) as u64, page - first, skip_zero)?;
+            let bits = bitmaps.map(|b| b.get(slot).map_or(&[][..], Vec::as_slice));
+            for (first, n) in set_runs(bits, count, MAX_PAGES_PER_FRAME) {
+                self.run_of_pages(start + (first * PAGE_SIZE) as u64, n, skip_zero)?;
             }
         }
         Ok(())
+    }
+
+    /// Sends `len` bytes of disk `index` from `offset`; with `skip_zero`, only the 4 KiB blocks
+    /// that hold data (the destination's copy starts out as zeros).
+    fn run_of_disk(
+        &mut self,
+        index: usize,
+        disk: &SourceDisk,
+        offset: u64,
+        len: usize,
+        skip_zero: bool,
+    ) -> Result<(), MigrationError> {
+        self.buf.resize(len, 0);
+        disk.file
+            .read_exact_at(&mut self.buf[..len], offset)
+            .map_err(|e| MigrationError::Vm(format!("reading disk {index} at {offset:#x}: {e}")))?;
+        for (start, end) in data_runs(&self.buf[..len], skip_zero) {
+            let bytes = self.buf[start..end].to_vec();
+            self.frame(&Frame::Disk {
+                disk: index as u32,
+                offset: offset + start as u64,
+                data: bytes,
+            })?;
+            self.disk_sent += (end - start) as u64;
+            lock(&self.shared.stats).disk_transferred_bytes = self.disk_sent;
+            self.after_frame()?;
+        }
+        Ok(())
+    }
+
+    /// Round 0 of a disk: every part that holds data (holes and zeros are left out).
+    fn whole_disk(&mut self, index: usize, disk: &SourceDisk) -> Result<(), MigrationError> {
+        let ranges = devices::virtio::block::disk::data_ranges(&disk.file, disk.bytes)
+            .map_err(|e| MigrationError::Vm(format!("disk {index}: {e}")))?;
+        for (start, end) in ranges {
+            let mut offset = start;
+            while offset < end {
+                let len = (end - offset).min(MAX_DISK_BYTES_PER_FRAME as u64);
+                self.run_of_disk(index, disk, offset, len as usize, true)?;
+                offset += len;
+            }
+        }
+        Ok(())
+    }
+
+    /// The chunks of a disk set in `bits` (zeros included: they may overwrite data).
+    fn disk_chunks(&mut self, index: usize, disk: &SourceDisk, bits: &[u64]) -> Result<(), MigrationError> {
+        let chunks = disk.bytes.div_ceil(CHUNK_BYTES) as usize;
+        let per_frame = MAX_DISK_BYTES_PER_FRAME / CHUNK_BYTES as usize;
+        for (first, n) in set_runs(Some(bits), chunks, per_frame) {
+            let offset = first as u64 * CHUNK_BYTES;
+            let end = ((first + n) as u64 * CHUNK_BYTES).min(disk.bytes);
+            self.run_of_disk(index, disk, offset, (end - offset) as usize, false)?;
+        }
+        Ok(())
+    }
+
+    /// Sends what each disk's bitmap in `written` marks.
+    fn disks(&mut self, disks: &[SourceDisk], written: &[Vec<u64>]) -> Result<(), MigrationError> {
+        for (index, (disk, bits)) in disks.iter().zip(written).enumerate() {
+            self.disk_chunks(index, disk, bits)?;
+        }
+        Ok(())
+    }
+
+    /// Everything sent so far, memory and disks.
+    fn total_sent(&self) -> u64 {
+        self.sent + self.disk_sent
     }
 
     /// Sleeps as long as the bandwidth limit asks.
@@ -208,12 +273,64 @@ impl Sender<'_> {
         if self.limit == 0 {
             return;
         }
-        let due = Duration::from_secs_f64(self.sent as f64 / self.limit as f64);
+        let due = Duration::from_secs_f64(self.total_sent() as f64 / self.limit as f64);
         let elapsed = self.since.elapsed();
         if due > elapsed {
             std::thread::sleep(due - elapsed);
         }
     }
+}
+
+/// The byte ranges of `buf` to send, split at 4 KiB blocks that are all zeros with `skip_zero`
+/// (the last block may be shorter), else the whole buffer.
+fn data_runs(buf: &[u8], skip_zero: bool) -> Vec<(usize, usize)> {
+    if !skip_zero {
+        return if buf.is_empty() {
+            Vec::new()
+        } else {
+            vec![(0, buf.len())]
+        };
+    }
+    let mut runs: Vec<(usize, usize)> = Vec::new();
+    for (i, block) in buf.chunks(PAGE_SIZE).enumerate() {
+        if block.iter().all(|b| *b == 0) {
+            continue;
+        }
+        let (start, end) = (i * PAGE_SIZE, i * PAGE_SIZE + block.len());
+        match runs.last_mut() {
+            Some(last) if last.1 == start => last.1 = end,
+            _ => runs.push((start, end)),
+        }
+    }
+    runs
+}
+
+/// The runs of set bits among the first `count` of `bits` (all set with `None`), each at most
+/// `max` long, as (first, length).
+fn set_runs(bits: Option<&[u64]>, count: usize, max: usize) -> impl Iterator<Item = (usize, usize)> + '_ {
+    let is_set = move |n: usize| match bits {
+        None => true,
+        Some(words) => words.get(n / 64).is_some_and(|w| w & (1 << (n % 64)) != 0),
+    };
+    let mut n = 0;
+    std::iter::from_fn(move || {
+        while n < count && !is_set(n) {
+            n += 1;
+        }
+        if n >= count {
+            return None;
+        }
+        let first = n;
+        while n < count && n - first < max && is_set(n) {
+            n += 1;
+        }
+        Some((first, n - first))
+    })
+}
+
+/// Each disk's chunks written since the last call.
+fn written(disks: &[SourceDisk]) -> Vec<Vec<u64>> {
+    disks.iter().map(|d| d.written.take()).collect()
 }
 
 fn count_pages(bitmaps: &[Vec<u64>]) -> u64 {
@@ -257,6 +374,7 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         shared: &job.shared,
         mem: &job.mem,
         sent: 0,
+        disk_sent: 0,
         since: Instant::now(),
         limit: params.bandwidth_bytes_per_s,
         buf: Vec::new(),
@@ -278,34 +396,46 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         Err(e) => return Err(e.into()),
     }
 
-    // From here on every write is in the log: round 0 reads memory while the guest runs.
+    // From here on every write is in the logs: round 0 reads memory and disks while the guest
+    // runs.
     dirty_log(&job.link)?;
+    written(&job.disks);
     update(&|s| s.phase = MigrationPhase::PreCopy);
     let mut round_start = Instant::now();
-    // A fresh destination's memory reads as zeros: round 0 sends only what holds data.
+    // A fresh destination's memory and disk copies read as zeros: round 0 sends only what holds
+    // data. Disks first: they are the bulk, and memory, which changes fastest, then goes closest
+    // to the next round.
+    for (index, disk) in job.disks.iter().enumerate() {
+        tx.whole_disk(index, disk)?;
+    }
     tx.pages(job.touched.as_deref(), true)?;
     tx.frame(&Frame::RoundEnd(0))?;
     tx.flush()?;
-    let mut last_round = (tx.sent, round_start.elapsed());
+    let mut last_round = (tx.total_sent(), round_start.elapsed());
     let mut iteration = 0u32;
     let budget = Duration::from_millis(params.max_downtime_ms);
     let deadline = started + Duration::from_millis(params.timeout_ms);
     let mut throttle = AutoConverge::default();
-    let mut pending;
+    let (mut pending, mut pending_disks);
     loop {
         if cancelled() {
             return Err(MigrationError::Cancelled);
         }
         let dirty = dirty_log(&job.link)?;
-        let remaining = count_pages(&dirty) * PAGE_SIZE as u64;
+        let disks_written = written(&job.disks);
+        let memory_remaining = count_pages(&dirty) * PAGE_SIZE as u64;
+        let disk_remaining = count_pages(&disks_written) * CHUNK_BYTES;
+        let remaining = memory_remaining + disk_remaining;
         let throughput = per_second(last_round.0, last_round.1);
         let expected = Duration::from_secs_f64(remaining as f64 / throughput.max(1) as f64);
-        let dirty_rate = per_second(remaining, round_start.elapsed());
-        let sent = tx.sent;
+        let dirty_rate = per_second(memory_remaining, round_start.elapsed());
+        let (sent, disk_sent) = (tx.sent, tx.disk_sent);
         update(&|s| {
             s.iteration = iteration;
             s.memory_transferred_bytes = sent;
-            s.memory_remaining_bytes = remaining;
+            s.memory_remaining_bytes = memory_remaining;
+            s.disk_transferred_bytes = disk_sent;
+            s.disk_remaining_bytes = disk_remaining;
             s.throughput_bytes_per_s = throughput;
             s.dirty_rate_bytes_per_s = dirty_rate;
             s.expected_downtime_ms = expected.as_millis() as u64;
@@ -318,6 +448,7 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         }
         job.link.tell(ToMain::Progress)?;
         pending = dirty;
+        pending_disks = disks_written;
         if expected <= budget {
             break;
         }
@@ -329,11 +460,12 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         }
         iteration += 1;
         round_start = Instant::now();
-        let before = tx.sent;
+        let before = tx.total_sent();
         tx.pages(Some(&pending), false)?;
+        tx.disks(&job.disks, &pending_disks)?;
         tx.frame(&Frame::RoundEnd(iteration))?;
         tx.flush()?;
-        last_round = (tx.sent - before, round_start.elapsed());
+        last_round = (tx.total_sent() - before, round_start.elapsed());
     }
 
     // Switch-over: from the pause to the destination's ready answer, the guest does not run.
@@ -345,7 +477,10 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
         other => return Err(MigrationError::Vm(format!("unexpected answer {other:?}"))),
     };
     merge(&mut pending, switched.dirty);
+    // Paused, with the drives' requests drained: these are the guest's last writes.
+    merge(&mut pending_disks, written(&job.disks));
     tx.pages(Some(&pending), false)?;
+    tx.disks(&job.disks, &pending_disks)?;
     tx.frame(&Frame::RoundEnd(iteration + 1))?;
     tx.frame(&Frame::State(switched.state))?;
     match tx.answer() {
@@ -361,12 +496,14 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
     })?;
     tx.flush()?;
     let downtime = paused.elapsed();
-    let sent = tx.sent;
+    let (sent, disk_sent) = (tx.sent, tx.disk_sent);
     update(&|s| {
         s.phase = MigrationPhase::Completed;
         s.iteration = iteration + 1;
         s.memory_transferred_bytes = sent;
         s.memory_remaining_bytes = 0;
+        s.disk_transferred_bytes = disk_sent;
+        s.disk_remaining_bytes = 0;
         s.downtime_ms = Some(downtime.as_millis() as u64);
     });
     Ok(())
@@ -375,6 +512,40 @@ fn migrate(job: &SourceJob, sock: UnixStream) -> Result<(), MigrationError> {
 #[cfg(test)]
 mod tests {
     use super::AutoConverge;
+
+    #[test]
+    fn data_runs_leave_out_zero_blocks_only_when_asked() {
+        use super::data_runs;
+        let mut buf = vec![0u8; 4 * 4096 + 512];
+        buf[5] = 1;
+        buf[2 * 4096 + 7] = 1;
+        buf[3 * 4096] = 1;
+        buf[4 * 4096 + 511] = 1;
+        assert_eq!(data_runs(&buf, true), vec![(0, 4096), (2 * 4096, 4 * 4096 + 512)]);
+        assert_eq!(data_runs(&buf, false), vec![(0, buf.len())]);
+        assert_eq!(data_runs(&[0; 8192], true), vec![]);
+        assert_eq!(data_runs(&[], false), vec![]);
+    }
+
+    #[test]
+    fn set_runs_split_at_clear_bits_and_at_the_most_per_run() {
+        use super::set_runs;
+        let bits = [0b1110_0111u64, 1];
+        assert_eq!(
+            set_runs(Some(&bits), 70, 2).collect::<Vec<_>>(),
+            vec![(0, 2), (2, 1), (5, 2), (7, 1), (64, 1)]
+        );
+        assert_eq!(
+            set_runs(Some(&bits), 6, 10).collect::<Vec<_>>(),
+            vec![(0, 3), (5, 1)]
+        );
+        assert_eq!(
+            set_runs(None, 5, 2).collect::<Vec<_>>(),
+            vec![(0, 2), (2, 2), (4, 1)]
+        );
+        // A bitmap shorter than the count: the rest is clear.
+        assert_eq!(set_runs(Some(&[]), 100, 8).count(), 0);
+    }
 
     #[test]
     fn the_throttle_steps_up_after_two_rounds_that_do_not_converge() {

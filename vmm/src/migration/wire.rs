@@ -6,9 +6,9 @@
 //! source                                   destination
 //! Hello {version, config, memory, cpu} ->
 //!                                      <-  HelloAck (or Abort: incompatible)
-//! Pages {gpa, data}*, RoundEnd         ->  (written into guest memory as they come)
-//!   ... one round per pass over the dirty pages ...
-//! (paused) Pages*, State               ->
+//! Pages {gpa, data}*, Disk*, RoundEnd  ->  (written into guest memory and the disk copies)
+//!   ... one round per pass over the dirty pages and written disk chunks ...
+//! (paused) Pages*, Disk*, State        ->
 //!                                      <-  Ready (VM built, paused) or Abort
 //! Commit {resume}                      ->  (runs it; the source exits)
 //! ```
@@ -26,6 +26,10 @@ pub const MAX_FRAME_BYTES: usize = 16 << 20;
 pub const MAX_PAGES_PER_FRAME: usize = 1024;
 /// Guest page size on the wire.
 pub const PAGE_SIZE: usize = 4096;
+/// Most disk bytes one `Disk` frame carries.
+pub const MAX_DISK_BYTES_PER_FRAME: usize = 1 << 20;
+/// Disk data on the wire is a whole number of these.
+pub const DISK_SECTOR: usize = 512;
 
 /// Why the stream failed.
 #[derive(Debug, thiserror::Error)]
@@ -64,6 +68,18 @@ pub struct Hello {
     pub vmm_version: String,
     /// The one-time token the destination's agent issued for this migration (empty: none).
     pub token: String,
+    /// The drives whose contents follow in `Disk` frames (empty with shared storage), in the
+    /// order `Disk` frames number them.
+    pub disks: Vec<DiskCopy>,
+}
+
+/// A drive the source copies.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DiskCopy {
+    /// The drive's id in the configuration.
+    pub id: String,
+    /// The image's size.
+    pub bytes: u64,
 }
 
 /// One frame.
@@ -78,6 +94,15 @@ pub enum Frame {
         /// Page-aligned start.
         gpa: u64,
         /// A whole number of pages, at most [`MAX_PAGES_PER_FRAME`].
+        data: Vec<u8>,
+    },
+    /// Consecutive bytes of a copied drive's image.
+    Disk {
+        /// Index into [`Hello::disks`].
+        disk: u32,
+        /// Sector-aligned start in the image.
+        offset: u64,
+        /// A whole number of sectors, at most [`MAX_DISK_BYTES_PER_FRAME`].
         data: Vec<u8>,
     },
     /// A memory round is complete.
@@ -103,6 +128,7 @@ const STATE: u8 = 5;
 const READY: u8 = 6;
 const COMMIT: u8 = 7;
 const ABORT: u8 = 8;
+const DISK: u8 = 9;
 
 fn codec() -> impl bincode::Options {
     use bincode::Options;
@@ -117,26 +143,28 @@ fn codec() -> impl bincode::Options {
 pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
     use bincode::Options;
     let hello;
-    let abort;
-    let (kind, head, body): (u8, [u8; 8], &[u8]) = match frame {
+    let index;
+    // The body is written as two parts (a disk frame's index, then its data) to spare a copy.
+    let (kind, head, prefix, body): (u8, [u8; 8], &[u8], &[u8]) = match frame {
         Frame::Hello(h) => {
             hello = codec()
                 .serialize(h)
                 .map_err(|e| WireError::Protocol(format!("hello: {e}")))?;
-            (HELLO, [0; 8], &hello)
+            (HELLO, [0; 8], &[], &hello)
         }
-        Frame::HelloAck => (HELLO_ACK, [0; 8], &[]),
-        Frame::Pages { gpa, data } => (PAGES, gpa.to_le_bytes(), data),
-        Frame::RoundEnd(n) => (ROUND_END, u64::from(*n).to_le_bytes(), &[]),
-        Frame::State(bytes) => (STATE, [0; 8], bytes),
-        Frame::Ready => (READY, [0; 8], &[]),
-        Frame::Commit { resume } => (COMMIT, u64::from(*resume).to_le_bytes(), &[]),
-        Frame::Abort(why) => {
-            abort = why.as_bytes().to_vec();
-            (ABORT, [0; 8], &abort)
+        Frame::HelloAck => (HELLO_ACK, [0; 8], &[], &[]),
+        Frame::Pages { gpa, data } => (PAGES, gpa.to_le_bytes(), &[], data),
+        Frame::Disk { disk, offset, data } => {
+            index = disk.to_le_bytes();
+            (DISK, offset.to_le_bytes(), &index, data)
         }
+        Frame::RoundEnd(n) => (ROUND_END, u64::from(*n).to_le_bytes(), &[], &[]),
+        Frame::State(bytes) => (STATE, [0; 8], &[], bytes),
+        Frame::Ready => (READY, [0; 8], &[], &[]),
+        Frame::Commit { resume } => (COMMIT, u64::from(*resume).to_le_bytes(), &[], &[]),
+        Frame::Abort(why) => (ABORT, [0; 8], &[], why.as_bytes()),
     };
-    let len = head.len() + body.len();
+    let len = head.len() + prefix.len() + body.len();
     if len > MAX_FRAME_BYTES {
         return Err(WireError::Protocol(format!("a frame of {len} bytes")));
     }
@@ -145,6 +173,7 @@ pub fn write_frame(w: &mut impl Write, frame: &Frame) -> Result<(), WireError> {
     header[1..].copy_from_slice(&(len as u32).to_le_bytes());
     w.write_all(&header)?;
     w.write_all(&head)?;
+    w.write_all(prefix)?;
     w.write_all(body)?;
     Ok(())
 }
@@ -215,6 +244,30 @@ pub fn read_frame(r: &mut impl Read) -> Result<Frame, WireError> {
                 data: body,
             })
         }
+        DISK => {
+            let data_len = body.len().saturating_sub(4);
+            if body.len() < 4
+                || data_len == 0
+                || !data_len.is_multiple_of(DISK_SECTOR)
+                || data_len > MAX_DISK_BYTES_PER_FRAME
+            {
+                return Err(WireError::Protocol(format!(
+                    "a disk frame of {} bytes",
+                    body.len()
+                )));
+            }
+            if !value.is_multiple_of(DISK_SECTOR as u64) {
+                return Err(WireError::Protocol(format!("unaligned disk offset {value:#x}")));
+            }
+            let disk = u32::from_le_bytes([body[0], body[1], body[2], body[3]]);
+            let mut data = body;
+            data.drain(..4);
+            Ok(Frame::Disk {
+                disk,
+                offset: value,
+                data,
+            })
+        }
         ROUND_END => {
             let n = u32::try_from(value).map_err(|_| WireError::Protocol("round number".into()))?;
             empty(Frame::RoundEnd(n))
@@ -250,6 +303,10 @@ mod tests {
             cpu_model: "GenuineIntel X".into(),
             vmm_version: "0.1.0".into(),
             token: "t0ken".into(),
+            disks: vec![DiskCopy {
+                id: "data".into(),
+                bytes: 64 << 20,
+            }],
         };
         for frame in [
             Frame::Hello(hello),
@@ -257,6 +314,11 @@ mod tests {
             Frame::Pages {
                 gpa: 0x2000,
                 data: vec![7; 2 * PAGE_SIZE],
+            },
+            Frame::Disk {
+                disk: 1,
+                offset: 4096,
+                data: vec![9; 3 * DISK_SECTOR],
             },
             Frame::RoundEnd(3),
             Frame::State(vec![1, 2, 3]),
@@ -318,6 +380,20 @@ mod tests {
                 &[[1u8, 0, 0, 0, 0, 0, 0, 0].as_slice(), &[0; 4096]].concat(),
             ),
             frame(42, 8, &[0; 8]),
+            // Disk frames: no index, no data, not whole sectors, unaligned, too large.
+            frame(DISK, 10, &[0; 10]),
+            frame(DISK, 12, &[0; 12]),
+            frame(DISK, 8 + 4 + 100, &[0; 112]),
+            frame(
+                DISK,
+                8 + 4 + 512,
+                &[[7u8, 0, 0, 0, 0, 0, 0, 0].as_slice(), &[0; 516]].concat(),
+            ),
+            frame(
+                DISK,
+                (8 + 4 + MAX_DISK_BYTES_PER_FRAME + 512) as u32,
+                &vec![0; 8 + 4 + MAX_DISK_BYTES_PER_FRAME + 512],
+            ),
             frame(READY, 9, &[0; 9]),
             frame(HELLO, 12, &[0; 12]),
         ];

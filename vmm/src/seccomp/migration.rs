@@ -1,7 +1,8 @@
 //! The allow-list of a migration thread: it streams guest memory and state over a connection it
 //! was handed (source), or writes what it receives into guest memory (destination). The peer is
 //! another host, so this is the thread that reads untrusted network input: it may only move bytes
-//! on the fds it has, sleep, and wake the main loop.
+//! on the fds it has (the connection, and the disk images it copies), sleep, and wake the main
+//! loop.
 
 use seccompiler::BackendError;
 
@@ -38,6 +39,12 @@ pub(super) fn rules() -> Result<Rules, BackendError> {
     // rustls writes its records with vectored writes.
     r.allow(libc::SYS_getrandom);
     r.allow(libc::SYS_writev);
+    // Live migration with local disks: the source reads the images (skipping holes), the
+    // destination writes its copies and makes them durable before it takes the VM.
+    r.allow(libc::SYS_pread64);
+    r.allow(libc::SYS_lseek);
+    r.allow(libc::SYS_pwrite64);
+    r.allow(libc::SYS_fdatasync);
     // Admitted here only to fail with EACCES (see `refused`): glibc's allocator may try.
     r.allow(libc::SYS_open);
     r.allow(libc::SYS_openat);

@@ -37,7 +37,7 @@ pub struct MigrateArgs {
     /// Switch over when the timeout passes instead of giving up.
     #[arg(long)]
     force_on_timeout: bool,
-    /// Both hosts see the VM's disks at the same paths.
+    /// Both hosts see the VM's disks at the same paths (else they are copied).
     #[arg(long)]
     shared_storage: bool,
     /// Never slow the guest down to make the migration converge.
@@ -87,6 +87,9 @@ fn progress_json(p: &MigrationProgress) -> Value {
         "throughput_bytes_per_s": p.throughput_bytes_per_s,
         "expected_downtime_ms": p.expected_downtime_ms,
         "throttle_percent": p.throttle_percent,
+        "disk_total_bytes": p.disk_total_bytes,
+        "disk_transferred_bytes": p.disk_transferred_bytes,
+        "disk_remaining_bytes": p.disk_remaining_bytes,
         "elapsed_ms": p.elapsed_ms,
         "downtime_ms": p.downtime_ms,
         "error": p.error,
@@ -95,10 +98,10 @@ fn progress_json(p: &MigrationProgress) -> Value {
 
 fn draw(p: &MigrationProgress) {
     let mib = |b: u64| b as f64 / f64::from(1 << 20);
-    let percent = (100 * p.memory_transferred_bytes)
-        .checked_div(p.memory_total_bytes)
-        .unwrap_or(0)
-        .min(100);
+    let sent = p.memory_transferred_bytes + p.disk_transferred_bytes;
+    let total = p.memory_total_bytes + p.disk_total_bytes;
+    let left = p.memory_remaining_bytes + p.disk_remaining_bytes;
+    let percent = (100 * sent).checked_div(total).unwrap_or(0).min(100);
     let width = 30;
     let filled = percent as usize * width / 100;
     eprint!(
@@ -108,9 +111,9 @@ fn draw(p: &MigrationProgress) {
         p.iteration,
         "#".repeat(filled),
         ".".repeat(width - filled),
-        mib(p.memory_transferred_bytes),
-        mib(p.memory_total_bytes),
-        mib(p.memory_remaining_bytes),
+        mib(sent),
+        mib(total),
+        mib(left),
         mib(p.throughput_bytes_per_s),
         p.expected_downtime_ms,
     );
@@ -143,12 +146,13 @@ async fn follow(channel: &Channel, vm_id: String, as_json: bool) -> Result<()> {
             println!("{}", progress_json(&last));
         } else {
             println!(
-                "{} migrated to {} in {} ms ({} rounds, {:.1} MiB sent), downtime {} ms",
+                "{} migrated to {} in {} ms ({} rounds, {:.1} MiB of memory and {:.1} MiB of disk sent), downtime {} ms",
                 last.vm_id,
                 last.destination,
                 last.elapsed_ms,
                 last.iteration,
                 last.memory_transferred_bytes as f64 / f64::from(1 << 20),
+                last.disk_transferred_bytes as f64 / f64::from(1 << 20),
                 last.downtime_ms.unwrap_or_default()
             );
         }

@@ -16,6 +16,7 @@ use super::engine::{Completion, Engine, EngineKind};
 use super::io::{to_iovecs, DiskOp};
 use super::metrics::BlockMetrics;
 use super::request::{self, DiskLimits, Request, RequestError, RequestKind, ID_BYTES, STATUS_IOERR};
+use super::written::WrittenChunks;
 use serde::{Deserialize, Serialize};
 
 use crate::rate_limiter::{RateLimiter, RateLimiterError, RateLimiterState, TokenType};
@@ -81,6 +82,8 @@ struct Pending {
     /// Bytes the device writes into the guest on success, status byte included.
     used_len: u32,
     kind: Kind,
+    /// The disk bytes the request changes (offset, length), marked written when it completes.
+    changes: Option<(u64, u64)>,
 }
 
 #[derive(Debug, Clone, Copy)]
@@ -140,6 +143,7 @@ pub struct Block {
     /// The VM is paused: the queue is left alone until `resume`.
     paused: bool,
     completions: Vec<Completion>,
+    written: Arc<WrittenChunks>,
 }
 
 impl Block {
@@ -178,8 +182,9 @@ impl Block {
         } else {
             avail_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
         }
+        let sectors = spec.disk.sectors();
         Ok(Block {
-            config: config_space(spec.disk.sectors()),
+            config: config_space(sectors),
             id: spec.id,
             disk: spec.disk,
             serial,
@@ -193,6 +198,7 @@ impl Block {
             throttled: false,
             paused: false,
             completions: Vec::new(),
+            written: Arc::new(WrittenChunks::new(sectors * SECTOR_SIZE)),
         })
     }
 
@@ -209,6 +215,16 @@ impl Block {
     /// The open image, buffered (for snapshot copies).
     pub fn disk_file(&self) -> &std::fs::File {
         self.disk.buffered().unwrap_or(self.disk.file())
+    }
+
+    /// The descriptor that holds the image's lock (with direct I/O not the buffered one).
+    pub fn locked_file(&self) -> &std::fs::File {
+        self.disk.file()
+    }
+
+    /// The parts of the image the guest wrote (for live migration).
+    pub fn written(&self) -> &Arc<WrittenChunks> {
+        &self.written
     }
 
     /// The drive's counters.
@@ -336,6 +352,10 @@ impl Block {
             let Some(pending) = self.pending.get_mut(usize::from(token)).and_then(Option::take) else {
                 continue;
             };
+            if let Some((offset, len)) = pending.changes {
+                // Failed writes too: part of one may have reached the image.
+                self.written.mark(offset, len);
+            }
             let ok = match result {
                 Ok(_) => {
                     count_success(&self.metrics, pending.kind);
@@ -469,10 +489,18 @@ fn start(
             Kind::Discard,
         ),
     };
+    let changes = match (&op, kind) {
+        (DiskOp::Write { offset, .. }, Kind::Write(len)) => Some((*offset, len)),
+        (DiskOp::Discard { offset, len } | DiskOp::WriteZeroes { offset, len, .. }, _) => {
+            Some((*offset, *len))
+        }
+        _ => None,
+    };
     *slot = Some(Pending {
         status: req.status,
         used_len,
         kind,
+        changes,
     });
     if let Err(e) = engine.submit(disk, head, op) {
         *slot = None;

@@ -184,6 +184,39 @@ pub fn unlock(file: &File) -> std::io::Result<()> {
     flock(file, libc::LOCK_UN)
 }
 
+/// The parts of the first `len` bytes of `file` that may hold data, as `[start, end)` ranges
+/// (holes of a sparse image read as zeros and are left out). A file system that cannot tell
+/// (no `SEEK_DATA`) gives the whole range.
+pub fn data_ranges(file: &File, len: u64) -> std::io::Result<Vec<(u64, u64)>> {
+    let mut ranges = Vec::new();
+    let mut pos = 0u64;
+    while pos < len {
+        let start = match seek(file, pos, libc::SEEK_DATA) {
+            Ok(start) => start,
+            // Nothing but a hole from `pos` to the end.
+            Err(e) if e.raw_os_error() == Some(libc::ENXIO) => break,
+            Err(e) if e.raw_os_error() == Some(libc::EINVAL) && pos == 0 => return Ok(vec![(0, len)]),
+            Err(e) => return Err(e),
+        };
+        if start >= len {
+            break;
+        }
+        let end = seek(file, start, libc::SEEK_HOLE)?.min(len);
+        ranges.push((start, end));
+        pos = end;
+    }
+    Ok(ranges)
+}
+
+fn seek(file: &File, offset: u64, whence: libc::c_int) -> std::io::Result<u64> {
+    let offset =
+        libc::off_t::try_from(offset).map_err(|_| std::io::Error::from_raw_os_error(libc::EINVAL))?;
+    // SAFETY: lseek takes a descriptor `file` keeps open, an offset and a flag; no memory. The
+    // file position it moves is not used by anyone: all image I/O is positional.
+    let ret = unsafe { libc::lseek(file.as_raw_fd(), offset, whence) };
+    u64::try_from(ret).map_err(|_| std::io::Error::last_os_error())
+}
+
 fn lock(file: &File, shared: bool) -> std::io::Result<()> {
     flock(file, if shared { libc::LOCK_SH } else { libc::LOCK_EX })
 }
@@ -244,6 +277,33 @@ mod tests {
             DiskImage::open(&path, false, true),
             Err(DiskError::Locked { .. })
         ));
+    }
+
+    #[test]
+    fn data_ranges_skip_holes() {
+        let dir = TempDir::new("disk");
+        let path = dir.path().join("sparse.img");
+        let f = OpenOptions::new()
+            .create(true)
+            .truncate(true)
+            .read(true)
+            .write(true)
+            .open(&path)
+            .unwrap();
+        f.set_len(8 << 20).unwrap();
+        assert_eq!(data_ranges(&f, 8 << 20).unwrap(), vec![]);
+        use std::os::unix::fs::FileExt;
+        f.write_all_at(&[1; 4096], 1 << 20).unwrap();
+        f.write_all_at(&[2; 8192], 5 << 20).unwrap();
+        let ranges = data_ranges(&f, 8 << 20).unwrap();
+        // File systems may allocate more than was written, never less.
+        assert!(!ranges.is_empty() && ranges.len() <= 2, "{ranges:?}");
+        let covers = |at: u64| ranges.iter().any(|&(s, e)| s <= at && at < e);
+        assert!(covers(1 << 20) && covers((5 << 20) + 8191), "{ranges:?}");
+        assert!(!covers(0) && !covers(7 << 20), "{ranges:?}");
+        assert!(ranges.iter().all(|&(s, e)| s < e && e <= 8 << 20));
+        // Only the first `len` bytes count.
+        assert_eq!(data_ranges(&f, 1 << 20).unwrap(), vec![]);
     }
 
     #[test]

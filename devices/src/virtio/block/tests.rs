@@ -785,3 +785,57 @@ fn randomized_chains_never_break_the_device() {
         assert_still_serves(&mut r);
     });
 }
+
+#[test]
+fn writes_discards_and_write_zeroes_mark_the_chunks_they_change_reads_do_not() {
+    both_engines(|engine| {
+        let mut r = rig(engine);
+        let chunk_sectors = written::CHUNK_BYTES / 512;
+        let written = std::sync::Arc::clone(r.driver.transport.device().written());
+        assert!(written.take().iter().all(|w| *w == 0));
+        r.driver.write(DATA, &[5u8; 4096]);
+        // 4 KiB ending 512 bytes into chunk 1.
+        let sector = chunk_sectors - 7;
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_OUT, sector, Some(Desc::readable(DATA, 4096))),
+            (1, OK)
+        );
+        assert_eq!(
+            r.request(
+                VIRTIO_BLK_T_IN,
+                3 * chunk_sectors,
+                Some(Desc::writable(DATA, 4096))
+            ),
+            (4097, OK)
+        );
+        assert_eq!(written.take()[0], 0b11, "{engine:?}");
+        let mut seg = [0u8; 16];
+        seg[0..8].copy_from_slice(&(2 * chunk_sectors).to_le_bytes());
+        seg[8..12].copy_from_slice(&8u32.to_le_bytes());
+        r.driver.write(DATA, &seg);
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_DISCARD, 0, Some(Desc::readable(DATA, 16))),
+            (1, OK)
+        );
+        seg[0..8].copy_from_slice(&(4 * chunk_sectors).to_le_bytes());
+        r.driver.write(DATA, &seg);
+        assert_eq!(
+            r.request(VIRTIO_BLK_T_WRITE_ZEROES, 0, Some(Desc::readable(DATA, 16)))
+                .1,
+            OK
+        );
+        assert_eq!(written.take()[0], 0b10100, "{engine:?}");
+        // A write the device refuses (past the end) changes nothing.
+        r.driver.write(DATA, &[1u8; 4096]);
+        assert_eq!(
+            r.request(
+                VIRTIO_BLK_T_OUT,
+                DISK_SECTORS - 1,
+                Some(Desc::readable(DATA, 4096))
+            )
+            .1,
+            IOERR
+        );
+        assert!(written.take().iter().all(|w| *w == 0));
+    });
+}
