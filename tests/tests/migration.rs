@@ -353,13 +353,14 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     assert!(status.success(), "{status:?}\n{}", dest.output_tail());
 }
 
-/// The last `vmmprobe: mem-dirty passes=P bytes=B errors=E` line of `guest`: (passes, errors).
-fn dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
+/// The last line of `guest` that contains `marker` and carries `passes=P ... errors=E`:
+/// (passes, errors). The probe's mem-dirty and blk-dirty report alike.
+fn pass_progress(guest: &Guest, marker: &str) -> Option<(u64, u64)> {
     let line = guest
         .lines()
         .into_iter()
         .rev()
-        .find(|l| l.text.contains("vmmprobe: mem-dirty passes="))?;
+        .find(|l| l.text.contains(marker))?;
     let field = |name: &str| {
         line.text
             .split_whitespace()
@@ -367,6 +368,11 @@ fn dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
             .and_then(|v| v.parse::<u64>().ok())
     };
     Some((field("passes=")?, field("errors=")?))
+}
+
+/// The last `vmmprobe: mem-dirty passes=P bytes=B errors=E` line of `guest`: (passes, errors).
+fn dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
+    pass_progress(guest, "vmmprobe: mem-dirty passes=")
 }
 
 /// A migration from `c` to a fresh empty VMM over a socket pair, with `params` added to
@@ -500,18 +506,7 @@ fn a_guest_dirtying_faster_than_the_link_converges_by_throttling_or_is_cancelled
 /// The last `vmmprobe: blk-dirty dev=... passes=P bytes=B errors=E` line of `guest`: (passes,
 /// errors).
 fn disk_dirty_progress(guest: &Guest) -> Option<(u64, u64)> {
-    let line = guest
-        .lines()
-        .into_iter()
-        .rev()
-        .find(|l| l.text.contains("vmmprobe: blk-dirty dev="))?;
-    let field = |name: &str| {
-        line.text
-            .split_whitespace()
-            .find_map(|w| w.strip_prefix(name))
-            .and_then(|v| v.parse::<u64>().ok())
-    };
-    Some((field("passes=")?, field("errors=")?))
+    pass_progress(guest, "vmmprobe: blk-dirty dev=")
 }
 
 /// A migration with `copy_disks` into a fresh empty VMM whose drive `data` goes to `target`

@@ -48,8 +48,8 @@ pub enum Notice {
 }
 
 /// The drives of `machine` as the source thread copies them: a descriptor of each image of its
-/// own (the thread may not open files), its size, and what the guest writes to it.
-fn source_disks(machine: &Machine) -> Result<Vec<(String, source::SourceDisk)>, Failure> {
+/// own (the thread may not open files) and what the guest writes to it.
+fn source_disks(machine: &Machine) -> Result<Vec<source::SourceDisk>, Failure> {
     machine
         .blocks()
         .iter()
@@ -65,13 +65,11 @@ fn source_disks(machine: &Machine) -> Result<Vec<(String, source::SourceDisk)>, 
                     ),
                 )
             })?;
-            let written = Arc::clone(block.written());
-            let disk = source::SourceDisk {
+            Ok(source::SourceDisk {
+                id: block.id().to_string(),
                 file,
-                bytes: written.disk_bytes(),
-                written,
-            };
-            Ok((block.id().to_string(), disk))
+                written: Arc::clone(block.written()),
+            })
         })
         .collect()
 }
@@ -130,9 +128,9 @@ impl Runtime {
             token: params.token.clone(),
             disks: disks
                 .iter()
-                .map(|(id, d)| DiskCopy {
-                    id: id.clone(),
-                    bytes: d.bytes,
+                .map(|d| DiskCopy {
+                    id: d.id.clone(),
+                    bytes: d.bytes(),
                 })
                 .collect(),
         };
@@ -145,7 +143,7 @@ impl Runtime {
         {
             let mut stats = lock(&shared.stats);
             stats.memory_total_bytes = mem.iter().map(|r| r.len()).sum();
-            stats.disk_total_bytes = disks.iter().map(|(_, d)| d.bytes).sum();
+            stats.disk_total_bytes = disks.iter().map(source::SourceDisk::bytes).sum();
         }
         let stats = shared.snapshot();
         let (thread_link, loop_link) = migration::link(doorbell);
@@ -155,7 +153,7 @@ impl Runtime {
             mem,
             hello,
             touched,
-            disks: disks.into_iter().map(|(_, d)| d).collect(),
+            disks,
             link: thread_link,
             shared: Arc::clone(&shared),
         };

@@ -130,6 +130,8 @@ fn accept(hello: &Hello, params: &MigrateReceive) -> Result<VmConfig, MigrationE
 
 /// A file receiving a copied drive's image.
 struct DiskTarget {
+    /// The drive's id.
+    id: String,
     file: File,
     bytes: u64,
     /// Written since it was last made durable.
@@ -137,11 +139,11 @@ struct DiskTarget {
 }
 
 impl DiskTarget {
-    fn sync(&mut self, id: &str) -> Result<(), MigrationError> {
+    fn sync(&mut self) -> Result<(), MigrationError> {
         if self.unsynced {
-            self.file
-                .sync_data()
-                .map_err(|e| MigrationError::Vm(format!("drive {id}: cannot write its copy to disk: {e}")))?;
+            self.file.sync_data().map_err(|e| {
+                MigrationError::Vm(format!("drive {}: cannot write its copy to disk: {e}", self.id))
+            })?;
             self.unsynced = false;
         }
         Ok(())
@@ -203,6 +205,7 @@ fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>
                 )));
             }
             Ok(DiskTarget {
+                id: copy.id.clone(),
                 file,
                 bytes: copy.bytes,
                 unsynced: size == 0,
@@ -212,11 +215,8 @@ fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>
 }
 
 /// Makes every copy durable: the guest may have flushed what the last rounds carried.
-fn sync_all(targets: &mut [DiskTarget], disks: &[DiskCopy]) -> Result<(), MigrationError> {
-    for (t, d) in targets.iter_mut().zip(disks) {
-        t.sync(&d.id)?;
-    }
-    Ok(())
+fn sync_all(targets: &mut [DiskTarget]) -> Result<(), MigrationError> {
+    targets.iter_mut().try_for_each(DiskTarget::sync)
 }
 
 fn receive(
@@ -271,9 +271,9 @@ fn receive(
                 target.unsynced = true;
             }
             // Durable round by round, so that the switch-over has little left to wait for.
-            Frame::RoundEnd(_) => sync_all(&mut targets, &hello.disks)?,
+            Frame::RoundEnd(_) => sync_all(&mut targets)?,
             Frame::State(bytes) => {
-                sync_all(&mut targets, &hello.disks)?;
+                sync_all(&mut targets)?;
                 let state: SnapshotState = format::decode(&bytes, "migration state")
                     .map_err(|e| wire::WireError::Protocol(e.to_string()))?;
                 if state.memory_ranges != hello.memory_ranges {

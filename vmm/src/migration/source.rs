@@ -67,12 +67,19 @@ impl AutoConverge {
 
 /// A drive whose image the source copies (no shared storage).
 pub struct SourceDisk {
+    /// The drive's id.
+    pub id: String,
     /// The image, through the page cache.
     pub file: File,
-    /// Its size.
-    pub bytes: u64,
-    /// What the guest writes to it.
+    /// What the guest writes to it (and the image's size).
     pub written: Arc<WrittenChunks>,
+}
+
+impl SourceDisk {
+    /// The image's size.
+    pub fn bytes(&self) -> u64 {
+        self.written.disk_bytes()
+    }
 }
 
 /// A migration for the source thread to carry out.
@@ -230,7 +237,7 @@ impl Sender<'_> {
 
     /// Round 0 of a disk: every part that holds data (holes and zeros are left out).
     fn whole_disk(&mut self, index: usize, disk: &SourceDisk) -> Result<(), MigrationError> {
-        let ranges = devices::virtio::block::disk::data_ranges(&disk.file, disk.bytes)
+        let ranges = devices::virtio::block::disk::data_ranges(&disk.file, disk.bytes())
             .map_err(|e| MigrationError::Vm(format!("disk {index}: {e}")))?;
         for (start, end) in ranges {
             let mut offset = start;
@@ -245,11 +252,11 @@ impl Sender<'_> {
 
     /// The chunks of a disk set in `bits` (zeros included: they may overwrite data).
     fn disk_chunks(&mut self, index: usize, disk: &SourceDisk, bits: &[u64]) -> Result<(), MigrationError> {
-        let chunks = disk.bytes.div_ceil(CHUNK_BYTES) as usize;
+        let chunks = disk.bytes().div_ceil(CHUNK_BYTES) as usize;
         let per_frame = MAX_DISK_BYTES_PER_FRAME / CHUNK_BYTES as usize;
         for (first, n) in set_runs(Some(bits), chunks, per_frame) {
             let offset = first as u64 * CHUNK_BYTES;
-            let end = ((first + n) as u64 * CHUNK_BYTES).min(disk.bytes);
+            let end = ((first + n) as u64 * CHUNK_BYTES).min(disk.bytes());
             self.run_of_disk(index, disk, offset, (end - offset) as usize, false)?;
         }
         Ok(())
