@@ -1,8 +1,9 @@
 //! Live migration between two agents as two hosts: each agent runs in its own network namespace
 //! with a TLS listener (certificates naming the `migration-peer` role, from a CA made here) and a
 //! tap on a local bridge; the hosts and a third namespace, the client, share one L2 segment. A
-//! real guest with a shared disk counts in memory and runs a TCP echo server; the client keeps
-//! one TCP connection to it open through everything below.
+//! real guest with two disks counts in memory, keeps rewriting and checking a buffer and the
+//! start of its second disk, and runs a TCP echo server; the client keeps one TCP connection to it
+//! open through everything below.
 //!
 //! Refused without touching the VM: a destination with too little memory (before any copy),
 //! PrepareIncoming from a certificate without the peer role or from another CA, mutating calls
@@ -10,8 +11,10 @@
 //! mid-way both leave the VM running at the source and nothing at the destination. Then
 //! `vmmctl migrate` moves it: the destination runs it (the counter goes on, no boot), the
 //! source has neither record nor process, the disk image is unchanged, the buffer the guest keeps
-//! rewriting and checking has no stale or damaged page, and the client's connection survived;
-//! its longest gap between echoes is the client-view downtime.
+//! rewriting and checking has no stale or damaged page (nor the disk a stale block), and the
+//! client's connection survived; its longest gap between echoes is the client-view downtime.
+//! Finally it moves back without shared storage: the agents copy its disks into the new host's VM
+//! directory while it writes them, and the copy of the disk it no longer writes is identical.
 
 mod common;
 
@@ -288,6 +291,72 @@ fn sha256(path: &Path) -> Result<String> {
         .to_string())
 }
 
+/// The lines of the guest's buffer and disk checks (mem-dirty, blk-dirty) that report a problem.
+fn failed_checks(console: &str) -> Vec<&str> {
+    console
+        .lines()
+        .filter(|l| l.contains("vmmprobe: mem-dirty") || l.contains("vmmprobe: blk-dirty"))
+        .filter(|l| !l.contains("errors=0") && !l.contains("started"))
+        .collect()
+}
+
+/// Runs `vmmctl --json migrate VM --to TO [ARGS...]` against `from` and returns its last progress
+/// line, which must say the migration completed.
+fn vmmctl_migrate(
+    from: &Agent,
+    to: &Agent,
+    vm_id: &str,
+    endpoint: &str,
+    args: &[&str],
+) -> Result<serde_json::Value> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmmctl"))
+        .args(["--endpoint", &format!("unix:{}", from.socket.display())])
+        .args(["--json", "migrate", vm_id, "--to", endpoint])
+        .args(args)
+        .output()?;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success(),
+        "vmmctl migrate failed: {stdout}{}\nsource agent:\n{}\ndestination agent:\n{}",
+        String::from_utf8_lossy(&out.stderr),
+        from.log(),
+        to.log()
+    );
+    let last: serde_json::Value = serde_json::from_str(stdout.trim())?;
+    ensure!(last["phase"] == "completed", "{last}");
+    ensure!(last["memory_transferred_bytes"].as_u64() > Some(0), "{last}");
+    Ok(last)
+}
+
+/// Waits until the VM's console shows the counter at `from + 20` (it goes on, no boot) and then a
+/// few more rounds of its buffer and disk checks, all clean; returns the last counter value seen.
+async fn runs_on_with_clean_checks(
+    vms: &mut VmServiceClient<Channel>,
+    vm_id: &str,
+    from: u64,
+) -> Result<u64> {
+    let console = wait_console(
+        vms,
+        vm_id,
+        &format!("vmmprobe: counter={}", from + 20),
+        Duration::from_secs(120),
+    )
+    .await?;
+    ensure!(!console.contains("Linux version"), "the guest booted again");
+    for check in [
+        "vmmprobe: mem-dirty passes=",
+        "vmmprobe: blk-dirty dev=vdb passes=",
+    ] {
+        ensure!(
+            console.contains(check),
+            "no {check:?} line since the move:\n{console}"
+        );
+    }
+    let failed = failed_checks(&console);
+    ensure!(failed.is_empty(), "stale or damaged pages or blocks: {failed:?}");
+    Ok(counters(&console).last().copied().unwrap_or(0))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     harness::require_kvm();
@@ -311,19 +380,24 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let shared = state_dir("mig-shared")?;
     let disk = shared.path().join("data.img");
     std::fs::File::create(&disk)?.set_len(8 << 20)?;
+    let scratch = shared.path().join("scratch.img");
+    std::fs::File::create(&scratch)?.set_len(4 << 20)?;
 
-    // The guest: writes its disk, serves echo, keeps rewriting a buffer it checks, counts.
+    // The guest: writes its disk, keeps rewriting (and checking) the start of a second one and a
+    // buffer in memory, serves echo, counts.
     let mut spec = probe_spec(&format!(
-        "blk-write:vda:0:64k:5,blk-flush:vda,net-echo:{ECHO_PORT},mem-dirty:4m,counter"
+        "blk-write:vda:0:64k:5,blk-flush:vda,blk-dirty:vdb:1m,net-echo:{ECHO_PORT},mem-dirty:4m,counter"
     ))?;
     spec.cmdline.push_str(&format!(
         " vmmprobe.count=1000000 ip={GUEST_IP}::{HOST_A}:255.255.255.0::eth0:off"
     ));
     spec.track_dirty_pages = true;
-    spec.disks = vec![Disk {
-        path: disk.display().to_string(),
-        ..Default::default()
-    }];
+    spec.disks = [&disk, &scratch]
+        .map(|path| Disk {
+            path: path.display().to_string(),
+            ..Default::default()
+        })
+        .into();
     spec.nics = vec![NicSpec {
         id: "eth0".into(),
         tap: TAP.into(),
@@ -444,46 +518,17 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let counted = before.last().copied().unwrap_or(0);
 
     // The real one, through vmmctl.
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmmctl"))
-        .args(["--endpoint", &format!("unix:{}", source.socket.display())])
-        .args(["--json", "migrate", "mover", "--to", &to_b, "--shared-storage"])
-        .output()?;
-    let stdout = String::from_utf8_lossy(&out.stdout);
-    ensure!(
-        out.status.success(),
-        "vmmctl migrate failed: {stdout}{}\nsource agent:\n{}\ndestination agent:\n{}",
-        String::from_utf8_lossy(&out.stderr),
-        source.log(),
-        dest.log()
-    );
-    let last: serde_json::Value = serde_json::from_str(stdout.trim())?;
-    assert_eq!(last["phase"], "completed", "{last}");
+    let last = vmmctl_migrate(&source, &dest, "mover", &to_b, &["--shared-storage"])?;
     let downtime = last["downtime_ms"].as_u64().context("downtime_ms")?;
-    assert!(last["memory_transferred_bytes"].as_u64() > Some(0), "{last}");
+    assert_eq!(
+        last["disk_transferred_bytes"], 0,
+        "shared disks were copied: {last}"
+    );
 
-    // The destination runs it: the counter goes on from where it was, without a boot.
+    // The destination runs it: the counter goes on from where it was, without a boot, and its
+    // buffer and disk checked out, pass after pass, across the move.
     wait_state(&mut dst_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
-    let console = wait_console(
-        &mut dst_vms,
-        "mover",
-        &format!("vmmprobe: counter={}", counted + 20),
-        Duration::from_secs(120),
-    )
-    .await?;
-    assert!(!console.contains("Linux version"), "the guest booted again");
-    // Its buffer checked out, pass after pass, across the move.
-    let checked = wait_console(
-        &mut dst_vms,
-        "mover",
-        "vmmprobe: mem-dirty passes=",
-        Duration::from_secs(60),
-    )
-    .await?;
-    let errors: Vec<&str> = checked
-        .lines()
-        .filter(|l| l.contains("vmmprobe: mem-dirty") && !l.contains("errors=0") && !l.contains("started"))
-        .collect();
-    assert!(errors.is_empty(), "stale or damaged pages: {errors:?}");
+    let counted = runs_on_with_clean_checks(&mut dst_vms, "mover", counted).await?;
     // The source has nothing of it.
     let e = src_vms
         .get_vm(GetVmRequest {
@@ -499,6 +544,36 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     assert!(!src_dir.path().join("vms/mover").exists());
     assert_eq!(sha256(&disk)?, disk_before, "the disk changed");
 
+    // Back to A without shared storage: the agents copy both disks into A's VM directory while
+    // the guest keeps rewriting the second one; the copy of the first is identical.
+    let to_a = format!("tcp://{HOST_A}:{PORT}");
+    let last = vmmctl_migrate(&dest, &source, "mover", &to_a, &[])?;
+    let copied = last["disk_transferred_bytes"].as_u64().unwrap_or(0);
+    assert!(copied >= 64 << 10, "no disk data moved: {last}");
+    eprintln!(
+        "local-disk migration: {copied} disk bytes copied, downtime {} ms",
+        last["downtime_ms"]
+    );
+    wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
+    runs_on_with_clean_checks(&mut src_vms, "mover", counted).await?;
+    let copies = src_dir.path().join("vms/mover");
+    assert_eq!(
+        sha256(&copies.join("disk0.img"))?,
+        disk_before,
+        "the copied disk differs"
+    );
+    assert!(copies.join("disk1.img").exists());
+    let e = dst_vms
+        .get_vm(GetVmRequest {
+            vm_id: "mover".into(),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    nothing_left(&mut dst_vms, dst_dir.path()).await?;
+    // Images outside the VM's directory stay where they were, as DeleteVm leaves them.
+    assert_eq!(sha256(&disk)?, disk_before, "the source's image changed");
+
     // The client's connection lived through all of it.
     tokio::time::sleep(Duration::from_secs(2)).await;
     stop.store(true, Ordering::Release);
@@ -511,12 +586,12 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
         echoes.longest_gap, echoes.round_trips
     );
 
-    dst_vms
+    src_vms
         .delete_vm(DeleteVmRequest {
             vm_id: "mover".into(),
             request_id: String::new(),
         })
         .await?;
-    nothing_left(&mut dst_vms, dst_dir.path()).await?;
+    nothing_left(&mut src_vms, src_dir.path()).await?;
     Ok(())
 }

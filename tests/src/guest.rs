@@ -4,12 +4,13 @@ use std::ffi::OsString;
 use std::fs::OpenOptions;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::thread;
 use std::time::{Duration, Instant};
 
 use anyhow::{anyhow, bail, Context, Result};
 
+use crate::boot_gate::BootPermit;
 use crate::images::workspace_root;
 use crate::output::{format_tail, Line, LineHook, OutputLog, Stream, WaitFailure};
 
@@ -166,11 +167,37 @@ impl GuestBuilder {
         Ok(cmd)
     }
 
-    /// Spawns the `vmm` process.
+    /// Spawns the `vmm` process once its vCPUs fit among the guests booting in this process (see
+    /// `boot_gate.rs`: overcommitted boots under kvm_pvm stall); its slot frees when it prints `BOOT-COMPLETE`, exits or is dropped.
     pub fn spawn(self) -> Result<Guest> {
         let cmd = self.command()?;
-        Guest::spawn_command(cmd, self.hook.map(|h| h.0))
+        let permit = Arc::new(Mutex::new(Some(BootPermit::acquire(self.vcpus)?)));
+        let booted = Arc::clone(&permit);
+        let user_hook = self.hook.map(|h| h.0);
+        let hook: LineHook = Arc::new(move |pid, line| {
+            if line.text.contains("BOOT-COMPLETE") {
+                release(&booted);
+            }
+            if let Some(hook) = &user_hook {
+                hook(pid, line);
+            }
+        });
+        let mut guest = Guest::spawn_command(cmd, Some(hook))?;
+        guest.boot_permit = Some(permit);
+        Ok(guest)
     }
+}
+
+/// A guest's boot slot, shared by its output hook (which frees it at `BOOT-COMPLETE`) and the
+/// [`Guest`] (which frees it when the process ends).
+type SharedPermit = Arc<Mutex<Option<BootPermit>>>;
+
+fn release(permit: &SharedPermit) {
+    let taken = permit
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
+        .take();
+    drop(taken);
 }
 
 /// A spawned VMM process whose stdout and stderr are read line by line, each line timestamped on
@@ -181,6 +208,7 @@ pub struct Guest {
     started_at: Instant,
     log: Arc<OutputLog>,
     exit: Option<(ExitStatus, Instant)>,
+    boot_permit: Option<SharedPermit>,
 }
 
 impl std::fmt::Debug for Guest {
@@ -212,6 +240,7 @@ impl Guest {
             started_at,
             log,
             exit: None,
+            boot_permit: None,
         };
         let stdout = guest
             .child
@@ -360,7 +389,7 @@ impl Guest {
         }
         let status = self.child.try_wait().context("waitpid")?;
         if let Some(status) = status {
-            self.exit = Some((status, Instant::now()));
+            self.exited(status);
         }
         Ok(status)
     }
@@ -374,14 +403,24 @@ impl Guest {
         // its own exit.
         let _ = self.child.kill();
         let status = self.child.wait().context("waitpid")?;
-        self.exit = Some((status, Instant::now()));
+        self.exited(status);
         Ok(())
+    }
+
+    fn exited(&mut self, status: ExitStatus) {
+        self.exit = Some((status, Instant::now()));
+        if let Some(permit) = &self.boot_permit {
+            release(permit);
+        }
     }
 }
 
 impl Drop for Guest {
     fn drop(&mut self) {
         let _ = self.kill();
+        if let Some(permit) = &self.boot_permit {
+            release(permit);
+        }
     }
 }
 

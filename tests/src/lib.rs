@@ -33,6 +33,7 @@
 //! # }
 //! ```
 
+mod boot_gate;
 mod control_client;
 mod crc32;
 mod guest;
