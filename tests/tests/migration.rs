@@ -1,7 +1,8 @@
 //! Live migration between two VMM processes over a socket pair, on a real guest that keeps a
 //! counter in memory, wrote data to its disk (shared: both VMMs see the same image) and answers
 //! pings on its NIC. Both VMMs sit in a network namespace the test makes, each behind its own tap
-//! on one bridge. A destination that cannot take the VM refuses at the handshake, a migration
+//! on one bridge. A destination that cannot take the VM (a NIC it lacks, a wrong or missing
+//! token, a source speaking an older protocol) refuses at the handshake, a migration
 //! cancelled mid-way and one whose destination is killed mid-way fail, and each time the source
 //! runs on; a destination that can receives the memory rounds and the state, the source commits
 //! and exits with 0, the guest continues counting at the destination without booting again, the
@@ -12,6 +13,7 @@
 //! (the probe's `blk-dirty`): the destination's first pass over that part finds every block as
 //! the source's last pass left it.
 
+use std::io::{Read, Write};
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::Path;
@@ -157,6 +159,48 @@ fn give_connection(c: &mut ControlClient, end: &UnixStream) {
     );
 }
 
+/// A source that speaks migration protocol version 2 (its hello: the magic, then the version,
+/// then what version 2 had): the destination names the version, answers Abort, builds nothing.
+fn older_protocol_is_refused(ns: &NetNs, dir: &Path) {
+    let (mut dest, mut d) = empty_vmm(ns, &dir.join("older.sock"));
+    let (mut a, b) = UnixStream::pair().expect("socket pair");
+    give_connection(&mut d, &b);
+    drop(b);
+    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)
+        .expect("migrate-receive");
+    let mut body = b"VMMMIGR\0".to_vec();
+    body.extend_from_slice(&2u32.to_le_bytes());
+    body.extend_from_slice(&[0u8; 64]);
+    let mut frame = vec![1u8];
+    frame.extend_from_slice(&(8 + body.len() as u32).to_le_bytes());
+    frame.extend_from_slice(&[0u8; 8]);
+    frame.extend_from_slice(&body);
+    a.write_all(&frame).expect("the hello");
+    a.set_read_timeout(Some(Duration::from_secs(30)))
+        .expect("read timeout");
+    let mut header = [0u8; 5];
+    a.read_exact(&mut header).expect("the destination's reply");
+    assert_eq!(header[0], 8, "not an Abort frame: {header:?}");
+    let len = u32::from_le_bytes([header[1], header[2], header[3], header[4]]) as usize;
+    assert!((8..4096).contains(&len), "{header:?}");
+    let mut rest = vec![0u8; len];
+    a.read_exact(&mut rest).expect("the Abort frame's body");
+    let why = String::from_utf8_lossy(&rest[8..]).into_owned();
+    assert!(why.contains("version 2"), "{why:?}");
+    let answer = d
+        .wait_answer(Duration::from_secs(30))
+        .expect("the receive answer");
+    let Outcome::Error(e) = &answer.result else {
+        panic!("{answer:?}")
+    };
+    assert!(e.message.contains("version 2"), "{answer:?}");
+    let Response::Description(desc) = d.ok(r#"{"id": 3, "request": "describe"}"#).expect("describe") else {
+        panic!("describe")
+    };
+    assert_ne!(desc.state, VmState::Running, "{desc:?}");
+    let _ = dest.kill();
+}
+
 #[test]
 fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothing() {
     require_kvm();
@@ -189,45 +233,70 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
     assert!(ping(&ns), "no ping answer before the migration");
     assert_eq!(learned_on(&ns).as_deref(), Some("msrc0"));
 
-    // A destination that cannot take it (an override names a NIC the VM does not have): refused
-    // at the handshake; the source keeps running and counting.
-    let (mut refusing, mut r) = empty_vmm(&ns, &dir.path().join("refusing.sock"));
-    let (a, b) = UnixStream::pair().unwrap();
-    give_connection(&mut r, &b);
-    r.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig", "overrides": {"nets": [{"id": "eth9", "tap": "x"}]}}}}"#)
+    // Destinations that refuse at the handshake: an override names a NIC the VM does not have; the
+    // destination's agent issued a token and the source sends another one, or none. Each time
+    // the source keeps running, and nothing is built at the destination.
+    let refusals = [
+        (
+            r#""overrides": {"nets": [{"id": "eth9", "tap": "x"}]}"#,
+            "",
+            "eth9",
+        ),
+        (
+            r#""token": "s3cret""#,
+            r#", "token": "guess""#,
+            "wrong migration token",
+        ),
+        (r#""token": "s3cret""#, "", "the source sent no migration token"),
+    ];
+    for (n, (receive, send, why)) in refusals.into_iter().enumerate() {
+        let (mut refusing, mut r) = empty_vmm(&ns, &dir.path().join(format!("refusing{n}.sock")));
+        let (a, b) = UnixStream::pair().unwrap();
+        give_connection(&mut r, &b);
+        r.send(&format!(
+            r#"{{"id": 2, "request": {{"migrate-receive": {{"connection": "mig", {receive}}}}}}}"#
+        ))
         .unwrap();
-    give_connection(&mut c, &a);
-    drop((a, b));
-    let started = c
-        .ok(r#"{"id": 3, "request": {"migrate-send": {"connection": "mig"}}}"#)
-        .unwrap();
-    assert!(matches!(started, Response::MigrationStarted(_)), "{started:?}");
-    let failed = c.wait_event(|e| matches!(e, Event::MigrationFailed(_)));
-    let Event::MigrationFailed(stats) = failed else {
-        unreachable!()
-    };
-    assert_eq!(stats.phase, MigrationPhase::Failed);
-    assert!(
-        stats.error.as_deref().is_some_and(|e| e.contains("eth9")),
-        "{stats:?}"
-    );
-    let answer = r.wait_answer(Duration::from_secs(30)).unwrap();
-    assert!(matches!(answer.result, Outcome::Error(_)), "{answer:?}");
-    let Response::Description(d) = c.ok(r#"{"id": 4, "request": "describe"}"#).unwrap() else {
-        panic!("describe")
-    };
-    assert_eq!(d.state, VmState::Running);
+        give_connection(&mut c, &a);
+        drop((a, b));
+        let started = c
+            .ok(&format!(
+                r#"{{"id": 3, "request": {{"migrate-send": {{"connection": "mig"{send}}}}}}}"#
+            ))
+            .unwrap();
+        assert!(matches!(started, Response::MigrationStarted(_)), "{started:?}");
+        let failed = c.wait_event(|e| matches!(e, Event::MigrationFailed(_)));
+        let Event::MigrationFailed(stats) = failed else {
+            unreachable!()
+        };
+        assert_eq!(stats.phase, MigrationPhase::Failed);
+        assert!(
+            stats.error.as_deref().is_some_and(|e| e.contains(why)),
+            "{stats:?}"
+        );
+        assert_eq!(stats.memory_transferred_bytes, 0, "{stats:?}");
+        let answer = r.wait_answer(Duration::from_secs(30)).unwrap();
+        let Outcome::Error(e) = &answer.result else {
+            panic!("{answer:?}")
+        };
+        assert!(e.message.contains(why), "{answer:?}");
+        let Response::Description(d) = c.ok(r#"{"id": 4, "request": "describe"}"#).unwrap() else {
+            panic!("describe")
+        };
+        assert_eq!(d.state, VmState::Running);
+        let Response::MigrationStatus(status) = c.ok(r#"{"id": 5, "request": "migration-status"}"#).unwrap()
+        else {
+            panic!("migration-status")
+        };
+        assert_eq!(status.phase, MigrationPhase::Failed);
+        drop(r);
+        let _ = refusing.kill();
+    }
     let seen = harness::probe_counters(&source).last().copied().unwrap_or(0);
     source
         .wait_for_line(&format!("vmmprobe: counter={}", seen + 3), BOOT_TIMEOUT)
         .unwrap_or_else(|e| panic!("the source stopped counting: {e}\n{}", source.output_tail()));
-    let Response::MigrationStatus(status) = c.ok(r#"{"id": 5, "request": "migration-status"}"#).unwrap()
-    else {
-        panic!("migration-status")
-    };
-    assert_eq!(status.phase, MigrationPhase::Failed);
-    drop(r);
-    let _ = refusing.kill();
+    older_protocol_is_refused(&ns, dir.path());
 
     // Slowed to 1 MiB/s, round 0 (about 11 MiB) takes seconds: a migration cancelled, or whose
     // destination is killed, right after it started is still in it. Each time the source runs on.
