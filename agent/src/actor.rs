@@ -283,6 +283,9 @@ impl VmActor {
             return;
         }
         self.reattach().await;
+        if !self.vm.migrating_to.is_empty() && self.vm.state() != VmState::Failed {
+            self.settle_interrupted_migration().await;
+        }
         if self.proc.is_none() && self.ctx.config.restore_on_boot {
             let desired = self.vm.desired_state();
             if matches!(desired, VmState::Running | VmState::Paused) {
@@ -565,6 +568,13 @@ impl VmActor {
             }
             VmState::Stopping => return Err(self.wrong_state(state, "started")),
             _ => {}
+        }
+        if !self.vm.migrating_to.is_empty() && self.proc.is_none() {
+            return Err(AgentError::WrongState(format!(
+                "VM '{}' may run at {} (its migration there was interrupted): it is not started \
+                 here; delete this record once the destination has it",
+                self.vm.vm_id, self.vm.migrating_to
+            )));
         }
         if state != VmState::Starting {
             // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.

@@ -9,7 +9,7 @@ use std::time::Duration;
 use tokio::sync::watch;
 use tokio::time::{sleep, timeout, Instant};
 use vmm_api::control::{Event, Request, Response};
-use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationStats};
+use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationPhase, MigrationStats};
 
 use super::{next_event, observed_state, VmActor, EXIT_TIMEOUT};
 use crate::control::ConnEvent;
@@ -26,9 +26,13 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the destination waits for the source's vmm to connect.
 pub(crate) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long a restarted agent waits for an interrupted outgoing migration to cancel or end.
+const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 
 /// What the source's actor needs: where to connect, and what to ask its vmm.
 pub(crate) struct Outgoing {
+    /// The destination agent, as the caller named it (recorded while the migration runs).
+    pub destination: String,
     /// The destination's `HOST:PORT` for the vmm's connection.
     pub data_address: String,
     /// `migrate-send`, with TLS and the token (its connection is set here).
@@ -103,17 +107,18 @@ impl VmActor {
         };
         let conn = for_vmm(stream).map_err(|e| unreachable(e.to_string()))?;
         self.give_connection(conn).await?;
-        let mut send = plan.send;
-        send.connection = CONNECTION.to_string();
-        match self.request(Request::MigrateSend(send)).await? {
-            Response::MigrationStarted(stats) => report(progress, &stats),
-            other => {
-                return Err(AgentError::Internal(format!(
-                    "the vmm answered migrate-send with {other:?}"
-                )))
+        // Before the vmm starts: an agent restarted from here on must know the VM may move.
+        let destination = plan.destination;
+        self.save(|vm| vm.migrating_to = destination).await?;
+        let outcome = self.send_and_follow(plan.send, cancel, progress).await;
+        if outcome.is_err() {
+            if self.proc.is_some() {
+                self.record(|vm| vm.migrating_to.clear()).await;
+            } else {
+                // Whether it ended before or after handing the VM over is not known here.
+                self.record_ended_mid_migration("its vmm ended").await;
             }
         }
-        let outcome = self.follow_migration(cancel, progress).await;
         if outcome.is_ok() {
             // The destination owns the VM: this vmm ends by itself; then nothing of it is left here.
             self.stopping = true;
@@ -127,6 +132,79 @@ impl VmActor {
             self.remove_record_and_files().await?;
         }
         outcome.map(|()| progress.borrow().clone())
+    }
+
+    async fn send_and_follow(
+        &mut self,
+        mut send: MigrateSend,
+        cancel: &CancelToken,
+        progress: &watch::Sender<MigrationProgress>,
+    ) -> Result<(), AgentError> {
+        send.connection = CONNECTION.to_string();
+        match self.request(Request::MigrateSend(send)).await? {
+            Response::MigrationStarted(stats) => report(progress, &stats),
+            other => {
+                return Err(AgentError::Internal(format!(
+                    "the vmm answered migrate-send with {other:?}"
+                )))
+            }
+        }
+        self.follow_migration(cancel, progress).await
+    }
+
+    /// After an agent restart, settles a migration the previous agent was sending: a vmm that
+    /// still runs is asked to cancel (before the switch-over the VM then runs on here, as the
+    /// aborted operation says); one that is gone, or ends after all, most likely handed the VM
+    /// over, so it is recorded as FAILED with the destination named and is not started again
+    /// (its desired state becomes STOPPED), never two copies of one VM at once.
+    pub(super) async fn settle_interrupted_migration(&mut self) {
+        let to = self.vm.migrating_to.clone();
+        if self.proc.is_some() {
+            if let Err(e) = self.request(Request::MigrateCancel).await {
+                tracing::info!(vm = %self.vm.vm_id, error = %e, "migrate-cancel not taken");
+            }
+            let deadline = Instant::now() + SETTLE_TIMEOUT;
+            while Instant::now() < deadline && !self.exited().await {
+                if let Ok(Response::MigrationStatus(stats)) = self.request(Request::MigrationStatus).await {
+                    if stats.phase == MigrationPhase::Failed {
+                        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
+                            let state = observed_state(d.state);
+                            self.record(|vm| vm.state = state as i32).await;
+                        }
+                        tracing::info!(vm = %self.vm.vm_id, %to, "interrupted migration cancelled; the VM runs on here");
+                        self.record(|vm| vm.migrating_to.clear()).await;
+                        return;
+                    }
+                }
+                sleep(Duration::from_millis(200)).await;
+            }
+            if self.proc.is_some() && !self.exited().await {
+                // Neither cancelled nor handed over in time: one of the two copies must go, and
+                // this one cannot tell whether the other runs.
+                tracing::warn!(vm = %self.vm.vm_id, %to, "interrupted migration did not settle; killing the vmm");
+                self.kill_and_wait().await;
+            }
+            self.finish().await;
+        }
+        tracing::warn!(vm = %self.vm.vm_id, %to, "the vmm ended during an interrupted migration");
+        self.record_ended_mid_migration("the agent restarted during the migration and its vmm has ended")
+            .await;
+    }
+
+    /// Records that the vmm ended while it sent the VM away, before anyone saw the outcome: the
+    /// VM may run at the destination, so it must not start here again.
+    async fn record_ended_mid_migration(&mut self, what: &str) {
+        let to = self.vm.migrating_to.clone();
+        self.record(|vm| {
+            vm.state = VmState::Failed as i32;
+            vm.desired_state = VmState::Stopped as i32;
+            vm.pid = 0;
+            vm.state_reason = format!(
+                "while this VM migrated to {to}, {what}: it most likely runs there now, so it is not \
+                 started here; delete this record once the destination has it"
+            );
+        })
+        .await;
     }
 
     /// Follows the vmm's migration events to the end, asking it to cancel when `cancel` fires.

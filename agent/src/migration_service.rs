@@ -221,6 +221,7 @@ async fn migrate_work(
             token: ready.token,
         };
         let plan = Outgoing {
+            destination: req.destination.clone(),
             data_address: ready.data_address,
             send,
         };

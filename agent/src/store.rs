@@ -71,6 +71,9 @@ const MIGRATIONS: &[&str] = &[
     );
     CREATE INDEX snapshots_by_base ON snapshots (base);
     ALTER TABLE vms ADD COLUMN restored_from TEXT NOT NULL DEFAULT '';",
+    // 5: the destination of an outgoing migration while it runs, so that an agent restarted
+    // meanwhile knows the VM may have moved.
+    "ALTER TABLE vms ADD COLUMN migrating_to TEXT NOT NULL DEFAULT '';",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -452,7 +455,8 @@ impl Store {
 }
 
 const VM_COLUMNS: &str = "vm_id, spec, state, state_reason, pid, exit_code, boot_ms, \
-                          create_time_ms, update_time_ms, revision, desired, restored_from";
+                          create_time_ms, update_time_ms, revision, desired, restored_from, \
+                          migrating_to";
 
 type VmRow = (
     String,
@@ -466,6 +470,7 @@ type VmRow = (
     i64,
     i64,
     i32,
+    String,
     String,
 );
 
@@ -483,6 +488,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         r.get(9)?,
         r.get(10)?,
         r.get(11)?,
+        r.get(12)?,
     ))
 }
 
@@ -500,6 +506,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         revision,
         desired,
         restored_from,
+        migrating_to,
     ) = row;
     Ok(Vm {
         vm_id,
@@ -514,6 +521,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         revision: revision as u64,
         desired_state: desired,
         restored_from,
+        migrating_to,
     })
 }
 
@@ -522,10 +530,11 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid, exit_code,
                           boot_ms, create_time_ms, update_time_ms, revision, desired,
-                          restored_from)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14)
+                          restored_from, migrating_to)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
-             exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13",
+             exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13,
+             migrating_to = ?15",
         params![
             vm.vm_id,
             spec.encode_to_vec(),
@@ -540,7 +549,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.update_time_ms,
             vm.revision as i64,
             vm.desired_state,
-            vm.restored_from
+            vm.restored_from,
+            vm.migrating_to
         ],
     )?;
     Ok(())

@@ -283,3 +283,23 @@ fn a_restored_vm_remembers_its_snapshot() {
     store.create_vm(clone, None, None).unwrap();
     assert_eq!(store.get_vm("clone").unwrap().unwrap().restored_from, "snap");
 }
+
+#[test]
+fn an_outgoing_migration_is_remembered_until_cleared() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    let mut store = Store::open(&path).unwrap();
+    let created = store
+        .create_vm(vm("mover", VmState::Running, 1, 128), None, None)
+        .unwrap();
+    let mut moving = created.clone();
+    moving.migrating_to = "tcp://10.0.0.2:7443".into();
+    store.update_vm(moving, None).unwrap();
+    drop(store);
+    let mut store = Store::open(&path).unwrap();
+    let mut stored = store.get_vm("mover").unwrap().unwrap();
+    assert_eq!(stored.migrating_to, "tcp://10.0.0.2:7443");
+    stored.migrating_to.clear();
+    store.update_vm(stored, None).unwrap();
+    assert_eq!(store.get_vm("mover").unwrap().unwrap().migrating_to, "");
+}

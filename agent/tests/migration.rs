@@ -14,7 +14,8 @@
 //! rewriting and checking has no stale or damaged page (nor the disk a stale block), and the
 //! client's connection survived; its longest gap between echoes is the client-view downtime.
 //! Finally it moves back without shared storage: the agents copy its disks into the new host's VM
-//! directory while it writes them, and the copy of the disk it no longer writes is identical.
+//! directory while it writes them, and the copy of the disk it no longer writes is identical. The
+//! sending agent is killed mid-way; restarted, it neither starts its old copy nor lets anyone.
 
 mod common;
 
@@ -39,8 +40,8 @@ use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
     operation, CancelMigrationRequest, CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, ListVmsRequest,
-    MigrateVmRequest, MigrationPhase, NicSpec, Operation, PauseVmRequest, PrepareIncomingRequest, VmState,
-    WaitOperationRequest, WatchMigrationRequest,
+    MigrateVmRequest, MigrationPhase, NicSpec, Operation, PauseVmRequest, PrepareIncomingRequest,
+    StartVmRequest, VmState, WaitOperationRequest, WatchMigrationRequest,
 };
 
 const GUEST_IP: &str = "10.83.0.50";
@@ -121,14 +122,17 @@ fn agent(
         SanType::IpAddress(ip.parse()?),
         SanType::URI("vmmagent-role:migration-peer".try_into()?),
     ])?;
-    let cert = write(dir.path(), "agent.pem", &cert)?;
-    let key = write(dir.path(), "agent.key", &key)?;
-    let ca_file = write(dir.path(), "ca.pem", &ca.pem)?;
-    let (cert, key, ca_file) = (
-        cert.display().to_string(),
-        key.display().to_string(),
-        ca_file.display().to_string(),
-    );
+    write(dir.path(), "agent.pem", &cert)?;
+    write(dir.path(), "agent.key", &key)?;
+    write(dir.path(), "ca.pem", &ca.pem)?;
+    let agent = restart(ns, dir.path(), ip, port, extra)?;
+    Ok((agent, dir))
+}
+
+/// Starts the agent of `state_dir` (made by [`agent`], with its certificates) in `ns`.
+fn restart(ns: &NetNs, state_dir: &Path, ip: &str, port: u16, extra: &[&str]) -> Result<Agent> {
+    let file = |name: &str| state_dir.join(name).display().to_string();
+    let (cert, key, ca_file) = (file("agent.pem"), file("agent.key"), file("ca.pem"));
     let listen = format!("tcp://{ip}:{port}");
     let mut args = vec![
         "--listen",
@@ -141,8 +145,7 @@ fn agent(
         &ca_file,
     ];
     args.extend_from_slice(extra);
-    let agent = Agent::start_in(Some(ns.name()), dir.path(), &args)?;
-    Ok((agent, dir))
+    Agent::start_in(Some(ns.name()), state_dir, &args)
 }
 
 /// What the client saw of its connection.
@@ -363,7 +366,7 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let net = segment()?;
     let ca = Ca::new("migration test CA")?;
     let (source, src_dir) = agent(&net.a, &ca, "mig-a", HOST_A, PORT, &[])?;
-    let (dest, dst_dir) = agent(&net.b, &ca, "mig-b", HOST_B, PORT, &[])?;
+    let (mut dest, dst_dir) = agent(&net.b, &ca, "mig-b", HOST_B, PORT, &[])?;
     let host_mib = vmm_agent::host::host_memory_mib();
     let reserve = (host_mib - 64).to_string();
     let (small, small_dir) = agent(
@@ -545,16 +548,22 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     assert_eq!(sha256(&disk)?, disk_before, "the disk changed");
 
     // Back to A without shared storage: the agents copy both disks into A's VM directory while
-    // the guest keeps rewriting the second one; the copy of the first is identical.
+    // the guest keeps rewriting the second one. B's agent is killed mid-way and the vmms finish
+    // without it; restarted (even with --restore-on-boot), it does not start its old copy of the
+    // VM, which runs at A now, and says why. The copy of the disk the guest no longer writes is
+    // identical.
     let to_a = format!("tcp://{HOST_A}:{PORT}");
-    let last = vmmctl_migrate(&dest, &source, "mover", &to_a, &[])?;
-    let copied = last["disk_transferred_bytes"].as_u64().unwrap_or(0);
-    assert!(copied >= 64 << 10, "no disk data moved: {last}");
-    eprintln!(
-        "local-disk migration: {copied} disk bytes copied, downtime {} ms",
-        last["downtime_ms"]
-    );
-    wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
+    let mut dst_migrations = MigrationServiceClient::new(dest.channel().await?);
+    let op = dst_migrations
+        .migrate_vm(MigrateVmRequest {
+            shared_storage: false,
+            ..request(&to_a, 2 << 20)
+        })
+        .await?
+        .into_inner();
+    wait_copying(&mut dst_migrations, dst_dir.path()).await?;
+    dest.kill9();
+    wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(120)).await?;
     runs_on_with_clean_checks(&mut src_vms, "mover", counted).await?;
     let copies = src_dir.path().join("vms/mover");
     assert_eq!(
@@ -563,13 +572,38 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
         "the copied disk differs"
     );
     assert!(copies.join("disk1.img").exists());
-    let e = dst_vms
+    let dest = restart(&net.b, dst_dir.path(), HOST_B, PORT, &["--restore-on-boot"])?;
+    dest.wait_serving().await?;
+    let mut dst_vms = dest.vms().await?;
+    let op = wait_done(&dest.channel().await?, op).await?;
+    assert_eq!(error_code(&op), Some(Code::Aborted), "{op:?}");
+    let left = dst_vms
         .get_vm(GetVmRequest {
             vm_id: "mover".into(),
         })
+        .await?
+        .into_inner();
+    assert_eq!(left.state(), VmState::Failed, "{left:?}");
+    assert_eq!(left.migrating_to, to_a, "{left:?}");
+    assert!(left.state_reason.contains("runs there now"), "{left:?}");
+    ensure!(
+        vmm_processes_under(dst_dir.path()).is_empty(),
+        "B started its old copy again"
+    );
+    let e = dst_vms
+        .start_vm(StartVmRequest {
+            vm_id: "mover".into(),
+            ..Default::default()
+        })
         .await
         .unwrap_err();
-    assert_eq!(e.code(), Code::NotFound, "{e:?}");
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    dst_vms
+        .delete_vm(DeleteVmRequest {
+            vm_id: "mover".into(),
+            request_id: String::new(),
+        })
+        .await?;
     nothing_left(&mut dst_vms, dst_dir.path()).await?;
     // Images outside the VM's directory stay where they were, as DeleteVm leaves them.
     assert_eq!(sha256(&disk)?, disk_before, "the source's image changed");
