@@ -139,10 +139,13 @@ impl VmActor {
 
     /// Runs until the VM is deleted or every sender is gone. With `adopted`, first re-adopts the
     /// VM's vmm (or settles its state) and says so on it.
-    pub(crate) async fn run(mut self, adopted: Option<oneshot::Sender<()>>) {
+    pub(crate) async fn run(mut self, adopted: Option<oneshot::Sender<bool>>) {
         if let Some(done) = adopted {
-            self.adopt().await;
-            let _ = done.send(());
+            let kept = self.adopt().await;
+            let _ = done.send(kept);
+            if !kept {
+                return;
+            }
         }
         let mut tick = tokio::time::interval(TICK);
         loop {
@@ -278,11 +281,26 @@ impl VmActor {
         }
     }
 
-    async fn adopt(&mut self) {
+    /// Re-adopts the VM's vmm after an agent restart, or settles what the previous agent left
+    /// half done. False when nothing of the VM is left (its record is gone).
+    async fn adopt(&mut self) -> bool {
         if !holds_resources(self.vm.state()) {
-            return;
+            return true;
         }
+        let arriving =
+            self.vm.state() == VmState::Starting && self.vm.state_reason == migration::ARRIVING_REASON;
         self.reattach().await;
+        if arriving && self.proc.is_none() {
+            // An incoming migration cut short before this host had the VM: the source, whose
+            // peer went away, keeps it; nothing of it stays here (a retry can come).
+            tracing::warn!(vm = %self.vm.vm_id, "the agent restarted during an incoming migration; removing it");
+            match self.remove_record_and_files().await {
+                Ok(()) => return false,
+                Err(e) => {
+                    tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot remove an interrupted arrival")
+                }
+            }
+        }
         if !self.vm.migrating_to.is_empty() && self.vm.state() != VmState::Failed {
             self.settle_interrupted_migration().await;
         }
@@ -297,6 +315,7 @@ impl VmActor {
                 }
             }
         }
+        true
     }
 
     /// Re-adopts the vmm the store names, or records that it is gone (killing it if it does not
@@ -322,8 +341,8 @@ impl VmActor {
         .await;
         match probe {
             Ok(Ok((_, _, Response::Description(d)))) if d.state == VmmState::NotConfigured => {
-                // An empty vmm waits for the snapshot a previous agent was restoring into it; no
-                // one will send it, and its restore operation was aborted.
+                // An empty vmm waits for the snapshot (or the migration) a previous agent was
+                // restoring into it; no one will send it, and its operation was aborted.
                 tracing::warn!(vm = %self.vm.vm_id, pid, "the restore was cut short; killing the vmm");
                 kill(pid);
                 self.wait_gone(pid).await;

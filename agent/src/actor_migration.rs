@@ -26,6 +26,8 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
 const STATUS_INTERVAL: Duration = Duration::from_millis(500);
 /// How long the destination waits for the source's vmm to connect.
 pub(crate) const ACCEPT_TIMEOUT: Duration = Duration::from_secs(60);
+/// The reason a VM stored by `PrepareIncoming` has until its vmm runs it.
+pub(crate) const ARRIVING_REASON: &str = "arriving by live migration";
 /// How long a restarted agent waits for an interrupted outgoing migration to cancel or end.
 const SETTLE_TIMEOUT: Duration = Duration::from_secs(60);
 

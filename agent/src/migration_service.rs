@@ -434,7 +434,7 @@ impl MigrationPeerService for PeerApi {
             spec: Some(spec.clone()),
             state: VmState::Starting as i32,
             desired_state: desired as i32,
-            state_reason: "arriving by live migration".into(),
+            state_reason: crate::actor::migration::ARRIVING_REASON.into(),
             ..Default::default()
         };
         let guard = self.lock.lock().await;

@@ -45,16 +45,20 @@ impl Supervisor {
         let mut done = Vec::new();
         for vm in vms {
             let (tx, rx) = oneshot::channel();
+            let vm_id = vm.vm_id.clone();
             self.spawn_actor(vm, Some(tx));
-            done.push(rx);
+            done.push((self.actors().get(&vm_id).cloned(), vm_id, rx));
         }
-        for rx in done {
-            let _ = rx.await;
+        for (actor, vm_id, rx) in done {
+            // False: the actor removed what a previous agent left half made, and ended.
+            if let Ok(false) = rx.await {
+                self.forget(&vm_id, actor);
+            }
         }
         Ok(())
     }
 
-    fn spawn_actor(&self, vm: Vm, adopted: Option<oneshot::Sender<()>>) {
+    fn spawn_actor(&self, vm: Vm, adopted: Option<oneshot::Sender<bool>>) {
         let (tx, rx) = mpsc::channel(16);
         self.actors().insert(vm.vm_id.clone(), tx);
         tokio::spawn(VmActor::new(self.ctx.clone(), vm, rx).run(adopted));

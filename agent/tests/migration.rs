@@ -8,7 +8,8 @@
 //! Refused without touching the VM: a destination with too little memory (before any copy),
 //! PrepareIncoming from a certificate without the peer role or from another CA, mutating calls
 //! while it migrates. A migration cancelled mid-way and one whose destination vmm is killed
-//! mid-way both leave the VM running at the source and nothing at the destination. Then
+//! mid-way both leave the VM running at the source and nothing at the destination, and so does
+//! one whose source agent is killed mid-way and restarted (it cancels what its vmm still sends). Then
 //! `vmmctl migrate` moves it: the destination runs it (the counter goes on, no boot), the
 //! source has neither record nor process, the disk image is unchanged, the buffer the guest keeps
 //! rewriting and checking has no stale or damaged page (nor the disk a stale block), and the
@@ -365,7 +366,7 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     harness::require_kvm();
     let net = segment()?;
     let ca = Ca::new("migration test CA")?;
-    let (source, src_dir) = agent(&net.a, &ca, "mig-a", HOST_A, PORT, &[])?;
+    let (mut source, src_dir) = agent(&net.a, &ca, "mig-a", HOST_A, PORT, &[])?;
     let (mut dest, dst_dir) = agent(&net.b, &ca, "mig-b", HOST_B, PORT, &[])?;
     let host_mib = vmm_agent::host::host_memory_mib();
     let reserve = (host_mib - 64).to_string();
@@ -509,6 +510,45 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     assert_eq!(error_code(&op), Some(Code::Aborted), "{op:?}");
     wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(10)).await?;
     nothing_left(&mut dst_vms, dst_dir.path()).await?;
+
+    // The source's agent killed mid-way: its vmm goes on alone until the restarted agent cancels
+    // the migration, which the operation reports as aborted; the VM runs on here.
+    let op = migrations.migrate_vm(request(&to_b, 1 << 20)).await?.into_inner();
+    wait_copying(&mut migrations, src_dir.path()).await?;
+    source.kill9();
+    let source = restart(&net.a, src_dir.path(), HOST_A, PORT, &[])?;
+    source.wait_serving().await?;
+    let mut src_vms = source.vms().await?;
+    let src_channel = source.channel().await?;
+    let op = wait_done(&src_channel, op).await?;
+    assert_eq!(error_code(&op), Some(Code::Aborted), "{op:?}");
+    wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
+    let vm = src_vms
+        .get_vm(GetVmRequest {
+            vm_id: "mover".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(vm.migrating_to, "", "{vm:?}");
+    ensure!(
+        vmm_processes_under(src_dir.path()).len() == 1,
+        "not one vmm at the source"
+    );
+    nothing_left(&mut dst_vms, dst_dir.path()).await?;
+
+    // The destination's agent killed mid-way: restarted, it ends the half-received VM and keeps
+    // nothing of it; the source's vmm loses its peer and runs on.
+    let mut migrations = MigrationServiceClient::new(src_channel.clone());
+    let op = migrations.migrate_vm(request(&to_b, 1 << 20)).await?.into_inner();
+    wait_copying(&mut migrations, src_dir.path()).await?;
+    dest.kill9();
+    let mut dest = restart(&net.b, dst_dir.path(), HOST_B, PORT, &[])?;
+    dest.wait_serving().await?;
+    let mut dst_vms = dest.vms().await?;
+    nothing_left(&mut dst_vms, dst_dir.path()).await?;
+    let op = wait_done(&src_channel, op).await?;
+    assert_eq!(error_code(&op), Some(Code::Aborted), "{op:?}");
+    wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
     let before = counters(
         &wait_console(
             &mut src_vms,

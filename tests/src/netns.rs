@@ -52,6 +52,20 @@ impl NetNs {
         Ok(())
     }
 
+    /// Adds bridge `bridge` with `cidr` on it and TAP devices `taps` as its ports, all up: guests
+    /// behind any of the taps share one L2 segment with the bridge's address.
+    pub fn add_bridge(&self, bridge: &str, cidr: &str, taps: &[&str]) -> Result<()> {
+        self.ip(&["link", "add", bridge, "type", "bridge"])?;
+        self.ip(&["addr", "add", cidr, "dev", bridge])?;
+        self.ip(&["link", "set", bridge, "up"])?;
+        for tap in taps {
+            self.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])?;
+            self.ip(&["link", "set", tap, "master", bridge])?;
+            self.ip(&["link", "set", tap, "up"])?;
+        }
+        Ok(())
+    }
+
     /// `program` run inside the namespace (`ip netns exec`, which keeps the process id).
     pub fn command(&self, program: &std::path::Path) -> Command {
         let mut cmd = Command::new("ip");

@@ -34,19 +34,8 @@ const MAC: &str = "02:00:00:00:82:02";
 /// A namespace with bridge `br0` (10.82.0.1/24) and taps `msrc0` and `mdst0` on it.
 fn bridged_namespace() -> NetNs {
     let ns = NetNs::new("mig").expect("test setup");
-    for args in [
-        &["link", "add", "br0", "type", "bridge"][..],
-        &["addr", "add", "10.82.0.1/24", "dev", "br0"],
-        &["link", "set", "br0", "up"],
-    ] {
-        ns.ip(args).expect("test setup");
-    }
-    for tap in ["msrc0", "mdst0"] {
-        ns.ip(&["tuntap", "add", "dev", tap, "mode", "tap"])
-            .expect("test setup");
-        ns.ip(&["link", "set", tap, "master", "br0"]).expect("test setup");
-        ns.ip(&["link", "set", tap, "up"]).expect("test setup");
-    }
+    ns.add_bridge("br0", "10.82.0.1/24", &["msrc0", "mdst0"])
+        .expect("test setup");
     ns
 }
 

@@ -1,9 +1,14 @@
 //! Live migration: total time, downtime and bytes sent to move a running guest from one `vmm`
 //! process to another over a Unix socket pair (migrate-send / migrate-receive), and QEMU microvm's
 //! own live migration (`migrate` to an `-incoming unix:` destination) of the same guest side by side.
+//! Both guests sit behind taps on a bridge in a network namespace made here, and a UDP stream from
+//! the bridge measures the downtime a client sees (`client_view.rs`).
 //!
 //! `cargo run --release -p benches --bin migration`
 
+mod client_view;
+
+use std::net::SocketAddr;
 use std::os::fd::AsRawFd;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -12,7 +17,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
 use benches::{cell, host_json, qemu_microvm, ratio, unix_time, write_json, Args, Qmp, Summary};
-use harness::{try_vmm_binary, ControlClient, Guest, GuestImages, TempDir};
+use client_view::{longest_gap, wait_echoes, EchoStream};
+use harness::{try_vmm_binary, ControlClient, Guest, GuestImages, NetNs, TempDir};
 use serde_json::json;
 use vmm_api::control::{Event, Outcome, Response};
 use vmm_api::migration::MigrationStats;
@@ -24,9 +30,12 @@ usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--dirty-m
 For each guest size (default 128x1,1024x2): boots the guest probe (a counter in memory) once, then
 migrates it N times (default 5) to a fresh vmm process, each time from the last destination, and
 reports the median total time (migrate-send to migration-completed), the downtime the source
-measured (pause to the destination's ready answer), the bytes sent and the rounds. QEMU microvm
+measured (pause to the destination's ready answer), the client-view downtime (the longest gap in
+the echoes of a UDP datagram sent to the guest every millisecond from its network), the bytes
+sent and the rounds. QEMU microvm
 migrates the same guest N times the same way (`migrate` to a new -incoming unix: QEMU), with
-QEMU's own downtime and total time from query-migrate. Both get the same downtime budget
+QEMU's own downtime and total time from query-migrate, and the same client view. Both get the
+same downtime budget
 (--downtime-ms, default 300). With --dirty-mib N the guest also rewrites an N MiB buffer at full
 speed (the probe's mem-dirty; both VMMs then throttle it, auto-converge, to fit the budget). JSON
 goes to --out (default target/bench/migration.json).";
@@ -34,6 +43,16 @@ goes to --out (default target/bench/migration.json).";
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 const SOCKET_TIMEOUT: Duration = Duration::from_secs(60);
 const MIGRATION_TIMEOUT: Duration = Duration::from_secs(600);
+/// The guest's network: a bridge in the bench's namespace with two taps, one for the VMM that
+/// runs the guest and one for the VMM it moves to (they alternate).
+const BRIDGE_CIDR: &str = "10.84.0.1/24";
+const GUEST_IP: &str = "10.84.0.2";
+const GUEST_MAC: &str = "02:00:00:00:84:02";
+const TAPS: [&str; 2] = ["bmig0", "bmig1"];
+const ECHO_PORT: u16 = 7777;
+/// How long the probe stream runs on after a migration, so that the window holds the echoes
+/// from the destination.
+const SETTLE: Duration = Duration::from_secs(1);
 
 struct Options {
     sizes: Vec<(u32, u32)>,
@@ -74,27 +93,59 @@ impl Options {
     }
 }
 
-/// The guest's command line: a counter, and with `--dirty-mib` a buffer rewritten at full speed.
+/// The guest's command line: a UDP echo on its NIC, a counter, and with `--dirty-mib` a buffer
+/// rewritten at full speed.
 fn guest_cmdline(opts: &Options) -> String {
     let actions = match opts.dirty_mib {
-        0 => "counter".to_string(),
-        n => format!("mem-dirty:{n}m,counter"),
+        0 => format!("net-udp-echo:{ECHO_PORT},counter"),
+        n => format!("net-udp-echo:{ECHO_PORT},mem-dirty:{n}m,counter"),
     };
-    format!("{} vmmprobe.count=100000000", benches::bench_cmdline(&actions))
+    let gateway = BRIDGE_CIDR.split('/').next().unwrap_or_default();
+    format!(
+        "{} vmmprobe.count=100000000 ip={GUEST_IP}::{gateway}:255.255.255.0::eth0:off",
+        benches::bench_cmdline(&actions)
+    )
+}
+
+fn guest_addr() -> Result<SocketAddr> {
+    Ok(format!("{GUEST_IP}:{ECHO_PORT}").parse()?)
+}
+
+/// The bench's namespace with the guest's bridge and taps.
+fn network(tag: &str) -> Result<NetNs> {
+    let ns = NetNs::new(tag)?;
+    ns.add_bridge("br0", BRIDGE_CIDR, &TAPS)?;
+    Ok(ns)
+}
+
+/// A migration's window on the probe stream: from just before it starts until the guest has run
+/// a while at the destination.
+struct Window {
+    from: Instant,
+    to: Instant,
+}
+
+/// The client-view downtime of each window, in ms.
+fn client_gaps(arrivals: &[Instant], windows: &[Window]) -> Vec<Option<f64>> {
+    windows
+        .iter()
+        .map(|w| longest_gap(arrivals, w.from, w.to).map(ms))
+        .collect()
 }
 
 fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// One migration as the source saw it.
+/// One migration as the source saw it, and the client.
 struct Measured {
     total_ms: f64,
     stats: MigrationStats,
+    client_gap_ms: Option<f64>,
 }
 
-fn empty_vmm(sock: &Path) -> Result<(Guest, ControlClient)> {
-    let mut cmd = Command::new(try_vmm_binary()?);
+fn empty_vmm(ns: &NetNs, sock: &Path) -> Result<(Guest, ControlClient)> {
+    let mut cmd = ns.command(&try_vmm_binary()?);
     cmd.arg("--api-sock").arg(sock);
     let guest = Guest::spawn_command(cmd, None)?;
     ControlClient::wait_for_socket(sock, SOCKET_TIMEOUT)?;
@@ -112,17 +163,22 @@ fn give(c: &mut ControlClient, end: &UnixStream) -> Result<()> {
     }
 }
 
-/// Moves the VM of `(guest, c)` to a new vmm and returns that one with the measurement.
+/// Moves the VM of `(guest, c)` to a new vmm (on the other tap) and returns that one with the
+/// measurement (its client view is filled in later, from the whole probe stream).
 fn migrate_once(
+    ns: &NetNs,
     dir: &Path,
     run: usize,
     downtime_ms: u64,
     mut source: (Guest, ControlClient),
 ) -> Result<((Guest, ControlClient), Measured)> {
-    let (dest_guest, mut d) = empty_vmm(&dir.join(format!("dest{run}.sock")))?;
+    let (dest_guest, mut d) = empty_vmm(ns, &dir.join(format!("dest{run}.sock")))?;
     let (a, b) = UnixStream::pair()?;
     give(&mut d, &b)?;
-    d.send(r#"{"id": 2, "request": {"migrate-receive": {"connection": "mig"}}}"#)?;
+    let tap = TAPS[(run + 1) % 2];
+    let receive = json!({"id": 2, "request": {"migrate-receive": {"connection": "mig",
+        "overrides": {"nets": [{"id": "eth0", "tap": tap}]}}}});
+    d.send(&receive.to_string())?;
     give(&mut source.1, &a)?;
     drop((a, b));
     let line =
@@ -146,28 +202,44 @@ fn migrate_once(
     }
     let (mut old, _) = source;
     old.wait_exit(Duration::from_secs(60))?;
-    Ok(((dest_guest, d), Measured { total_ms, stats }))
+    let measured = Measured {
+        total_ms,
+        stats,
+        client_gap_ms: None,
+    };
+    Ok(((dest_guest, d), measured))
 }
 
 fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<Measured>> {
     let dir = TempDir::new("bench-migration")?;
+    let ns = network("bmig-vmm")?;
     let sock = dir.path().join("src.sock");
-    let guest = harness::GuestBuilder::new(kernel)
+    let builder = harness::GuestBuilder::new(kernel)
+        .binary(&try_vmm_binary()?)
         .cmdline(&guest_cmdline(opts))
         .memory_mib(mib)
         .vcpus(vcpus)
         .arg("--track-dirty-pages")
         .arg("on")
+        .arg("--net")
+        .arg(format!("tap={},mac={GUEST_MAC},id=eth0", TAPS[0]))
         .arg("--api-sock")
         .arg(&sock)
-        .spawn()?;
+        .command()?;
+    let mut cmd = ns.command(Path::new(builder.get_program()));
+    cmd.args(builder.get_args());
+    let guest = Guest::spawn_command(cmd, None)?;
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT)?;
     let c = ControlClient::connect(&sock)?;
     guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
+    wait_echoes(&ns, guest_addr()?, 20, BOOT_TIMEOUT)?;
+    let stream = EchoStream::start(&ns, guest_addr()?)?;
+    let mut windows = Vec::new();
     let mut current = (guest, c);
     let mut out = Vec::new();
     for run in 0..opts.runs {
-        let (next, m) = migrate_once(dir.path(), run, opts.downtime_ms, current)?;
+        let from = Instant::now();
+        let (next, m) = migrate_once(&ns, dir.path(), run, opts.downtime_ms, current)?;
         // The guest runs on at the destination.
         let seen = next.0.lines().len();
         next.0
@@ -175,8 +247,17 @@ fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Ve
             .with_context(|| {
                 format!("run {run}: the guest does not count at the destination ({seen} lines)")
             })?;
+        std::thread::sleep(SETTLE);
+        windows.push(Window {
+            from,
+            to: Instant::now(),
+        });
         out.push(m);
         current = next;
+    }
+    let arrivals = stream.finish()?;
+    for (m, gap) in out.iter_mut().zip(client_gaps(&arrivals, &windows)) {
+        m.client_gap_ms = gap;
     }
     let (mut last, mut c) = current;
     let _ = c.ok(r#"{"id": 9, "request": "stop"}"#);
@@ -189,27 +270,40 @@ struct QemuRun {
     total_ms: f64,
     downtime_ms: Option<f64>,
     ram_bytes: Option<u64>,
+    client_gap_ms: Option<f64>,
 }
 
-fn qemu_guest(
-    opts: &Options,
-    qemu: &str,
-    kernel: &Path,
+/// How each QEMU of a run set is started: the same guest, machine and namespace.
+struct QemuSetup<'a> {
+    ns: &'a NetNs,
+    qemu: &'a str,
+    kernel: &'a Path,
+    cmdline: String,
     mib: u32,
     vcpus: u32,
-    qmp: &Path,
-    incoming: Option<&Path>,
-) -> Result<Guest> {
-    let mut cmd: Command = qemu_microvm(qemu, "microvm", mib, vcpus);
-    cmd.arg("-kernel")
-        .arg(kernel)
-        .args(["-append", &guest_cmdline(opts)])
-        .arg("-qmp")
-        .arg(format!("unix:{},server=on,wait=off", qmp.display()));
-    if let Some(path) = incoming {
-        cmd.args(["-incoming", &format!("unix:{}", path.display())]);
+}
+
+impl QemuSetup<'_> {
+    /// A QEMU microvm with the guest's NIC on `tap`; with `incoming`, waiting for a migration.
+    fn spawn(&self, tap: &str, qmp: &Path, incoming: Option<&Path>) -> Result<Guest> {
+        let inner: Command = qemu_microvm(self.qemu, "microvm", self.mib, self.vcpus);
+        let mut cmd = self.ns.command(Path::new(inner.get_program()));
+        cmd.args(inner.get_args())
+            .arg("-kernel")
+            .arg(self.kernel)
+            .args(["-append", &self.cmdline])
+            .args([
+                "-netdev",
+                &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
+            ])
+            .args(["-device", &format!("virtio-net-device,netdev=n0,mac={GUEST_MAC}")])
+            .arg("-qmp")
+            .arg(format!("unix:{},server=on,wait=off", qmp.display()));
+        if let Some(path) = incoming {
+            cmd.args(["-incoming", &format!("unix:{}", path.display())]);
+        }
+        Guest::spawn_command(cmd, None)
     }
-    Guest::spawn_command(cmd, None)
 }
 
 fn wait_path(path: &Path) -> Result<()> {
@@ -225,16 +319,29 @@ fn wait_path(path: &Path) -> Result<()> {
 
 fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<QemuRun>> {
     let dir = TempDir::new("bench-migration-qemu")?;
+    let ns = network("bmig-qemu")?;
     let qmp_path = dir.path().join("q0.sock");
-    let mut guest = qemu_guest(opts, qemu, kernel, mib, vcpus, &qmp_path, None)?;
+    let setup = QemuSetup {
+        ns: &ns,
+        qemu,
+        kernel,
+        cmdline: guest_cmdline(opts),
+        mib,
+        vcpus,
+    };
+    let mut guest = setup.spawn(TAPS[0], &qmp_path, None)?;
     let result = (|| -> Result<Vec<QemuRun>> {
         guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
+        wait_echoes(&ns, guest_addr()?, 20, BOOT_TIMEOUT)?;
+        let stream = EchoStream::start(&ns, guest_addr()?)?;
+        let mut windows = Vec::new();
         let mut qmp = Qmp::connect(&qmp_path)?;
         let mut out = Vec::new();
         for run in 0..opts.runs {
             let next_qmp = dir.path().join(format!("q{}.sock", run + 1));
             let mig = dir.path().join(format!("mig{run}.sock"));
-            let mut next = qemu_guest(opts, qemu, kernel, mib, vcpus, &next_qmp, Some(&mig))?;
+            let tap = TAPS[(run + 1) % 2];
+            let mut next = setup.spawn(tap, &next_qmp, Some(&mig))?;
             wait_path(&mig)?;
             wait_path(&next_qmp)?;
             let mut next_q = Qmp::connect(&next_qmp)?;
@@ -248,6 +355,7 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32)
                 Some(json!({"capabilities": [{"capability": "auto-converge", "state": opts.dirty_mib > 0}]})),
             )?;
             let started = Instant::now();
+            let from = started;
             qmp.execute_with("migrate", Some(json!({"uri": format!("unix:{}", mig.display())})))?;
             let status = loop {
                 let s = qmp.execute("query-migrate")?;
@@ -262,13 +370,23 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32)
                 total_ms,
                 downtime_ms: status["downtime"].as_f64(),
                 ram_bytes: status["ram"]["transferred"].as_u64(),
+                client_gap_ms: None,
             });
             let _ = guest.kill();
             next.wait_for_line("vmmprobe: counter=", BOOT_TIMEOUT)
                 .context("the QEMU guest does not count at the destination")?;
+            std::thread::sleep(SETTLE);
+            windows.push(Window {
+                from,
+                to: Instant::now(),
+            });
             // Pointers move to the destination, which the next run migrates away from.
             std::mem::swap(&mut guest, &mut next);
             std::mem::swap(&mut qmp, &mut next_q);
+        }
+        let arrivals = stream.finish()?;
+        for (r, gap) in out.iter_mut().zip(client_gaps(&arrivals, &windows)) {
+            r.client_gap_ms = gap;
         }
         Ok(out)
     })();
@@ -289,7 +407,7 @@ fn main() -> Result<()> {
     let opts = Options::parse(std::env::args().skip(1))?;
     let kernel = GuestImages::get()?.vmlinux.clone();
     let mut table = String::from(
-        "| guest | dirty MiB | vmm total ms | vmm downtime ms | vmm MiB sent | vmm rounds | vmm throttle % | QEMU total ms | QEMU downtime ms | QEMU MiB sent | QEMU/vmm downtime |\n|---|---|---|---|---|---|---|---|---|---|---|\n",
+        "| guest | dirty MiB | vmm total ms | vmm downtime ms | vmm client-view ms | vmm MiB sent | vmm rounds | vmm throttle % | QEMU total ms | QEMU downtime ms | QEMU client-view ms | QEMU MiB sent | QEMU/vmm client-view |\n|---|---|---|---|---|---|---|---|---|---|---|---|---|\n",
     );
     let mut rows = Vec::new();
     for &(mib, vcpus) in &opts.sizes {
@@ -305,11 +423,14 @@ fn main() -> Result<()> {
         let mib_of = |b: u64| b as f64 / f64::from(1 << 20);
         let v_down = median(v.iter().filter_map(|m| m.stats.downtime_ms.map(|d| d as f64)));
         let q_down = median(q.iter().filter_map(|r| r.downtime_ms));
+        let v_client = median(v.iter().filter_map(|m| m.client_gap_ms));
+        let q_client = median(q.iter().filter_map(|r| r.client_gap_ms));
         table.push_str(&format!(
-            "| {mib} MiB / {vcpus} vCPU | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
+            "| {mib} MiB / {vcpus} vCPU | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |\n",
             opts.dirty_mib,
             cell(median(v.iter().map(|m| m.total_ms)), 1),
             cell(v_down, 1),
+            cell(v_client, 1),
             cell(
                 median(v.iter().map(|m| mib_of(m.stats.memory_transferred_bytes))),
                 1
@@ -318,13 +439,14 @@ fn main() -> Result<()> {
             cell(median(v.iter().map(|m| f64::from(m.stats.throttle_percent))), 0),
             cell(median(q.iter().map(|r| r.total_ms)), 1),
             cell(q_down, 1),
+            cell(q_client, 1),
             cell(median(q.iter().filter_map(|r| r.ram_bytes.map(mib_of))), 1),
-            cell(ratio(q_down, v_down), 1),
+            cell(ratio(q_client, v_client), 1),
         ));
         rows.push(json!({
             "memory_mib": mib, "vcpus": vcpus,
-            "vmm": v.iter().map(|m| json!({"total_ms": m.total_ms, "stats": m.stats})).collect::<Vec<_>>(),
-            "qemu": q.iter().map(|r| json!({"total_ms": r.total_ms, "downtime_ms": r.downtime_ms, "ram_transferred_bytes": r.ram_bytes})).collect::<Vec<_>>(),
+            "vmm": v.iter().map(|m| json!({"total_ms": m.total_ms, "client_view_downtime_ms": m.client_gap_ms, "stats": m.stats})).collect::<Vec<_>>(),
+            "qemu": q.iter().map(|r| json!({"total_ms": r.total_ms, "downtime_ms": r.downtime_ms, "client_view_downtime_ms": r.client_gap_ms, "ram_transferred_bytes": r.ram_bytes})).collect::<Vec<_>>(),
         }));
     }
     println!("{table}");
