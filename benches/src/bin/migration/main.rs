@@ -24,15 +24,16 @@ use vmm_api::control::{Event, Outcome, Response};
 use vmm_api::migration::MigrationStats;
 
 const USAGE: &str = "\
-usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--dirty-mib N] [--out PATH]
-                 [--qemu PATH | --no-qemu]
+usage: migration [--sizes MIBxVCPUS,...] [--runs N] [--downtime-ms N] [--dirty-mib N]
+                 [--probe-interval-ms N] [--out PATH] [--qemu PATH | --no-qemu]
 
 For each guest size (default 128x1,1024x2): boots the guest probe (a counter in memory) once, then
 migrates it N times (default 5) to a fresh vmm process, each time from the last destination, and
 reports the median total time (migrate-send to migration-completed), the downtime the source
 measured (pause to the destination's ready answer), the client-view downtime (the longest gap in
-the echoes of a UDP datagram sent to the guest every millisecond from its network), the bytes
-sent and the rounds. QEMU microvm
+the echoes of a UDP datagram sent to the guest every --probe-interval-ms, default 20, from its
+network; the JSON also has the longest gap of 2 s without a migration), the bytes sent and the
+rounds. QEMU microvm
 migrates the same guest N times the same way (`migrate` to a new -incoming unix: QEMU), with
 QEMU's own downtime and total time from query-migrate, and the same client view. Both get the
 same downtime budget
@@ -59,6 +60,7 @@ struct Options {
     runs: usize,
     downtime_ms: u64,
     dirty_mib: u32,
+    probe_interval: Duration,
     qemu: Option<String>,
     out: PathBuf,
 }
@@ -70,6 +72,7 @@ impl Options {
             runs: 5,
             downtime_ms: 300,
             dirty_mib: 0,
+            probe_interval: Duration::from_millis(20),
             qemu: Some("qemu-system-x86_64".into()),
             out: harness::workspace_root().join("target/bench/migration.json"),
         };
@@ -80,14 +83,15 @@ impl Options {
                 "--runs" => opts.runs = args.parse(&flag)?,
                 "--downtime-ms" => opts.downtime_ms = args.parse(&flag)?,
                 "--dirty-mib" => opts.dirty_mib = args.parse(&flag)?,
+                "--probe-interval-ms" => opts.probe_interval = Duration::from_millis(args.parse(&flag)?),
                 "--qemu" => opts.qemu = Some(args.value(&flag)?),
                 "--no-qemu" => opts.qemu = None,
                 "--out" => opts.out = args.path(&flag)?,
                 _ => return Err(args.unexpected(&flag)),
             }
         }
-        if opts.runs == 0 || opts.sizes.is_empty() || opts.downtime_ms == 0 {
-            bail!("--runs, --sizes and --downtime-ms need at least one");
+        if opts.runs == 0 || opts.sizes.is_empty() || opts.downtime_ms == 0 || opts.probe_interval.is_zero() {
+            bail!("--runs, --sizes, --downtime-ms and --probe-interval-ms need at least one");
         }
         Ok(opts)
     }
@@ -123,6 +127,23 @@ fn network(tag: &str) -> Result<NetNs> {
 struct Window {
     from: Instant,
     to: Instant,
+}
+
+/// How long the stream runs before the first migration, to see its gaps without one.
+const BASELINE: Duration = Duration::from_secs(2);
+
+/// Starts the probe stream to the guest and lets it run [`BASELINE`] with nothing else going on.
+fn start_probing(ns: &NetNs, opts: &Options) -> Result<(EchoStream, Window)> {
+    let stream = EchoStream::start(ns, guest_addr()?, opts.probe_interval)?;
+    let from = Instant::now();
+    std::thread::sleep(BASELINE);
+    Ok((
+        stream,
+        Window {
+            from,
+            to: Instant::now(),
+        },
+    ))
 }
 
 /// The client-view downtime of each window, in ms.
@@ -210,7 +231,10 @@ fn migrate_once(
     Ok(((dest_guest, d), measured))
 }
 
-fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<Measured>> {
+/// The migrations of one guest size, and the stream's longest gap without a migration (ms).
+type Runs<T> = (Vec<T>, Option<f64>);
+
+fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Runs<Measured>> {
     let dir = TempDir::new("bench-migration")?;
     let ns = network("bmig-vmm")?;
     let sock = dir.path().join("src.sock");
@@ -233,7 +257,7 @@ fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Ve
     let c = ControlClient::connect(&sock)?;
     guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
     wait_echoes(&ns, guest_addr()?, 20, BOOT_TIMEOUT)?;
-    let stream = EchoStream::start(&ns, guest_addr()?)?;
+    let (stream, baseline) = start_probing(&ns, opts)?;
     let mut windows = Vec::new();
     let mut current = (guest, c);
     let mut out = Vec::new();
@@ -259,10 +283,11 @@ fn measure_vmm(opts: &Options, kernel: &Path, mib: u32, vcpus: u32) -> Result<Ve
     for (m, gap) in out.iter_mut().zip(client_gaps(&arrivals, &windows)) {
         m.client_gap_ms = gap;
     }
+    let idle = longest_gap(&arrivals, baseline.from, baseline.to).map(ms);
     let (mut last, mut c) = current;
     let _ = c.ok(r#"{"id": 9, "request": "stop"}"#);
     let _ = last.wait_exit(Duration::from_secs(30));
-    Ok(out)
+    Ok((out, idle))
 }
 
 #[derive(Default)]
@@ -317,7 +342,7 @@ fn wait_path(path: &Path) -> Result<()> {
     Ok(())
 }
 
-fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32) -> Result<Vec<QemuRun>> {
+fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32) -> Result<Runs<QemuRun>> {
     let dir = TempDir::new("bench-migration-qemu")?;
     let ns = network("bmig-qemu")?;
     let qmp_path = dir.path().join("q0.sock");
@@ -330,10 +355,10 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32)
         vcpus,
     };
     let mut guest = setup.spawn(TAPS[0], &qmp_path, None)?;
-    let result = (|| -> Result<Vec<QemuRun>> {
+    let result = (|| -> Result<Runs<QemuRun>> {
         guest.wait_for_line("vmmprobe: counter=3", BOOT_TIMEOUT)?;
         wait_echoes(&ns, guest_addr()?, 20, BOOT_TIMEOUT)?;
-        let stream = EchoStream::start(&ns, guest_addr()?)?;
+        let (stream, baseline) = start_probing(&ns, opts)?;
         let mut windows = Vec::new();
         let mut qmp = Qmp::connect(&qmp_path)?;
         let mut out = Vec::new();
@@ -388,7 +413,7 @@ fn measure_qemu(opts: &Options, qemu: &str, kernel: &Path, mib: u32, vcpus: u32)
         for (r, gap) in out.iter_mut().zip(client_gaps(&arrivals, &windows)) {
             r.client_gap_ms = gap;
         }
-        Ok(out)
+        Ok((out, longest_gap(&arrivals, baseline.from, baseline.to).map(ms)))
     })();
     let _ = guest.kill();
     result
@@ -412,13 +437,13 @@ fn main() -> Result<()> {
     let mut rows = Vec::new();
     for &(mib, vcpus) in &opts.sizes {
         eprintln!("vmm: {mib} MiB, {vcpus} vCPU(s)");
-        let v = measure_vmm(&opts, &kernel, mib, vcpus)?;
-        let q = match &opts.qemu {
+        let (v, v_idle) = measure_vmm(&opts, &kernel, mib, vcpus)?;
+        let (q, q_idle) = match &opts.qemu {
             Some(qemu) => {
                 eprintln!("qemu: {mib} MiB, {vcpus} vCPU(s)");
                 measure_qemu(&opts, qemu, &kernel, mib, vcpus)?
             }
-            None => Vec::new(),
+            None => (Vec::new(), None),
         };
         let mib_of = |b: u64| b as f64 / f64::from(1 << 20);
         let v_down = median(v.iter().filter_map(|m| m.stats.downtime_ms.map(|d| d as f64)));
@@ -445,6 +470,7 @@ fn main() -> Result<()> {
         ));
         rows.push(json!({
             "memory_mib": mib, "vcpus": vcpus,
+            "vmm_idle_gap_ms": v_idle, "qemu_idle_gap_ms": q_idle,
             "vmm": v.iter().map(|m| json!({"total_ms": m.total_ms, "client_view_downtime_ms": m.client_gap_ms, "stats": m.stats})).collect::<Vec<_>>(),
             "qemu": q.iter().map(|r| json!({"total_ms": r.total_ms, "downtime_ms": r.downtime_ms, "client_view_downtime_ms": r.client_gap_ms, "ram_transferred_bytes": r.ram_bytes})).collect::<Vec<_>>(),
         }));
@@ -472,14 +498,18 @@ mod tests {
             "50",
             "--dirty-mib",
             "16",
+            "--probe-interval-ms",
+            "5",
             "--no-qemu",
         ])
         .unwrap();
+        assert_eq!(o.probe_interval, Duration::from_millis(5));
         assert_eq!(
             (o.sizes, o.runs, o.downtime_ms, o.dirty_mib, o.qemu),
             (vec![(256, 2)], 2, 50, 16, None)
         );
         assert!(Options::parse(["--runs", "0"]).is_err());
         assert!(Options::parse(["--downtime-ms", "0"]).is_err());
+        assert!(Options::parse(["--probe-interval-ms", "0"]).is_err());
     }
 }
