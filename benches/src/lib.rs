@@ -6,6 +6,7 @@ mod args;
 mod cpu;
 mod json_report;
 mod qmp;
+mod signals;
 mod stats;
 mod vmms;
 
@@ -13,6 +14,7 @@ pub use args::{wants_help, Args};
 pub use cpu::{CpuMs, CpuTicks};
 pub use json_report::{host_json, unix_time, write_json};
 pub use qmp::Qmp;
+pub use signals::clean_up_on_signals;
 pub use stats::{cell, ratio, Summary};
 pub use vmms::{
     bench_cmdline, ms_since, qemu_microvm, sample_memory, wait_boot_complete, Vmm, BOOT_COMPLETE,

@@ -5,6 +5,7 @@
 use std::fs::File;
 use std::os::fd::AsRawFd;
 use std::process::Command;
+use std::sync::Mutex;
 use std::thread::JoinHandle;
 
 use anyhow::{bail, Context, Result};
@@ -12,6 +13,24 @@ use anyhow::{bail, Context, Result};
 /// A named network namespace (`ip netns add`), deleted on drop with the processes in it.
 pub struct NetNs {
     name: String,
+}
+
+/// The namespaces of this process that exist now, for [`NetNs::remove_all`].
+static LIVE: Mutex<Vec<String>> = Mutex::new(Vec::new());
+
+fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
+    // A list of names is valid whatever panicked while it was held.
+    LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
+}
+
+/// Kills the processes in namespace `name` and deletes it.
+fn remove(name: &str) {
+    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) {
+        for pid in out.split_whitespace() {
+            let _ = Command::new("kill").args(["-9", pid]).output();
+        }
+    }
+    let _ = Command::new("ip").args(["netns", "del", name]).output();
 }
 
 fn run(cmd: &mut Command) -> Result<String> {
@@ -29,9 +48,19 @@ impl NetNs {
         // A namespace left by a killed earlier run of this very test and pid is stale.
         let _ = Command::new("ip").args(["netns", "del", &name]).output();
         run(Command::new("ip").args(["netns", "add", &name]))?;
+        live().push(name.clone());
         let ns = NetNs { name };
         ns.ip(&["link", "set", "lo", "up"])?;
         Ok(ns)
+    }
+
+    /// Removes every namespace this process made that is not dropped yet, with its processes:
+    /// for a program that ends on a signal, when no destructor will run.
+    pub fn remove_all() {
+        let names = std::mem::take(&mut *live());
+        for name in names {
+            remove(&name);
+        }
     }
 
     /// Its name.
@@ -109,11 +138,7 @@ impl NetNs {
 
 impl Drop for NetNs {
     fn drop(&mut self) {
-        if let Ok(pids) = self.pids() {
-            for pid in pids {
-                let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
-            }
-        }
-        let _ = Command::new("ip").args(["netns", "del", &self.name]).output();
+        live().retain(|n| n != &self.name);
+        remove(&self.name);
     }
 }

@@ -453,6 +453,7 @@ fn main() -> Result<()> {
         return Ok(());
     }
     let opts = Options::parse(std::env::args().skip(1))?;
+    benches::clean_up_on_signals()?;
     let kernel = GuestImages::get()?.vmlinux.clone();
     let mut results = vec![run_vmm("vmm", &opts, &kernel, None)?];
     if let Some(qemu) = &opts.qemu {
