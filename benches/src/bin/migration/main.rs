@@ -483,7 +483,8 @@ fn main() -> Result<()> {
     }
     println!("{table}");
     let report = json!({"benchmark": "migration", "unix_time": unix_time(), "host": host_json(),
-        "runs": opts.runs, "downtime_budget_ms": opts.downtime_ms, "dirty_mib": opts.dirty_mib, "sizes": rows});
+        "runs": opts.runs, "downtime_budget_ms": opts.downtime_ms, "dirty_mib": opts.dirty_mib,
+        "probe_interval_ms": opts.probe_interval.as_millis() as u64, "sizes": rows});
     write_json(&opts.out, &report)?;
     eprintln!("wrote {}", opts.out.display());
     Ok(())
