@@ -262,6 +262,15 @@ impl VmActor {
         ))
     }
 
+    /// Records the state the vmm reports (what it says is the truth); nothing if it does not
+    /// answer.
+    async fn record_vmm_state(&mut self) {
+        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
+            let state = observed_state(d.state);
+            self.record(|vm| vm.state = state as i32).await;
+        }
+    }
+
     /// Writes the VM's record after `change`, if it changed anything.
     async fn save(&mut self, change: impl FnOnce(&mut Vm)) -> Result<(), AgentError> {
         let mut vm = self.vm.clone();
@@ -624,10 +633,7 @@ impl VmActor {
             }
             NewVmm::Silent => return self.give_up("the vmm did not open its control socket").await,
         }
-        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
-            let state = observed_state(d.state);
-            self.record(|vm| vm.state = state as i32).await;
-        }
+        self.record_vmm_state().await;
         self.pump_until(Instant::now() + START_TIMEOUT, CancelToken::never(), |a| {
             a.vm.state() != VmState::Starting
         })

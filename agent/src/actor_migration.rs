@@ -169,10 +169,7 @@ impl VmActor {
             while Instant::now() < deadline && !self.exited().await {
                 if let Ok(Response::MigrationStatus(stats)) = self.request(Request::MigrationStatus).await {
                     if stats.phase == MigrationPhase::Failed {
-                        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
-                            let state = observed_state(d.state);
-                            self.record(|vm| vm.state = state as i32).await;
-                        }
+                        self.record_vmm_state().await;
                         tracing::info!(vm = %self.vm.vm_id, %to, "interrupted migration cancelled; the VM runs on here");
                         self.record(|vm| vm.migrating_to.clear()).await;
                         return;
@@ -235,11 +232,8 @@ impl VmActor {
                     ConnEvent::Event(Event::MigrationFailed(stats)) => {
                         report(progress, &stats);
                         let why = stats.error.unwrap_or_else(|| "unknown".into());
-                        // The vmm has resumed the VM if it ran: what it says is the truth.
-                        if let Ok(Response::Description(d)) = self.request(Request::Describe).await {
-                            let state = observed_state(d.state);
-                            self.record(|vm| vm.state = state as i32).await;
-                        }
+                        // The vmm has resumed the VM if it ran.
+                        self.record_vmm_state().await;
                         return Err(if cancel_asked {
                             AgentError::Cancelled(format!("cancelled ({why}); the VM runs on here"))
                         } else {

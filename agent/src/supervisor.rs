@@ -46,22 +46,24 @@ impl Supervisor {
         for vm in vms {
             let (tx, rx) = oneshot::channel();
             let vm_id = vm.vm_id.clone();
-            self.spawn_actor(vm, Some(tx));
-            done.push((self.actors().get(&vm_id).cloned(), vm_id, rx));
+            let actor = self.spawn_actor(vm, Some(tx));
+            done.push((actor, vm_id, rx));
         }
         for (actor, vm_id, rx) in done {
             // False: the actor removed what a previous agent left half made, and ended.
             if let Ok(false) = rx.await {
-                self.forget(&vm_id, actor);
+                self.forget(&vm_id, Some(actor));
             }
         }
         Ok(())
     }
 
-    fn spawn_actor(&self, vm: Vm, adopted: Option<oneshot::Sender<bool>>) {
+    /// Starts the VM's actor and returns its command channel (also kept in the map).
+    fn spawn_actor(&self, vm: Vm, adopted: Option<oneshot::Sender<bool>>) -> mpsc::Sender<Command> {
         let (tx, rx) = mpsc::channel(16);
-        self.actors().insert(vm.vm_id.clone(), tx);
+        self.actors().insert(vm.vm_id.clone(), tx.clone());
         tokio::spawn(VmActor::new(self.ctx.clone(), vm, rx).run(adopted));
+        tx
     }
 
     /// Starts the actor of a VM just stored (in state STARTING); `start` then has it run the vmm.

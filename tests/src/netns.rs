@@ -23,11 +23,17 @@ fn live() -> std::sync::MutexGuard<'static, Vec<String>> {
     LIVE.lock().unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
+/// Process ids of the processes in namespace `name`.
+fn pids_in(name: &str) -> Result<Vec<u32>> {
+    let out = run(Command::new("ip").args(["netns", "pids", name]))?;
+    Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+}
+
 /// Kills the processes in namespace `name` and deletes it.
 fn remove(name: &str) {
-    if let Ok(out) = run(Command::new("ip").args(["netns", "pids", name])) {
-        for pid in out.split_whitespace() {
-            let _ = Command::new("kill").args(["-9", pid]).output();
+    if let Ok(pids) = pids_in(name) {
+        for pid in pids {
+            let _ = Command::new("kill").args(["-9", &pid.to_string()]).output();
         }
     }
     let _ = Command::new("ip").args(["netns", "del", name]).output();
@@ -114,8 +120,7 @@ impl NetNs {
 
     /// Process ids of the processes in the namespace.
     pub fn pids(&self) -> Result<Vec<u32>> {
-        let out = run(Command::new("ip").args(["netns", "pids", &self.name]))?;
-        Ok(out.split_whitespace().filter_map(|p| p.parse().ok()).collect())
+        pids_in(&self.name)
     }
 
     /// Runs `f` on a new thread that has joined the namespace, so its sockets live there.
