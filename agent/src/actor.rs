@@ -21,7 +21,7 @@ use crate::control::{ConnEvent, ControlClientError, ControlConn};
 use crate::error::AgentError;
 use crate::operations::CancelToken;
 use crate::process::{is_our_vmm, kill};
-use crate::proto::{MigrationProgress, Vm, VmState};
+use crate::proto::{BalloonStatus, MigrationProgress, UpdateVmRequest, Vm, VmState};
 use crate::spec::to_vm_config;
 use crate::state::Context;
 use crate::store::holds_resources;
@@ -56,6 +56,13 @@ pub(crate) enum Command {
         reply: Reply<Vm>,
     },
     Delete(Reply<()>),
+    /// Sets a new memory target (balloon) and stores it in the spec.
+    Update {
+        request: Box<UpdateVmRequest>,
+        reply: Reply<Vm>,
+    },
+    /// The balloon's report.
+    Balloon(Reply<BalloonStatus>),
     /// Writes a snapshot to `dir` (pausing the VM meanwhile).
     Snapshot {
         dir: PathBuf,
@@ -204,6 +211,12 @@ impl VmActor {
                 let ok = result.is_ok();
                 let _ = reply.send(result);
                 return ok;
+            }
+            Command::Update { request, reply } => {
+                let _ = reply.send(self.update(&request).await);
+            }
+            Command::Balloon(reply) => {
+                let _ = reply.send(self.balloon().await);
             }
             Command::Snapshot {
                 dir,
@@ -907,6 +920,9 @@ impl VmActor {
 
 #[path = "actor_snapshot.rs"]
 mod snapshot;
+
+#[path = "actor_memory.rs"]
+mod memory;
 
 #[path = "actor_migration.rs"]
 pub(crate) mod migration;

@@ -18,6 +18,7 @@ pub mod control;
 pub mod error;
 pub mod host;
 pub mod listen;
+pub mod memory;
 pub mod migration_service;
 pub mod migrations;
 pub mod nics;

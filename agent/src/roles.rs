@@ -87,7 +87,9 @@ pub fn required_role(path: &str) -> Role {
     };
     match (service, method) {
         ("grpc.health.v1.Health", _) | ("grpc.reflection.v1.ServerReflection", _) => Role::Viewer,
-        ("vmmagent.v1.VmService", "GetVm" | "ListVms" | "WatchVms" | "GetConsole") => Role::Viewer,
+        ("vmmagent.v1.VmService", "GetVm" | "ListVms" | "WatchVms" | "GetConsole" | "GetBalloon") => {
+            Role::Viewer
+        }
         ("vmmagent.v1.HostService", "GetHost") => Role::Viewer,
         ("vmmagent.v1.SnapshotService", "GetSnapshot" | "ListSnapshots") => Role::Viewer,
         // Restoring creates a VM, like CreateVm; deleting a snapshot, like deleting a VM, is admin.
@@ -98,7 +100,7 @@ pub fn required_role(path: &str) -> Role {
         (
             "vmmagent.v1.VmService",
             "CreateVm" | "StartVm" | "StopVm" | "PauseVm" | "ResumeVm" | "RebootVm" | "StopVmAsync"
-            | "RebootVmAsync",
+            | "RebootVmAsync" | "UpdateVm",
         ) => Role::Operator,
         ("vmmagent.v1.OperationsService", "CancelOperation") => Role::Operator,
         ("vmmagent.v1.MigrationService", "WatchMigration") => Role::Viewer,

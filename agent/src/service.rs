@@ -16,10 +16,10 @@ use crate::error::AgentError;
 use crate::operations::{CancelToken, Operations};
 use crate::proto::vm_service_server::VmService;
 use crate::proto::{
-    ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, GetConsoleRequest, GetVmRequest,
-    ListVmsRequest, ListVmsResponse, Operation, OperationKind, PauseVmRequest, RebootVmRequest,
-    ResumeVmRequest, StartVmRequest, StopVmRequest, Vm, VmState, WatchEventType, WatchVmsEvent,
-    WatchVmsRequest,
+    BalloonStatus, ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, GetBalloonRequest,
+    GetConsoleRequest, GetVmRequest, ListVmsRequest, ListVmsResponse, Operation, OperationKind,
+    PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, UpdateVmRequest, Vm,
+    VmState, WatchEventType, WatchVmsEvent, WatchVmsRequest,
 };
 use crate::requests::{fingerprint, OperationCall, OperationStarter, Requests};
 use crate::spec::{check_request_id, check_spec, check_vm_id, Selector};
@@ -522,5 +522,27 @@ impl VmService for VmApi {
             }
         });
         Ok(Response::new(ReceiverStream::new(rx)))
+    }
+
+    async fn update_vm(&self, request: Request<UpdateVmRequest>) -> Result<Response<Vm>, Status> {
+        let req = request.into_inner();
+        let fp = fingerprint(&req, |r| r.request_id.clear());
+        let (vm_id, request_id) = (req.vm_id.clone(), req.request_id.clone());
+        let vm = self
+            .lifecycle("UpdateVm", &vm_id, &request_id, fp, |s, id| async move {
+                s.update(&id, req).await
+            })
+            .await?;
+        Ok(Response::new(vm))
+    }
+
+    async fn get_balloon(
+        &self,
+        request: Request<GetBalloonRequest>,
+    ) -> Result<Response<BalloonStatus>, Status> {
+        let req = request.into_inner();
+        self.check_ready()?;
+        check_vm_id("vm_id", &req.vm_id)?;
+        Ok(Response::new(self.supervisor.balloon(&req.vm_id).await?))
     }
 }

@@ -137,6 +137,7 @@ pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
     }
     check_labels("spec.labels", &spec.labels)?;
     crate::nics::check_nics(&spec.nics)?;
+    crate::memory::check_memory_options(spec)?;
     // The vmm's own rules, as a last line (they name vm.json fields, so map them back roughly).
     to_vm_config(spec, Path::new("/console.log"))
         .validate()
@@ -151,7 +152,9 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
         vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
         memory_mib: spec.memory_mib,
         track_dirty_pages: spec.track_dirty_pages,
-        ..MachineConfig::default()
+        mergeable: spec.mergeable,
+        hugepages: crate::memory::hugepages(spec),
+        balloon: spec.balloon.as_ref().map(crate::memory::balloon_config),
     };
     VmConfig {
         boot: BootSource {

@@ -314,7 +314,9 @@ impl Store {
         Ok(())
     }
 
-    /// Replaces a VM's record (its spec is kept as stored) and logs the change. With `limit`, refuses
+    /// Replaces a VM's record and logs the change. The spec is replaced too when `vm` has one (only
+    /// what UpdateVm may change differs; vCPUs and memory, which capacity counts, are kept as
+    /// stored). With `limit`, refuses
     /// like [`Store::create_vm`] when the new state holds resources that the host does not have.
     pub fn update_vm(&mut self, mut vm: Vm, limit: Option<Capacity>) -> Result<Vm, StoreError> {
         if let Some(limit) = limit {
@@ -534,7 +536,7 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
              exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13,
-             migrating_to = ?15",
+             migrating_to = ?15, spec = COALESCE(?16, spec)",
         params![
             vm.vm_id,
             spec.encode_to_vec(),
@@ -550,7 +552,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.revision as i64,
             vm.desired_state,
             vm.restored_from,
-            vm.migrating_to
+            vm.migrating_to,
+            vm.spec.as_ref().map(|s| s.encode_to_vec())
         ],
     )?;
     Ok(())

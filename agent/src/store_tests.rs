@@ -303,3 +303,28 @@ fn an_outgoing_migration_is_remembered_until_cleared() {
     store.update_vm(stored, None).unwrap();
     assert_eq!(store.get_vm("mover").unwrap().unwrap().migrating_to, "");
 }
+
+#[test]
+fn an_updated_spec_is_kept_and_a_record_without_one_keeps_the_stored_spec() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    let mut store = Store::open(&path).unwrap();
+    let mut with_balloon = vm("b", VmState::Running, 1, 256);
+    if let Some(s) = with_balloon.spec.as_mut() {
+        s.balloon = Some(crate::proto::BalloonSpec::default());
+    }
+    let mut stored = store.create_vm(with_balloon, None, None).unwrap();
+    if let Some(b) = stored.spec.as_mut().and_then(|s| s.balloon.as_mut()) {
+        b.amount_mib = 64;
+    }
+    store.update_vm(stored.clone(), None).unwrap();
+    stored.spec = None;
+    stored.state = VmState::Stopped as i32;
+    store.update_vm(stored, None).unwrap();
+    drop(store);
+    let store = Store::open(&path).unwrap();
+    let vm = store.get_vm("b").unwrap().unwrap();
+    assert_eq!(vm.state(), VmState::Stopped);
+    let balloon = vm.spec.and_then(|s| s.balloon).unwrap();
+    assert_eq!(balloon.amount_mib, 64);
+}

@@ -13,7 +13,7 @@ use crate::actor::migration::{Incoming, Outgoing};
 use crate::actor::{Command, Reply, VmActor};
 use crate::error::AgentError;
 use crate::operations::CancelToken;
-use crate::proto::{MigrationProgress, Vm};
+use crate::proto::{BalloonStatus, MigrationProgress, UpdateVmRequest, Vm};
 use crate::state::Context;
 
 /// Default time a guest gets to shut down.
@@ -142,6 +142,20 @@ impl Supervisor {
             reply,
         })
         .await
+    }
+
+    /// Changes a VM's memory target (see `UpdateVm`).
+    pub async fn update(&self, vm_id: &str, request: UpdateVmRequest) -> Result<Vm, AgentError> {
+        self.change(vm_id, |reply| Command::Update {
+            request: Box::new(request),
+            reply,
+        })
+        .await
+    }
+
+    /// The balloon of a running or paused VM.
+    pub async fn balloon(&self, vm_id: &str) -> Result<BalloonStatus, AgentError> {
+        self.ask(vm_id, Command::Balloon).await
     }
 
     /// Writes a snapshot of a running or paused VM to `dir` (which must not exist), pausing it

@@ -117,7 +117,7 @@ fn agent(
     ip: &str,
     port: u16,
     extra: &[&str],
-) -> Result<(Agent, harness::TempDir)> {
+) -> Result<(Agent, common::StateDir)> {
     let dir = state_dir(tag)?;
     let (cert, key) = ca.leaf(vec![
         SanType::IpAddress(ip.parse()?),

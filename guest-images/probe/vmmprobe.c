@@ -965,7 +965,7 @@ static const struct probe_action probe_actions[] __initconst = {
 	{ "net-udp-echo", act_net_udp_echo, 1, 1, "net-udp-echo:PORT" },
 	{ "net-send",	act_net_send, 3, 4, "net-send:IP:PORT:BYTES[:STREAMS]" },
 	{ "net-recv",	act_net_recv, 2, 3, "net-recv:IP:PORT[:STREAMS]" },
-	{ "mem-alloc",	act_mem_alloc, 1, 1, "mem-alloc:SIZE" },
+	{ "mem-alloc",	act_mem_alloc, 1, 2, "mem-alloc:SIZE[:oom]" },
 	{ "mem-free",	act_mem_free, 0, 1, "mem-free[:odd]" },
 	{ "mem-info",	act_mem_info, 0, 0, "mem-info" },
 	{ "mem-dirty",	act_mem_dirty, 1, 1, "mem-dirty:SIZE" },

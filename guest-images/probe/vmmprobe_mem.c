@@ -45,24 +45,33 @@ static long balloon_pages(void)
 }
 
 /*
- * mem-alloc:SIZE - allocates SIZE bytes as single pages and writes one word
- * into each (its PFN: non-zero, different per page), so that the host has to
- * back every one of them. Never triggers the OOM killer (__GFP_NORETRY): a
- * shortfall is reported as -12 with the pages that were obtained kept.
+ * mem-alloc:SIZE[:oom] - allocates SIZE bytes as single pages and writes one
+ * word into each (its PFN: non-zero, different per page), so that the host has
+ * to back every one of them. By default it never enters the OOM path
+ * (__GFP_NORETRY): a shortfall is reported as -12 with the pages that were
+ * obtained kept. With "oom" it allocates as an ordinary kernel user does
+ * (GFP_KERNEL), so a shortage runs the OOM notifiers, where a balloon with
+ * deflate-on-OOM gives pages back. Only for tests that leave the balloon
+ * enough to give: with no user space to kill, an OOM that nothing relieves
+ * panics the guest.
  */
 void act_mem_alloc(int argc, char **argv)
 {
+	gfp_t gfp = GFP_KERNEL | __GFP_NORETRY | __GFP_NOWARN;
 	unsigned long want, got = 0;
 	u64 bytes;
 	int ret = 0;
 
-	if (parse_bytes(argv[1], &bytes) || bytes < PAGE_SIZE) {
+	if (parse_bytes(argv[1], &bytes) || bytes < PAGE_SIZE ||
+	    (argc > 2 && strcmp(argv[2], "oom"))) {
 		probe_print("vmmprobe: bad action arguments: %s", argv[1]);
 		return;
 	}
+	if (argc > 2)
+		gfp = GFP_KERNEL | __GFP_NOWARN;
 	want = bytes >> PAGE_SHIFT;
 	while (got < want) {
-		struct page *page = alloc_page(GFP_KERNEL | __GFP_NORETRY | __GFP_NOWARN);
+		struct page *page = alloc_page(gfp);
 
 		if (!page) {
 			ret = -ENOMEM;

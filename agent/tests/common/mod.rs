@@ -130,9 +130,30 @@ impl Drop for Agent {
     }
 }
 
-/// A fresh state directory (short path: control socket paths must fit in 108 bytes).
-pub fn state_dir(tag: &str) -> Result<TempDir> {
-    TempDir::new_in(Path::new("/tmp"), tag)
+/// A fresh state directory (short path: control socket paths must fit in 108 bytes). VMs outlive
+/// their agent by design, so dropping it also kills the vmms still running under it: a failed
+/// test must not leave guests burning the host's CPU for the tests after it.
+pub fn state_dir(tag: &str) -> Result<StateDir> {
+    Ok(StateDir(TempDir::new_in(Path::new("/tmp"), tag)?))
+}
+
+/// See [`state_dir`].
+pub struct StateDir(TempDir);
+
+impl StateDir {
+    pub fn path(&self) -> &Path {
+        self.0.path()
+    }
+}
+
+impl Drop for StateDir {
+    fn drop(&mut self) {
+        for pid in vmm_processes_under(self.path()) {
+            let _ = std::process::Command::new("kill")
+                .args(["-9", &pid.to_string()])
+                .output();
+        }
+    }
 }
 
 /// A spec that boots the test kernel with the probe doing `actions`.

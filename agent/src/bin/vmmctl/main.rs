@@ -17,6 +17,7 @@ use vmm_agent::proto::{
     Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
+mod memory;
 mod migration;
 mod operation;
 mod snapshot;
@@ -77,6 +78,8 @@ enum Cmd {
         /// Track written pages, for diff snapshots.
         #[arg(long)]
         track_dirty_pages: bool,
+        #[command(flatten)]
+        memory: memory::MemoryOptions,
         #[arg(long, default_value = "")]
         request_id: String,
     },
@@ -138,6 +141,10 @@ enum Cmd {
         #[arg(long, default_value = "")]
         request_id: String,
     },
+    /// Set a VM's memory target (its balloon holds the rest).
+    Update(memory::UpdateArgs),
+    /// Show a running VM's balloon: target, actual size, guest statistics, counters.
+    Balloon { vm_id: String },
     /// Stop a VM hard and forget it.
     Delete {
         vm_id: String,
@@ -259,6 +266,7 @@ fn vm_json(vm: &Vm) -> Value {
             "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
             "labels": spec.labels,
             "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
+            "memory": memory::spec_json(&spec),
         },
     })
 }
@@ -372,9 +380,10 @@ async fn run(args: Args) -> Result<()> {
             labels,
             nics,
             track_dirty_pages,
+            memory,
             request_id,
         } => {
-            let spec = VmSpec {
+            let mut spec = VmSpec {
                 vcpus,
                 memory_mib,
                 kernel,
@@ -388,7 +397,9 @@ async fn run(args: Args) -> Result<()> {
                     .map(|(i, n)| parse_nic(n, i))
                     .collect::<Result<_>>()?,
                 track_dirty_pages,
+                ..Default::default()
             };
+            memory.apply(&mut spec)?;
             let vm = vms
                 .create_vm(CreateVmRequest {
                     vm_id,
@@ -583,6 +594,8 @@ async fn run(args: Args) -> Result<()> {
                 None => read.await?,
             }
         }
+        Cmd::Update(args) => memory::update(channel, args, j).await?,
+        Cmd::Balloon { vm_id } => memory::balloon(channel, vm_id, j).await?,
         Cmd::Snapshot(cmd) => snapshot::run(channel, cmd, j).await?,
         Cmd::Migrate(args) => migration::migrate(channel, args, j).await?,
         Cmd::Migration(cmd) => migration::run(channel, cmd, j).await?,

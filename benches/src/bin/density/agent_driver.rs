@@ -14,9 +14,10 @@ use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
-    operation, operation_response, CreateSnapshotRequest, CreateVmRequest, DeleteSnapshotRequest,
-    DeleteVmRequest, GetConsoleRequest, GetHostRequest, GetVmRequest, ListVmsRequest, Operation,
-    RestoreSnapshotRequest, SnapshotKind, Vm, VmSpec, VmState,
+    operation, operation_response, BalloonSpec, CreateSnapshotRequest, CreateVmRequest,
+    DeleteSnapshotRequest, DeleteVmRequest, GetBalloonRequest, GetConsoleRequest, GetHostRequest,
+    GetVmRequest, HugePages, ListVmsRequest, Operation, RestoreSnapshotRequest, SnapshotKind,
+    UpdateVmRequest, Vm, VmSpec, VmState,
 };
 
 use crate::driver::{signal, wait_quiet, Cleanup, Created, Prepared, RpcSeries, VmShape};
@@ -141,7 +142,60 @@ impl AgentDriver {
             memory_mib: u64::from(s.memory_mib),
             kernel: s.kernel.display().to_string(),
             cmdline: s.cmdline.clone(),
+            balloon: s.levers.balloon.as_ref().map(|b| BalloonSpec {
+                amount_mib: b.amount_mib,
+                deflate_on_oom: b.deflate_on_oom,
+                stats_interval_s: b.stats_interval_s,
+                free_page_reporting: b.free_page_reporting,
+            }),
+            mergeable: s.levers.mergeable,
+            hugepages: match s.levers.hugepages {
+                vmm_api::HugePages::Auto => HugePages::Auto,
+                vmm_api::HugePages::Off => HugePages::Off,
+                vmm_api::HugePages::Thp => HugePages::Thp,
+            } as i32,
             ..Default::default()
+        }
+    }
+
+    /// See [`crate::driver::Driver::set_memory_target`]: UpdateVm for each VM, then GetBalloon.
+    pub async fn set_memory_target(
+        &self,
+        vms: &[Created],
+        target_mib: u64,
+        timeout: Duration,
+    ) -> Result<(usize, u64)> {
+        let mut client = self.vms();
+        for c in vms {
+            client
+                .update_vm(UpdateVmRequest {
+                    vm_id: c.vm_id.clone(),
+                    memory_target_mib: Some(target_mib),
+                    ..Default::default()
+                })
+                .await
+                .map_err(|s| status("UpdateVm", s))?;
+        }
+        let want = u64::from(self.inner.shape.memory_mib).saturating_sub(target_mib);
+        let deadline = Instant::now() + timeout;
+        loop {
+            let mut reached = 0;
+            let mut held = 0;
+            for c in vms {
+                let b = client
+                    .get_balloon(GetBalloonRequest {
+                        vm_id: c.vm_id.clone(),
+                    })
+                    .await
+                    .map_err(|s| status("GetBalloon", s))?
+                    .into_inner();
+                held += b.actual_mib;
+                reached += usize::from(b.actual_mib == want);
+            }
+            if reached == vms.len() || Instant::now() > deadline {
+                return Ok((reached, held));
+            }
+            tokio::time::sleep(Duration::from_millis(500)).await;
         }
     }
 

@@ -79,6 +79,26 @@ impl DirectDriver {
                 .args(["--cmdline", &s.cmdline])
                 .args(["--vcpus", &s.vcpus.to_string()])
                 .args(["--memory-mib", &s.memory_mib.to_string()]);
+            let levers = &s.levers;
+            if let Some(b) = &levers.balloon {
+                let on_off = |v: bool| if v { "on" } else { "off" };
+                cmd.arg("--balloon").arg(format!(
+                    "amount_mib={},deflate_on_oom={},stats_interval_s={},free_page_reporting={}",
+                    b.amount_mib,
+                    on_off(b.deflate_on_oom),
+                    b.stats_interval_s,
+                    on_off(b.free_page_reporting)
+                ));
+            }
+            if levers.mergeable {
+                cmd.args(["--mergeable", "on"]);
+            }
+            let hugepages = match levers.hugepages {
+                vmm_api::HugePages::Auto => "auto",
+                vmm_api::HugePages::Off => "off",
+                vmm_api::HugePages::Thp => "thp",
+            };
+            cmd.args(["--hugepages", hugepages]);
         }
         cmd.arg("--api-sock").arg(self.socket(name));
         std::os::unix::process::CommandExt::process_group(&mut cmd, 0);
@@ -260,6 +280,49 @@ impl DirectDriver {
                 name: "control socket connect + ping",
                 samples_ms: out,
             }])
+        })
+        .await?
+    }
+
+    /// See [`crate::driver::Driver::set_memory_target`]: `update-balloon`, then `balloon-stats`.
+    pub async fn set_memory_target(
+        &self,
+        vms: &[Created],
+        target_mib: u64,
+        timeout: Duration,
+    ) -> Result<(usize, u64)> {
+        let me = self.clone();
+        let names: Vec<String> = vms.iter().map(|v| v.vm_id.clone()).collect();
+        let want = u64::from(self.inner.shape.memory_mib).saturating_sub(target_mib);
+        tokio::task::spawn_blocking(move || {
+            let mut clients = Vec::with_capacity(names.len());
+            for name in &names {
+                let mut c = ControlClient::connect(&me.socket(name))?;
+                let line =
+                    format!(r#"{{"id": 1, "request": {{"update-balloon": {{"amount_mib": {want}}}}}}}"#);
+                match c.ok(&line)? {
+                    Response::BalloonUpdated => clients.push(c),
+                    other => bail!("{name}: update-balloon: {other:?}"),
+                }
+            }
+            let deadline = Instant::now() + timeout;
+            loop {
+                let mut reached = 0;
+                let mut held = 0;
+                for (name, c) in names.iter().zip(clients.iter_mut()) {
+                    match c.ok(r#"{"id": 2, "request": "balloon-stats"}"#)? {
+                        Response::BalloonStats(info) => {
+                            held += info.actual_mib;
+                            reached += usize::from(info.actual_mib == want);
+                        }
+                        other => bail!("{name}: balloon-stats: {other:?}"),
+                    }
+                }
+                if reached == names.len() || Instant::now() > deadline {
+                    return Ok((reached, held));
+                }
+                std::thread::sleep(Duration::from_millis(500));
+            }
         })
         .await?
     }

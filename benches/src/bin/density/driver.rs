@@ -8,7 +8,7 @@ use anyhow::Result;
 
 use crate::agent_driver::AgentDriver;
 use crate::direct_driver::DirectDriver;
-use crate::options::{Mode, Options};
+use crate::options::{Levers, Mode, Options};
 use crate::procfs;
 
 /// One VM that runs.
@@ -68,6 +68,7 @@ pub struct VmShape {
     pub quiet_percent: f64,
     /// Clones are restored paused.
     pub paused: bool,
+    pub levers: Levers,
 }
 
 impl VmShape {
@@ -86,6 +87,7 @@ impl VmShape {
             source_quiet: opts.source_quiet,
             quiet_percent: opts.workload.quiet_percent(),
             paused: opts.paused,
+            levers: opts.levers.clone(),
         }
     }
 }
@@ -117,6 +119,21 @@ impl Driver {
         match self {
             Driver::Agent(d) => d.create(index).await,
             Driver::Direct(d) => d.create(index).await,
+        }
+    }
+
+    /// Sets every VM's memory target (its balloon takes the rest) and waits until each balloon
+    /// holds what it was asked to, or `timeout` passes: (VMs that got there, the balloons' sizes
+    /// in MiB as last seen).
+    pub async fn set_memory_target(
+        &self,
+        vms: &[Created],
+        target_mib: u64,
+        timeout: Duration,
+    ) -> Result<(usize, u64)> {
+        match self {
+            Driver::Agent(d) => d.set_memory_target(vms, target_mib, timeout).await,
+            Driver::Direct(d) => d.set_memory_target(vms, target_mib, timeout).await,
         }
     }
 

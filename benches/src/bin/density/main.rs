@@ -9,6 +9,7 @@
 mod agent_driver;
 mod direct_driver;
 mod driver;
+mod ksm;
 mod options;
 mod procfs;
 mod report;
@@ -85,8 +86,20 @@ pub struct CpuWindow {
 }
 
 /// Measured with the host full.
+/// What the memory levers did once the host was full.
+#[derive(Debug, Clone, Default)]
+pub struct LeverOutcome {
+    /// With `--memory-target-mib`: VMs whose balloon got to its size, the MiB all balloons held,
+    /// and how long setting and waiting took.
+    pub balloons_reached: Option<usize>,
+    pub balloon_held_mib: u64,
+    pub balloon_secs: f64,
+    pub ksm: Option<ksm::KsmStats>,
+}
+
 pub struct Full {
     pub vms: Vec<(Created, Option<PssSplit>)>,
+    pub levers: LeverOutcome,
     pub agent: Option<Rollup>,
     pub mem_available_kib: u64,
     pub cpu: CpuWindow,
@@ -111,6 +124,11 @@ pub struct Run {
     pub leftover_pids: Vec<u32>,
     pub work_dir_left: bool,
 }
+
+/// How long the balloons of a full host may take to reach a new memory target.
+const BALLOON_TIMEOUT: Duration = Duration::from_secs(300);
+/// How long KSM may take for its two full scans.
+const KSM_TIMEOUT: Duration = Duration::from_secs(600);
 
 pub fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -245,6 +263,7 @@ async fn measure_full(
     driver: &Driver,
     prepared: Option<&Prepared>,
     vms: &[Created],
+    ksm: Option<&ksm::Ksm>,
     progress: &Progress,
 ) -> Result<Full> {
     progress.note(&format!(
@@ -253,6 +272,29 @@ async fn measure_full(
         opts.settle.as_secs()
     ));
     tokio::time::sleep(opts.settle).await;
+    let mut levers = LeverOutcome::default();
+    if let Some(target) = opts.levers.memory_target_mib {
+        progress.note(&format!("setting every VM's memory target to {target} MiB"));
+        let start = Instant::now();
+        let (reached, held) = driver.set_memory_target(vms, target, BALLOON_TIMEOUT).await?;
+        levers.balloons_reached = Some(reached);
+        levers.balloon_held_mib = held;
+        levers.balloon_secs = start.elapsed().as_secs_f64();
+        progress.note(&format!(
+            "{reached} of {} balloons at their size after {:.1} s ({held} MiB held)",
+            vms.len(),
+            levers.balloon_secs
+        ));
+    }
+    if let Some(k) = ksm {
+        progress.note("waiting for KSM to complete two full scans");
+        let stats = k.settle(KSM_TIMEOUT).await;
+        progress.note(&format!(
+            "KSM: {} pages shared by {} mappings after {} scans in {:.1} s",
+            stats.pages_shared, stats.pages_sharing, stats.full_scans, stats.wait_secs
+        ));
+        levers.ksm = Some(stats);
+    }
     let guest = GuestRam {
         memory_bytes: u64::from(opts.memory_mib) << 20,
         snapshot_dir: prepared
@@ -276,6 +318,7 @@ async fn measure_full(
     let rpc = driver.rpc_latency(opts.rpc_samples, vms).await?;
     Ok(Full {
         vms: per_vm,
+        levers,
         agent,
         mem_available_kib,
         cpu,
@@ -306,7 +349,7 @@ fn renice_threads(pid: u32, nice: i32) -> Result<()> {
 }
 
 /// Everything up to the cleanup: the source (clone mode), the waves, the measurements.
-async fn bench(opts: &Options, driver: &Driver, progress: &Progress) -> Result<Run> {
+async fn bench(opts: &Options, driver: &Driver, ksm: Option<&ksm::Ksm>, progress: &Progress) -> Result<Run> {
     let start_mem_available_kib = procfs::mem_available_kib();
     let started_unix = benches::unix_time();
     let prepared = match opts.mode {
@@ -328,7 +371,7 @@ async fn bench(opts: &Options, driver: &Driver, progress: &Progress) -> Result<R
     let (waves, resident, stop) = fill(opts, driver, progress).await;
     let full = match resident.is_empty() {
         true => None,
-        false => Some(measure_full(opts, driver, prepared.as_ref(), &resident, progress).await?),
+        false => Some(measure_full(opts, driver, prepared.as_ref(), &resident, ksm, progress).await?),
     };
     Ok(Run {
         driver: driver.name(),
@@ -384,8 +427,12 @@ async fn run(opts: Options) -> Result<()> {
         let agent = agent_binary(&opts, &vmm)?;
         Driver::Agent(AgentDriver::start(&agent, &vmm, &work_dir, shape, opts.count, &opts.agent_args).await?)
     };
+    let ksm = match opts.levers.mergeable {
+        true => Some(ksm::Ksm::enable()?),
+        false => None,
+    };
     let outcome = tokio::select! {
-        r = bench(&opts, &driver, &progress) => r,
+        r = bench(&opts, &driver, ksm.as_ref(), &progress) => r,
         _ = interrupt.recv() => Err(anyhow!("interrupted (SIGINT)")),
         _ = terminate.recv() => Err(anyhow!("interrupted (SIGTERM)")),
     };
@@ -395,6 +442,9 @@ async fn run(opts: Options) -> Result<()> {
     // Further signals are caught by the handlers above and ignored: cleanup runs to its end.
     progress.note("cleaning up: stopping every VM, the agent, removing the snapshot and temp dir");
     let cleanup = driver.cleanup().await;
+    if let Some(k) = ksm {
+        k.restore();
+    }
     drop(driver);
     drop(work);
     let leftover_pids = procfs::processes_under(&work_dir);

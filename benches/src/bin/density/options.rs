@@ -5,10 +5,12 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use benches::Args;
+use vmm_api::balloon::{BalloonConfig, HugePages};
 
 pub const USAGE: &str = "\
 usage: density [--mode clone|boot] [--direct] [--paused] [--count N] [--min-free-mib N] [--concurrency N]
-               [--memory-mib N] [--vcpus N] [--workload idle|counter] [--window-secs S]
+               [--memory-mib N] [--vcpus N] [--workload W] [--window-secs S]
+               [--balloon SPEC] [--memory-target-mib N] [--mergeable] [--hugepages auto|off|thp]
                [--settle-secs S] [--rpc-samples N] [--boot-timeout-secs S]
                [--source-quiet-secs S] [--out PATH]
                [--vmm PATH] [--agent PATH] [--agent-arg ARG]... [--agent-nice N]
@@ -29,9 +31,19 @@ stopped and removed at the end, also on failure and on Ctrl-C / SIGTERM.
   --concurrency N   VMs started at once per wave (default 10 for clone, 3 for boot)
   --memory-mib N    guest memory (default 128)
   --vcpus N         guest vCPUs (default 1)
-  --workload W      what the guests run: idle (the probe's `idle`, default) or counter (the
-                    probe's `counter`: a console line every 100 ms); the probe has no memory or
-                    CPU load actions
+  --workload W      what the guests run: idle (the probe's `idle`, default), counter (the
+                    probe's `counter`: a console line every 100 ms), memory:MIB (holds MIB
+                    MiB, every page different), freed:MIB (touched MIB MiB once, then freed
+                    them), dirty:MIB (rewrites MIB MiB at full speed: CPU and TLB load)
+  --balloon SPEC    give every VM a virtio-balloon: amount_mib=N[,deflate_on_oom=on]
+                    [,stats_interval_s=N][,free_page_reporting=on] (as vmm --balloon)
+  --memory-target-mib N  once the host is full, set every VM's memory target to N MiB
+                    (UpdateVm; direct: update-balloon) and wait for the balloons to get there
+                    before measuring (needs --balloon amount_mib=0)
+  --mergeable       offer guest RAM to KSM (MADV_MERGEABLE); the benchmark turns the host's
+                    KSM on for the run (and back as it was after) and waits for two full
+                    scans before measuring
+  --hugepages H     auto (default), off or thp: how guest RAM asks for transparent huge pages
   --window-secs S   CPU measurement window with all VMs resident (default 10)
   --settle-secs S   wait after the last wave before measuring (default 3)
   --rpc-samples N   GetHost and ListVms calls each (direct: control-socket pings) (default 200)
@@ -71,43 +83,131 @@ impl Mode {
 pub enum Workload {
     Idle,
     Counter,
+    /// Holds this many MiB, every page touched with a different word (nothing for KSM to merge).
+    Memory(u64),
+    /// Touched this many MiB once and freed them: what free page reporting hands back.
+    Freed(u64),
+    /// A kernel thread rewriting this many MiB at full speed: CPU and memory, TLB-heavy.
+    Dirty(u64),
 }
 
 impl Workload {
-    pub fn name(self) -> &'static str {
+    fn parse(text: &str) -> Result<Workload> {
+        let sized = |prefix: &str| -> Result<Option<u64>> {
+            let Some(n) = text.strip_prefix(prefix) else {
+                return Ok(None);
+            };
+            match n.parse::<u64>() {
+                Ok(mib) if mib > 0 => Ok(Some(mib)),
+                _ => bail!("--workload {text}: the size is a number of MiB, at least 1"),
+            }
+        };
+        Ok(match text {
+            "idle" => Workload::Idle,
+            "counter" => Workload::Counter,
+            _ => {
+                if let Some(m) = sized("memory:")? {
+                    Workload::Memory(m)
+                } else if let Some(m) = sized("freed:")? {
+                    Workload::Freed(m)
+                } else if let Some(m) = sized("dirty:")? {
+                    Workload::Dirty(m)
+                } else {
+                    bail!("--workload: '{text}' is not idle, counter, memory:MIB, freed:MIB or dirty:MIB\n{USAGE}")
+                }
+            }
+        })
+    }
+
+    pub fn name(self) -> String {
         match self {
-            Workload::Idle => "idle",
-            Workload::Counter => "counter",
+            Workload::Idle => "idle".into(),
+            Workload::Counter => "counter".into(),
+            Workload::Memory(m) => format!("memory:{m}"),
+            Workload::Freed(m) => format!("freed:{m}"),
+            Workload::Dirty(m) => format!("dirty:{m}"),
         }
     }
 
     /// The probe's actions; `counter` is made to run for ~13 years.
-    pub fn probe_args(self) -> &'static str {
+    pub fn probe_args(self) -> String {
         match self {
-            Workload::Idle => "vmmprobe.action=idle",
-            Workload::Counter => "vmmprobe.count=4000000000 vmmprobe.action=counter",
+            Workload::Idle => "vmmprobe.action=idle".into(),
+            Workload::Counter => "vmmprobe.count=4000000000 vmmprobe.action=counter".into(),
+            Workload::Memory(m) => format!("vmmprobe.action=mem-alloc:{m}m,idle"),
+            Workload::Freed(m) => format!("vmmprobe.action=mem-alloc:{m}m,mem-free,idle"),
+            Workload::Dirty(m) => format!("vmmprobe.action=mem-dirty:{m}m,idle"),
         }
     }
 
     /// A console line that says the guest has booted and runs the workload.
     pub fn ready_marker(self) -> &'static str {
         match self {
-            Workload::Idle => "vmmprobe: idle",
             Workload::Counter => "vmmprobe: counter=1",
+            _ => "vmmprobe: idle",
         }
     }
 
     /// Below this share of one core the source VM counts as settled: `counter` keeps the
-    /// emulated serial port busy (~15% of a core on kvm_pvm), so it never gets near idle.
+    /// emulated serial port busy (~15% of a core on kvm_pvm), so it never gets near idle, and
+    /// `dirty` keeps its vCPU busy.
     pub fn quiet_percent(self) -> f64 {
         match self {
-            Workload::Idle => 5.0,
             Workload::Counter => 30.0,
+            Workload::Dirty(_) => 101.0,
+            _ => 5.0,
         }
     }
 
     pub fn cmdline(self) -> String {
         format!("console=ttyS0 quiet pci=off {}", self.probe_args())
+    }
+}
+
+/// The memory levers the VMs are created with (issue 9), and what is done with them once the
+/// host is full.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Levers {
+    pub balloon: Option<BalloonConfig>,
+    pub mergeable: bool,
+    pub hugepages: HugePages,
+    /// Once full: every VM's memory target (the balloon takes the rest), reached before measuring.
+    pub memory_target_mib: Option<u64>,
+}
+
+impl Levers {
+    /// `balloon=...,mergeable,hugepages=...,target=...` for the report.
+    pub fn describe(&self) -> String {
+        let mut parts = Vec::new();
+        if let Some(b) = &self.balloon {
+            let mut flags = vec![format!("{} MiB", b.amount_mib)];
+            if b.free_page_reporting {
+                flags.push("free page reporting".into());
+            }
+            if b.deflate_on_oom {
+                flags.push("deflate on OOM".into());
+            }
+            if b.stats_interval_s > 0 {
+                flags.push(format!("stats every {} s", b.stats_interval_s));
+            }
+            parts.push(format!("balloon ({})", flags.join(", ")));
+        }
+        if let Some(t) = self.memory_target_mib {
+            parts.push(format!("memory target {t} MiB"));
+        }
+        if self.mergeable {
+            parts.push("KSM".into());
+        }
+        match self.hugepages {
+            HugePages::Auto => {}
+            HugePages::Off => parts.push("huge pages off".into()),
+            HugePages::Thp => parts.push("THP".into()),
+        }
+        if parts.is_empty() {
+            "none".into()
+        } else {
+            parts.join(", ")
+        }
     }
 }
 
@@ -132,6 +232,7 @@ pub struct Options {
     pub agent: Option<PathBuf>,
     pub agent_args: Vec<String>,
     pub agent_nice: Option<i32>,
+    pub levers: Levers,
 }
 
 impl Options {
@@ -159,6 +260,7 @@ impl Options {
             agent: None,
             agent_args: Vec::new(),
             agent_nice: None,
+            levers: Levers::default(),
         };
         let mut args = Args::new(args, USAGE);
         while let Some(flag) = args.next_flag() {
@@ -177,17 +279,24 @@ impl Options {
                 "--concurrency" => concurrency = Some(args.parse(&flag)?),
                 "--memory-mib" => o.memory_mib = args.parse(&flag)?,
                 "--vcpus" => o.vcpus = args.parse(&flag)?,
-                "--workload" => {
-                    o.workload = match args.value(&flag)?.as_str() {
-                        "idle" => Workload::Idle,
-                        "counter" => Workload::Counter,
-                        other @ ("memory" | "cpu") => bail!(
-                            "--workload: the guest probe has no '{other}' load action (see \
-                             guest-images/README.md); use idle or counter"
-                        ),
-                        other => bail!("--workload: '{other}' is not idle or counter\n{USAGE}"),
+                "--workload" => o.workload = Workload::parse(&args.value(&flag)?)?,
+                "--balloon" => {
+                    let spec = args.value(&flag)?;
+                    o.levers.balloon = Some(
+                        BalloonConfig::from_cli(&spec)
+                            .map_err(|e| anyhow::anyhow!("--balloon {spec}: {e}"))?,
+                    );
+                }
+                "--mergeable" => o.levers.mergeable = true,
+                "--hugepages" => {
+                    o.levers.hugepages = match args.value(&flag)?.as_str() {
+                        "auto" => HugePages::Auto,
+                        "off" => HugePages::Off,
+                        "thp" => HugePages::Thp,
+                        other => bail!("--hugepages: '{other}' is not auto, off or thp\n{USAGE}"),
                     }
                 }
+                "--memory-target-mib" => o.levers.memory_target_mib = Some(args.parse(&flag)?),
                 "--window-secs" => o.window = args.secs(&flag)?,
                 "--settle-secs" => o.settle = args.secs(&flag)?,
                 "--rpc-samples" => o.rpc_samples = args.parse(&flag)?,
@@ -218,6 +327,21 @@ impl Options {
         }
         if o.paused && mode != Mode::Clone {
             bail!("--paused is for clone mode\n{USAGE}");
+        }
+        if let Some(t) = o.levers.memory_target_mib {
+            let Some(b) = &o.levers.balloon else {
+                bail!("--memory-target-mib needs --balloon\n{USAGE}");
+            };
+            if t == 0 || t > u64::from(o.memory_mib) {
+                bail!("--memory-target-mib must be 1 to --memory-mib\n{USAGE}");
+            }
+            if b.amount_mib > 0 {
+                bail!("--memory-target-mib sets the balloon: give --balloon amount_mib=0\n{USAGE}");
+            }
+        }
+        if let Some(b) = &o.levers.balloon {
+            b.validate(u64::from(o.memory_mib))
+                .map_err(|e| anyhow::anyhow!("--balloon: {e}"))?;
         }
         if o.window.is_zero() {
             bail!("--window-secs must be at least 1\n{USAGE}");
@@ -275,6 +399,28 @@ mod tests {
         assert_eq!(o.sibling(".md"), PathBuf::from("/r/d-boot.md"));
         assert_eq!(o.sibling("-latency.svg"), PathBuf::from("/r/d-boot-latency.svg"));
         assert!(o.workload.cmdline().contains("vmmprobe.action=counter"));
+        let o = Options::parse([
+            "--workload",
+            "freed:64",
+            "--balloon",
+            "amount_mib=0,free_page_reporting=on",
+            "--memory-target-mib",
+            "64",
+            "--mergeable",
+            "--hugepages",
+            "off",
+        ])
+        .unwrap();
+        assert_eq!(o.workload, Workload::Freed(64));
+        assert!(o.workload.cmdline().contains("mem-alloc:64m,mem-free,idle"));
+        assert_eq!(o.levers.memory_target_mib, Some(64));
+        assert!(o.levers.mergeable && o.levers.balloon.as_ref().is_some_and(|b| b.free_page_reporting));
+        assert_eq!(o.levers.hugepages, HugePages::Off);
+        assert!(
+            o.levers.describe().contains("free page reporting"),
+            "{}",
+            o.levers.describe()
+        );
         let o = Options::parse(["--agent-nice", "-10", "--paused"]).unwrap();
         assert_eq!((o.agent_nice, o.paused), (Some(-10), true));
         for bad in [
@@ -283,6 +429,11 @@ mod tests {
             vec!["--count", "0"],
             vec!["--mode", "x"],
             vec!["--workload", "memory"],
+            vec!["--workload", "memory:0"],
+            vec!["--memory-target-mib", "64"],
+            vec!["--balloon", "amount_mib=999"],
+            vec!["--balloon", "amount_mib=0", "--memory-target-mib", "200"],
+            vec!["--hugepages", "always"],
             vec!["--window-secs", "0"],
             vec!["--vcpus", "0"],
             vec!["--bogus"],

@@ -118,6 +118,15 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
                 "agent_ms": f.cpu.agent_ms, "host_busy_ms": f.cpu.host_busy_ms, "host_total_ms": f.cpu.host_total_ms,
             },
             "alive_after_window": f.alive_after,
+            "levers": {
+                "balloons_reached": f.levers.balloons_reached, "balloon_held_mib": f.levers.balloon_held_mib,
+                "balloon_secs": f.levers.balloon_secs,
+                "ksm": f.levers.ksm.as_ref().map(|k| json!({
+                    "pages_shared": k.pages_shared, "pages_sharing": k.pages_sharing,
+                    "saved_mib": k.pages_sharing as f64 * 4096.0 / 1048576.0,
+                    "full_scans": k.full_scans, "wait_secs": k.wait_secs,
+                })),
+            },
             "rpc": f.rpc.iter().map(|r| json!({"call": r.name, "latency_ms": summary_json(&r.samples_ms), "samples_ms": r.samples_ms})).collect::<Vec<_>>(),
         })
     });
@@ -132,6 +141,11 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
             "cmdline": opts.workload.cmdline(), "window_secs": opts.window.as_secs(),
             "settle_secs": opts.settle.as_secs(), "rpc_samples": opts.rpc_samples,
             "agent_args": opts.agent_args, "agent_nice": opts.agent_nice, "work_dir": run.work_dir,
+            "levers": {
+                "balloon": opts.levers.balloon, "mergeable": opts.levers.mergeable,
+                "hugepages": opts.levers.hugepages, "memory_target_mib": opts.levers.memory_target_mib,
+                "describe": opts.levers.describe(),
+            },
         },
         "mem_total_kib": run.mem_total_kib,
         "start_mem_available_kib": run.start_mem_available_kib,
@@ -199,6 +213,27 @@ pub fn markdown(opts: &Options, run: &Run) -> String {
         opts.concurrency,
         run.stop.describe()
     ));
+    out.push_str(&format!("Memory levers: {}.\n\n", opts.levers.describe()));
+    if let Some(f) = &run.full {
+        if let Some(reached) = f.levers.balloons_reached {
+            out.push_str(&format!(
+                "Memory target set once full: {reached} of {} balloons reached their size in {:.1} s, holding {} MiB in all.\n\n",
+                f.vms.len(),
+                f.levers.balloon_secs,
+                f.levers.balloon_held_mib
+            ));
+        }
+        if let Some(k) = &f.levers.ksm {
+            out.push_str(&format!(
+                "KSM: {} full scans in {:.1} s before measuring; {} shared pages stand for {} mappings ({:.1} MiB saved).\n\n",
+                k.full_scans,
+                k.wait_secs,
+                k.pages_shared,
+                k.pages_sharing,
+                k.pages_sharing as f64 * 4096.0 / 1048576.0
+            ));
+        }
+    }
     if let Some(n) = opts.agent_nice.filter(|_| run.driver == "agent") {
         out.push_str(&format!(
             "The agent's and the benchmark's (the RPC client's) threads were reniced to {n} once the host was full (before the CPU window and the RPC calls); the vmms kept nice 0.\n\n"
