@@ -43,17 +43,12 @@ const STATES: [(VmState, &str); 6] = [
     (VmState::Failed, "failed"),
 ];
 
-/// Counters of one RPC method and status code.
-#[derive(Debug, Clone)]
-struct RpcStats {
-    duration: Histogram,
-}
-
 /// The figures the agent keeps between scrapes.
 #[derive(Debug)]
 pub struct Metrics {
     known_methods: HashSet<String>,
-    rpc: Mutex<BTreeMap<(String, &'static str), RpcStats>>,
+    /// Durations by method and status code; their counts are the request counts.
+    rpc: Mutex<BTreeMap<(String, &'static str), Histogram>>,
     start_to_running: Mutex<Histogram>,
     start_to_boot_complete: Mutex<Histogram>,
     scrape_errors: Mutex<BTreeMap<&'static str, u64>>,
@@ -123,10 +118,7 @@ impl Metrics {
     pub fn observe_rpc(&self, method: String, code: tonic::Code, elapsed: Duration) {
         let mut rpc = lock(&self.rpc);
         rpc.entry((method, code_name(code)))
-            .or_insert_with(|| RpcStats {
-                duration: Histogram::new(&RPC_BUCKETS),
-            })
-            .duration
+            .or_insert_with(|| Histogram::new(&RPC_BUCKETS))
             .observe(elapsed.as_secs_f64());
     }
 
@@ -153,18 +145,18 @@ impl Metrics {
             Kind::Counter,
             "gRPC calls finished, by method and status code.",
         );
-        for ((method, code), stats) in &rpc {
+        for ((method, code), duration) in &rpc {
             let labels = [("method", method.as_str()), ("code", *code)];
-            e.sample("vmmagent_rpc_requests_total", &labels, stats.duration.count());
+            e.sample("vmmagent_rpc_requests_total", &labels, duration.count());
         }
         e.family(
             "vmmagent_rpc_duration_seconds",
             Kind::Histogram,
             "gRPC call duration from the request to the end of the response (of the whole stream for streaming calls), by method and status code.",
         );
-        for ((method, code), stats) in &rpc {
+        for ((method, code), duration) in &rpc {
             let labels = [("method", method.as_str()), ("code", *code)];
-            e.histogram("vmmagent_rpc_duration_seconds", &labels, &stats.duration);
+            e.histogram("vmmagent_rpc_duration_seconds", &labels, duration);
         }
         e.family(
             "vmmagent_vm_start_to_running_seconds",

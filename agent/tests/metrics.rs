@@ -2,7 +2,8 @@
 //! 127.0.0.1: VMs by state, the RPCs made, start-to-running and start-to-boot-complete samples,
 //! and the CPU, memory and disk figures of one real guest with a disk; then requests that are not
 //! scrapes (wrong path or method, garbage, an oversized head, clients that send nothing) get their
-//! statuses and the endpoint and the agent keep serving.
+//! statuses and the endpoint and the agent keep serving; the address from the config file or,
+//! overriding it, the flag.
 
 mod common;
 
@@ -323,5 +324,40 @@ async fn requests_that_are_not_scrapes_get_their_status_and_the_agent_serves_on(
             "vmmagent_rpc_requests_total{method=\"/grpc.health.v1.Health/Check\",code=\"OK\"}"
         )? >= 2.0
     );
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_address_comes_from_the_config_file_unless_a_flag_gives_one() -> Result<()> {
+    let dir = state_dir("agent-mconf")?;
+    let (file_port, flag_port) = (free_port()?, free_port()?);
+    let config = dir.path().join("agent.toml");
+    std::fs::write(&config, format!("metrics_listen = \"127.0.0.1:{file_port}\"\n"))?;
+    let config_arg = config.display().to_string();
+    let agent = Agent::start(dir.path(), &["--config", &config_arg])?;
+    agent.wait_serving().await?;
+    scrape(file_port).await?;
+    drop(agent);
+
+    let flag = format!("127.0.0.1:{flag_port}");
+    let agent = Agent::start(dir.path(), &["--config", &config_arg, "--metrics-listen", &flag])?;
+    agent.wait_serving().await?;
+    scrape(flag_port).await?;
+    assert!(
+        TcpStream::connect(("127.0.0.1", file_port)).await.is_err(),
+        "the flag replaces the file's address"
+    );
+    drop(agent);
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_vmm-agent"))
+        .arg("--state-dir")
+        .arg(dir.path())
+        .arg("--vmm-bin")
+        .arg(harness::vmm_binary())
+        .args(["--metrics-listen", "no-port-here"])
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--metrics-listen 'no-port-here'"), "{stderr}");
     Ok(())
 }
