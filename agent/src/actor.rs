@@ -605,9 +605,6 @@ impl VmActor {
             VmState::Stopping => return Err(self.wrong_state(state, "started")),
             _ => {}
         }
-        let began = Instant::now();
-        // Set before the vmm runs: its boot-complete event may come while we wait for RUNNING.
-        self.start_began = Some(began);
         if !self.vm.migrating_to.is_empty() && self.proc.is_none() {
             return Err(AgentError::WrongState(format!(
                 "VM '{}' may run at {} (its migration there was interrupted): it is not started \
@@ -615,6 +612,9 @@ impl VmActor {
                 self.vm.vm_id, self.vm.migrating_to
             )));
         }
+        let began = Instant::now();
+        // Set before the vmm runs: its boot-complete event may come while we wait for RUNNING.
+        self.start_began = Some(began);
         if state != VmState::Starting {
             // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
             let mut vm = self.vm.clone();
