@@ -116,6 +116,9 @@ pub(crate) struct VmActor {
     commands: mpsc::Receiver<Command>,
     /// We asked the vmm to end: its exit is a stop, not a failure.
     stopping: bool,
+    /// When the current start began, until the guest reports its boot complete (for the
+    /// start-to-running and start-to-boot-complete metrics).
+    start_began: Option<Instant>,
 }
 
 fn state_name(state: VmState) -> &'static str {
@@ -141,6 +144,7 @@ impl VmActor {
             proc: None,
             commands,
             stopping: false,
+            start_began: None,
         }
     }
 
@@ -427,6 +431,9 @@ impl VmActor {
                 }
             }
             ConnEvent::Event(Event::GuestBootComplete { boot_ms }) => {
+                if let Some(began) = self.start_began.take() {
+                    self.ctx.metrics.observe_start_to_boot_complete(began.elapsed());
+                }
                 self.record(|vm| vm.boot_ms = Some(boot_ms)).await;
             }
             ConnEvent::Event(Event::Exit { reason, code }) => {
@@ -526,6 +533,7 @@ impl VmActor {
         let Some(mut p) = self.proc.take() else {
             return;
         };
+        self.start_began = None;
         let child_code = match (p.child_code, p.child_exit.as_mut()) {
             (Some(code), _) => Some(code),
             // Our child: its status comes once it is reaped, which is at once after an exit.
@@ -617,6 +625,9 @@ impl VmActor {
                 self.vm.vm_id, self.vm.migrating_to
             )));
         }
+        let began = Instant::now();
+        // Set before the vmm runs: its boot-complete event may come while we wait for RUNNING.
+        self.start_began = Some(began);
         if state != VmState::Starting {
             // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
             let mut vm = self.vm.clone();
@@ -653,6 +664,9 @@ impl VmActor {
         .await;
         if self.vm.state() == VmState::Starting {
             return self.give_up("the vmm did not start the VM in time").await;
+        }
+        if self.vm.state() == VmState::Running {
+            self.ctx.metrics.observe_start_to_running(began.elapsed());
         }
         Ok(self.vm.clone())
     }

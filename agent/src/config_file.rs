@@ -7,6 +7,7 @@
 //! listen = ["unix:/var/lib/vmm-agent/agent.sock", "tcp://0.0.0.0:7443"]
 //! reserve_memory_mib = 2048
 //! restore_on_boot = true
+//! metrics_listen = "127.0.0.1:9464"
 //! [tls]
 //! cert = "/etc/vmm-agent/agent.pem"
 //! key = "/etc/vmm-agent/agent.key"
@@ -72,6 +73,8 @@ pub struct FileConfig {
     pub insecure_tcp: Option<bool>,
     /// `--log-level`.
     pub log_level: Option<String>,
+    /// `--metrics-listen`.
+    pub metrics_listen: Option<String>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }
@@ -118,6 +121,7 @@ mod tests {
             restore_on_boot = true
             insecure_tcp = false
             log_level = "debug"
+            metrics_listen = "127.0.0.1:9464"
             [labels]
             zone = "z1"
             [tls]
@@ -130,6 +134,7 @@ mod tests {
         assert_eq!(c.listen.as_ref().map(Vec::len), Some(2));
         assert_eq!(c.reserve_memory_mib, Some(2048));
         assert_eq!(c.restore_on_boot, Some(true));
+        assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!(c.labels.unwrap()["zone"], "z1");
         assert_eq!(c.tls.unwrap().client_ca.as_deref(), Some(Path::new("/ca")));
         assert_eq!(

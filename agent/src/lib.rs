@@ -7,6 +7,8 @@
 //! - [`operations`]: long-running operations (the internal API and the store); [`ops_service`]:
 //!   their RPC handlers.
 //! - [`store`]: the SQLite state; [`state`]: what the parts share.
+//! - [`metrics`]: what Prometheus scrapes ([`metrics_http`] serves it, [`rpc_metrics`] counts the
+//!   RPCs, [`usage`] reads each VM's usage, [`exposition`] writes the text format).
 //! - [`server`]: the whole agent put together (used by the `vmm-agent` binary and the tests).
 #![forbid(unsafe_code)]
 
@@ -16,9 +18,12 @@ pub mod config_file;
 pub mod console;
 pub mod control;
 pub mod error;
+pub mod exposition;
 pub mod host;
 pub mod listen;
 pub mod memory;
+pub mod metrics;
+pub mod metrics_http;
 pub mod migration_service;
 pub mod migrations;
 pub mod nics;
@@ -27,6 +32,7 @@ pub mod ops_service;
 pub mod process;
 pub mod requests;
 pub mod roles;
+pub mod rpc_metrics;
 pub mod server;
 pub mod service;
 pub mod snapshot_service;
@@ -35,6 +41,7 @@ pub mod spec;
 pub mod state;
 pub mod store;
 pub mod supervisor;
+pub mod usage;
 
 /// Generated protobuf messages and gRPC services of package `vmmagent.v1`.
 #[allow(missing_docs, clippy::all, clippy::pedantic)]

@@ -1,6 +1,7 @@
 //! The agent put together: state dir and store, gRPC services (VmService, SnapshotService,
 //! OperationsService, HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
-//! call), and re-adoption of the VMs that run.
+//! call; every call counted for the metrics), the Prometheus endpoint, and re-adoption of the VMs
+//! that run.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
@@ -17,6 +18,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::host::{HostApi, HostFacts};
 use crate::listen::{Listen, TlsFiles};
+use crate::metrics::Metrics;
 use crate::migration_service::{MigrationApi, PeerApi};
 use crate::migrations::Migrations;
 use crate::operations::Operations;
@@ -28,6 +30,7 @@ use crate::proto::operations_service_server::OperationsServiceServer;
 use crate::proto::snapshot_service_server::SnapshotServiceServer;
 use crate::proto::vm_service_server::VmServiceServer;
 use crate::roles::RoleLayer;
+use crate::rpc_metrics::RpcMetricsLayer;
 use crate::service::VmApi;
 use crate::snapshot_service::{SnapshotApi, INTERRUPTED_REASON};
 use crate::snapshots::HostCompat;
@@ -118,11 +121,14 @@ pub async fn run(
         .await
         .map_err(|e| ServerError::Adopt(e.to_string()))??;
     let facts = HostFacts::gather(&config.vmm_bin);
+    let metrics = Arc::new(Metrics::new());
+    let rpc_metrics = RpcMetricsLayer::new(metrics.clone());
     let ctx = Arc::new(Context {
         config,
         store: StoreHandle::new(store),
         migrations: Migrations::default(),
         peer: peer_identity(&listens)?,
+        metrics,
     });
     let supervisor = Supervisor::new(ctx.clone());
     // Before serving: no worker of a previous agent is left to finish what it started.
@@ -221,6 +227,16 @@ pub async fn run(
             let _ = rx.wait_for(|s| *s).await;
         }
     };
+    if let Some(addr) = ctx.config.metrics_listen {
+        let listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| ServerError::Tcp(addr, e))?;
+        let local = listener.local_addr().unwrap_or(addr);
+        // Not in `serving`: it cannot fail once bound (accept errors are retried), and it ends
+        // with the others on shutdown.
+        tokio::spawn(crate::metrics_http::serve(listener, ctx.clone(), stopped()));
+        tracing::info!(addr = %local, "serving Prometheus metrics on /metrics");
+    }
     let mut serving = tokio::task::JoinSet::new();
     // TCP first: by the time the Unix socket appears (what scripts wait for), every port is bound.
     let mut ordered: Vec<&Listen> = listens.iter().collect();
@@ -229,7 +245,8 @@ pub async fn run(
         match listen {
             Listen::Unix(path) => {
                 let incoming = UnixListenerStream::new(bind_unix(path).await?);
-                let router = router!(tonic::transport::Server::builder());
+                let mut builder = tonic::transport::Server::builder().layer(rpc_metrics.clone());
+                let router = router!(builder);
                 serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
                 tracing::info!(socket = %path.display(), "serving gRPC");
             }
@@ -239,6 +256,8 @@ pub async fn run(
                 let mut builder = tonic::transport::Server::builder()
                     .tls_config(server_tls(tls)?)
                     .map_err(ServerError::TlsConfig)?
+                    // Outermost, so that calls the role check refuses are counted too.
+                    .layer(rpc_metrics.clone())
                     .layer(RoleLayer);
                 let router = router!(builder);
                 serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
@@ -247,7 +266,8 @@ pub async fn run(
             Listen::InsecureTcp(addr) => {
                 let incoming = TcpIncoming::bind(*addr).map_err(|e| ServerError::Tcp(*addr, e))?;
                 let local = incoming.local_addr().unwrap_or(*addr);
-                let router = router!(tonic::transport::Server::builder());
+                let mut builder = tonic::transport::Server::builder().layer(rpc_metrics.clone());
+                let router = router!(builder);
                 serving.spawn(router.serve_with_incoming_shutdown(incoming, stopped()));
                 tracing::warn!(addr = %local, "serving gRPC on plain TCP: every local client is admin");
             }

@@ -25,6 +25,8 @@ pub struct AgentConfig {
     pub console_log_max_bytes: u64,
     /// At start, boot again the VMs that should run but whose vmm is gone.
     pub restore_on_boot: bool,
+    /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
+    pub metrics_listen: Option<std::net::SocketAddr>,
 }
 
 impl AgentConfig {
@@ -130,6 +132,8 @@ pub struct Context {
     pub migrations: crate::migrations::Migrations,
     /// This agent's identity toward peers; `None` without a TLS listener (no migrations then).
     pub peer: Option<PeerIdentity>,
+    /// The figures kept for Prometheus.
+    pub metrics: Arc<crate::metrics::Metrics>,
 }
 
 impl Context {

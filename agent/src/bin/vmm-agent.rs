@@ -74,6 +74,20 @@ struct Args {
     /// Log level: error, warn, info, debug or trace [default: info].
     #[arg(long)]
     log_level: Option<tracing::Level>,
+    /// Serve Prometheus metrics (GET /metrics, plain HTTP) on this TCP address, e.g.
+    /// 127.0.0.1:9464 [default: none].
+    #[arg(long, value_name = "HOST:PORT")]
+    metrics_listen: Option<String>,
+}
+
+/// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
+/// used).
+fn metrics_address(text: &str) -> Result<std::net::SocketAddr> {
+    use std::net::ToSocketAddrs;
+    text.to_socket_addrs()
+        .map_err(|e| anyhow!("--metrics-listen '{text}': {e} (expected HOST:PORT)"))?
+        .next()
+        .ok_or_else(|| anyhow!("--metrics-listen '{text}': the host has no address"))
 }
 
 fn main() -> Result<()> {
@@ -148,6 +162,10 @@ fn main() -> Result<()> {
         vcpus: (u64::from(host_cpus()) * vcpu_overcommit).saturating_sub(reserve_vcpus),
         memory_mib: host_memory_mib().saturating_sub(reserve_memory_mib),
     };
+    let metrics_listen = match args.metrics_listen.or(file.metrics_listen) {
+        Some(text) => Some(metrics_address(&text)?),
+        None => None,
+    };
     let config = AgentConfig {
         state_dir,
         vmm_bin,
@@ -160,6 +178,7 @@ fn main() -> Result<()> {
             .unwrap_or(4 << 20)
             .max(64 * 1024),
         restore_on_boot: args.restore_on_boot.or(file.restore_on_boot).unwrap_or(false),
+        metrics_listen,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
