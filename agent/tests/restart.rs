@@ -1,5 +1,5 @@
-//! The agent is SIGKILLed while three VMs run (one running, two paused), one vmm is killed while the
-//! agent is down, and the agent is started again: the two live VMs are re-adopted with the same pids
+//! The agent is SIGKILLed while five VMs run (one running, four paused), one vmm is killed while the
+//! agent is down, and the agent is started again: the four live VMs are re-adopted with the same pids
 //! and states, the dead one is reported stopped with the reason, no duplicate vmm is started, the
 //! watch resumes from the revision seen before the crash, and the re-adopted VMs still obey.
 
@@ -14,6 +14,9 @@ use vmm_agent::proto::{
     StopVmRequest, Vm, VmState, WatchEventType, WatchVmsRequest,
 };
 
+/// The VMs of the crash test, in listing order; the last is the one killed while the agent is down.
+const IDS: [&str; 5] = ["ra", "rb", "rc", "rd", "re"];
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
     harness::require_kvm();
@@ -22,7 +25,7 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
     agent.wait_serving().await?;
     let mut vms = agent.vms().await?;
     let mut before = Vec::new();
-    for id in ["ra", "rb", "rc"] {
+    for id in IDS {
         let vm = vms
             .create_vm(CreateVmRequest {
                 vm_id: id.into(),
@@ -51,7 +54,7 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
     for vm in &before {
         assert!(alive(vm.pid), "{} died with the agent", vm.vm_id);
     }
-    let victim = &before[2];
+    let victim = &before[IDS.len() - 1];
     vmm_agent::process::kill(victim.pid);
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while alive(victim.pid) && std::time::Instant::now() < deadline {
@@ -62,28 +65,31 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
     agent.wait_serving().await?;
     let mut vms = agent.vms().await?;
     let listed: Vec<Vm> = vms.list_vms(ListVmsRequest::default()).await?.into_inner().vms;
-    assert_eq!(listed.len(), 3);
+    assert_eq!(listed.len(), IDS.len());
     assert_eq!(
         (listed[0].state(), listed[0].pid),
         (VmState::Running, before[0].pid),
         "{:?}",
         listed[0]
     );
-    assert_eq!(
-        (listed[1].state(), listed[1].pid),
-        (VmState::Paused, before[1].pid),
-        "{:?}",
-        listed[1]
-    );
-    assert_eq!((listed[2].state(), listed[2].pid), (VmState::Stopped, 0));
+    for i in 1..IDS.len() - 1 {
+        assert_eq!(
+            (listed[i].state(), listed[i].pid),
+            (VmState::Paused, before[i].pid),
+            "{:?}",
+            listed[i]
+        );
+    }
+    let dead = &listed[IDS.len() - 1];
+    assert_eq!((dead.state(), dead.pid), (VmState::Stopped, 0));
     assert!(
-        listed[2].state_reason.contains("while the agent was down"),
+        dead.state_reason.contains("while the agent was down"),
         "{}",
-        listed[2].state_reason
+        dead.state_reason
     );
     let mut running = vmm_processes_under(dir.path());
     running.sort();
-    let mut expected = vec![before[0].pid, before[1].pid];
+    let mut expected: Vec<u32> = before[..IDS.len() - 1].iter().map(|v| v.pid).collect();
     expected.sort();
     assert_eq!(running, expected, "no duplicate vmm was started");
 
@@ -104,7 +110,7 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
         last = event.revision;
         assert_eq!(event.r#type(), WatchEventType::Updated);
         let vm = event.vm.expect("a VM");
-        saw_victim_stopped |= vm.vm_id == "rc" && vm.state() == VmState::Stopped;
+        saw_victim_stopped |= vm.vm_id == victim.vm_id && vm.state() == VmState::Stopped;
     }
     assert!(saw_victim_stopped);
 
@@ -146,7 +152,7 @@ async fn vms_survive_an_agent_crash_and_are_readopted() -> Result<()> {
         assert!(std::time::Instant::now() < deadline, "{vm:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    for id in ["ra", "rb", "rc"] {
+    for id in IDS {
         vms.delete_vm(DeleteVmRequest {
             vm_id: id.into(),
             request_id: String::new(),
