@@ -569,6 +569,9 @@ impl VmActor {
         tracing::info!(vm = %self.vm.vm_id, pid = p.pid, ?code, reason, "vmm ended");
         // The vmm removes its socket on a clean exit; not when it was killed.
         let _ = std::fs::remove_file(&self.sock);
+        if let Some(cgroups) = &self.ctx.cgroups {
+            cgroups.remove(&self.vm.vm_id);
+        }
         let ended_by_itself = !self.stopping;
         self.record(|vm| {
             vm.state = state as i32;
@@ -722,6 +725,13 @@ impl VmActor {
             .kill_on_drop(false);
         let mut child = command.spawn()?;
         let pid = child.id().unwrap_or(0);
+        if let Some(cgroups) = &self.ctx.cgroups {
+            // Before the vmm has done much: its vCPU threads are created in the group (a failure
+            // is logged; the VM runs, in the agent's group).
+            if let Err(e) = cgroups.place(&self.vm.vm_id, pid) {
+                tracing::warn!(vm = %self.vm.vm_id, pid, error = %crate::error::ErrorChain(&e), "cannot move the vmm into its cgroup");
+            }
+        }
         let (tx, rx) = oneshot::channel();
         tokio::spawn(async move {
             let code = child.wait().await.ok().and_then(|s| s.code());

@@ -8,6 +8,7 @@
 //! reserve_memory_mib = 2048
 //! restore_on_boot = true
 //! metrics_listen = "127.0.0.1:9464"
+//! vms_cpu_max = 14.5
 //! [tls]
 //! cert = "/etc/vmm-agent/agent.pem"
 //! key = "/etc/vmm-agent/agent.key"
@@ -46,7 +47,7 @@ pub struct TlsSection {
 }
 
 /// Every setting, each optional (a flag or the built-in default fills what is missing).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct FileConfig {
     /// `--state-dir`.
@@ -75,6 +76,10 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<String>,
+    /// `--vm-cgroup`.
+    pub vm_cgroup: Option<String>,
+    /// `--vms-cpu-max`.
+    pub vms_cpu_max: Option<f64>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }

@@ -13,6 +13,7 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+pub mod cgroups;
 pub mod client;
 pub mod config_file;
 pub mod console;

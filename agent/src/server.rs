@@ -16,6 +16,7 @@ use vmm_api::socket::MAX_SOCKET_PATH;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use crate::cgroups::VmCgroups;
 use crate::host::{HostApi, HostFacts};
 use crate::listen::{Listen, TlsFiles};
 use crate::metrics::Metrics;
@@ -37,6 +38,9 @@ use crate::snapshots::HostCompat;
 use crate::state::{AgentConfig, Context, PeerIdentity, StoreHandle};
 use crate::store::{Store, StoreError};
 use crate::supervisor::Supervisor;
+
+/// Where cgroup hierarchies are mounted.
+const CGROUP_ROOT: &str = "/sys/fs/cgroup";
 
 /// Why the agent could not start or stopped serving.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +81,9 @@ pub enum ServerError {
     /// A serving task ended abnormally.
     #[error("serving task: {0}")]
     Task(String),
+    /// The VMs' cgroups cannot be set up as asked (`--vms-cpu-max`).
+    #[error("VM cgroups")]
+    Cgroups(#[source] crate::cgroups::CgroupError),
     /// Re-adoption failed.
     #[error("re-adopting VMs: {0}")]
     Adopt(String),
@@ -95,6 +102,25 @@ async fn bind_unix(path: &Path) -> Result<UnixListener, ServerError> {
     let listener = vmm_api::socket::bind_published(path, Some(0o660)).map_err(listen_err)?;
     listener.set_nonblocking(true).map_err(listen_err)?;
     UnixListener::from_std(listener).map_err(listen_err)
+}
+
+/// The VMs' cgroups as configured. Without a cap asked for, a host that has no usable CPU
+/// hierarchy runs its vmms in the agent's group (with a warning); with one, that stops the agent.
+fn vm_cgroups(config: &AgentConfig) -> Result<Option<VmCgroups>, ServerError> {
+    let Some(name) = &config.vm_cgroup else {
+        return Ok(None);
+    };
+    match VmCgroups::setup(Path::new(CGROUP_ROOT), name, config.vms_cpu_max) {
+        Ok(c) => {
+            tracing::info!(parent = %c.parent().display(), cpu_max = ?config.vms_cpu_max, "VM cgroups");
+            Ok(Some(c))
+        }
+        Err(e) if config.vms_cpu_max.is_none() => {
+            tracing::warn!(error = %crate::error::ErrorChain(&e), "no per-VM cgroups: vmms stay in the agent's cgroup");
+            Ok(None)
+        }
+        Err(e) => Err(ServerError::Cgroups(e)),
+    }
 }
 
 /// Runs the agent on `listens` until `shutdown` resolves. Health reports NOT_SERVING
@@ -123,7 +149,9 @@ pub async fn run(
     let facts = HostFacts::gather(&config.vmm_bin);
     let metrics = Arc::new(Metrics::new());
     let rpc_metrics = RpcMetricsLayer::new(metrics.clone());
+    let cgroups = vm_cgroups(&config)?;
     let ctx = Arc::new(Context {
+        cgroups,
         config,
         store: StoreHandle::new(store),
         migrations: Migrations::default(),

@@ -27,6 +27,10 @@ pub struct AgentConfig {
     pub restore_on_boot: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The parent cgroup of the VMs' groups (see `cgroups`); `None`: vmms stay in the agent's.
+    pub vm_cgroup: Option<String>,
+    /// The most CPU all VMs together may use, in cores (the parent group's cap).
+    pub vms_cpu_max: Option<f64>,
 }
 
 impl AgentConfig {
@@ -134,6 +138,8 @@ pub struct Context {
     pub peer: Option<PeerIdentity>,
     /// The figures kept for Prometheus.
     pub metrics: Arc<crate::metrics::Metrics>,
+    /// Each vmm's own CPU cgroup, when the host has one to give.
+    pub cgroups: Option<crate::cgroups::VmCgroups>,
 }
 
 impl Context {

@@ -86,7 +86,7 @@ async fn concurrent_creates_fit_or_are_refused_whole() -> Result<()> {
 async fn create_delete_cycles_leak_nothing() -> Result<()> {
     harness::require_kvm();
     let dir = state_dir("agent-cycles")?;
-    let agent = Agent::start(dir.path(), &[])?;
+    let agent = Agent::start(dir.path(), &["--vms-cpu-max", "1.5"])?;
     agent.wait_serving().await?;
     let mut vms = agent.vms().await?;
     let agent_pid = agent.child.id();
@@ -128,6 +128,13 @@ async fn create_delete_cycles_leak_nothing() -> Result<()> {
             .await?
             .into_inner();
         assert_eq!(vm.state(), VmState::Running, "{vm:?}");
+        // The vmm runs in its own CPU cgroup under the agent's capped parent.
+        let cgroups = std::fs::read_to_string(format!("/proc/{}/cgroup", vm.pid))?;
+        let name = vmm_agent::cgroups::default_name(dir.path());
+        assert!(
+            cgroups.lines().any(|l| l.ends_with(&format!("/{name}/{id}"))),
+            "{cgroups}"
+        );
         vms.pause_vm(PauseVmRequest {
             vm_id: id.clone(),
             request_id: String::new(),
@@ -141,6 +148,17 @@ async fn create_delete_cycles_leak_nothing() -> Result<()> {
         assert!(!common::alive(vm.pid));
     }
     assert!(vmm_processes_under(dir.path()).is_empty());
+    // The cap is on the parent; no VM's group is left in it.
+    let parent = common::cgroup_parent(dir.path()).expect("the VMs' parent cgroup");
+    let cap = std::fs::read_to_string(parent.join("cpu.max"))
+        .or_else(|_| std::fs::read_to_string(parent.join("cpu.cfs_quota_us")))?;
+    assert!(cap.starts_with("150000"), "{cap}");
+    let groups: Vec<_> = std::fs::read_dir(&parent)?
+        .flatten()
+        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
+        .map(|e| e.file_name())
+        .collect();
+    assert!(groups.is_empty(), "VM cgroups left: {groups:?}");
     let left: Vec<_> = std::fs::read_dir(dir.path().join("vms"))?.collect();
     assert!(left.is_empty(), "{left:?}");
     let fds_after = fd_count(agent_pid);

@@ -78,6 +78,14 @@ struct Args {
     /// 127.0.0.1:9464 [default: none].
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<String>,
+    /// The parent cgroup of the VMs: each vmm runs in a CPU cgroup of its own under it; `none`
+    /// leaves the vmms in the agent's cgroup [default: vmm-agent-<hash of the state dir>].
+    #[arg(long, value_name = "NAME")]
+    vm_cgroup: Option<String>,
+    /// The most CPU all VMs together may use, in cores (e.g. 1.5 on a 2-core host leaves half a
+    /// core to the agent and the host) [default: no cap].
+    #[arg(long, value_name = "CORES")]
+    vms_cpu_max: Option<f64>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -166,6 +174,24 @@ fn main() -> Result<()> {
         Some(text) => Some(metrics_address(&text)?),
         None => None,
     };
+    let vm_cgroup = match args.vm_cgroup.or(file.vm_cgroup) {
+        Some(n) if n == "none" => None,
+        Some(n) => {
+            let ok = (1..=64).contains(&n.len())
+                && n.bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.'))
+                && !n.starts_with('.');
+            if !ok {
+                bail!("--vm-cgroup '{n}' must be 1-64 of A-Z a-z 0-9 - _ . (not starting with .), or none");
+            }
+            Some(n)
+        }
+        None => Some(vmm_agent::cgroups::default_name(&state_dir)),
+    };
+    let vms_cpu_max = args.vms_cpu_max.or(file.vms_cpu_max);
+    if vms_cpu_max.is_some() && vm_cgroup.is_none() {
+        bail!("--vms-cpu-max needs the VMs' cgroup (not --vm-cgroup none)");
+    }
     let config = AgentConfig {
         state_dir,
         vmm_bin,
@@ -179,6 +205,8 @@ fn main() -> Result<()> {
             .max(64 * 1024),
         restore_on_boot: args.restore_on_boot.or(file.restore_on_boot).unwrap_or(false),
         metrics_listen,
+        vm_cgroup,
+        vms_cpu_max,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -140,6 +140,15 @@ pub fn state_dir(tag: &str) -> Result<StateDir> {
 /// See [`state_dir`].
 pub struct StateDir(TempDir);
 
+/// The parent cgroup the agent of `state_dir` made for its VMs (v2 or v1's cpu hierarchy), if any.
+pub fn cgroup_parent(state_dir: &Path) -> Option<PathBuf> {
+    let name = vmm_agent::cgroups::default_name(state_dir);
+    let root = Path::new("/sys/fs/cgroup");
+    [root.join(&name), root.join("cpu").join(&name)]
+        .into_iter()
+        .find(|p| p.is_dir())
+}
+
 impl StateDir {
     pub fn path(&self) -> &Path {
         self.0.path()
@@ -152,6 +161,15 @@ impl Drop for StateDir {
             let _ = std::process::Command::new("kill")
                 .args(["-9", &pid.to_string()])
                 .output();
+        }
+        // The agent's cgroups for this state dir, once their processes are gone.
+        let name = vmm_agent::cgroups::default_name(self.path());
+        for _ in 0..50 {
+            vmm_agent::cgroups::remove_tree(Path::new("/sys/fs/cgroup"), &name);
+            if cgroup_parent(self.path()).is_none() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(20));
         }
     }
 }

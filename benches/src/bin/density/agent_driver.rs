@@ -223,6 +223,25 @@ impl AgentDriver {
         }
     }
 
+    /// The last 16 KiB of a VM's console (GetConsole without following).
+    pub async fn console_tail(&self, vm_id: &str) -> Result<String> {
+        let mut stream = self
+            .vms()
+            .get_console(GetConsoleRequest {
+                vm_id: vm_id.into(),
+                tail_bytes: 16 << 10,
+                follow: false,
+            })
+            .await
+            .map_err(|s| status("GetConsole", s))?
+            .into_inner();
+        let mut text = Vec::new();
+        while let Some(chunk) = stream.message().await.map_err(|s| status("GetConsole", s))? {
+            text.extend_from_slice(&chunk.data);
+        }
+        Ok(String::from_utf8_lossy(&text).into_owned())
+    }
+
     /// CreateVm, then the state RUNNING, then the workload's marker on the console.
     async fn boot(&self, vm_id: &str) -> Result<Created> {
         let mut vms = self.vms();

@@ -115,6 +115,12 @@ impl DirectDriver {
         Ok(pid)
     }
 
+    /// The last 16 KiB of a VM's output (its serial console goes to its log).
+    pub fn console_tail(&self, name: &str) -> String {
+        let text = std::fs::read(self.log(name)).unwrap_or_default();
+        String::from_utf8_lossy(&text[text.len().saturating_sub(16 << 10)..]).into_owned()
+    }
+
     fn log_tail(&self, name: &str) -> String {
         let text = std::fs::read_to_string(self.log(name)).unwrap_or_default();
         let lines: Vec<&str> = text.lines().collect();

@@ -137,6 +137,14 @@ impl Driver {
         }
     }
 
+    /// The last bytes of a VM's serial console.
+    pub async fn console_tail(&self, vm: &Created) -> Result<String> {
+        match self {
+            Driver::Agent(d) => d.console_tail(&vm.vm_id).await,
+            Driver::Direct(d) => Ok(d.console_tail(&vm.vm_id)),
+        }
+    }
+
     /// The agent's pid, if there is one.
     pub fn agent_pid(&self) -> Option<u32> {
         match self {

@@ -28,7 +28,7 @@ use tokio::task::JoinSet;
 use crate::agent_driver::AgentDriver;
 use crate::direct_driver::DirectDriver;
 use crate::driver::{Cleanup, Created, Driver, Prepared, RpcSeries, VmShape};
-use crate::options::{Mode, Options, USAGE};
+use crate::options::{Mode, Options, Workload, USAGE};
 use crate::procfs::{GuestRam, PssSplit, Rollup};
 
 /// One wave of VMs started at once.
@@ -95,6 +95,29 @@ pub struct LeverOutcome {
     pub balloon_held_mib: u64,
     pub balloon_secs: f64,
     pub ksm: Option<ksm::KsmStats>,
+    /// With the `dirty` workload: each VM's guest-side rewrite rate over the CPU window, MiB/s
+    /// (the probe reports the bytes it wrote once a second).
+    pub dirty_mib_per_s: Vec<f64>,
+}
+
+/// The bytes the probe's `mem-dirty` thread has written, from the last report on a console.
+fn dirty_bytes(console: &str) -> Option<u64> {
+    console
+        .lines()
+        .rev()
+        .find_map(|l| l.split("vmmprobe: mem-dirty passes=").nth(1))
+        .and_then(|rest| rest.split_whitespace().find_map(|w| w.strip_prefix("bytes=")))
+        .and_then(|b| b.parse().ok())
+}
+
+/// The `dirty_bytes` of every VM now (None where there is no report yet).
+async fn dirty_sample(driver: &Driver, vms: &[Created]) -> Vec<Option<(Instant, u64)>> {
+    let mut out = Vec::with_capacity(vms.len());
+    for c in vms {
+        let console = driver.console_tail(c).await.unwrap_or_default();
+        out.push(dirty_bytes(&console).map(|b| (Instant::now(), b)));
+    }
+    out
 }
 
 pub struct Full {
@@ -129,6 +152,16 @@ pub struct Run {
 const BALLOON_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long KSM may take for its two full scans.
 const KSM_TIMEOUT: Duration = Duration::from_secs(600);
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dirty_reports_are_read_from_the_last_line() {
+        let console = "vmmprobe: mem-dirty started bytes=1 result=0\nvmmprobe: mem-dirty passes=3 bytes=100 errors=0\nnoise\nvmmprobe: mem-dirty passes=9 bytes=900 errors=0\n";
+        assert_eq!(super::dirty_bytes(console), Some(900));
+        assert_eq!(super::dirty_bytes("vmmprobe: idle"), None);
+    }
+}
 
 pub fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -312,7 +345,24 @@ async fn measure_full(
         renice_threads(std::process::id(), nice)?;
     }
     progress.note(&format!("measuring host CPU for {} s", opts.window.as_secs()));
+    let dirty = matches!(opts.workload, Workload::Dirty(_));
+    let dirty_before = match dirty {
+        true => dirty_sample(driver, vms).await,
+        false => Vec::new(),
+    };
     let cpu = cpu_window(opts.window, vms, driver.agent_pid()).await;
+    if dirty {
+        let after = dirty_sample(driver, vms).await;
+        levers.dirty_mib_per_s = dirty_before
+            .iter()
+            .zip(after)
+            .filter_map(|(b, a)| {
+                let ((t0, b0), (t1, b1)) = ((*b)?, a?);
+                let secs = t1.duration_since(t0).as_secs_f64();
+                (secs > 0.0).then(|| b1.saturating_sub(b0) as f64 / secs / 1048576.0)
+            })
+            .collect();
+    }
     let alive_after = vms.iter().filter(|c| procfs::alive(c.pid)).count();
     progress.note(&format!("{} calls of each RPC", opts.rpc_samples));
     let rpc = driver.rpc_latency(opts.rpc_samples, vms).await?;

@@ -121,6 +121,7 @@ pub fn to_json(opts: &Options, run: &Run) -> Value {
             "levers": {
                 "balloons_reached": f.levers.balloons_reached, "balloon_held_mib": f.levers.balloon_held_mib,
                 "balloon_secs": f.levers.balloon_secs,
+                "dirty_mib_per_s_per_vm": summary_json(&f.levers.dirty_mib_per_s),
                 "ksm": f.levers.ksm.as_ref().map(|k| json!({
                     "pages_shared": k.pages_shared, "pages_sharing": k.pages_sharing,
                     "saved_mib": k.pages_sharing as f64 * 4096.0 / 1048576.0,
@@ -299,6 +300,16 @@ pub fn markdown(opts: &Options, run: &Run) -> String {
         "MemAvailable drop per VM, MiB (host total incl. kernel)",
         cell(d.mem_drop_per_vm_mib, 2),
     );
+    if let Some(f) = run.full.as_ref().filter(|f| !f.levers.dirty_mib_per_s.is_empty()) {
+        row(
+            "guest mem-dirty rewrite rate, MiB/s per VM p50 / p90",
+            format!(
+                "{} / {}",
+                p(&f.levers.dirty_mib_per_s, |x| x.median, 1),
+                p(&f.levers.dirty_mib_per_s, |x| x.p90, 1)
+            ),
+        );
+    }
     if let Some(f) = &run.full {
         row(
             &format!(
