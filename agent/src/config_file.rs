@@ -8,6 +8,7 @@
 //! reserve_memory_mib = 2048
 //! restore_on_boot = true
 //! metrics_listen = "127.0.0.1:9464"
+//! bridge = "br0"
 //! [tls]
 //! cert = "/etc/vmm-agent/agent.pem"
 //! key = "/etc/vmm-agent/agent.key"
@@ -75,6 +76,10 @@ pub struct FileConfig {
     pub log_level: Option<String>,
     /// `--metrics-listen`.
     pub metrics_listen: Option<String>,
+    /// `--bridge`.
+    pub bridge: Option<String>,
+    /// `--nic-mtu`.
+    pub nic_mtu: Option<u32>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }
@@ -122,6 +127,8 @@ mod tests {
             insecure_tcp = false
             log_level = "debug"
             metrics_listen = "127.0.0.1:9464"
+            bridge = "br0"
+            nic_mtu = 1400
             [labels]
             zone = "z1"
             [tls]
@@ -135,6 +142,7 @@ mod tests {
         assert_eq!(c.reserve_memory_mib, Some(2048));
         assert_eq!(c.restore_on_boot, Some(true));
         assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!((c.bridge.as_deref(), c.nic_mtu), (Some("br0"), Some(1400)));
         assert_eq!(c.labels.unwrap()["zone"], "z1");
         assert_eq!(c.tls.unwrap().client_ca.as_deref(), Some(Path::new("/ca")));
         assert_eq!(

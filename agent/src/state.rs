@@ -27,6 +27,10 @@ pub struct AgentConfig {
     pub restore_on_boot: bool,
     /// Where to serve Prometheus metrics (`GET /metrics`); `None`: nowhere.
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// The bridge of agent-made taps whose NIC names none (`--bridge`).
+    pub bridge: Option<String>,
+    /// The MTU of agent-made taps whose NIC asks none (`--nic-mtu`); none: the bridge's.
+    pub nic_mtu: Option<u32>,
 }
 
 impl AgentConfig {

@@ -251,6 +251,8 @@ mod tests {
             console_log_max_bytes: 1 << 20,
             restore_on_boot: false,
             metrics_listen: None,
+            bridge: None,
+            nic_mtu: None,
         };
         // A process whose command line names the VM's socket, where something accepts and never
         // answers: a stuck vmm.

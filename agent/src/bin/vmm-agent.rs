@@ -78,6 +78,14 @@ struct Args {
     /// 127.0.0.1:9464 [default: none].
     #[arg(long, value_name = "HOST:PORT")]
     metrics_listen: Option<String>,
+    /// The Linux bridge that taps the agent makes (NICs without a tap) join when the NIC names
+    /// no bridge [default: none: such NICs must name one].
+    #[arg(long, value_name = "NAME")]
+    bridge: Option<String>,
+    /// The MTU of taps the agent makes when the NIC asks none, 68 to 65535 [default: the
+    /// bridge's].
+    #[arg(long, value_name = "N")]
+    nic_mtu: Option<u32>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -166,6 +174,18 @@ fn main() -> Result<()> {
         Some(text) => Some(metrics_address(&text)?),
         None => None,
     };
+    let bridge = args.bridge.or(file.bridge);
+    if let Some(b) = &bridge {
+        if !hostnet::tap::is_valid_name(b) {
+            bail!("--bridge '{b}': not an interface name (1-15 printable characters, no '/' or ':')");
+        }
+    }
+    let nic_mtu = args.nic_mtu.or(file.nic_mtu);
+    if let Some(mtu) = nic_mtu {
+        if !vmm_agent::nics::MTU_RANGE.contains(&mtu) {
+            bail!("--nic-mtu {mtu}: must be 68 to 65535");
+        }
+    }
     let config = AgentConfig {
         state_dir,
         vmm_bin,
@@ -179,6 +199,8 @@ fn main() -> Result<()> {
             .max(64 * 1024),
         restore_on_boot: args.restore_on_boot.or(file.restore_on_boot).unwrap_or(false),
         metrics_listen,
+        bridge,
+        nic_mtu,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
