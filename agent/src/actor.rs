@@ -642,7 +642,7 @@ impl VmActor {
         }
         let spec = self.vm.spec.clone().unwrap_or_default();
         if spec.nics.iter().any(crate::nics::is_agent_made) {
-            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_nics.rs).
+            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
             if let Some(ended) = self.launch_on_agent_taps(&spec).await {
                 return ended;
             }
