@@ -643,22 +643,18 @@ impl VmActor {
             let limit = self.ctx.config.allocatable;
             self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
         }
-        if let Err(e) = self.spawn_vmm(true).await {
-            tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot start the vmm");
-            self.record(|vm| {
-                vm.state = VmState::Failed as i32;
-                vm.state_reason = format!("cannot start the vmm: {e}");
-            })
-            .await;
-            return Ok(self.vm.clone());
-        }
-        match self.connect_new_vmm().await {
-            NewVmm::Connected => {}
-            NewVmm::Exited => {
-                self.finish().await;
-                return Ok(self.vm.clone());
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        if spec.nics.iter().any(crate::nics::is_agent_made) {
+            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
+            if let Some(ended) = self.launch_on_agent_taps(&spec).await {
+                return ended;
             }
-            NewVmm::Silent => return self.give_up("the vmm did not open its control socket").await,
+        } else {
+            let nic_taps = crate::nics::nic_taps(&spec, &[]);
+            self.record(|vm| vm.nic_taps = nic_taps).await;
+            if let Some(ended) = self.launch_from_config_file().await {
+                return ended;
+            }
         }
         self.record_vmm_state().await;
         self.pump_until(Instant::now() + START_TIMEOUT, CancelToken::never(), |a| {
@@ -950,6 +946,9 @@ mod memory;
 
 #[path = "actor_migration.rs"]
 pub(crate) mod migration;
+
+#[path = "actor_launch.rs"]
+mod launch;
 
 /// How connecting to a new vmm went.
 enum NewVmm {

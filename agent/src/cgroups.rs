@@ -37,7 +37,6 @@ enum Version {
 /// The parent cgroup of the agent's VMs.
 #[derive(Debug, Clone)]
 pub struct VmCgroups {
-    version: Version,
     parent: PathBuf,
 }
 
@@ -96,7 +95,7 @@ impl VmCgroups {
                 write(&parent.join("cpu.cfs_quota_us"), &quota(&version, cores))?;
             }
         }
-        Ok(VmCgroups { version, parent })
+        Ok(VmCgroups { parent })
     }
 
     /// The group of one VM.

@@ -9,6 +9,7 @@
 //! restore_on_boot = true
 //! metrics_listen = "127.0.0.1:9464"
 //! vms_cpu_max = 14.5
+//! bridge = "br0"
 //! [tls]
 //! cert = "/etc/vmm-agent/agent.pem"
 //! key = "/etc/vmm-agent/agent.key"
@@ -80,6 +81,10 @@ pub struct FileConfig {
     pub vm_cgroup: Option<String>,
     /// `--vms-cpu-max`.
     pub vms_cpu_max: Option<f64>,
+    /// `--bridge`.
+    pub bridge: Option<String>,
+    /// `--nic-mtu`.
+    pub nic_mtu: Option<u32>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }
@@ -127,6 +132,8 @@ mod tests {
             insecure_tcp = false
             log_level = "debug"
             metrics_listen = "127.0.0.1:9464"
+            bridge = "br0"
+            nic_mtu = 1400
             [labels]
             zone = "z1"
             [tls]
@@ -140,6 +147,7 @@ mod tests {
         assert_eq!(c.reserve_memory_mib, Some(2048));
         assert_eq!(c.restore_on_boot, Some(true));
         assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
+        assert_eq!((c.bridge.as_deref(), c.nic_mtu), (Some("br0"), Some(1400)));
         assert_eq!(c.labels.unwrap()["zone"], "z1");
         assert_eq!(c.tls.unwrap().client_ca.as_deref(), Some(Path::new("/ca")));
         assert_eq!(

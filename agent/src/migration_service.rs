@@ -94,6 +94,8 @@ impl MigrationApi {
             )));
         }
         check_storage(&vm.vm_id, &spec, req.shared_storage, &self.ctx.config.state_dir)?;
+        // Refused here, before the destination is asked: every NIC needs a tap named there.
+        move_nics(&mut spec.clone(), &req.nics, "the migrating VM")?;
         let peer = self.ctx.peer.clone().ok_or_else(|| {
             AgentError::WrongState(
                 "this agent has no TLS listener, so no identity to show a destination agent".into(),
@@ -401,8 +403,13 @@ impl MigrationPeerService for PeerApi {
         let peer = self.ctx.peer.clone().ok_or_else(|| {
             AgentError::WrongState("this agent has no TLS listener to receive migrations on".into())
         })?;
-        let mut spec = check_spec(req.spec.as_ref())?.clone();
+        // The NICs move first: the source's bridges need not exist here.
+        let mut spec = req
+            .spec
+            .clone()
+            .ok_or_else(|| AgentError::invalid("spec", "is required"))?;
         move_nics(&mut spec, &req.nics, "the migrating VM")?;
+        let mut spec = check_spec(Some(&spec))?.clone();
         // Copied disks arrive in new files of the VM's own; shared ones stay where they are.
         let vm_dir = self.ctx.config.vm_dir(&req.vm_id);
         let disk_copies: Vec<PathBuf> = if req.copy_disks {

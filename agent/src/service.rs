@@ -178,10 +178,13 @@ impl VmService for VmApi {
             return Ok(Response::new(vm));
         }
         check_vm_id("vm_id", &req.vm_id)?;
-        // The derived MACs are part of the stored spec, so that GetVm shows what the guest gets.
+        // The derived MACs and the agent's NIC defaults are part of the stored spec, so that GetVm
+        // shows what the guest gets and a later start does not depend on the agent's flags.
         let mut spec = req.spec.clone();
         if let Some(s) = spec.as_mut() {
             crate::nics::fill_macs(&req.vm_id, s);
+            let config = &self.ctx.config;
+            crate::nics::fill_nic_defaults(s, config.bridge.as_deref(), config.nic_mtu);
         }
         let spec = check_spec(spec.as_ref())?.clone();
         let vm = Vm {

@@ -115,6 +115,21 @@ pub fn move_nics(spec: &mut VmSpec, nics: &[NicOverride], whose: &str) -> Result
             ));
         };
         nic.tap = o.tap.clone();
+        // Now on a tap that exists: nothing of the agent's tap applies.
+        nic.bridge.clear();
+        nic.mtu = 0;
+    }
+    // Restores and migrations hand the vmm taps by name (`nets[].tap` overrides): a NIC on a tap
+    // the agent made for the original VM needs one named here.
+    if let Some(nic) = spec.nics.iter().find(|n| crate::nics::is_agent_made(n)) {
+        return Err(AgentError::invalid(
+            "nics",
+            format!(
+                "NIC '{}' of {whose} is on a tap the agent made (bridge '{}'); name an existing \
+                 tap for it ({{id: \"{}\", tap: ...}}): agent-made taps are not supported here",
+                nic.id, nic.bridge, nic.id
+            ),
+        ));
     }
     Ok(())
 }
@@ -274,6 +289,28 @@ mod tests {
         let spec = restored_spec(&snapshot(), dir, &[], labels).unwrap();
         assert_eq!(spec.labels.len(), 1);
         assert_eq!(spec.nics[0].tap, "tap-a");
+    }
+
+    #[test]
+    fn a_nic_on_an_agent_made_tap_must_be_moved_to_a_named_one() {
+        let mut spec = snapshot().spec.unwrap_or_default();
+        spec.nics[0].tap.clear();
+        spec.nics[0].bridge = "br0".into();
+        spec.nics[0].mtu = 1400;
+        let e = move_nics(&mut spec.clone(), &[], "the snapshot's VM").unwrap_err();
+        assert!(matches!(e, AgentError::InvalidArgument { .. }), "{e}");
+        assert!(
+            e.to_string()
+                .starts_with("nics: NIC 'eth0' of the snapshot's VM is on a tap the agent made"),
+            "{e}"
+        );
+        let taps = [NicOverride {
+            id: "eth0".into(),
+            tap: "tap-b".into(),
+        }];
+        move_nics(&mut spec, &taps, "the snapshot's VM").unwrap();
+        let nic = &spec.nics[0];
+        assert_eq!((nic.tap.as_str(), nic.bridge.as_str(), nic.mtu), ("tap-b", "", 0));
     }
 
     #[test]

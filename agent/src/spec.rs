@@ -184,7 +184,12 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
                 rate_limiter: None,
             })
             .collect(),
-        nets: spec.nics.iter().map(crate::nics::to_net_config).collect(),
+        nets: spec
+            .nics
+            .iter()
+            .enumerate()
+            .map(|(i, n)| crate::nics::to_net_config(i, n))
+            .collect(),
     }
 }
 

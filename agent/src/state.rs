@@ -31,6 +31,10 @@ pub struct AgentConfig {
     pub vm_cgroup: Option<String>,
     /// The most CPU all VMs together may use, in cores (the parent group's cap).
     pub vms_cpu_max: Option<f64>,
+    /// The bridge of agent-made taps whose NIC names none (`--bridge`).
+    pub bridge: Option<String>,
+    /// The MTU of agent-made taps whose NIC asks none (`--nic-mtu`); none: the bridge's.
+    pub nic_mtu: Option<u32>,
 }
 
 impl AgentConfig {

@@ -13,7 +13,7 @@ use prost::Message;
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use tokio::sync::broadcast;
 
-use crate::proto::{Vm, VmSpec, VmState, WatchEventType, WatchVmsEvent};
+use crate::proto::{NicTap, Vm, VmSpec, VmState, WatchEventType, WatchVmsEvent};
 
 /// Schema migrations, applied in order; `PRAGMA user_version` counts those applied.
 const MIGRATIONS: &[&str] = &[
@@ -74,6 +74,9 @@ const MIGRATIONS: &[&str] = &[
     // 5: the destination of an outgoing migration while it runs, so that an agent restarted
     // meanwhile knows the VM may have moved.
     "ALTER TABLE vms ADD COLUMN migrating_to TEXT NOT NULL DEFAULT '';",
+    // 6: the host side of each NIC as the last start set it up (`Vm.nic_taps`: the taps the
+    // agent made), length-delimited `NicTap`s.
+    "ALTER TABLE vms ADD COLUMN nic_taps BLOB NOT NULL DEFAULT x'';",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -458,7 +461,7 @@ impl Store {
 
 const VM_COLUMNS: &str = "vm_id, spec, state, state_reason, pid, exit_code, boot_ms, \
                           create_time_ms, update_time_ms, revision, desired, restored_from, \
-                          migrating_to";
+                          migrating_to, nic_taps";
 
 type VmRow = (
     String,
@@ -474,6 +477,7 @@ type VmRow = (
     i32,
     String,
     String,
+    Vec<u8>,
 );
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
@@ -491,6 +495,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         r.get(10)?,
         r.get(11)?,
         r.get(12)?,
+        r.get(13)?,
     ))
 }
 
@@ -509,6 +514,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         desired,
         restored_from,
         migrating_to,
+        nic_taps,
     ) = row;
     Ok(Vm {
         vm_id,
@@ -524,7 +530,26 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         desired_state: desired,
         restored_from,
         migrating_to,
+        nic_taps: decode_nic_taps(&nic_taps)?,
     })
+}
+
+/// `Vm.nic_taps` as stored: each `NicTap` length-delimited, in order.
+fn encode_nic_taps(taps: &[NicTap]) -> Vec<u8> {
+    let mut buf = Vec::new();
+    for tap in taps {
+        // Writing into a Vec cannot run out of room.
+        let _ = tap.encode_length_delimited(&mut buf);
+    }
+    buf
+}
+
+fn decode_nic_taps(mut buf: &[u8]) -> Result<Vec<NicTap>, StoreError> {
+    let mut taps = Vec::new();
+    while !buf.is_empty() {
+        taps.push(NicTap::decode_length_delimited(&mut buf)?);
+    }
+    Ok(taps)
 }
 
 fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
@@ -532,11 +557,11 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid, exit_code,
                           boot_ms, create_time_ms, update_time_ms, revision, desired,
-                          restored_from, migrating_to)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15)
+                          restored_from, migrating_to, nic_taps)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?17)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
              exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13,
-             migrating_to = ?15, spec = COALESCE(?16, spec)",
+             migrating_to = ?15, spec = COALESCE(?16, spec), nic_taps = ?17",
         params![
             vm.vm_id,
             spec.encode_to_vec(),
@@ -553,7 +578,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.desired_state,
             vm.restored_from,
             vm.migrating_to,
-            vm.spec.as_ref().map(|s| s.encode_to_vec())
+            vm.spec.as_ref().map(|s| s.encode_to_vec()),
+            encode_nic_taps(&vm.nic_taps)
         ],
     )?;
     Ok(())

@@ -253,6 +253,8 @@ mod tests {
             metrics_listen: None,
             vm_cgroup: None,
             vms_cpu_max: None,
+            bridge: None,
+            nic_mtu: None,
         };
         // A process whose command line names the VM's socket, where something accepts and never
         // answers: a stuck vmm.

@@ -86,6 +86,14 @@ struct Args {
     /// core to the agent and the host) [default: no cap].
     #[arg(long, value_name = "CORES")]
     vms_cpu_max: Option<f64>,
+    /// The Linux bridge that taps the agent makes (NICs without a tap) join when the NIC names
+    /// no bridge [default: none: such NICs must name one].
+    #[arg(long, value_name = "NAME")]
+    bridge: Option<String>,
+    /// The MTU of taps the agent makes when the NIC asks none, 68 to 65535 [default: the
+    /// bridge's].
+    #[arg(long, value_name = "N")]
+    nic_mtu: Option<u32>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -192,6 +200,18 @@ fn main() -> Result<()> {
     if vms_cpu_max.is_some() && vm_cgroup.is_none() {
         bail!("--vms-cpu-max needs the VMs' cgroup (not --vm-cgroup none)");
     }
+    let bridge = args.bridge.or(file.bridge);
+    if let Some(b) = &bridge {
+        if !hostnet::tap::is_valid_name(b) {
+            bail!("--bridge '{b}': not an interface name (1-15 printable characters, no '/' or ':')");
+        }
+    }
+    let nic_mtu = args.nic_mtu.or(file.nic_mtu);
+    if let Some(mtu) = nic_mtu {
+        if !vmm_agent::nics::MTU_RANGE.contains(&mtu) {
+            bail!("--nic-mtu {mtu}: must be 68 to 65535");
+        }
+    }
     let config = AgentConfig {
         state_dir,
         vmm_bin,
@@ -207,6 +227,8 @@ fn main() -> Result<()> {
         metrics_listen,
         vm_cgroup,
         vms_cpu_max,
+        bridge,
+        nic_mtu,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -72,7 +72,9 @@ enum Cmd {
         /// KEY=VALUE; may be repeated.
         #[arg(long = "label")]
         labels: Vec<String>,
-        /// tap=TAP[,id=ID][,mac=MAC] (an existing TAP device); may be repeated.
+        /// tap=TAP[,id=ID][,mac=MAC] (an existing TAP device), or
+        /// bridge=BRIDGE[,id=ID][,mac=MAC][,mtu=N] (a tap the agent makes on that bridge; `bridge`
+        /// alone: on the agent's --bridge); may be repeated.
         #[arg(long = "nic")]
         nics: Vec<String>,
         /// Track written pages, for diff snapshots.
@@ -238,7 +240,17 @@ fn parse_nic(spec: &str, index: usize) -> Result<NicSpec> {
             Some(("tap", t)) => nic.tap = t.to_string(),
             Some(("id", i)) => nic.id = i.to_string(),
             Some(("mac", m)) => nic.mac = m.to_string(),
-            _ => bail!("--nic takes tap=TAP[,id=ID][,mac=MAC], got '{spec}'"),
+            Some(("bridge", b)) => nic.bridge = b.to_string(),
+            Some(("mtu", m)) => {
+                nic.mtu = m
+                    .parse()
+                    .map_err(|_| anyhow::anyhow!("--nic {spec}: mtu '{m}' is not a number"))?
+            }
+            // A tap the agent makes, on its --bridge.
+            None if item == "bridge" => {}
+            _ => bail!(
+                "--nic takes tap=TAP[,id=ID][,mac=MAC] or bridge[=BRIDGE][,id=ID][,mac=MAC][,mtu=N], got '{spec}'"
+            ),
         }
     }
     Ok(nic)
@@ -257,6 +269,7 @@ fn vm_json(vm: &Vm) -> Value {
         "update_time_ms": vm.update_time_ms,
         "revision": vm.revision,
         "restored_from": vm.restored_from,
+        "nic_taps": vm.nic_taps.iter().map(|t| json!({"nic_id": t.nic_id, "tap": t.tap, "bridge": t.bridge, "mtu": t.mtu})).collect::<Vec<_>>(),
         "spec": {
             "vcpus": spec.vcpus,
             "memory_mib": spec.memory_mib,
@@ -265,7 +278,7 @@ fn vm_json(vm: &Vm) -> Value {
             "cmdline": spec.cmdline,
             "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
             "labels": spec.labels,
-            "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac})).collect::<Vec<_>>(),
+            "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac, "bridge": n.bridge, "mtu": n.mtu})).collect::<Vec<_>>(),
             "memory": memory::spec_json(&spec),
         },
     })
