@@ -153,16 +153,6 @@ const BALLOON_TIMEOUT: Duration = Duration::from_secs(300);
 /// How long KSM may take for its two full scans.
 const KSM_TIMEOUT: Duration = Duration::from_secs(600);
 
-#[cfg(test)]
-mod tests {
-    #[test]
-    fn dirty_reports_are_read_from_the_last_line() {
-        let console = "vmmprobe: mem-dirty started bytes=1 result=0\nvmmprobe: mem-dirty passes=3 bytes=100 errors=0\nnoise\nvmmprobe: mem-dirty passes=9 bytes=900 errors=0\n";
-        assert_eq!(super::dirty_bytes(console), Some(900));
-        assert_eq!(super::dirty_bytes("vmmprobe: idle"), None);
-    }
-}
-
 pub fn host_cores() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get())
 }
@@ -533,4 +523,14 @@ fn main() -> Result<()> {
         .build()
         .context("cannot start the async runtime")?;
     runtime.block_on(run(opts))
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn dirty_reports_are_read_from_the_last_line() {
+        let console = "vmmprobe: mem-dirty started bytes=1 result=0\nvmmprobe: mem-dirty passes=3 bytes=100 errors=0\nnoise\nvmmprobe: mem-dirty passes=9 bytes=900 errors=0\n";
+        assert_eq!(super::dirty_bytes(console), Some(900));
+        assert_eq!(super::dirty_bytes("vmmprobe: idle"), None);
+    }
 }
