@@ -168,23 +168,10 @@ impl GuestBuilder {
     }
 
     /// Spawns the `vmm` process once its vCPUs fit among the guests booting in this process (see
-    /// `boot_gate.rs`: overcommitted boots under kvm_pvm stall); its slot frees when it prints `BOOT-COMPLETE`, exits or is dropped.
+    /// [`Guest::spawn_booting`]).
     pub fn spawn(self) -> Result<Guest> {
         let cmd = self.command()?;
-        let permit = Arc::new(Mutex::new(Some(BootPermit::acquire(self.vcpus)?)));
-        let booted = Arc::clone(&permit);
-        let user_hook = self.hook.map(|h| h.0);
-        let hook: LineHook = Arc::new(move |pid, line| {
-            if line.text.contains("BOOT-COMPLETE") {
-                release(&booted);
-            }
-            if let Some(hook) = &user_hook {
-                hook(pid, line);
-            }
-        });
-        let mut guest = Guest::spawn_command(cmd, Some(hook))?;
-        guest.boot_permit = Some(permit);
-        Ok(guest)
+        Guest::spawn_booting(cmd, self.vcpus, self.hook.map(|h| h.0))
     }
 }
 
@@ -222,6 +209,26 @@ impl std::fmt::Debug for Guest {
 }
 
 impl Guest {
+    /// Spawns `cmd`, a VMM that boots a guest of `vcpus` vCPUs (now, or once it is configured over
+    /// its socket), when those vCPUs fit among the guests booting in this process (see
+    /// `boot_gate.rs`: overcommitted boots under kvm_pvm stall). Its slot frees when the guest
+    /// prints `BOOT-COMPLETE`, or the process exits or is dropped.
+    pub fn spawn_booting(cmd: Command, vcpus: u32, hook: Option<LineHook>) -> Result<Guest> {
+        let permit = Arc::new(Mutex::new(Some(BootPermit::acquire(vcpus)?)));
+        let booted = Arc::clone(&permit);
+        let gated: LineHook = Arc::new(move |pid, line| {
+            if line.text.contains("BOOT-COMPLETE") {
+                release(&booted);
+            }
+            if let Some(hook) = &hook {
+                hook(pid, line);
+            }
+        });
+        let mut guest = Guest::spawn_command(cmd, Some(gated))?;
+        guest.boot_permit = Some(permit);
+        Ok(guest)
+    }
+
     /// Spawns any command (e.g. QEMU) the same way [`GuestBuilder::spawn`] spawns `vmm`: stdin from
     /// /dev/null, stdout and stderr piped into the timestamped log, `hook` called on every line.
     /// [`Guest::started_at`] is taken right before the spawn.

@@ -370,7 +370,7 @@ fn jailed_guest_in_a_given_netns_logs_inside_the_jail_and_powers_off() {
     cmd.arg("--serial").arg(format!("file:{}", log.display()));
     cmd.arg("--jail").arg(&dir).arg("--netns").arg(&netns_path);
     cmd.args(["--uid", &UID.to_string(), "--gid", &GID.to_string()]);
-    let mut guest = Guest::spawn_command(cmd, None).unwrap();
+    let mut guest = Guest::spawn_booting(cmd, 1, None).unwrap();
     // The console goes to the file: poll it for the boot, then look at the VMM while the guest counts
     // (10 s) before it powers off.
     let deadline = Instant::now() + BOOT_TIMEOUT;

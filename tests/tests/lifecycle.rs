@@ -210,7 +210,7 @@ fn an_empty_vmm_is_configured_given_descriptors_and_started_over_its_socket() {
     let before = std::fs::read(&disk).unwrap();
     let mut cmd = Command::new(vmm_binary());
     cmd.arg("--api-sock").arg(&sock);
-    let mut guest = Guest::spawn_command(cmd, None).unwrap();
+    let mut guest = Guest::spawn_booting(cmd, 1, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
 
@@ -326,7 +326,7 @@ fn a_guest_panic_is_announced_to_clients_before_the_exit() {
     let sock = dir.path().join("api.sock");
     let mut cmd = Command::new(vmm_binary());
     cmd.arg("--api-sock").arg(&sock);
-    let mut guest = Guest::spawn_command(cmd, None).unwrap();
+    let mut guest = Guest::spawn_booting(cmd, 1, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
     // Started over the socket so that the client is there before anything happens.

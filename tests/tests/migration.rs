@@ -213,7 +213,7 @@ fn a_running_guest_moves_to_another_vmm_and_a_refusing_destination_changes_nothi
         .arg(format!("path={},id=data", disk.display()))
         .arg("--api-sock")
         .arg(&sock);
-    let mut source = Guest::spawn_command(cmd, None).unwrap();
+    let mut source = Guest::spawn_booting(cmd, 2, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
     source
@@ -479,7 +479,7 @@ fn a_guest_dirtying_faster_than_the_link_converges_by_throttling_or_is_cancelled
         .args(["--memory-mib", "128", "--vcpus", "1", "--track-dirty-pages", "on"])
         .arg("--api-sock")
         .arg(&sock);
-    let source = Guest::spawn_command(cmd, None).unwrap();
+    let source = Guest::spawn_booting(cmd, 1, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
     source
@@ -631,7 +631,7 @@ fn a_guest_rewriting_its_local_disk_moves_with_an_identical_copy() {
         .arg(format!("path={},id=data", disk.display()))
         .arg("--api-sock")
         .arg(&sock);
-    let source = Guest::spawn_command(cmd, None).unwrap();
+    let source = Guest::spawn_booting(cmd, 2, None).unwrap();
     ControlClient::wait_for_socket(&sock, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock).unwrap();
     source

@@ -157,7 +157,7 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         .args(["--net", "tap=vtap1,mac=02:00:00:00:78:02,id=eth1"])
         .arg("--api-sock")
         .arg(&sock);
-    let mut guest = harness::Guest::spawn_command(cmd, None).unwrap();
+    let mut guest = harness::Guest::spawn_booting(cmd, 1, None).unwrap();
 
     guest
         .wait_for_line(

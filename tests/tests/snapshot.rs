@@ -160,7 +160,7 @@ fn a_restored_guest_continues_in_another_namespace_and_bad_snapshots_are_refused
         .arg(format!("path={},id=fs", fs.display()))
         .arg("--api-sock")
         .arg(&sock1);
-    let mut original = Guest::spawn_command(cmd, None).unwrap();
+    let mut original = Guest::spawn_booting(cmd, 2, None).unwrap();
     ControlClient::wait_for_socket(&sock1, SOCKET_TIMEOUT).unwrap();
     let mut c = ControlClient::connect(&sock1).unwrap();
     original
