@@ -176,6 +176,7 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
                 id: format!("disk{i}"),
                 path: PathBuf::from(&d.path),
                 fd: None,
+                backing: None,
                 read_only: d.read_only,
                 root: d.root,
                 serial: None,

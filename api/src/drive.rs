@@ -51,6 +51,15 @@ pub struct DriveConfig {
     /// uses the page cache (`cache=writeback`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<String>,
+    /// A base image under this drive, making it copy-on-write: the image (`path` or `fd`) then holds
+    /// only what the guest wrote, and blocks it never wrote read from the base. The image is a
+    /// sparse file at least as large as the base (its size is the disk's), created empty by whoever
+    /// sets the drive up; it must stay on a file system that reports holes (`SEEK_HOLE`), and its
+    /// holes must never be punched by anything else. The base is opened read-only under a shared
+    /// lock, so any number of drives share it; it must not change while any overlay uses it. Such a
+    /// drive offers no discard or write-zeroes (a hole would expose the base again).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backing: Option<PathBuf>,
     /// The guest may only read (VIRTIO_BLK_F_RO); the image is opened read-only.
     #[serde(default)]
     pub read_only: bool,
@@ -78,11 +87,12 @@ impl DriveConfig {
         self.serial.as_deref().unwrap_or(&self.id)
     }
 
-    /// Parses a `--drive` value: `path=P[,id=ID][,ro=on|off][,root=on|off][,serial=S]
+    /// Parses a `--drive` value: `path=P[,backing=BASE][,id=ID][,ro=on|off][,root=on|off][,serial=S]
     /// [,engine=uring|sync][,cache=writeback|none][,bw=N][,bw_burst=N][,iops=N][,iops_burst=N]`. `index` names the drive
     /// (`drive<index>`) when no id is given.
     pub fn from_cli(spec: &str, index: usize) -> Result<Self, String> {
         let mut path = None;
+        let mut backing = None;
         let mut id = None;
         let mut read_only = false;
         let mut root = false;
@@ -93,6 +103,7 @@ impl DriveConfig {
         for (key, value) in cli_pairs(spec)? {
             match key {
                 "path" => path = Some(PathBuf::from(value)),
+                "backing" => backing = Some(PathBuf::from(value)),
                 "id" => id = Some(value.to_string()),
                 "ro" => read_only = on_off(key, value)?,
                 "root" => root = on_off(key, value)?,
@@ -123,6 +134,7 @@ impl DriveConfig {
             id: id.unwrap_or_else(|| format!("drive{index}")),
             path: path.ok_or("path=PATH is required")?,
             fd: None,
+            backing,
             read_only,
             root,
             serial,
@@ -225,6 +237,20 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
             }
             _ => {}
         }
+        if let Some(base) = &d.backing {
+            if !base.is_absolute() {
+                return Err(ConfigError::invalid(
+                    field("backing"),
+                    format!("{} is not an absolute path", base.display()),
+                ));
+            }
+            if d.cache == CacheMode::None {
+                return Err(ConfigError::invalid(
+                    field("cache"),
+                    "a drive with a backing image uses the page cache (cache=writeback)".into(),
+                ));
+            }
+        }
         let serial = d.serial();
         if serial.len() > MAX_SERIAL_LEN || !serial.bytes().all(|b| b.is_ascii_graphic()) {
             return Err(ConfigError::invalid(
@@ -250,6 +276,7 @@ pub fn validate_drives(drives: &[DriveConfig]) -> Result<(), ConfigError> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
 
     #[test]
     fn cli_spec_round_trip() {
@@ -264,6 +291,8 @@ mod tests {
         assert_eq!(d.cache, CacheMode::None);
         assert_eq!((d.id.as_str(), d.root, d.serial()), ("drive2", true, "drive2"));
         assert!(d.rate_limiter.is_none());
+        let d = DriveConfig::from_cli("path=/vm/root.overlay,backing=/images/base.img", 0).unwrap();
+        assert_eq!(d.backing.as_deref(), Some(Path::new("/images/base.img")));
         for (bad, why) in [
             ("id=x", "path"),
             ("path=/a,ro=maybe", "ro"),
@@ -305,6 +334,17 @@ mod tests {
             ),
             (vec![with(&|d| d.path = PathBuf::new())], "drives[0].path"),
             (vec![with(&|d| d.fd = Some("f".into()))], "drives[0].fd"),
+            (
+                vec![with(&|d| d.backing = Some("base.img".into()))],
+                "drives[0].backing",
+            ),
+            (
+                vec![with(&|d| {
+                    d.backing = Some("/base.img".into());
+                    d.cache = CacheMode::None
+                })],
+                "drives[0].cache",
+            ),
             (
                 vec![with(&|d| {
                     d.path = PathBuf::new();
