@@ -16,6 +16,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "vmmagent/v1/snapshot_resources.proto",
         "vmmagent/v1/migration.proto",
         "vmmagent/v1/migration_resources.proto",
+        "vmmagent/v1/image.proto",
     ];
     println!("cargo:rerun-if-changed=proto");
     let fds = protox::compile(files, ["proto"])?;

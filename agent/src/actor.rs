@@ -698,7 +698,11 @@ impl VmActor {
         let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
         if configured {
             let spec = self.vm.spec.clone().unwrap_or_default();
-            let config = to_vm_config(&spec, &self.ctx.config.console_log(&self.vm.vm_id));
+            let config = to_vm_config(
+                &spec,
+                &self.ctx.config.console_log(&self.vm.vm_id),
+                &self.ctx.config.images_dir(),
+            );
             let config_path = self.dir.join("vm.json");
             std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
             command.arg("--config").arg(&config_path);

@@ -59,7 +59,11 @@ impl VmActor {
         };
         let shown = nic_taps(spec, &taps);
         self.record(|vm| vm.nic_taps = shown).await;
-        let config = to_vm_config(spec, &self.ctx.config.console_log(&self.vm.vm_id));
+        let config = to_vm_config(
+            spec,
+            &self.ctx.config.console_log(&self.vm.vm_id),
+            &self.ctx.config.images_dir(),
+        );
         // Not read by the vmm (it gets the configuration over its socket): kept for operators,
         // as for VMs started from it.
         let written = std::fs::create_dir_all(&self.dir).and_then(|()| {

@@ -85,6 +85,8 @@ pub struct FileConfig {
     pub bridge: Option<String>,
     /// `--nic-mtu`.
     pub nic_mtu: Option<u32>,
+    /// `--image-max-bytes`.
+    pub image_max_bytes: Option<u64>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }

@@ -44,6 +44,12 @@ pub enum AgentError {
     /// A snapshot with this id exists.
     #[error("a snapshot with id '{0}' already exists")]
     SnapshotExists(String),
+    /// No image with this id.
+    #[error("no image with id '{0}'")]
+    ImageNotFound(String),
+    /// An image with this id exists (or is being registered).
+    #[error("{0}")]
+    ImageExists(String),
     /// No operation with this name.
     #[error("no operation named '{0}'")]
     OperationNotFound(String),
@@ -82,10 +88,13 @@ impl AgentError {
 fn status_parts(err: &AgentError) -> (Code, String) {
     let code = match err {
         AgentError::InvalidArgument { .. } => Code::InvalidArgument,
-        AgentError::VmNotFound(_) | AgentError::OperationNotFound(_) | AgentError::SnapshotNotFound(_) => {
-            Code::NotFound
+        AgentError::VmNotFound(_)
+        | AgentError::OperationNotFound(_)
+        | AgentError::SnapshotNotFound(_)
+        | AgentError::ImageNotFound(_) => Code::NotFound,
+        AgentError::VmExists(_) | AgentError::SnapshotExists(_) | AgentError::ImageExists(_) => {
+            Code::AlreadyExists
         }
-        AgentError::VmExists(_) | AgentError::SnapshotExists(_) => Code::AlreadyExists,
         AgentError::WrongState(_) => Code::FailedPrecondition,
         AgentError::Exhausted(_) => Code::ResourceExhausted,
         AgentError::Unavailable(_) => Code::Unavailable,
@@ -131,6 +140,9 @@ impl From<StoreError> for AgentError {
             StoreError::SnapshotExists(id) => AgentError::SnapshotExists(id),
             StoreError::SnapshotNotFound(id) => AgentError::SnapshotNotFound(id),
             StoreError::SnapshotInUse(why) => AgentError::WrongState(why),
+            e @ StoreError::ImageExists(_) => AgentError::ImageExists(e.to_string()),
+            StoreError::ImageNotFound(id) => AgentError::ImageNotFound(id),
+            StoreError::ImageInUse(why) => AgentError::WrongState(why),
             StoreError::Exhausted(why) => AgentError::Exhausted(why),
             e @ StoreError::Compacted { .. } => AgentError::OutOfRange(e.to_string()),
             e => AgentError::Store(e),
@@ -172,6 +184,18 @@ mod tests {
         );
         assert_eq!(
             Status::from(AgentError::WrongState("x".into())).code(),
+            Code::FailedPrecondition
+        );
+        assert_eq!(
+            Status::from(AgentError::ImageNotFound("a".into())).code(),
+            Code::NotFound
+        );
+        assert_eq!(
+            Status::from(AgentError::from(StoreError::ImageExists("a".into()))).code(),
+            Code::AlreadyExists
+        );
+        assert_eq!(
+            Status::from(AgentError::from(StoreError::ImageInUse("x".into()))).code(),
             Code::FailedPrecondition
         );
         assert_eq!(

@@ -4,6 +4,8 @@
 //! - [`service`] and [`host`]: thin RPC handlers; [`error`]: the one place errors become statuses.
 //! - [`supervisor`]: one actor per VM (`actor.rs`) owning its `vmm` process; [`control`]: the vmm's
 //!   control socket.
+//! - [`images`]: base images and VMs' copy-on-write overlays of them; [`image_service`]: their
+//!   RPC handlers.
 //! - [`operations`]: long-running operations (the internal API and the store); [`ops_service`]:
 //!   their RPC handlers.
 //! - [`store`]: the SQLite state; [`state`]: what the parts share.
@@ -21,6 +23,8 @@ pub mod control;
 pub mod error;
 pub mod exposition;
 pub mod host;
+pub mod image_service;
+pub mod images;
 pub mod listen;
 pub mod memory;
 pub mod metrics;

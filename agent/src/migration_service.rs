@@ -93,6 +93,7 @@ impl MigrationApi {
                 vm.vm_id
             )));
         }
+        crate::migrations::check_no_images(&vm.vm_id, &spec)?;
         check_storage(&vm.vm_id, &spec, req.shared_storage, &self.ctx.config.state_dir)?;
         // Refused here, before the destination is asked: every NIC needs a tap named there.
         move_nics(&mut spec.clone(), &req.nics, "the migrating VM")?;
@@ -409,6 +410,7 @@ impl MigrationPeerService for PeerApi {
             .clone()
             .ok_or_else(|| AgentError::invalid("spec", "is required"))?;
         move_nics(&mut spec, &req.nics, "the migrating VM")?;
+        crate::migrations::check_no_images(&req.vm_id, &spec)?;
         let mut spec = check_spec(Some(&spec))?.clone();
         // Copied disks arrive in new files of the VM's own; shared ones stay where they are.
         let vm_dir = self.ctx.config.vm_dir(&req.vm_id);

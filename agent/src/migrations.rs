@@ -134,6 +134,18 @@ pub fn new_token() -> Result<String, AgentError> {
     Ok(bytes.iter().map(|b| format!("{b:02x}")).collect())
 }
 
+/// Refuses (FAILED_PRECONDITION) to migrate a VM on base images: its overlays need the same
+/// image at the destination, which nothing checks or provides yet.
+pub fn check_no_images(vm_id: &str, spec: &VmSpec) -> Result<(), AgentError> {
+    match crate::images::spec_image_ids(spec).first() {
+        None => Ok(()),
+        Some(image) => Err(AgentError::WrongState(format!(
+            "VM '{vm_id}' runs on image '{image}': VMs on images cannot be live-migrated yet \
+             (the destination would need the same image)"
+        ))),
+    }
+}
+
 /// Refuses (FAILED_PRECONDITION) shared storage for disks that cannot be: those in this agent's
 /// state directory (which it deletes with the VM once the destination owns it). Without shared
 /// storage every disk is copied, wherever it is.

@@ -3,9 +3,9 @@
 //!
 //! A client certificate names its role in a subject alternative name URI
 //! `vmmagent-role:viewer|operator|admin` (the highest one counts if it names several). Viewers may
-//! read (get, list, watch, console, host, operations get/list/wait, health, reflection); operators
-//! also drive VMs (create, start, stop, pause, resume, reboot, cancel operations); admins may do
-//! everything, including delete. A method this table does not know needs admin, so that a new RPC
+//! read (get, list, watch, console, host, operations get/list/wait, images, health, reflection);
+//! operators also drive VMs (create, start, stop, pause, resume, reboot, cancel operations) and
+//! register or upload images; admins may do everything, including delete. A method this table does not know needs admin, so that a new RPC
 //! is closed until someone decides who may call it. The Unix socket has no such layer: its file
 //! mode decides who connects, and whoever does is admin.
 //!
@@ -103,6 +103,9 @@ pub fn required_role(path: &str) -> Role {
             | "RebootVmAsync" | "UpdateVm",
         ) => Role::Operator,
         ("vmmagent.v1.OperationsService", "CancelOperation") => Role::Operator,
+        ("vmmagent.v1.ImageService", "GetImage" | "ListImages") => Role::Viewer,
+        // Images are made like VMs; deleting one, like deleting a VM or a snapshot, is admin.
+        ("vmmagent.v1.ImageService", "RegisterImage" | "UploadImage") => Role::Operator,
         ("vmmagent.v1.MigrationService", "WatchMigration") => Role::Viewer,
         ("vmmagent.v1.MigrationService", "MigrateVm" | "CancelMigration") => Role::Operator,
         _ => Role::Admin,
@@ -324,6 +327,19 @@ mod tests {
             Role::Operator
         );
         assert_eq!(required_role("/grpc.health.v1.Health/Check"), Role::Viewer);
+        for (method, role) in [
+            ("GetImage", Role::Viewer),
+            ("ListImages", Role::Viewer),
+            ("RegisterImage", Role::Operator),
+            ("UploadImage", Role::Operator),
+            ("DeleteImage", Role::Admin),
+        ] {
+            assert_eq!(
+                required_role(&format!("/vmmagent.v1.ImageService/{method}")),
+                role,
+                "{method}"
+            );
+        }
         // Unknown methods are closed to all but admins.
         assert_eq!(required_role("/vmmagent.v1.VmService/Nuke"), Role::Admin);
         assert_eq!(required_role("garbage"), Role::Admin);

@@ -1,5 +1,5 @@
 //! The agent put together: state dir and store, gRPC services (VmService, SnapshotService,
-//! OperationsService, HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
+//! ImageService, OperationsService, HostService, health, reflection) on Unix sockets and TCP (mutual TLS, with roles checked per
 //! call; every call counted for the metrics), the Prometheus endpoint, and re-adoption of the VMs
 //! that run.
 
@@ -18,6 +18,7 @@ use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
 use crate::cgroups::VmCgroups;
 use crate::host::{HostApi, HostFacts};
+use crate::image_service::ImageApi;
 use crate::listen::{Listen, TlsFiles};
 use crate::metrics::Metrics;
 use crate::migration_service::{MigrationApi, PeerApi};
@@ -25,6 +26,7 @@ use crate::migrations::Migrations;
 use crate::operations::Operations;
 use crate::ops_service::OperationsApi;
 use crate::proto::host_service_server::HostServiceServer;
+use crate::proto::image_service_server::ImageServiceServer;
 use crate::proto::migration_peer_service_server::MigrationPeerServiceServer;
 use crate::proto::migration_service_server::MigrationServiceServer;
 use crate::proto::operations_service_server::OperationsServiceServer;
@@ -69,6 +71,9 @@ pub enum ServerError {
     /// The operations a previous agent left running could not be settled.
     #[error("recovering operations")]
     Operations(#[source] crate::error::AgentError),
+    /// The images a previous agent left half made could not be found out.
+    #[error("reading the images")]
+    Images(#[source] crate::error::AgentError),
     /// A TCP address cannot be bound.
     #[error("listen on {0}")]
     Tcp(std::net::SocketAddr, #[source] std::io::Error),
@@ -135,6 +140,7 @@ pub async fn run(
     std::fs::create_dir_all(&vms_dir).map_err(|e| ServerError::StateDir(state_dir.clone(), e))?;
     std::fs::create_dir_all(config.snapshots_dir())
         .map_err(|e| ServerError::StateDir(state_dir.clone(), e))?;
+    std::fs::create_dir_all(config.images_dir()).map_err(|e| ServerError::StateDir(state_dir.clone(), e))?;
     // The longest id must still give a usable control socket path.
     let longest = config.api_sock(&"x".repeat(crate::spec::MAX_VM_ID_LEN));
     if longest.as_os_str().len() > MAX_SOCKET_PATH {
@@ -179,6 +185,14 @@ pub async fn run(
             "snapshots left half-written by the previous agent are FAILED"
         );
     }
+    // Before serving: what a registration or deletion cut short left behind.
+    let images = ctx
+        .store
+        .call(|s| s.image_ids())
+        .await
+        .map_err(ServerError::Images)?;
+    let images_dir = ctx.config.images_dir();
+    let _ = tokio::task::spawn_blocking(move || crate::images::remove_leftovers(&images_dir, &images)).await;
     let ready = Arc::new(AtomicBool::new(false));
 
     let (health, health_service) = tonic_health::server::health_reporter();
@@ -191,6 +205,7 @@ pub async fn run(
     health
         .set_not_serving::<MigrationServiceServer<MigrationApi>>()
         .await;
+    health.set_not_serving::<ImageServiceServer<ImageApi>>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(crate::proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
@@ -227,6 +242,7 @@ pub async fn run(
         ready.clone(),
         compat,
     ));
+    let image_service = ImageServiceServer::new(ImageApi::new(ctx.clone(), ready.clone()));
     let ops_service = OperationsServiceServer::new(OperationsApi::new(ops));
     let host_service = HostServiceServer::new(HostApi::new(ctx.clone(), facts));
     // The same services on every listener; only the TLS ones check roles.
@@ -239,6 +255,7 @@ pub async fn run(
                 .add_service(snapshot_service.clone())
                 .add_service(migration_service.clone())
                 .add_service(peer_service.clone())
+                .add_service(image_service.clone())
                 .add_service(ops_service.clone())
                 .add_service(host_service.clone())
         };
@@ -313,6 +330,7 @@ pub async fn run(
     health.set_serving::<HostServiceServer<HostApi>>().await;
     health.set_serving::<SnapshotServiceServer<SnapshotApi>>().await;
     health.set_serving::<MigrationServiceServer<MigrationApi>>().await;
+    health.set_serving::<ImageServiceServer<ImageApi>>().await;
     tracing::info!("ready");
 
     // The first listener to fail ends the agent (dropping the set stops the others).

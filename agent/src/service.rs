@@ -1,6 +1,7 @@
 //! The gRPC handlers of `VmService`: they check input, handle `request_id` replays and hand the work
 //! to the supervisor or the store. Errors become statuses only in `error.rs`.
 
+use std::collections::HashMap;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,17 +14,19 @@ use vmm_api::control::MAX_SHUTDOWN_TIMEOUT_MS;
 
 use crate::console;
 use crate::error::AgentError;
+use crate::images::Overlay;
 use crate::operations::{CancelToken, Operations};
 use crate::proto::vm_service_server::VmService;
 use crate::proto::{
     BalloonStatus, ConsoleChunk, CreateVmRequest, DeleteVmRequest, DeleteVmResponse, GetBalloonRequest,
     GetConsoleRequest, GetVmRequest, ListVmsRequest, ListVmsResponse, Operation, OperationKind,
     PauseVmRequest, RebootVmRequest, ResumeVmRequest, StartVmRequest, StopVmRequest, UpdateVmRequest, Vm,
-    VmState, WatchEventType, WatchVmsEvent, WatchVmsRequest,
+    VmSpec, VmState, WatchEventType, WatchVmsEvent, WatchVmsRequest,
 };
 use crate::requests::{fingerprint, OperationCall, OperationStarter, Requests};
 use crate::spec::{check_request_id, check_spec, check_vm_id, Selector};
 use crate::state::Context;
+use crate::store::StoreError;
 use crate::supervisor::{Supervisor, DEFAULT_STOP_TIMEOUT};
 
 /// Default and largest page of `ListVms`.
@@ -148,6 +151,31 @@ impl VmApi {
     }
 }
 
+impl VmApi {
+    /// Writes the images a CreateVm spec names into it (see `images::resolve_spec`) and returns
+    /// the overlays to make once the VM is stored. NOT_FOUND for an image that is not there.
+    async fn resolve_images(&self, vm_id: &str, spec: &mut VmSpec) -> Result<Vec<Overlay>, AgentError> {
+        crate::images::check_spec_images(spec)?;
+        let ids = crate::images::spec_image_ids(spec);
+        if ids.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self
+            .ctx
+            .store
+            .call(move |s| {
+                let mut images = HashMap::new();
+                for id in ids {
+                    let image = s.get_image(&id)?.ok_or(StoreError::ImageNotFound(id.clone()))?;
+                    images.insert(id, image);
+                }
+                Ok(images)
+            })
+            .await?;
+        crate::images::resolve_spec(spec, &found, &self.ctx.config.vm_dir(vm_id))
+    }
+}
+
 fn stop_timeout(field: &str, timeout_ms: u64) -> Result<Duration, AgentError> {
     match timeout_ms {
         0 => Ok(DEFAULT_STOP_TIMEOUT),
@@ -186,7 +214,12 @@ impl VmService for VmApi {
             let config = &self.ctx.config;
             crate::nics::fill_nic_defaults(s, config.bridge.as_deref(), config.nic_mtu);
         }
+        let overlays = match spec.as_mut() {
+            Some(s) => self.resolve_images(&req.vm_id, s).await?,
+            None => Vec::new(),
+        };
         let spec = check_spec(spec.as_ref())?.clone();
+        let image_ids = crate::images::spec_image_ids(&spec);
         let vm = Vm {
             vm_id: req.vm_id.clone(),
             spec: Some(spec),
@@ -202,11 +235,28 @@ impl VmService for VmApi {
             .store
             .call(move |s| {
                 let record = (!rid.is_empty()).then_some((rid.as_str(), "CreateVm", fp2.as_slice()));
+                // Under the store's lock, as DeleteImage's use check: neither passes the other.
+                s.check_images_exist(&image_ids)?;
                 s.create_vm(vm, Some(limit), record)
             })
             .await?;
         // Under the lock, so that a call that sees the stored VM also finds its actor.
         self.supervisor.add(vm);
+        if !overlays.is_empty() {
+            // Only now: the VM id was new, so nothing of another VM's is in its directory.
+            let made = tokio::task::spawn_blocking(move || crate::images::create_overlays(&overlays))
+                .await
+                .map_err(|e| e.to_string())
+                .and_then(|r| r.map_err(|e| e.to_string()));
+            if let Err(e) = made {
+                let _ = self.supervisor.delete(&req.vm_id).await;
+                return Err(AgentError::Internal(format!(
+                    "creating the overlays of VM '{}': {e}",
+                    req.vm_id
+                ))
+                .into());
+            }
+        }
         drop(guard);
         let vm = self.supervisor.start(&req.vm_id).await?;
         if !req.request_id.is_empty() {

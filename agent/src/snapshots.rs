@@ -214,6 +214,7 @@ mod tests {
                         path: "/images/root.img".into(),
                         read_only: true,
                         root: true,
+                        ..Default::default()
                     },
                     Disk {
                         path: "/vms/a/data.img".into(),

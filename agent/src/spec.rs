@@ -89,7 +89,8 @@ fn check_file(field: &str, path: &str) -> Result<(), AgentError> {
 }
 
 /// Checks every field of a spec (including that its files exist on this host), naming the first
-/// offending one as `spec.<field>`.
+/// offending one as `spec.<field>`. A spec on images is checked once they are resolved into it
+/// (`images::resolve_spec`), but for the overlays, which do not exist yet.
 pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
     let Some(spec) = spec else {
         return Err(AgentError::invalid("spec", "is required"));
@@ -127,7 +128,10 @@ pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
         ));
     }
     for (i, disk) in spec.disks.iter().enumerate() {
-        check_file(&format!("spec.disks[{i}].path"), &disk.path)?;
+        // An overlay on an image is the agent's to make (`images::resolve_spec`), after this.
+        if disk.image_id.is_empty() {
+            check_file(&format!("spec.disks[{i}].path"), &disk.path)?;
+        }
     }
     if spec.disks.iter().filter(|d| d.root).count() > 1 {
         return Err(AgentError::invalid(
@@ -139,14 +143,15 @@ pub fn check_spec(spec: Option<&VmSpec>) -> Result<&VmSpec, AgentError> {
     crate::nics::check_nics(&spec.nics)?;
     crate::memory::check_memory_options(spec)?;
     // The vmm's own rules, as a last line (they name vm.json fields, so map them back roughly).
-    to_vm_config(spec, Path::new("/console.log"))
+    to_vm_config(spec, Path::new("/console.log"), Path::new("/images"))
         .validate()
         .map_err(|e| AgentError::invalid("spec", e.to_string()))?;
     Ok(spec)
 }
 
-/// The vmm configuration for `spec`, with the serial console written to `console_log`.
-pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
+/// The vmm configuration for `spec`, with the serial console written to `console_log`; a disk on
+/// an image is a copy-on-write overlay of that image's rootfs under `images_dir`.
+pub fn to_vm_config(spec: &VmSpec, console_log: &Path, images_dir: &Path) -> VmConfig {
     let machine = MachineConfig {
         // check_spec bounds vcpus to 1..=32 first; clamp anyway rather than wrap.
         vcpus: u8::try_from(spec.vcpus).unwrap_or(u8::MAX),
@@ -176,7 +181,8 @@ pub fn to_vm_config(spec: &VmSpec, console_log: &Path) -> VmConfig {
                 id: format!("disk{i}"),
                 path: PathBuf::from(&d.path),
                 fd: None,
-                backing: None,
+                backing: (!d.image_id.is_empty())
+                    .then(|| crate::images::backing_path(images_dir, &d.image_id)),
                 read_only: d.read_only,
                 root: d.root,
                 serial: None,

@@ -35,6 +35,8 @@ pub struct AgentConfig {
     pub bridge: Option<String>,
     /// The MTU of agent-made taps whose NIC asks none (`--nic-mtu`); none: the bridge's.
     pub nic_mtu: Option<u32>,
+    /// The largest image (all its files together) RegisterImage and UploadImage accept.
+    pub image_max_bytes: u64,
 }
 
 impl AgentConfig {
@@ -56,6 +58,11 @@ impl AgentConfig {
     /// The directory of one snapshot.
     pub fn snapshot_dir(&self, snapshot_id: &str) -> PathBuf {
         self.snapshots_dir().join(snapshot_id)
+    }
+
+    /// Where base images are kept (`<id>/kernel`, `rootfs`, `initrd`).
+    pub fn images_dir(&self) -> PathBuf {
+        self.state_dir.join("images")
     }
 
     /// The serial console log of a VM.

@@ -1,5 +1,5 @@
 //! The agent's state in SQLite: VMs (spec, observed state, pid), the change log that `WatchVms`
-//! replays, and the results of requests by `request_id`.
+//! replays, the results of requests by `request_id`, operations, snapshots and base images.
 //!
 //! Every write goes through [`Store`], and every write that changes a VM bumps the host-wide revision,
 //! appends an event and broadcasts it, all while the caller holds the store, so subscribers see events
@@ -77,6 +77,12 @@ const MIGRATIONS: &[&str] = &[
     // 6: the host side of each NIC as the last start set it up (`Vm.nic_taps`: the taps the
     // agent made), length-delimited `NicTap`s.
     "ALTER TABLE vms ADD COLUMN nic_taps BLOB NOT NULL DEFAULT x'';",
+    // 7: base images (`store_images.rs`), an encoded protobuf each. Who uses one is read from
+    // the specs, not stored.
+    "CREATE TABLE images (
+        image_id TEXT PRIMARY KEY,
+        image BLOB NOT NULL
+    );",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -113,6 +119,15 @@ pub enum StoreError {
     /// The snapshot cannot be deleted now (a diff builds on it, or it is being written).
     #[error("{0}")]
     SnapshotInUse(String),
+    /// An image with this id exists.
+    #[error("an image with id '{0}' already exists")]
+    ImageExists(String),
+    /// No image with this id.
+    #[error("no image with id '{0}'")]
+    ImageNotFound(String),
+    /// The image cannot be deleted now (VMs or snapshots use it).
+    #[error("{0}")]
+    ImageInUse(String),
     /// Starting the VM would exceed the host's allocatable resources.
     #[error("{0}")]
     Exhausted(String),
@@ -631,6 +646,10 @@ pub use ops::OperationFilter;
 
 #[path = "store_snapshots.rs"]
 mod snapshots;
+
+#[path = "store_images.rs"]
+mod images;
+pub use images::ImageUsers;
 
 #[cfg(test)]
 #[path = "store_tests.rs"]

@@ -328,3 +328,86 @@ fn an_updated_spec_is_kept_and_a_record_without_one_keeps_the_stored_spec() {
     let balloon = vm.spec.and_then(|s| s.balloon).unwrap();
     assert_eq!(balloon.amount_mib, 64);
 }
+
+#[test]
+fn images_are_kept_and_not_deleted_while_used() {
+    use crate::proto::{Disk, Image, Snapshot};
+    let dir = TempDir::new("agent-store").unwrap();
+    let path = dir.path().join("state.db");
+    let mut store = Store::open(&path).unwrap();
+    assert_eq!(store.schema_version().unwrap(), 7, "migration 7 adds images");
+    let image = |id: &str| Image {
+        image_id: id.into(),
+        create_time_ms: 5,
+        ..Default::default()
+    };
+    store.insert_image(&image("base")).unwrap();
+    store.insert_image(&image("data")).unwrap();
+    assert!(matches!(
+        store.insert_image(&image("base")),
+        Err(StoreError::ImageExists(_))
+    ));
+    assert_eq!(store.image_ids().unwrap(), ["base", "data"]);
+    store
+        .check_images_exist(&["base".to_string(), "data".to_string()])
+        .unwrap();
+    assert!(matches!(
+        store.check_images_exist(&["nope".to_string()]),
+        Err(StoreError::ImageNotFound(_))
+    ));
+    // A VM booting from one image with an overlay of the other, and a snapshot of it.
+    let mut on_images = vm("a", VmState::Stopped, 1, 64);
+    if let Some(s) = on_images.spec.as_mut() {
+        s.image_id = "base".into();
+        s.disks = vec![
+            Disk {
+                image_id: "base".into(),
+                root: true,
+                ..Default::default()
+            },
+            Disk {
+                image_id: "data".into(),
+                ..Default::default()
+            },
+        ];
+    }
+    let spec = on_images.spec.clone();
+    store.create_vm(on_images, None, None).unwrap();
+    store
+        .insert_snapshot(&Snapshot {
+            snapshot_id: "s1".into(),
+            vm_id: "a".into(),
+            spec,
+            ..Default::default()
+        })
+        .unwrap();
+    let base = store.get_image("base").unwrap().unwrap();
+    assert_eq!((base.vms_using, base.snapshots_using), (1, 1));
+    let listed = store.list_images().unwrap();
+    assert_eq!(listed.len(), 2);
+    assert_eq!((listed[1].image_id.as_str(), listed[1].vms_using), ("data", 1));
+    let e = store.delete_image("base").unwrap_err();
+    assert!(matches!(e, StoreError::ImageInUse(_)), "{e}");
+    assert_eq!(
+        e.to_string(),
+        "image 'base' is used by VM 'a' and snapshot 's1'; delete them first"
+    );
+    store.delete_vm("a").unwrap();
+    let e = store.delete_image("data").unwrap_err();
+    assert_eq!(
+        e.to_string(),
+        "image 'data' is used by snapshot 's1'; delete them first"
+    );
+    store.delete_snapshot("s1").unwrap();
+    let gone = store.delete_image("base").unwrap();
+    assert_eq!(gone.image_id, "base");
+    assert!(store.get_image("base").unwrap().is_none());
+    assert!(matches!(
+        store.delete_image("base"),
+        Err(StoreError::ImageNotFound(_))
+    ));
+    drop(store);
+    // Kept across a reopen.
+    let store = Store::open(&path).unwrap();
+    assert_eq!(store.image_ids().unwrap(), ["data"]);
+}

@@ -255,6 +255,7 @@ mod tests {
             vms_cpu_max: None,
             bridge: None,
             nic_mtu: None,
+            image_max_bytes: 1 << 30,
         };
         // A process whose command line names the VM's socket, where something accepts and never
         // answers: a stuck vmm.

@@ -59,6 +59,7 @@ async fn status_codes_listing_and_host() -> Result<()> {
         path: path.into(),
         read_only: true,
         root,
+        ..Default::default()
     };
     let image = good.initrd.clone();
     let invalid: Vec<(CreateVmRequest, &str)> = vec![

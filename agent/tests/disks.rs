@@ -34,6 +34,7 @@ async fn guest_data_survives_stop_start_and_agent_restart() -> Result<()> {
         path: image.display().to_string(),
         read_only: false,
         root: false,
+        ..Default::default()
     }];
     let mut agent = Agent::start(dir.path(), &[])?;
     agent.wait_serving().await?;

@@ -161,6 +161,7 @@ async fn scrapes_show_vm_states_rpcs_start_latency_and_guest_usage() -> Result<(
         path: image.display().to_string(),
         read_only: false,
         root: false,
+        ..Default::default()
     }];
     let vm = vms
         .create_vm(CreateVmRequest {

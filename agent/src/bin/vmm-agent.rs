@@ -94,6 +94,10 @@ struct Args {
     /// bridge's].
     #[arg(long, value_name = "N")]
     nic_mtu: Option<u32>,
+    /// The largest base image (kernel, rootfs and initrd together) that RegisterImage and
+    /// UploadImage accept, in bytes [default: 64 GiB].
+    #[arg(long, value_name = "BYTES")]
+    image_max_bytes: Option<u64>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -229,6 +233,10 @@ fn main() -> Result<()> {
         vms_cpu_max,
         bridge,
         nic_mtu,
+        image_max_bytes: args
+            .image_max_bytes
+            .or(file.image_max_bytes)
+            .unwrap_or(vmm_agent::images::DEFAULT_MAX_IMAGE_BYTES),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -17,6 +17,7 @@ use vmm_agent::proto::{
     Vm, VmSpec, VmState, WatchEventType, WatchVmsRequest,
 };
 
+mod image;
 mod memory;
 mod migration;
 mod operation;
@@ -55,9 +56,13 @@ enum Cmd {
     /// Create and start a VM.
     Create {
         vm_id: String,
-        /// Guest kernel (absolute path on the agent's host).
-        #[arg(long)]
+        /// Guest kernel (absolute path on the agent's host); not with --image.
+        #[arg(long, default_value = "", required_unless_present = "image")]
         kernel: String,
+        /// Boot from this base image (its kernel, initrd, and a copy-on-write overlay of its
+        /// rootfs as the root disk).
+        #[arg(long, default_value = "")]
+        image: String,
         #[arg(long, default_value = "")]
         initrd: String,
         #[arg(long, default_value = "")]
@@ -66,7 +71,8 @@ enum Cmd {
         vcpus: u32,
         #[arg(long, default_value_t = 128)]
         memory_mib: u64,
-        /// path=IMAGE[,ro][,root]; may be repeated.
+        /// path=IMAGE[,ro][,root], or image=ID[,ro] (a copy-on-write overlay of that base
+        /// image's rootfs); may be repeated.
         #[arg(long = "disk")]
         disks: Vec<String>,
         /// KEY=VALUE; may be repeated.
@@ -179,6 +185,9 @@ enum Cmd {
     /// Long-running operations: list, get, wait, cancel.
     #[command(subcommand)]
     Operation(operation::OperationCmd),
+    /// Base images: register, upload, get, list, delete.
+    #[command(subcommand)]
+    Image(image::ImageCmd),
     /// Snapshots: create, restore, get, list, delete.
     #[command(subcommand)]
     Snapshot(snapshot::SnapshotCmd),
@@ -221,9 +230,10 @@ fn parse_disk(spec: &str) -> Result<Disk> {
     for item in spec.split(',') {
         match item.split_once('=') {
             Some(("path", p)) => disk.path = p.to_string(),
+            Some(("image", i)) => disk.image_id = i.to_string(),
             None if item == "ro" => disk.read_only = true,
             None if item == "root" => disk.root = true,
-            _ => bail!("--disk takes path=IMAGE[,ro][,root], got '{spec}'"),
+            _ => bail!("--disk takes path=IMAGE[,ro][,root] or image=ID[,ro], got '{spec}'"),
         }
     }
     Ok(disk)
@@ -273,10 +283,11 @@ fn vm_json(vm: &Vm) -> Value {
         "spec": {
             "vcpus": spec.vcpus,
             "memory_mib": spec.memory_mib,
+            "image_id": spec.image_id,
             "kernel": spec.kernel,
             "initrd": spec.initrd,
             "cmdline": spec.cmdline,
-            "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root})).collect::<Vec<_>>(),
+            "disks": spec.disks.iter().map(|d| json!({"path": d.path, "read_only": d.read_only, "root": d.root, "image_id": d.image_id})).collect::<Vec<_>>(),
             "labels": spec.labels,
             "nics": spec.nics.iter().map(|n| json!({"id": n.id, "tap": n.tap, "mac": n.mac, "bridge": n.bridge, "mtu": n.mtu})).collect::<Vec<_>>(),
             "memory": memory::spec_json(&spec),
@@ -385,6 +396,7 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Create {
             vm_id,
             kernel,
+            image,
             initrd,
             cmdline,
             vcpus,
@@ -410,6 +422,7 @@ async fn run(args: Args) -> Result<()> {
                     .map(|(i, n)| parse_nic(n, i))
                     .collect::<Result<_>>()?,
                 track_dirty_pages,
+                image_id: image,
                 ..Default::default()
             };
             memory.apply(&mut spec)?;
@@ -610,6 +623,7 @@ async fn run(args: Args) -> Result<()> {
         Cmd::Update(args) => memory::update(channel, args, j).await?,
         Cmd::Balloon { vm_id } => memory::balloon(channel, vm_id, j).await?,
         Cmd::Snapshot(cmd) => snapshot::run(channel, cmd, j).await?,
+        Cmd::Image(cmd) => image::run(channel, cmd, j).await?,
         Cmd::Migrate(args) => migration::migrate(channel, args, j).await?,
         Cmd::Migration(cmd) => migration::run(channel, cmd, j).await?,
         Cmd::Operation(cmd) => operation::run(channel, cmd, j).await?,
