@@ -360,6 +360,7 @@ async fn status_codes_listing_and_host() -> Result<()> {
         "vmmagent.v1.VmService",
         "vmmagent.v1.HostService",
         "vmmagent.v1.SnapshotService",
+        "vmmagent.v1.ImageService",
         "vmmagent.v1.OperationsService",
         "grpc.health.v1.Health",
     ] {
