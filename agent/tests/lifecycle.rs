@@ -67,16 +67,16 @@ async fn lifecycle(mut vms: VmServiceClient<Channel>, dir: &std::path::Path, id:
     // id with a different request is INVALID_ARGUMENT.
     let mut other = create.clone();
     other.request_id = String::new();
-    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    let err = vms.create_vm(other.clone()).await.expect_err("refused");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     other.request_id = format!("create-{id}-2");
     if let Some(s) = other.spec.as_mut() {
         s.vcpus = 2;
     }
-    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    let err = vms.create_vm(other.clone()).await.expect_err("refused");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     other.request_id = create.request_id.clone();
-    let err = vms.create_vm(other).await.unwrap_err();
+    let err = vms.create_vm(other).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("request_id"), "{}", err.message());
     assert_eq!(vmm_processes_under(dir), vec![pid]);
@@ -132,7 +132,7 @@ async fn lifecycle(mut vms: VmServiceClient<Channel>, dir: &std::path::Path, id:
         })
         .await
         .map(|_| ())
-        .unwrap_err()
+        .expect_err("refused")
         .code(),
         vms.resume_vm(ResumeVmRequest {
             vm_id: id.clone(),
@@ -140,7 +140,7 @@ async fn lifecycle(mut vms: VmServiceClient<Channel>, dir: &std::path::Path, id:
         })
         .await
         .map(|_| ())
-        .unwrap_err()
+        .expect_err("refused")
         .code(),
     ] {
         assert_eq!(code, Code::FailedPrecondition);
@@ -164,7 +164,10 @@ async fn lifecycle(mut vms: VmServiceClient<Channel>, dir: &std::path::Path, id:
     })
     .await?;
     assert!(!alive(new_pid));
-    let gone = vms.get_vm(GetVmRequest { vm_id: id.clone() }).await.unwrap_err();
+    let gone = vms
+        .get_vm(GetVmRequest { vm_id: id.clone() })
+        .await
+        .expect_err("refused");
     assert_eq!(gone.code(), Code::NotFound);
     assert!(vmm_processes_under(dir).is_empty());
     assert!(!dir.join("vms").join(&id).exists(), "the VM's files are removed");
