@@ -1,26 +1,46 @@
-//! A real guest through the whole lifecycle, over real gRPC on a Unix socket: create -> running
-//! (BOOT-COMPLETE through GetConsole) -> pause -> resume -> stop -> start -> delete, with the changes
-//! seen by WatchVms in revision order, and no process or file left behind.
+//! A real guest through the whole lifecycle, over real gRPC on a Unix socket and on TCP with
+//! mutual TLS: create -> running (BOOT-COMPLETE through GetConsole) -> pause -> resume -> stop ->
+//! start -> delete, with the changes seen by WatchVms in revision order, and no process or file
+//! left behind. One guest per transport, both at once.
 
 mod common;
 
 use std::time::Duration;
 
 use anyhow::Result;
-use common::{alive, probe_spec, state_dir, vmm_processes_under, wait_console, Agent, BOOT_TIMEOUT};
+use common::{
+    alive, probe_spec, state_dir, vmm_processes_under, wait_console, Agent, TlsAgent, BOOT_TIMEOUT,
+};
+use tonic::transport::Channel;
 use tonic::Code;
+use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{
     CreateVmRequest, DeleteVmRequest, GetVmRequest, PauseVmRequest, ResumeVmRequest, StartVmRequest,
     StopVmRequest, VmState, WatchEventType, WatchVmsEvent, WatchVmsRequest,
 };
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn create_pause_resume_stop_start_delete() -> Result<()> {
+async fn create_pause_resume_stop_start_delete_over_a_unix_socket() -> Result<()> {
     harness::require_kvm();
     let dir = state_dir("agent-life")?;
     let agent = Agent::start(dir.path(), &[])?;
     agent.wait_serving().await?;
-    let mut vms = agent.vms().await?;
+    lifecycle(agent.vms().await?, dir.path(), "life").await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn create_pause_resume_stop_start_delete_over_tls_tcp() -> Result<()> {
+    harness::require_kvm();
+    let dir = state_dir("agent-life-tls")?;
+    let tls = TlsAgent::start(dir.path())?;
+    tls.agent.wait_serving().await?;
+    // Deleting takes the admin role.
+    lifecycle(tls.vms("admin").await?, dir.path(), "life-tls").await
+}
+
+/// The whole lifecycle of VM `id` through `vms`, an agent's VmService whose state directory is
+/// `dir`.
+async fn lifecycle(mut vms: VmServiceClient<Channel>, dir: &std::path::Path, id: &str) -> Result<()> {
     let mut watch = vms
         .watch_vms(WatchVmsRequest { from_revision: 0 })
         .await?
@@ -29,11 +49,11 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
     assert_eq!(synced.r#type(), WatchEventType::Synced);
     assert_eq!(synced.revision, 0);
 
-    let id = "life".to_string();
+    let id = id.to_string();
     let create = CreateVmRequest {
         vm_id: id.clone(),
         spec: Some(probe_spec("idle")?),
-        request_id: "create-life-1".into(),
+        request_id: format!("create-{id}-1"),
     };
     let vm = vms.create_vm(create.clone()).await?.into_inner();
     assert_eq!(vm.state(), VmState::Running, "{vm:?}");
@@ -42,24 +62,24 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
     // A retry with the same request id answers the first result and starts nothing.
     let retry = vms.create_vm(create.clone()).await?.into_inner();
     assert_eq!(retry, vm);
-    assert_eq!(vmm_processes_under(dir.path()), vec![pid]);
+    assert_eq!(vmm_processes_under(dir), vec![pid]);
     // The same id without that request id, or with another spec, is ALREADY_EXISTS; the request
     // id with a different request is INVALID_ARGUMENT.
     let mut other = create.clone();
     other.request_id = String::new();
-    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    let err = vms.create_vm(other.clone()).await.expect_err("refused");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
-    other.request_id = "create-life-2".into();
+    other.request_id = format!("create-{id}-2");
     if let Some(s) = other.spec.as_mut() {
         s.vcpus = 2;
     }
-    let err = vms.create_vm(other.clone()).await.unwrap_err();
+    let err = vms.create_vm(other.clone()).await.expect_err("refused");
     assert_eq!(err.code(), Code::AlreadyExists, "{err:?}");
     other.request_id = create.request_id.clone();
-    let err = vms.create_vm(other).await.unwrap_err();
+    let err = vms.create_vm(other).await.expect_err("refused");
     assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
     assert!(err.message().starts_with("request_id"), "{}", err.message());
-    assert_eq!(vmm_processes_under(dir.path()), vec![pid]);
+    assert_eq!(vmm_processes_under(dir), vec![pid]);
     let console = wait_console(&mut vms, &id, "BOOT-COMPLETE", BOOT_TIMEOUT).await?;
     assert!(console.contains("vmmprobe"), "{console}");
 
@@ -112,7 +132,7 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
         })
         .await
         .map(|_| ())
-        .unwrap_err()
+        .expect_err("refused")
         .code(),
         vms.resume_vm(ResumeVmRequest {
             vm_id: id.clone(),
@@ -120,7 +140,7 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
         })
         .await
         .map(|_| ())
-        .unwrap_err()
+        .expect_err("refused")
         .code(),
     ] {
         assert_eq!(code, Code::FailedPrecondition);
@@ -144,13 +164,13 @@ async fn create_pause_resume_stop_start_delete() -> Result<()> {
     })
     .await?;
     assert!(!alive(new_pid));
-    let gone = vms.get_vm(GetVmRequest { vm_id: id.clone() }).await.unwrap_err();
+    let gone = vms
+        .get_vm(GetVmRequest { vm_id: id.clone() })
+        .await
+        .expect_err("refused");
     assert_eq!(gone.code(), Code::NotFound);
-    assert!(vmm_processes_under(dir.path()).is_empty());
-    assert!(
-        !dir.path().join("vms").join(&id).exists(),
-        "the VM's files are removed"
-    );
+    assert!(vmm_processes_under(dir).is_empty());
+    assert!(!dir.join("vms").join(&id).exists(), "the VM's files are removed");
 
     // The watch saw every change, in order, ending with the deletion.
     let mut events: Vec<WatchVmsEvent> = Vec::new();

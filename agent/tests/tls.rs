@@ -10,8 +10,7 @@ mod common;
 use std::process::Command;
 
 use anyhow::{bail, Result};
-use common::{state_dir, write, Agent, Ca};
-use rcgen::SanType;
+use common::{state_dir, write, Agent, Ca, TlsAgent};
 use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
@@ -40,29 +39,8 @@ async fn try_list(endpoint: &str, tls: Option<ClientTls>) -> Result<usize, Strin
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mutual_tls_roles_and_refusals() -> Result<()> {
     let dir = state_dir("agent-tls")?;
-    let ca = Ca::new("vmm test CA")?;
-    let (server_cert, server_key) = ca.leaf(vec![
-        SanType::IpAddress("127.0.0.1".parse()?),
-        SanType::DnsName("localhost".try_into()?),
-    ])?;
-    let cert = write(dir.path(), "server.pem", &server_cert)?;
-    let key = write(dir.path(), "server.key", &server_key)?;
-    let ca_file = write(dir.path(), "ca.pem", &ca.pem)?;
-    let port = free_port()?;
-    let endpoint = format!("tcp://127.0.0.1:{port}");
-    let agent = Agent::start(
-        dir.path(),
-        &[
-            "--listen",
-            &endpoint,
-            "--tls-cert",
-            &cert.display().to_string(),
-            "--tls-key",
-            &key.display().to_string(),
-            "--tls-client-ca",
-            &ca_file.display().to_string(),
-        ],
-    )?;
+    let TlsAgent { agent, endpoint, ca } = TlsAgent::start(dir.path())?;
+    let (cert, ca_file) = (dir.path().join("server.pem"), dir.path().join("ca.pem"));
     agent.wait_serving().await?;
     let with_ca = |mut tls: ClientTls| {
         tls.ca = ca.pem.clone().into_bytes();

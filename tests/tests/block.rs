@@ -2,7 +2,8 @@
 //! actions, and the host checks what reached the image files.
 //!
 //! One boot per I/O engine serves every check (boots are expensive on kvm_pvm hosts): a read-only
-//! ext4 root drive, a writable data drive and a read-only scratch drive.
+//! ext4 root drive, a writable data drive, a read-only scratch drive and (through the page cache) a
+//! copy-on-write drive over a base image.
 
 use std::collections::HashMap;
 use std::fs::File;
@@ -33,8 +34,90 @@ fn read_range(path: &Path, offset: usize, len: usize) -> Vec<u8> {
     std::fs::read(path).expect("read image")[offset..offset + len].to_vec()
 }
 
-/// Boots with three drives on `engine` and `cache`, runs every block action, kills the VMM with
-/// SIGKILL right after a flushed write, and checks the host files.
+/// A copy-on-write drive: a 1 MiB base and its 2 MiB image (empty, sparse).
+struct CowDrive {
+    base: PathBuf,
+    image: PathBuf,
+}
+
+const COW_BASE_BYTES: usize = 1 << 20;
+const COW_BYTES: usize = 2 << 20;
+/// Where the guest writes on the copy-on-write drive: not 4 KiB aligned, so the host copies the
+/// edges of the write up from the base.
+const COW_WRITE: (usize, usize) = (64 * 1024 + 512, 6 * 1024);
+
+impl CowDrive {
+    fn new(dir: &TempDir) -> CowDrive {
+        let base = image(dir, "base.img", COW_BASE_BYTES);
+        let image = dir.path().join("cow.img");
+        File::create(&image)
+            .and_then(|f| f.set_len(COW_BYTES as u64))
+            .expect("create image");
+        CowDrive { base, image }
+    }
+
+    /// The drive as the guest should see it after its write with seed 5.
+    fn expected(&self) -> Vec<u8> {
+        let mut disk = std::fs::read(&self.base).expect("read base");
+        disk.resize(COW_BYTES, 0);
+        let (offset, len) = COW_WRITE;
+        disk[offset..offset + len].copy_from_slice(&ProbePattern::bytes(5, len));
+        disk
+    }
+
+    fn actions() -> Vec<String> {
+        let (offset, len) = COW_WRITE;
+        vec![
+            "blk-read:vdd:4k:60k".into(),
+            "blk-discard:vdd:0:4k".into(),
+            format!("blk-write:vdd:{offset}:{len}:5"),
+            "blk-read:vdd:0:2m".into(),
+        ]
+    }
+
+    /// The guest read its base, could not deallocate, and read its write back over the base; the
+    /// base file is unchanged and the image holds little more than the write.
+    fn check(&self, stdout: &str, base_before: &[u8]) {
+        let info = probe_fields(stdout, "blk dev=vdd");
+        assert_eq!(
+            (
+                info["size-bytes"].as_str(),
+                info["discard"].as_str(),
+                info["ro"].as_str()
+            ),
+            (COW_BYTES.to_string().as_str(), "0", "0"),
+            "{stdout}"
+        );
+        let base = std::fs::read(&self.base).expect("read base");
+        assert!(base == base_before, "the base image changed");
+        assert_eq!(
+            probe_fields(stdout, "blk-read dev=vdd offset=4096")["crc32"],
+            format!("{:08x}", crc32(&base[4096..64 * 1024]))
+        );
+        assert_ne!(probe_fields(stdout, "blk-discard dev=vdd")["result"], "0");
+        assert_eq!(
+            probe_fields(stdout, "blk-write dev=vdd")["result"],
+            "0",
+            "{stdout}"
+        );
+        let expected = self.expected();
+        assert_eq!(
+            probe_fields(stdout, "blk-read dev=vdd offset=0")["crc32"],
+            format!("{:08x}", crc32(&expected)),
+            "{stdout}"
+        );
+        let (offset, len) = COW_WRITE;
+        assert!(
+            read_range(&self.image, offset, len) == expected[offset..offset + len],
+            "the write is not in the image"
+        );
+        let allocated = std::fs::metadata(&self.image).expect("stat image").blocks() * 512;
+        assert!(allocated <= 64 << 10, "the image holds {allocated} bytes");
+    }
+}
+
+/// Boots with three drives on `engine` and `cache` (four through the page cache), runs every block
+/// action, kills the VMM with SIGKILL right after a flushed write, and checks the host files.
 fn block_suite(engine: &str, cache: &str) {
     require_kvm();
     let images = GuestImages::get().expect("guest images");
@@ -43,9 +126,13 @@ fn block_suite(engine: &str, cache: &str) {
     let readonly = image(&scratch, "readonly.img", 1 << 20);
     let readonly_before = std::fs::read(&readonly).expect("read image");
     let data_blocks_before = std::fs::metadata(&data).expect("stat image").blocks();
+    // Copy-on-write drives work through the page cache only.
+    let cow = (cache == "writeback").then(|| CowDrive::new(&scratch));
+    let cow_base_before = cow.as_ref().map(|c| std::fs::read(&c.base).expect("read base"));
 
-    // vda: the root file system (read-only, shared with other tests), vdb: data, vdc: read-only.
-    let actions = [
+    // vda: the root file system (read-only, shared with other tests), vdb: data, vdc: read-only,
+    // vdd: copy-on-write.
+    let mut actions: Vec<String> = [
         "blk-info",
         "blk-root:/sbin/init",
         "blk-write:vdc:0:4096:3",
@@ -53,10 +140,15 @@ fn block_suite(engine: &str, cache: &str) {
         "blk-discard:vdb:1m:2m",
         "blk-write:vdb:0:64k:7",
         "blk-read:vdb:0:64k",
-        "idle",
     ]
-    .join(",");
-    let mut guest = GuestBuilder::new(&images.vmlinux)
+    .map(String::from)
+    .to_vec();
+    if cow.is_some() {
+        actions.extend(CowDrive::actions());
+    }
+    actions.push("idle".into());
+    let actions = actions.join(",");
+    let mut builder = GuestBuilder::new(&images.vmlinux)
         .memory_mib(256)
         .cmdline(&probe_cmdline(&actions))
         .arg("--drive")
@@ -73,9 +165,15 @@ fn block_suite(engine: &str, cache: &str) {
         .arg(format!(
             "path={},id=root,root=on,ro=on,engine={engine}",
             images.rootfs.display()
-        ))
-        .spawn()
-        .expect("spawn vmm");
+        ));
+    if let Some(cow) = &cow {
+        builder = builder.arg("--drive").arg(format!(
+            "path={},backing={},id=cow,engine={engine}",
+            cow.image.display(),
+            cow.base.display()
+        ));
+    }
+    let mut guest = builder.spawn().expect("spawn vmm");
     if let Err(e) = guest.wait_for_line("vmmprobe: idle", BOOT_TIMEOUT) {
         panic!("block actions did not finish: {e:#}");
     }
@@ -96,7 +194,8 @@ fn block_suite(engine: &str, cache: &str) {
         ("1", "0", "1")
     );
     assert_eq!(vdb["discard"], "1");
-    assert_eq!(probe_fields(&stdout, "blk count=")["count"], "3");
+    let drives = if cow.is_some() { "4" } else { "3" };
+    assert_eq!(probe_fields(&stdout, "blk count=")["count"], drives);
 
     // The ext4 root on a read-only drive mounts and a file on it reads back intact.
     let root = probe_fields(&stdout, "blk-root");
@@ -131,6 +230,9 @@ fn block_suite(engine: &str, cache: &str) {
         probe_fields(&stdout, "blk-read dev=vdb")["crc32"],
         written["crc32"]
     );
+    if let (Some(cow), Some(before)) = (&cow, &cow_base_before) {
+        cow.check(&stdout, before);
+    }
 }
 
 #[test]

@@ -333,6 +333,10 @@ fn create_block(drive: &DriveConfig, fds: &mut PassedFds) -> Result<Block, Drive
         }
         None => DiskImage::open(&drive.path, drive.read_only, direct),
     }
+    .and_then(|disk| match &drive.backing {
+        Some(base) => disk.with_backing(base),
+        None => Ok(disk),
+    })
     .map_err(BlockError::from)?;
     let rate_limiter = match &drive.rate_limiter {
         Some(limits) => RateLimiter::new(limits)?,

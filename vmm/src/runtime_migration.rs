@@ -56,6 +56,18 @@ fn source_disks(machine: &Machine) -> Result<Vec<source::SourceDisk>, Failure> {
         .map(|handle| {
             let transport = lock(handle);
             let block = transport.device();
+            if block.has_backing() {
+                // Holes in a copy-on-write image stand for its base, not zeros: copied as a raw
+                // image, they would hide the base on the destination.
+                return Err((
+                    ErrorKind::InvalidArgument,
+                    format!(
+                        "drive {} is copy-on-write over a base image, which a migration cannot copy \
+                         yet: migrate with shared storage",
+                        block.id()
+                    ),
+                ));
+            }
             let file = block.disk_file().try_clone().map_err(|e| {
                 (
                     ErrorKind::Internal,

@@ -310,6 +310,59 @@ impl Ca {
     }
 }
 
+/// An agent that serves TCP on loopback with mutual TLS (besides its Unix socket), and the CA
+/// that signed its certificate and signs its clients'.
+pub struct TlsAgent {
+    pub agent: Agent,
+    /// `tcp://127.0.0.1:PORT`.
+    pub endpoint: String,
+    pub ca: Ca,
+}
+
+impl TlsAgent {
+    /// Starts `vmm-agent` in `state_dir` on a free loopback port with a fresh PKI.
+    pub fn start(state_dir: &Path) -> Result<TlsAgent> {
+        let ca = Ca::new("vmm test CA")?;
+        let (server_cert, server_key) = ca.leaf(vec![
+            SanType::IpAddress("127.0.0.1".parse()?),
+            SanType::DnsName("localhost".try_into()?),
+        ])?;
+        let cert = write(state_dir, "server.pem", &server_cert)?;
+        let key = write(state_dir, "server.key", &server_key)?;
+        let ca_file = write(state_dir, "ca.pem", &ca.pem)?;
+        let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+        let endpoint = format!("tcp://127.0.0.1:{port}");
+        let agent = Agent::start(
+            state_dir,
+            &[
+                "--listen",
+                &endpoint,
+                "--tls-cert",
+                &cert.display().to_string(),
+                "--tls-key",
+                &key.display().to_string(),
+                "--tls-client-ca",
+                &ca_file.display().to_string(),
+            ],
+        )?;
+        Ok(TlsAgent { agent, endpoint, ca })
+    }
+
+    /// Client TLS settings with a certificate for `role` (none: a certificate without a role),
+    /// trusting the agent's CA.
+    pub fn client(&self, role: Option<&str>) -> Result<ClientTls> {
+        let mut tls = self.ca.client(role)?;
+        tls.ca = self.ca.pem.clone().into_bytes();
+        Ok(tls)
+    }
+
+    /// A VmService client over TLS with `role`.
+    pub async fn vms(&self, role: &str) -> Result<VmServiceClient<Channel>> {
+        let channel = vmm_agent::client::connect(&self.endpoint, Some(self.client(Some(role))?)).await?;
+        Ok(VmServiceClient::new(channel))
+    }
+}
+
 pub fn write(dir: &Path, name: &str, text: &str) -> Result<PathBuf> {
     let path = dir.join(name);
     std::fs::write(&path, text)?;

@@ -179,7 +179,8 @@ impl Block {
             | feature(VIRTIO_BLK_F_FLUSH);
         if read_only {
             avail_features |= feature(VIRTIO_BLK_F_RO);
-        } else {
+        } else if spec.disk.overlay().is_none() {
+            // Not on a copy-on-write image: deallocating would expose its base again.
             avail_features |= feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES);
         }
         let sectors = spec.disk.sectors();
@@ -215,6 +216,11 @@ impl Block {
     /// The open image, buffered (for snapshot copies).
     pub fn disk_file(&self) -> &std::fs::File {
         self.disk.buffered().unwrap_or(self.disk.file())
+    }
+
+    /// Whether the image is copy-on-write over a base image.
+    pub fn has_backing(&self) -> bool {
+        self.disk.overlay().is_some()
     }
 
     /// The descriptor that holds the image's lock (with direct I/O not the buffered one).

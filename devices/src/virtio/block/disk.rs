@@ -6,6 +6,9 @@ use std::os::fd::AsRawFd;
 use std::os::unix::fs::OpenOptionsExt;
 use std::path::{Path, PathBuf};
 
+use super::io::{DiskOp, Route};
+use super::overlay::{Overlay, Source};
+
 /// Bytes per virtio-blk sector, whatever the host's block size.
 pub const SECTOR_SIZE: u64 = 512;
 
@@ -40,6 +43,14 @@ pub enum DiskError {
         /// Why.
         source: std::io::Error,
     },
+    /// The image cannot be a copy-on-write image over its base.
+    #[error("disk image {path} cannot be a copy-on-write image: {why}")]
+    Overlay {
+        /// The image.
+        path: PathBuf,
+        /// Why.
+        why: String,
+    },
     /// The image size is not usable as a disk.
     #[error("disk image {path} is {size} bytes, which is not a positive multiple of 512")]
     Size {
@@ -60,6 +71,8 @@ pub struct DiskImage {
     /// With direct I/O: the same file through the page cache, for the rare request whose guest
     /// buffers are not aligned the way `O_DIRECT` needs.
     buffered: Option<File>,
+    /// For a copy-on-write drive: its base, and what of the image holds data.
+    overlay: Option<Overlay>,
 }
 
 impl DiskImage {
@@ -144,7 +157,69 @@ impl DiskImage {
             sectors: size / SECTOR_SIZE,
             read_only,
             buffered,
+            overlay: None,
         })
+    }
+
+    /// Makes this image copy-on-write over `base` (see [`Overlay`]): blocks of the image that hold
+    /// no data read from the base. Only for images through the page cache.
+    pub fn with_backing(mut self, base: &Path) -> Result<Self, DiskError> {
+        if self.buffered.is_some() {
+            return Err(DiskError::Overlay {
+                path: self.path,
+                why: "direct I/O (cache=none) is not supported with a backing image".into(),
+            });
+        }
+        self.overlay = Some(Overlay::open(
+            base,
+            &self.file,
+            self.sectors * SECTOR_SIZE,
+            &self.path,
+        )?);
+        Ok(self)
+    }
+
+    /// The base and allocation record of a copy-on-write image.
+    pub fn overlay(&self) -> Option<&Overlay> {
+        self.overlay.as_ref()
+    }
+
+    /// The file a [`Source`] names.
+    pub fn source_file(&self, source: Source) -> &File {
+        match (source, &self.overlay) {
+            (Source::Base, Some(overlay)) => overlay.base(),
+            _ => &self.file,
+        }
+    }
+
+    /// Where `op` goes. A raw image takes everything itself; a copy-on-write image sends a read to
+    /// the one file that holds all of it, or reads the pieces of both right here, makes the blocks a
+    /// write touches its own first, and refuses discards (which would expose the base).
+    pub fn route(&self, op: &DiskOp) -> Route {
+        let Some(overlay) = &self.overlay else {
+            return Route::To(Source::Image);
+        };
+        match op {
+            DiskOp::Read { offset, bufs } => {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                match overlay.pieces(*offset, len).as_slice() {
+                    [] => Route::To(Source::Image),
+                    [(_, _, source)] => Route::To(*source),
+                    _ => Route::Done(overlay.read_pieces(&self.file, *offset, bufs)),
+                }
+            }
+            DiskOp::Write { offset, bufs } => {
+                let len = bufs.iter().map(|b| b.len() as u64).sum();
+                match overlay.prepare_write(&self.file, *offset, len) {
+                    Ok(()) => Route::To(Source::Image),
+                    Err(e) => Route::Done(Err(e)),
+                }
+            }
+            DiskOp::Flush => Route::To(Source::Image),
+            DiskOp::Discard { .. } | DiskOp::WriteZeroes { .. } => {
+                Route::Done(Err(std::io::Error::from_raw_os_error(libc::EOPNOTSUPP)))
+            }
+        }
     }
 
     /// The open image.
@@ -171,6 +246,11 @@ impl DiskImage {
     pub fn read_only(&self) -> bool {
         self.read_only
     }
+}
+
+/// Takes the shared lock a read-only user (a read-only drive, a base image) holds on an image.
+pub fn lock_shared(file: &File) -> std::io::Result<()> {
+    lock(file, true)
 }
 
 /// Takes the exclusive lock a writable drive holds on its image (fails at once if taken).

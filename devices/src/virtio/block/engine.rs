@@ -8,7 +8,8 @@ use io_uring::{opcode, squeue, types, IoUring};
 use vmm_sys_util::eventfd::{EventFd, EFD_NONBLOCK};
 
 use super::disk::DiskImage;
-use super::io::{discard_mode, finish_sync, iovecs, retry_buffered, run_sync, zero_mode, DiskOp};
+use super::io::{discard_mode, finish_sync, iovecs, retry_buffered, run_sync, zero_mode, DiskOp, Route};
+use super::overlay::Source;
 
 /// Which engine a drive uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -102,6 +103,8 @@ impl Engine {
 /// An operation the kernel owns until its completion: its buffers must stay alive until then.
 struct InFlight {
     op: DiskOp,
+    /// The file it runs on.
+    source: Source,
     /// The kernel reads this array when it starts the operation; kept with the operation.
     _iov: Vec<libc::iovec>,
 }
@@ -111,6 +114,9 @@ pub struct UringEngine {
     ring: IoUring,
     evt: EventFd,
     in_flight: Vec<Option<InFlight>>,
+    /// Operations that finished without the kernel (see [`Route::Done`]), reported with the next
+    /// completions.
+    finished: Vec<Completion>,
     unsubmitted: bool,
 }
 
@@ -130,6 +136,7 @@ impl UringEngine {
             ring,
             evt,
             in_flight: (0..depth).map(|_| None).collect(),
+            finished: Vec::new(),
             unsubmitted: false,
         })
     }
@@ -138,7 +145,14 @@ impl UringEngine {
         if !matches!(self.in_flight.get(usize::from(token)), Some(None)) {
             return Err(io::Error::from_raw_os_error(libc::EBUSY));
         }
-        let fd = types::Fd(disk.file().as_raw_fd());
+        let source = match disk.route(&op) {
+            Route::To(source) => source,
+            Route::Done(result) => {
+                self.finished.push((token, result));
+                return Ok(());
+            }
+        };
+        let fd = types::Fd(disk.source_file(source).as_raw_fd());
         let iov = match &op {
             DiskOp::Read { bufs, .. } | DiskOp::Write { bufs, .. } => iovecs(bufs),
             _ => Vec::new(),
@@ -180,7 +194,11 @@ impl UringEngine {
             unsafe { self.ring.submission().push(&entry) }
                 .map_err(|_| io::Error::from_raw_os_error(libc::EAGAIN))?;
         }
-        self.in_flight[usize::from(token)] = Some(InFlight { op, _iov: iov });
+        self.in_flight[usize::from(token)] = Some(InFlight {
+            op,
+            source,
+            _iov: iov,
+        });
         self.unsubmitted = true;
         Ok(())
     }
@@ -198,6 +216,7 @@ impl UringEngine {
     }
 
     fn completions(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
+        out.append(&mut self.finished);
         let mut finished = Vec::new();
         for cqe in self.ring.completion() {
             finished.push((cqe.user_data(), cqe.result()));
@@ -217,7 +236,7 @@ impl UringEngine {
                 let moved = res as usize;
                 if moved < done.op.expected_len() {
                     // A short transfer: rare enough to finish synchronously.
-                    finish_sync(disk, &done.op, moved)
+                    finish_sync(disk, done.source, &done.op, moved)
                 } else {
                     Ok(moved)
                 }
@@ -229,6 +248,7 @@ impl UringEngine {
     }
 
     fn drain(&mut self, disk: &DiskImage, out: &mut Vec<Completion>) {
+        out.append(&mut self.finished);
         self.kick();
         while self.in_flight.iter().any(Option::is_some) {
             if let Err(e) = self.ring.submit_and_wait(1) {

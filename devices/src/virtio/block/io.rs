@@ -11,7 +11,18 @@ use std::os::fd::{AsRawFd, RawFd};
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap};
 
 use super::disk::DiskImage;
+use super::overlay::Source;
 use super::request::Segment;
+
+/// Where an operation goes, decided before it starts (see [`DiskImage::route`]).
+#[derive(Debug)]
+pub enum Route {
+    /// To this file, the way it was asked.
+    To(Source),
+    /// Nowhere: it already finished, with this result (a read that spans a copy-on-write drive's
+    /// image and base, or an operation refused).
+    Done(io::Result<usize>),
+}
 
 /// The most iovecs one operation may have (the kernel's `IOV_MAX`).
 pub const MAX_IOVECS: usize = 1024;
@@ -21,6 +32,32 @@ pub const MAX_IOVECS: usize = 1024;
 pub struct HostBuf {
     ptr: *mut u8,
     len: usize,
+}
+
+impl HostBuf {
+    /// Bytes it holds.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Whether it holds nothing.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Its first `len` bytes (at most all of them).
+    pub fn truncated(&self, len: usize) -> HostBuf {
+        HostBuf {
+            ptr: self.ptr,
+            len: len.min(self.len),
+        }
+    }
+
+    /// A buffer over memory a test owns.
+    #[cfg(test)]
+    pub(crate) fn new(ptr: *mut u8, len: usize) -> HostBuf {
+        HostBuf { ptr, len }
+    }
 }
 
 // SAFETY: a HostBuf points into guest memory, which is mapped for the whole life of the process and
@@ -134,8 +171,13 @@ pub fn advance(bufs: &[HostBuf], mut done: usize) -> Vec<HostBuf> {
 
 /// Runs `op` to completion on the calling thread. Returns the bytes transferred.
 pub fn run_sync(disk: &DiskImage, op: &DiskOp) -> io::Result<usize> {
-    let result = run_on(disk.file(), op);
-    retry_buffered(disk, op, 0, result)
+    match disk.route(op) {
+        Route::To(source) => {
+            let result = run_on(disk.source_file(source), op);
+            retry_buffered(disk, op, 0, result)
+        }
+        Route::Done(result) => result,
+    }
 }
 
 /// Direct I/O refuses buffers that are not aligned to the host's block size (EINVAL); the guest
@@ -169,9 +211,10 @@ fn run_on(file: &File, op: &DiskOp) -> io::Result<usize> {
     }
 }
 
-/// Finishes a read or write that moved `done` of its bytes (io_uring may complete partially).
-pub fn finish_sync(disk: &DiskImage, op: &DiskOp, done: usize) -> io::Result<usize> {
-    let result = finish_on(disk.file(), op, done);
+/// Finishes a read or write on `source` that moved `done` of its bytes (io_uring may complete
+/// partially).
+pub fn finish_sync(disk: &DiskImage, source: Source, op: &DiskOp, done: usize) -> io::Result<usize> {
+    let result = finish_on(disk.source_file(source), op, done);
     retry_buffered(disk, op, done, result)
 }
 
@@ -214,7 +257,7 @@ fn fallocate(fd: RawFd, mode: i32, offset: u64, len: u64) -> io::Result<usize> {
 }
 
 /// preadv/pwritev until every byte moved, retrying short transfers and EINTR.
-fn transfer_all(fd: RawFd, mut offset: u64, bufs: &[HostBuf], write: bool) -> io::Result<usize> {
+pub(crate) fn transfer_all(fd: RawFd, mut offset: u64, bufs: &[HostBuf], write: bool) -> io::Result<usize> {
     let mut rest = bufs.to_vec();
     let mut total = 0usize;
     while !rest.is_empty() {

@@ -839,3 +839,5 @@ fn writes_discards_and_write_zeroes_mark_the_chunks_they_change_reads_do_not() {
         assert!(written.take().iter().all(|w| *w == 0));
     });
 }
+
+mod copy_on_write;
