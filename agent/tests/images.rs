@@ -130,7 +130,7 @@ fn image_vm_request(vm_id: &str, spec: VmSpec) -> CreateVmRequest {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_image_api_without_guests() -> Result<()> {
-    let dir = state_dir("agent-images-api")?;
+    let dir = state_dir("img-api")?;
     let src = dir.path().join("src");
     std::fs::create_dir_all(&src)?;
     // Not a kernel: VMs on this image fail at once, which is all this test needs.
@@ -508,7 +508,7 @@ fn crc_hex(data: &[u8]) -> String {
 async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
     harness::require_kvm();
     let guest = GuestImages::get()?;
-    let dir = state_dir("agent-images-guest")?;
+    let dir = state_dir("img-guest")?;
     let rootfs = dir.path().join("rootfs.img");
     let base = write_rootfs(&rootfs)?;
     let mut agent = Agent::start(dir.path(), &[])?;
