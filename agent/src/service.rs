@@ -250,6 +250,8 @@ impl VmService for VmApi {
                 .and_then(|r| r.map_err(|e| e.to_string()));
             if let Err(e) = made {
                 let _ = self.supervisor.delete(&req.vm_id).await;
+                let rid = req.request_id.clone();
+                let _ = self.ctx.store.call(move |s| s.forget_request(&rid)).await;
                 return Err(AgentError::Internal(format!(
                     "creating the overlays of VM '{}': {e}",
                     req.vm_id

@@ -459,6 +459,14 @@ impl Store {
         Ok(())
     }
 
+    /// Forgets the answer to `request_id` (a create undone after it was recorded, so that a
+    /// retry acts again rather than return a VM that is gone).
+    pub fn forget_request(&mut self, request_id: &str) -> Result<(), StoreError> {
+        self.conn
+            .execute("DELETE FROM requests WHERE request_id = ?1", [request_id])?;
+        Ok(())
+    }
+
     fn after_commit(&mut self, event: WatchVmsEvent) {
         if event.revision.is_multiple_of(100) {
             let keep_from = event.revision.saturating_sub(KEPT_EVENTS) as i64;

@@ -2,7 +2,8 @@
 //! replays, every refusal with its code, use by VMs, what an agent restart keeps and clears
 //! (`the_image_api_without_guests`); and a guest booted from an image, reading the base through
 //! its copy-on-write overlay and keeping what it wrote through a stop, an agent crash and a
-//! start while the image stays unchanged (`a_guest_on_an_image_keeps_its_writes_in_its_overlay`).
+//! start while the image stays unchanged, then snapshotted and restored as a VM on the same image
+//! (`a_guest_on_an_image_keeps_its_writes_in_its_overlay`).
 
 mod common;
 
@@ -12,16 +13,20 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, Result};
+use anyhow::{anyhow, bail, Result};
 use common::{probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
 use harness::{crc32, find_probe_fields, GuestImages};
 use tonic::transport::Channel;
 use tonic::Code;
 use vmm_agent::proto::image_service_client::ImageServiceClient;
+use vmm_agent::proto::operations_service_client::OperationsServiceClient;
+use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    upload_image_request, CreateVmRequest, DeleteImageRequest, DeleteVmRequest, Disk, GetImageRequest,
-    GetVmRequest, Image, ImagePart, ListImagesRequest, RegisterImageRequest, StartVmRequest, StopVmRequest,
-    UploadImageChunk, UploadImageHeader, UploadImageRequest, VmSpec, VmState,
+    operation, operation_response, upload_image_request, CreateSnapshotRequest, CreateVmRequest,
+    DeleteImageRequest, DeleteSnapshotRequest, DeleteVmRequest, Disk, GetImageRequest, GetVmRequest, Image,
+    ImagePart, ListImagesRequest, Operation, OperationResponse, RegisterImageRequest, RestoreSnapshotRequest,
+    StartVmRequest, StopVmRequest, UploadImageChunk, UploadImageHeader, UploadImageRequest, VmSpec, VmState,
+    WaitOperationRequest,
 };
 
 fn sha256(data: &[u8]) -> String {
@@ -495,6 +500,21 @@ async fn the_image_api_without_guests() -> Result<()> {
     Ok(())
 }
 
+/// Waits for an operation to end.
+async fn wait_done(channel: &Channel, op: Operation) -> Result<Operation> {
+    let op = OperationsServiceClient::new(channel.clone())
+        .wait_operation(WaitOperationRequest {
+            name: op.name,
+            timeout_ms: 300_000,
+        })
+        .await?
+        .into_inner();
+    if !op.done {
+        bail!("not done after the wait: {op:?}");
+    }
+    Ok(op)
+}
+
 /// The `key=value` fields of the probe line starting with `prefix`.
 fn probe(console: &str, prefix: &str) -> Result<HashMap<String, String>> {
     find_probe_fields(console, prefix).ok_or_else(|| anyhow!("no 'vmmprobe: {prefix}' in:\n{console}"))
@@ -640,19 +660,96 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
         "the base is still unchanged"
     );
 
-    // Deleting the VM removes its overlay; then the image can go.
+    // A snapshot copies the overlay and holds the image: with the VM deleted (and its overlay
+    // with it), the image stays in use, and a VM restored from the snapshot runs on it.
+    let channel = agent.channel().await?;
+    let mut snaps = SnapshotServiceClient::new(channel.clone());
+    let op = snaps
+        .create_snapshot(CreateSnapshotRequest {
+            vm_id: "on-image".into(),
+            snapshot_id: "snap".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let op = wait_done(&channel, op).await?;
+    let Some(operation::Result::Response(OperationResponse {
+        value: Some(operation_response::Value::Snapshot(snapshot)),
+    })) = op.result
+    else {
+        bail!("the snapshot failed: {op:?}");
+    };
+    assert_eq!(snapshot.spec.as_ref().map(|s| s.image_id.as_str()), Some("probe"));
     vms.delete_vm(DeleteVmRequest {
         vm_id: "on-image".into(),
         request_id: String::new(),
     })
     .await?;
-    assert!(!overlay_path.exists());
+    assert!(!overlay_path.exists(), "deleting the VM removes its overlay");
     let gone = vms
         .get_vm(GetVmRequest {
             vm_id: "on-image".into(),
         })
         .await;
     assert_eq!(gone.map(|_| ()).unwrap_err().code(), Code::NotFound);
+    let status = images
+        .delete_image(DeleteImageRequest {
+            image_id: "probe".into(),
+            request_id: String::new(),
+        })
+        .await
+        .expect_err("held by the snapshot");
+    assert_eq!(status.code(), Code::FailedPrecondition);
+    assert!(status.message().contains("snapshot 'snap'"), "{status:?}");
+    let op = snaps
+        .restore_snapshot(RestoreSnapshotRequest {
+            snapshot_id: "snap".into(),
+            vm_id: "restored".into(),
+            ..Default::default()
+        })
+        .await?
+        .into_inner();
+    let op = wait_done(&channel, op).await?;
+    let Some(operation::Result::Response(OperationResponse {
+        value: Some(operation_response::Value::Vm(restored)),
+    })) = op.result
+    else {
+        bail!("the restore failed: {op:?}");
+    };
+    assert_eq!(restored.state(), VmState::Running);
+    let disk = restored.spec.unwrap_or_default().disks.remove(0);
+    let copy = dir.path().join("vms/restored/disk0.img");
+    assert_eq!(
+        (disk.image_id.as_str(), disk.path.as_str()),
+        ("probe", &*copy.display().to_string())
+    );
+    let copied = std::fs::read(&copy)?;
+    assert_eq!(copied.len(), base.len());
+    assert_eq!(
+        crc_hex(&copied[..4096]),
+        written["crc32"],
+        "the restored VM has the overlay's data"
+    );
+    let held = images
+        .get_image(GetImageRequest {
+            image_id: "probe".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((held.vms_using, held.snapshots_using), (1, 1));
+    vms.delete_vm(DeleteVmRequest {
+        vm_id: "restored".into(),
+        request_id: String::new(),
+    })
+    .await?;
+    snaps
+        .delete_snapshot(DeleteSnapshotRequest {
+            snapshot_id: "snap".into(),
+            request_id: String::new(),
+        })
+        .await?;
+
+    // Nothing holds the images any more: they can go.
     for id in ["probe", "probe-up"] {
         images
             .delete_image(DeleteImageRequest {
