@@ -477,6 +477,22 @@ async fn the_image_api_without_guests() -> Result<()> {
     assert!(table.starts_with("ID") && table.contains("ctl"), "{table}");
     let out = vmmctl(&["image", "delete", "base"])?;
     assert!(String::from_utf8_lossy(&out.stderr).contains("FailedPrecondition"));
+    let out = vmmctl(&[
+        "--json",
+        "create",
+        "ctl-vm",
+        "--image",
+        "ctl",
+        "--memory-mib",
+        "64",
+    ])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let created: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(created["spec"]["image_id"], "ctl");
+    assert_eq!(created["spec"]["disks"][0]["image_id"], "ctl");
+    assert_eq!(created["spec"]["disks"][0]["root"], true);
+    let out = vmmctl(&["delete", "ctl-vm"])?;
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 
     // The VM gone, with its overlays, the images can go; a retried delete answers OK.
     vms.delete_vm(DeleteVmRequest {

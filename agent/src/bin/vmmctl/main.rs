@@ -57,7 +57,7 @@ enum Cmd {
     Create {
         vm_id: String,
         /// Guest kernel (absolute path on the agent's host); not with --image.
-        #[arg(long, default_value = "", required_unless_present = "image")]
+        #[arg(long, default_value = "")]
         kernel: String,
         /// Boot from this base image (its kernel, initrd, and a copy-on-write overlay of its
         /// rootfs as the root disk).
