@@ -15,9 +15,13 @@ use tonic::Code;
 use tonic_health::pb::health_client::HealthClient;
 use tonic_health::pb::HealthCheckRequest;
 use vmm_agent::client::{connect, ClientTls};
+use vmm_agent::proto::image_service_client::ImageServiceClient;
 use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::vm_service_client::VmServiceClient;
-use vmm_agent::proto::{DeleteVmRequest, ListOperationsRequest, ListVmsRequest, StopVmRequest};
+use vmm_agent::proto::{
+    DeleteImageRequest, DeleteVmRequest, ListImagesRequest, ListOperationsRequest, ListVmsRequest,
+    RegisterImageRequest, StopVmRequest,
+};
 
 /// A port that was free a moment ago.
 fn free_port() -> Result<u16> {
@@ -95,6 +99,34 @@ async fn mutual_tls_roles_and_refusals() -> Result<()> {
     );
     let err = VmServiceClient::new(connect(&endpoint, admin.clone()).await?)
         .delete_vm(delete.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::NotFound, "{err:?}");
+    // Images: viewers list, operators register (here refused for its input, so past the role
+    // check), only admins delete.
+    let mut as_viewer = ImageServiceClient::new(channel.clone());
+    as_viewer.list_images(ListImagesRequest::default()).await?;
+    let register = RegisterImageRequest {
+        image_id: "img".into(),
+        kernel: "relative".into(),
+        ..Default::default()
+    };
+    let err = as_viewer.register_image(register.clone()).await.unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let mut images_as_operator = ImageServiceClient::new(connect(&endpoint, operator.clone()).await?);
+    let err = images_as_operator.register_image(register).await.unwrap_err();
+    assert_eq!(err.code(), Code::InvalidArgument, "{err:?}");
+    let delete_image = DeleteImageRequest {
+        image_id: "img".into(),
+        request_id: String::new(),
+    };
+    let err = images_as_operator
+        .delete_image(delete_image.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), Code::PermissionDenied, "{err:?}");
+    let err = ImageServiceClient::new(connect(&endpoint, admin.clone()).await?)
+        .delete_image(delete_image)
         .await
         .unwrap_err();
     assert_eq!(err.code(), Code::NotFound, "{err:?}");
