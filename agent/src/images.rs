@@ -144,7 +144,8 @@ fn digest_zeros(digest: &mut Digest, mut len: u64) {
 /// support report everything as data.
 fn next_data(src: &File, pos: u64, len: u64) -> io::Result<u64> {
     match rustix::fs::seek(src, rustix::fs::SeekFrom::Data(pos)) {
-        Ok(at) => Ok(at.min(len)),
+        // Never before `pos`, never past `len`, whatever the file does meanwhile.
+        Ok(at) => Ok(at.clamp(pos, len)),
         Err(rustix::io::Errno::NXIO) => Ok(len),
         Err(e) => Err(e.into()),
     }
