@@ -13,7 +13,7 @@ use vmm_api::control::Request;
 
 use super::{NewVmm, VmActor, REQUEST_TIMEOUT, START_TIMEOUT};
 use crate::error::{AgentError, ErrorChain};
-use crate::nics::{make_taps, nic_taps};
+use crate::nics::{make_taps, nic_taps, AgentTap};
 use crate::proto::{Vm, VmSpec, VmState};
 use crate::spec::to_vm_config;
 
@@ -44,21 +44,10 @@ impl VmActor {
     /// configuration and `start`. `Some` when the start is over (the VM recorded as failed, with
     /// no vmm and no tap left), `None` when the vmm runs the VM's vCPUs.
     pub(super) async fn launch_on_agent_taps(&mut self, spec: &VmSpec) -> Option<Result<Vm, AgentError>> {
-        let (vm_id, for_taps) = (self.vm.vm_id.clone(), spec.clone());
-        // A few blocking syscalls (and the RTNL lock, which the host may hold a while).
-        let made = tokio::task::spawn_blocking(move || make_taps(&vm_id, &for_taps)).await;
-        let taps = match made {
-            Ok(Ok(taps)) => taps,
-            Ok(Err(e)) => {
-                return Some(
-                    self.fail_start(format!("cannot make its taps: {}", ErrorChain(&e)))
-                        .await,
-                )
-            }
-            Err(e) => return Some(self.fail_start(format!("cannot make its taps: {e}")).await),
+        let taps = match self.make_agent_taps(spec).await {
+            Ok(taps) => taps,
+            Err(why) => return Some(self.fail_start(why).await),
         };
-        let shown = nic_taps(spec, &taps);
-        self.record(|vm| vm.nic_taps = shown).await;
         let config = to_vm_config(
             spec,
             &self.ctx.config.console_log(&self.vm.vm_id),
@@ -77,19 +66,8 @@ impl VmActor {
             // Our copies of the taps go with `taps` here: nothing of them is left.
             return Some(self.fail_start(format!("cannot start the vmm: {why}")).await);
         }
-        let names = taps.iter().map(|t| t.fd_name.clone()).collect();
-        let fds: Vec<BorrowedFd<'_>> = taps.iter().map(|t| t.fd.as_fd()).collect();
-        let handed = self
-            .request_fds_within(Request::AddFds { names }, &fds, REQUEST_TIMEOUT)
-            .await;
-        // The vmm holds the taps now (or, if it did not take them, nobody: they vanish).
-        drop(fds);
-        drop(taps);
-        if let Err(e) = handed {
-            return Some(
-                self.abandon_start(format!("cannot hand the taps to the vmm: {e}"))
-                    .await,
-            );
+        if let Err(e) = self.give_taps(taps).await {
+            return Some(self.abandon_start(e.to_string()).await);
         }
         if let Err(e) = self.request(Request::Configure(config)).await {
             return Some(self.abandon_start(format!("cannot configure the vmm: {e}")).await);
@@ -99,6 +77,41 @@ impl VmActor {
             return Some(self.abandon_start(format!("cannot start: {e}")).await);
         }
         None
+    }
+
+    /// Makes the taps of `spec`'s NICs that the agent makes (this VM's) and records them. Err: why,
+    /// with no tap left.
+    pub(super) async fn make_agent_taps(&mut self, spec: &VmSpec) -> Result<Vec<AgentTap>, String> {
+        let (vm_id, for_taps) = (self.vm.vm_id.clone(), spec.clone());
+        // A few blocking syscalls (and the RTNL lock, which the host may hold a while).
+        let made = tokio::task::spawn_blocking(move || make_taps(&vm_id, &for_taps)).await;
+        let taps = match made {
+            Ok(Ok(taps)) => taps,
+            Ok(Err(e)) => return Err(format!("cannot make its taps: {}", ErrorChain(&e))),
+            Err(e) => return Err(format!("cannot make its taps: {e}")),
+        };
+        let shown = nic_taps(spec, &taps);
+        self.record(|vm| vm.nic_taps = shown).await;
+        Ok(taps)
+    }
+
+    /// Hands `taps` to the vmm (`add-fds`, under the names its configuration or restore overrides
+    /// use) and closes the agent's copies: from then on the vmm alone holds them (or, if it did not
+    /// take them, nobody: they vanish).
+    pub(super) async fn give_taps(&self, taps: Vec<AgentTap>) -> Result<(), AgentError> {
+        if taps.is_empty() {
+            return Ok(());
+        }
+        let names = taps.iter().map(|t| t.fd_name.clone()).collect();
+        let fds: Vec<BorrowedFd<'_>> = taps.iter().map(|t| t.fd.as_fd()).collect();
+        let handed = self
+            .request_fds_within(Request::AddFds { names }, &fds, REQUEST_TIMEOUT)
+            .await;
+        drop(fds);
+        drop(taps);
+        handed
+            .map(|_| ())
+            .map_err(|e| AgentError::Unavailable(format!("cannot hand the taps to the vmm: {e}")))
     }
 
     /// Kills the vmm of a start that cannot go on and records the VM as failed with `why`.

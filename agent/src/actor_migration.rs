@@ -275,7 +275,13 @@ impl VmActor {
         let failed = |why: String| AgentError::Unavailable(format!("receiving the VM: {why}"));
         create_empty(&self.dir, &plan.disk_copies)
             .map_err(|e| AgentError::Internal(format!("cannot create the disk copies: {e}")))?;
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
         self.start_empty_vmm().await.map_err(failed)?;
+        if let Err(e) = self.give_taps(taps).await {
+            self.kill_and_wait().await;
+            return Err(e);
+        }
         let received = async {
             let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
                 Err(_) => {

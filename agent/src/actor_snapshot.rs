@@ -72,9 +72,18 @@ impl VmActor {
         if self.proc.is_some() || self.vm.state() != VmState::Starting {
             return Err(self.wrong_state(self.vm.state(), "restored"));
         }
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        let taps = self
+            .make_agent_taps(&spec)
+            .await
+            .map_err(|why| AgentError::Unavailable(format!("restoring VM: {why}")))?;
         self.start_empty_vmm()
             .await
             .map_err(|why| AgentError::Unavailable(format!("restoring VM: {why}")))?;
+        if let Err(e) = self.give_taps(taps).await {
+            self.kill_and_wait().await;
+            return Err(e);
+        }
         let resume = request.resume;
         let mut cancelled = cancel.clone();
         let answer = tokio::select! {

@@ -99,7 +99,8 @@ pub fn restored_spec(
 }
 
 /// Puts the NICs `nics` names on their new taps (restores, migrations); `whose` names the VM in
-/// errors.
+/// errors. The others keep what they were on: the same existing tap, or a tap the agent makes
+/// for the new VM on the same bridge.
 pub fn move_nics(spec: &mut VmSpec, nics: &[NicOverride], whose: &str) -> Result<(), AgentError> {
     for (i, o) in nics.iter().enumerate() {
         if nics[..i].iter().any(|earlier| earlier.id == o.id) {
@@ -118,18 +119,6 @@ pub fn move_nics(spec: &mut VmSpec, nics: &[NicOverride], whose: &str) -> Result
         // Now on a tap that exists: nothing of the agent's tap applies.
         nic.bridge.clear();
         nic.mtu = 0;
-    }
-    // Restores and migrations hand the vmm taps by name (`nets[].tap` overrides): a NIC on a tap
-    // the agent made for the original VM needs one named here.
-    if let Some(nic) = spec.nics.iter().find(|n| crate::nics::is_agent_made(n)) {
-        return Err(AgentError::invalid(
-            "nics",
-            format!(
-                "NIC '{}' of {whose} is on a tap the agent made (bridge '{}'); name an existing \
-                 tap for it ({{id: \"{}\", tap: ...}}): agent-made taps are not supported here",
-                nic.id, nic.bridge, nic.id
-            ),
-        ));
     }
     Ok(())
 }
@@ -153,10 +142,15 @@ pub fn restore_overrides(spec: &VmSpec, console_log: &Path) -> RestoreOverrides 
         nets: spec
             .nics
             .iter()
-            .map(|n| NetOverride {
-                id: n.id.clone(),
-                tap: Some(n.tap.clone()),
-                fd: None,
+            .enumerate()
+            .map(|(i, n)| {
+                // The agent's taps are handed over under the names `nics::to_net_config` uses.
+                let fd = crate::nics::to_net_config(i, n).fd;
+                NetOverride {
+                    id: n.id.clone(),
+                    tap: fd.is_none().then(|| n.tap.clone()),
+                    fd,
+                }
             })
             .collect(),
         serial: Some(SerialConfig::File(console_log.to_path_buf())),

@@ -4,7 +4,8 @@
 //! on a tap the agent makes on the bridge, eth1 on the existing tap. It sees the derived MACs in
 //! the stored spec and in the guest, pings the guest (eth0, configured by the kernel's `ip=`)
 //! from the bridge, finds the agent's tap as a port of the bridge with the MTU asked, gone after
-//! StopVm, back after StartVm and gone after DeleteVm. Invalid NICs are INVALID_ARGUMENT naming
+//! StopVm, back after StartVm and gone after DeleteVm; a snapshot of it restored as a new VM gets
+//! a new agent-made tap on the same bridge and answers pings there. Invalid NICs are INVALID_ARGUMENT naming
 //! the field. A second test cycles VMs that fail to boot through agent-made taps and finds none
 //! left.
 
@@ -14,12 +15,14 @@ use std::process::Command;
 use std::time::Duration;
 
 use anyhow::{bail, Result};
+use common::snapshots::{create, restore, restored, snapshot_of};
 use common::{probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
 use harness::{probe_fields, NetNs};
 use tonic::Code;
 use vmm_agent::nics::agent_tap_name;
+use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    CreateVmRequest, DeleteVmRequest, NicSpec, StartVmRequest, StopVmRequest, VmSpec, VmState,
+    CreateVmRequest, DeleteVmRequest, NicSpec, SnapshotKind, StartVmRequest, StopVmRequest, VmSpec, VmState,
 };
 
 fn nic(id: &str, tap: &str, mac: &str) -> NicSpec {
@@ -187,6 +190,16 @@ async fn guest_nics_on_an_agent_made_tap_and_an_existing_tap() -> Result<()> {
     let eth1 = probe_fields(&console, "net-info dev=eth1");
     assert_eq!(eth1["mac"], stored.nics[1].mac, "{console}");
     ping(&ns, "10.79.0.2")?;
+    // A snapshot of the configured guest, restored below once this VM is gone.
+    let channel = agent.channel().await?;
+    let mut snaps = SnapshotServiceClient::new(channel.clone());
+    snapshot_of(
+        &mut snaps,
+        &channel,
+        create("netvm", "netsnap", SnapshotKind::Full),
+    )
+    .await?;
+    wait_state(&mut vms, "netvm", VmState::Running, Duration::from_secs(10)).await?;
 
     // The tap lives exactly as long as the vmm.
     vms.stop_vm(StopVmRequest {
@@ -221,6 +234,39 @@ async fn guest_nics_on_an_agent_made_tap_and_an_existing_tap() -> Result<()> {
         link(&ns, "antap0").is_some(),
         "the existing tap is not the agent's to remove"
     );
+
+    // Restored as a new VM, eth0 gets a tap the agent makes for it on the same bridge with the
+    // same MTU (eth1 is named onto the existing tap): the restored guest answers there at once.
+    let mut request = restore("netsnap", "netclone", "antap0");
+    request.nics[0].id = "eth1".into();
+    let clone = restored(&mut snaps, &channel, request).await?;
+    let clone = wait_state(&mut vms, &clone.vm_id, VmState::Running, Duration::from_secs(10)).await?;
+    let clone_tap = agent_tap_name("netclone", "eth0");
+    let shown: Vec<(&str, &str, &str, u32)> = clone
+        .nic_taps
+        .iter()
+        .map(|t| (t.nic_id.as_str(), t.tap.as_str(), t.bridge.as_str(), t.mtu))
+        .collect();
+    assert_eq!(
+        shown,
+        [
+            ("eth0", clone_tap.as_str(), "anbr0", 1400),
+            ("eth1", "antap0", "", 0)
+        ]
+    );
+    let described = link(&ns, &clone_tap).unwrap_or_default();
+    assert!(
+        described.contains("master anbr0") && described.contains("mtu 1400"),
+        "{described}"
+    );
+    ping(&ns, "10.79.0.2")?;
+    vms.delete_vm(DeleteVmRequest {
+        vm_id: "netclone".into(),
+        request_id: String::new(),
+    })
+    .await?;
+    assert_eq!(link(&ns, &clone_tap), None, "the tap outlived the restored VM");
+    assert!(agent_taps(&ns)?.is_empty());
     drop(agent);
     drop(ns);
     Ok(())

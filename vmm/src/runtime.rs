@@ -481,13 +481,17 @@ fn failure(e: MachineError) -> Failure {
     (kind, error_chain(&e))
 }
 
-/// `e` and its sources, joined with ": ".
+/// `e` and its sources, joined with ": ". A source whose message the text already ends with
+/// (an error that prints its cause as well as returning it) is not repeated.
 pub fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {
-        text.push_str(": ");
-        text.push_str(&s.to_string());
+        let message = s.to_string();
+        if !text.ends_with(&message) {
+            text.push_str(": ");
+            text.push_str(&message);
+        }
         source = s.source();
     }
     text
@@ -601,5 +605,36 @@ pub fn run(
             }
             return Ok(exit);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[derive(Debug, thiserror::Error)]
+    #[error("tap t0 is busy")]
+    struct Busy;
+
+    #[derive(Debug, thiserror::Error)]
+    enum Outer {
+        #[error("NIC {id}: {source}")]
+        Printed { id: String, source: Busy },
+        #[error("NIC {id}")]
+        Silent { id: String, source: Busy },
+    }
+
+    #[test]
+    fn error_chain_names_each_cause_once() {
+        let printed = Outer::Printed {
+            id: "eth0".into(),
+            source: Busy,
+        };
+        assert_eq!(error_chain(&printed), "NIC eth0: tap t0 is busy");
+        let silent = Outer::Silent {
+            id: "eth0".into(),
+            source: Busy,
+        };
+        assert_eq!(error_chain(&silent), "NIC eth0: tap t0 is busy");
     }
 }

@@ -2,6 +2,8 @@
 //! temporary state directory, and talk to it over real gRPC.
 #![allow(dead_code)]
 
+pub mod snapshots;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
