@@ -209,6 +209,26 @@ mod tests {
     use crate::proto::Disk;
 
     #[test]
+    fn vms_on_images_do_not_migrate_yet() {
+        let plain = VmSpec {
+            disks: vec![Disk {
+                path: "/srv/a.img".into(),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        check_no_images("a", &plain).unwrap();
+        let mut on_image = plain.clone();
+        on_image.disks.push(Disk {
+            image_id: "base".into(),
+            ..Default::default()
+        });
+        let e = check_no_images("a", &on_image).unwrap_err();
+        assert!(matches!(e, AgentError::WrongState(_)), "{e}");
+        assert!(e.to_string().contains("image 'base'"), "{e}");
+    }
+
+    #[test]
     fn destinations_are_tcp_host_port() {
         assert_eq!(
             parse_destination("tcp://10.0.0.2:7000").unwrap(),
