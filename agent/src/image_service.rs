@@ -86,10 +86,16 @@ impl ImageApi {
                 "an image with id '{image_id}' already exists"
             )));
         }
+        self.hold(image_id)
+    }
+
+    /// Holds `image_id` while its files are written or removed, so that a registration and a
+    /// deletion of one id never work on its directory at once.
+    fn hold(&self, image_id: &str) -> Result<Reservation, AgentError> {
         let mut set = self.in_flight.lock().unwrap_or_else(|e| e.into_inner());
         if !set.insert(image_id.to_string()) {
             return Err(AgentError::ImageExists(format!(
-                "an image with id '{image_id}' is being registered by another call"
+                "an image with id '{image_id}' is being registered or deleted by another call"
             )));
         }
         Ok(Reservation {
@@ -399,6 +405,7 @@ impl ImageService for ImageApi {
         {
             return Ok(Response::new(done));
         }
+        let _held = self.hold(&req.image_id)?;
         let id = req.image_id.clone();
         // The use check and the removal of the record are one step under the store's lock: a
         // CreateVm naming the image checks it exists in the same way.
