@@ -236,9 +236,9 @@ async fn upload(
     if tty {
         eprintln!();
     }
-    let image = answer.map_err(status)?.into_inner();
+    // A local read error cuts the stream short: it says more than the agent's answer to that.
     producer.await??;
-    Ok(image)
+    Ok(answer.map_err(status)?.into_inner())
 }
 
 /// Runs one image subcommand.
