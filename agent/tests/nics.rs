@@ -181,9 +181,9 @@ async fn guest_nics_on_an_agent_made_tap_and_an_existing_tap() -> Result<()> {
     assert!(described.contains("tun type tap"), "{described}");
 
     wait_console(&mut vms, "netvm", "BOOT-COMPLETE", BOOT_TIMEOUT).await?;
-    // mtu= ends the probe's net-info lines: the fields before it are complete.
-    wait_console(&mut vms, "netvm", "net-info dev=eth1", Duration::from_secs(60)).await?;
-    let console = wait_console(&mut vms, "netvm", "mtu=", Duration::from_secs(60)).await?;
+    // The probe's next action prints `idle` once both net-info lines are whole (waiting for
+    // `mtu=` matched eth0's line while eth1's was still arriving).
+    let console = wait_console(&mut vms, "netvm", "vmmprobe: idle", Duration::from_secs(60)).await?;
     let eth0 = probe_fields(&console, "net-info dev=eth0");
     assert_eq!(eth0["mac"], mac, "{console}");
     assert_eq!(eth0["ip"], "10.79.0.2", "{console}");
