@@ -3,25 +3,9 @@
 
 mod common;
 
-use std::collections::HashMap;
-
-use anyhow::{anyhow, Result};
-use common::{probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
+use anyhow::Result;
+use common::{probe_fields, probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
 use vmm_agent::proto::{CreateVmRequest, DeleteVmRequest, Disk, StartVmRequest, StopVmRequest, VmState};
-
-/// The `key=value` fields of the probe line starting with `prefix`.
-fn probe_fields(console: &str, prefix: &str) -> Result<HashMap<String, String>> {
-    let marker = format!("vmmprobe: {prefix}");
-    let line = console
-        .lines()
-        .find(|l| l.contains(&marker))
-        .ok_or_else(|| anyhow!("no {marker:?} in:\n{console}"))?;
-    Ok(line
-        .split_whitespace()
-        .filter_map(|w| w.split_once('='))
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect())
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn guest_data_survives_stop_start_and_agent_restart() -> Result<()> {

@@ -13,20 +13,19 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{anyhow, bail, Result};
-use common::{probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
-use harness::{crc32, find_probe_fields, GuestImages};
+use anyhow::{anyhow, Result};
+use common::snapshots::{restored, snapshot_of};
+use common::{probe_fields, probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
+use harness::{crc32, GuestImages};
 use tonic::transport::Channel;
 use tonic::Code;
 use vmm_agent::proto::image_service_client::ImageServiceClient;
-use vmm_agent::proto::operations_service_client::OperationsServiceClient;
 use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    operation, operation_response, upload_image_request, CreateSnapshotRequest, CreateVmRequest,
-    DeleteImageRequest, DeleteSnapshotRequest, DeleteVmRequest, Disk, GetImageRequest, GetVmRequest, Image,
-    ImagePart, ListImagesRequest, Operation, OperationResponse, RegisterImageRequest, RestoreSnapshotRequest,
-    StartVmRequest, StopVmRequest, UploadImageChunk, UploadImageHeader, UploadImageRequest, VmSpec, VmState,
-    WaitOperationRequest,
+    upload_image_request, CreateSnapshotRequest, CreateVmRequest, DeleteImageRequest, DeleteSnapshotRequest,
+    DeleteVmRequest, Disk, GetImageRequest, GetVmRequest, Image, ImagePart, ListImagesRequest,
+    RegisterImageRequest, RestoreSnapshotRequest, StartVmRequest, StopVmRequest, UploadImageChunk,
+    UploadImageHeader, UploadImageRequest, VmSpec, VmState,
 };
 
 fn sha256(data: &[u8]) -> String {
@@ -516,26 +515,6 @@ async fn the_image_api_without_guests() -> Result<()> {
     Ok(())
 }
 
-/// Waits for an operation to end.
-async fn wait_done(channel: &Channel, op: Operation) -> Result<Operation> {
-    let op = OperationsServiceClient::new(channel.clone())
-        .wait_operation(WaitOperationRequest {
-            name: op.name,
-            timeout_ms: 300_000,
-        })
-        .await?
-        .into_inner();
-    if !op.done {
-        bail!("not done after the wait: {op:?}");
-    }
-    Ok(op)
-}
-
-/// The `key=value` fields of the probe line starting with `prefix`.
-fn probe(console: &str, prefix: &str) -> Result<HashMap<String, String>> {
-    find_probe_fields(console, prefix).ok_or_else(|| anyhow!("no 'vmmprobe: {prefix}' in:\n{console}"))
-}
-
 fn crc_hex(data: &[u8]) -> String {
     format!("{:08x}", crc32(data))
 }
@@ -599,16 +578,16 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
     let first = wait_console(&mut vms, "on-image", "vmmprobe: idle", BOOT_TIMEOUT).await?;
     let overlay_path = dir.path().join("vms/on-image/disk0.overlay");
     let base_path = dir.path().join("images/probe/rootfs");
-    let read = probe(&first, "blk-read dev=vda offset=0 len=65536")?;
+    let read = probe_fields(&first, "blk-read dev=vda offset=0 len=65536")?;
     assert_eq!(read["result"], "0");
     assert_eq!(
         read["crc32"],
         crc_hex(&base[..65536]),
         "the guest reads the base through the overlay"
     );
-    let written = probe(&first, "blk-write dev=vda")?;
+    let written = probe_fields(&first, "blk-write dev=vda")?;
     assert_eq!(written["result"], "0", "{first}");
-    assert_eq!(probe(&first, "blk-flush dev=vda")?["result"], "0");
+    assert_eq!(probe_fields(&first, "blk-flush dev=vda")?["result"], "0");
     let overlay = std::fs::read(&overlay_path)?;
     assert_eq!(overlay.len(), base.len(), "the overlay is as large as the base");
     assert_eq!(
@@ -619,7 +598,7 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
     let mut expected = overlay[..4096].to_vec();
     expected.extend_from_slice(&base[4096..65536]);
     assert_eq!(
-        probe(&first, "blk-read dev=vda offset=0 len=32768")?["crc32"],
+        probe_fields(&first, "blk-read dev=vda offset=0 len=32768")?["crc32"],
         crc_hex(&expected[..32768]),
         "written blocks from the overlay, the rest from the base"
     );
@@ -663,7 +642,7 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
     })
     .await?;
     let second = wait_console(&mut vms, "on-image", "vmmprobe: idle", BOOT_TIMEOUT).await?;
-    let read = probe(&second, "blk-read dev=vda offset=0 len=65536")?;
+    let read = probe_fields(&second, "blk-read dev=vda offset=0 len=65536")?;
     assert_eq!(read["result"], "0");
     assert_eq!(
         read["crc32"],
@@ -680,21 +659,16 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
     // with it), the image stays in use, and a VM restored from the snapshot runs on it.
     let channel = agent.channel().await?;
     let mut snaps = SnapshotServiceClient::new(channel.clone());
-    let op = snaps
-        .create_snapshot(CreateSnapshotRequest {
+    let snapshot = snapshot_of(
+        &mut snaps,
+        &channel,
+        CreateSnapshotRequest {
             vm_id: "on-image".into(),
             snapshot_id: "snap".into(),
             ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let op = wait_done(&channel, op).await?;
-    let Some(operation::Result::Response(OperationResponse {
-        value: Some(operation_response::Value::Snapshot(snapshot)),
-    })) = op.result
-    else {
-        bail!("the snapshot failed: {op:?}");
-    };
+        },
+    )
+    .await?;
     assert_eq!(snapshot.spec.as_ref().map(|s| s.image_id.as_str()), Some("probe"));
     vms.delete_vm(DeleteVmRequest {
         vm_id: "on-image".into(),
@@ -717,23 +691,18 @@ async fn a_guest_on_an_image_keeps_its_writes_in_its_overlay() -> Result<()> {
         .expect_err("held by the snapshot");
     assert_eq!(status.code(), Code::FailedPrecondition);
     assert!(status.message().contains("snapshot 'snap'"), "{status:?}");
-    let op = snaps
-        .restore_snapshot(RestoreSnapshotRequest {
+    let back = restored(
+        &mut snaps,
+        &channel,
+        RestoreSnapshotRequest {
             snapshot_id: "snap".into(),
             vm_id: "restored".into(),
             ..Default::default()
-        })
-        .await?
-        .into_inner();
-    let op = wait_done(&channel, op).await?;
-    let Some(operation::Result::Response(OperationResponse {
-        value: Some(operation_response::Value::Vm(restored)),
-    })) = op.result
-    else {
-        bail!("the restore failed: {op:?}");
-    };
-    assert_eq!(restored.state(), VmState::Running);
-    let disk = restored.spec.unwrap_or_default().disks.remove(0);
+        },
+    )
+    .await?;
+    assert_eq!(back.state(), VmState::Running);
+    let disk = back.spec.unwrap_or_default().disks.remove(0);
     let copy = dir.path().join("vms/restored/disk0.img");
     assert_eq!(
         (disk.image_id.as_str(), disk.path.as_str()),

@@ -270,6 +270,13 @@ pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
     pids
 }
 
+/// The `key=value` fields of the probe line containing `vmmprobe: {prefix}`, or an error that
+/// shows the console.
+pub fn probe_fields(console: &str, prefix: &str) -> Result<std::collections::HashMap<String, String>> {
+    harness::find_probe_fields(console, prefix)
+        .ok_or_else(|| anyhow::anyhow!("no 'vmmprobe: {prefix}' in:\n{console}"))
+}
+
 /// A CA that signs certificates into PEM files under `dir`.
 pub struct Ca {
     issuer: Issuer<'static, KeyPair>,

@@ -136,13 +136,7 @@ impl DiskImage {
         read_only: bool,
         buffered: Option<File>,
     ) -> Result<Self, DiskError> {
-        lock(&file, read_only).map_err(|source| match source.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => DiskError::Locked { path: path.clone() },
-            _ => DiskError::Lock {
-                path: path.clone(),
-                source,
-            },
-        })?;
+        lock(&file, read_only).map_err(|source| lock_error(&path, source))?;
         // Seeking also gives the size of block devices, whose metadata length is 0.
         let size = file.seek(SeekFrom::End(0)).map_err(|source| DiskError::Open {
             path: path.clone(),
@@ -245,6 +239,19 @@ impl DiskImage {
     /// Whether the guest may only read it.
     pub fn read_only(&self) -> bool {
         self.read_only
+    }
+}
+
+/// Why `path` could not be locked: held by someone else, or another failure.
+pub(crate) fn lock_error(path: &Path, source: std::io::Error) -> DiskError {
+    match source.raw_os_error() {
+        Some(libc::EWOULDBLOCK) => DiskError::Locked {
+            path: path.to_path_buf(),
+        },
+        _ => DiskError::Lock {
+            path: path.to_path_buf(),
+            source,
+        },
     }
 }
 

@@ -65,15 +65,7 @@ impl Overlay {
             path: base_path.clone(),
             source,
         })?;
-        super::disk::lock_shared(&file).map_err(|source| match source.raw_os_error() {
-            Some(libc::EWOULDBLOCK) => DiskError::Locked {
-                path: base_path.clone(),
-            },
-            _ => DiskError::Lock {
-                path: base_path.clone(),
-                source,
-            },
-        })?;
+        super::disk::lock_shared(&file).map_err(|source| super::disk::lock_error(base, source))?;
         let base_len = file
             .metadata()
             .map_err(|source| DiskError::Open {

@@ -52,6 +52,12 @@ fn rig_opts(engine: EngineKind, read_only: bool, direct: bool, limiter: RateLimi
     let dir = TempDir::new("blk");
     let path = image(&dir);
     let disk = DiskImage::open(&path, read_only, direct).unwrap();
+    rig_on(dir, path, disk, engine, limiter)
+}
+
+/// A drive on `disk` (the image at `path` in `dir`), initialized by the driver with every feature
+/// it offers.
+fn rig_on(dir: TempDir, path: PathBuf, disk: DiskImage, engine: EngineKind, limiter: RateLimiter) -> Rig {
     let block = Block::new(BlockSpec {
         id: "test".into(),
         disk,

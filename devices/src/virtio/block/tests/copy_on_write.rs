@@ -8,38 +8,29 @@ use virtio_bindings::virtio_blk::VIRTIO_BLK_F_WRITE_ZEROES;
 
 /// The base is the usual recognisable image; the drive's own image starts empty (a hole).
 fn cow_rig(dir: TempDir, engine: EngineKind) -> Rig {
-    let base = image(&dir);
+    image(&dir);
     let path = dir.path().join("overlay.img");
     let f = File::create(&path).unwrap();
     f.set_len(DISK_SECTORS * 512).unwrap();
     drop(f);
+    reopen(dir, path, engine)
+}
+
+/// A copy-on-write drive over the image at `path` in `dir` and the base beside it.
+fn reopen(dir: TempDir, path: PathBuf, engine: EngineKind) -> Rig {
     let disk = DiskImage::open(&path, false, false)
         .unwrap()
-        .with_backing(&base)
+        .with_backing(&dir.path().join("disk.img"))
         .unwrap();
-    let block = Block::new(BlockSpec {
-        id: "cow".into(),
-        disk,
-        serial: "cow".into(),
-        engine,
-        rate_limiter: RateLimiter::unlimited().unwrap(),
-    })
-    .unwrap();
-    assert!(block.has_backing());
-    let mut driver = TestDriver::new(block);
-    let features = driver.device_features();
+    let r = rig_on(dir, path, disk, engine, RateLimiter::unlimited().unwrap());
+    assert!(r.driver.transport.device().has_backing());
+    let features = r.driver.transport.device().avail_features();
     assert_eq!(
         features & (feature(VIRTIO_BLK_F_DISCARD) | feature(VIRTIO_BLK_F_WRITE_ZEROES)),
         0,
         "a copy-on-write drive must not offer deallocation"
     );
-    let status = driver.init(features, QUEUE_SIZE);
-    assert_eq!(status & 0x4, 0x4, "DRIVER_OK not set: {status:#x}");
-    Rig {
-        driver,
-        path,
-        _dir: dir,
-    }
+    r
 }
 
 /// What the base holds at `offset` (see [`image`]).
@@ -106,26 +97,13 @@ fn a_reopened_drive_finds_what_the_guest_wrote() {
         r.request(VIRTIO_BLK_T_OUT, 100, Some(Desc::readable(DATA, 8192))),
         (1, OK)
     );
-    let Rig { driver, path, _dir } = r;
+    let Rig {
+        driver,
+        path,
+        _dir: dir,
+    } = r;
     drop(driver);
-    let base = _dir.path().join("disk.img");
-    let disk = DiskImage::open(&path, false, false)
-        .unwrap()
-        .with_backing(&base)
-        .unwrap();
-    let mut driver = TestDriver::new(
-        Block::new(BlockSpec {
-            id: "cow".into(),
-            disk,
-            serial: "cow".into(),
-            engine: EngineKind::Sync,
-            rate_limiter: RateLimiter::unlimited().unwrap(),
-        })
-        .unwrap(),
-    );
-    let features = driver.device_features();
-    driver.init(features, QUEUE_SIZE);
-    let mut r = Rig { driver, path, _dir };
+    let mut r = reopen(dir, path, EngineKind::Sync);
     // Sector 100 starts at byte 51,200, inside a 4 KiB block: the write's edges were copied up.
     let got = read(&mut r, 96, 16384);
     let mut want = base_bytes(96 * 512, 16384);
