@@ -16,6 +16,7 @@ use tokio::time::{sleep, Instant};
 use vmm_api::control::{Event, Request, Response, ShutdownRequest, VmState as VmmState};
 use vmm_api::snapshot::{SnapshotInfo, SnapshotKind, SnapshotRestore};
 
+use crate::boot_slots::BootSlot;
 use crate::console;
 use crate::control::{ConnEvent, ControlClientError, ControlConn};
 use crate::error::AgentError;
@@ -119,6 +120,10 @@ pub(crate) struct VmActor {
     /// When the current start began, until the guest reports its boot complete (for the
     /// start-to-running and start-to-boot-complete metrics).
     start_began: Option<Instant>,
+    /// Held from the start's admission until the guest reports its boot complete.
+    boot_slot: Option<BootSlot>,
+    /// A command that ended a start's wait for a boot slot, to run once the start returned.
+    deferred: Option<Command>,
 }
 
 fn state_name(state: VmState) -> &'static str {
@@ -145,6 +150,8 @@ impl VmActor {
             commands,
             stopping: false,
             start_began: None,
+            boot_slot: None,
+            deferred: None,
         }
     }
 
@@ -160,6 +167,12 @@ impl VmActor {
         }
         let mut tick = tokio::time::interval(TICK);
         loop {
+            if let Some(cmd) = self.deferred.take() {
+                if self.handle(cmd).await {
+                    return;
+                }
+                continue;
+            }
             tokio::select! {
                 cmd = self.commands.recv() => {
                     let Some(cmd) = cmd else { return };
@@ -391,6 +404,11 @@ impl VmActor {
                     exit_event: None,
                 });
                 let state = observed_state(d.state);
+                if state == VmState::Running && self.vm.boot_ms.is_none() {
+                    // Still booting: counted among the boots if a slot is free (never waited for:
+                    // it runs already).
+                    self.boot_slot = self.ctx.boot_slots.try_take();
+                }
                 self.record(|vm| vm.state = state as i32).await;
             }
             other => {
@@ -434,6 +452,7 @@ impl VmActor {
                 if let Some(began) = self.start_began.take() {
                     self.ctx.metrics.observe_start_to_boot_complete(began.elapsed());
                 }
+                self.release_boot_slot("boot complete");
                 self.record(|vm| vm.boot_ms = Some(boot_ms)).await;
             }
             ConnEvent::Event(Event::Exit { reason, code }) => {
@@ -463,6 +482,7 @@ impl VmActor {
 
     /// Checks that the vmm lives (reconnecting if the connection was lost) and caps its console log.
     async fn on_tick(&mut self) {
+        self.expire_boot_slot();
         let Some(p) = self.proc.as_mut() else {
             return;
         };
@@ -534,6 +554,7 @@ impl VmActor {
             return;
         };
         self.start_began = None;
+        self.release_boot_slot("the vmm ended");
         let child_code = match (p.child_code, p.child_exit.as_mut()) {
             (Some(code), _) => Some(code),
             // Our child: its status comes once it is reaped, which is at once after an exit.
@@ -643,6 +664,19 @@ impl VmActor {
             let limit = self.ctx.config.allocatable;
             self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
         }
+        match self.take_boot_slot().await {
+            Admission::Admitted => {}
+            other => return self.end_unadmitted_start(other).await,
+        }
+        let result = self.launch(began).await;
+        if self.proc.is_none() {
+            self.release_boot_slot("the start failed");
+        }
+        result
+    }
+
+    /// Spawns the vmm of an admitted start and waits for it to run the VM.
+    async fn launch(&mut self, began: Instant) -> Result<Vm, AgentError> {
         let spec = self.vm.spec.clone().unwrap_or_default();
         if spec.nics.iter().any(crate::nics::is_agent_made) {
             // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
@@ -848,6 +882,10 @@ impl VmActor {
             })
             .await?;
         }
+        if pause {
+            // A paused guest uses no CPU; its boot, if it resumes, goes on outside the limit.
+            self.release_boot_slot("paused");
+        }
         Ok(self.vm.clone())
     }
 
@@ -953,6 +991,10 @@ pub(crate) mod migration;
 
 #[path = "actor_launch.rs"]
 mod launch;
+
+#[path = "actor_admission.rs"]
+mod admission;
+use admission::Admission;
 
 /// How connecting to a new vmm went.
 enum NewVmm {

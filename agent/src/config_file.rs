@@ -87,6 +87,10 @@ pub struct FileConfig {
     pub nic_mtu: Option<u32>,
     /// `--image-max-bytes`.
     pub image_max_bytes: Option<u64>,
+    /// `--max-concurrent-boots`.
+    pub max_concurrent_boots: Option<usize>,
+    /// `--boot-slot-timeout-secs`.
+    pub boot_slot_timeout_secs: Option<u64>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }
@@ -136,6 +140,8 @@ mod tests {
             metrics_listen = "127.0.0.1:9464"
             bridge = "br0"
             nic_mtu = 1400
+            max_concurrent_boots = 3
+            boot_slot_timeout_secs = 30
             [labels]
             zone = "z1"
             [tls]
@@ -150,6 +156,10 @@ mod tests {
         assert_eq!(c.restore_on_boot, Some(true));
         assert_eq!(c.metrics_listen.as_deref(), Some("127.0.0.1:9464"));
         assert_eq!((c.bridge.as_deref(), c.nic_mtu), (Some("br0"), Some(1400)));
+        assert_eq!(
+            (c.max_concurrent_boots, c.boot_slot_timeout_secs),
+            (Some(3), Some(30))
+        );
         assert_eq!(c.labels.unwrap()["zone"], "z1");
         assert_eq!(c.tls.unwrap().client_ca.as_deref(), Some(Path::new("/ca")));
         assert_eq!(

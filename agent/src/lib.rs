@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 mod actor;
+pub mod boot_slots;
 pub mod cgroups;
 pub mod client;
 pub mod config_file;

@@ -250,8 +250,31 @@ pub async fn render(ctx: &Arc<Context>) -> String {
         write_vms(&mut e, vms, ctx.config.allocatable);
     }
     ctx.metrics.write_kept(&mut e);
+    write_boot_slots(&mut e, &ctx.boot_slots);
     write_usage(&mut e, &usages);
     e.finish()
+}
+
+/// The start admission limit: guests booting, starts waiting, the limit.
+fn write_boot_slots(e: &mut Exposition, slots: &crate::boot_slots::BootSlots) {
+    e.family(
+        "vmmagent_boots_in_flight",
+        Kind::Gauge,
+        "Guests booting now (holding a boot slot until their boot-complete signal).",
+    );
+    e.sample("vmmagent_boots_in_flight", &[], slots.in_flight() as u64);
+    e.family(
+        "vmmagent_boots_waiting",
+        Kind::Gauge,
+        "Starts waiting for a boot slot.",
+    );
+    e.sample("vmmagent_boots_waiting", &[], slots.waiting() as u64);
+    e.family(
+        "vmmagent_boots_max",
+        Kind::Gauge,
+        "The most guests booting at once (--max-concurrent-boots; 0: no limit).",
+    );
+    e.sample("vmmagent_boots_max", &[], slots.limit().unwrap_or(0) as u64);
 }
 
 /// VMs by state, and the host's allocatable and allocated vCPUs and memory.

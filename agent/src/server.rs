@@ -16,6 +16,7 @@ use vmm_api::socket::MAX_SOCKET_PATH;
 use tonic::transport::server::TcpIncoming;
 use tonic::transport::{Certificate, Identity, ServerTlsConfig};
 
+use crate::boot_slots::BootSlots;
 use crate::cgroups::VmCgroups;
 use crate::host::{HostApi, HostFacts};
 use crate::image_service::ImageApi;
@@ -156,8 +157,10 @@ pub async fn run(
     let metrics = Arc::new(Metrics::new());
     let rpc_metrics = RpcMetricsLayer::new(metrics.clone());
     let cgroups = vm_cgroups(&config)?;
+    let boot_slots = BootSlots::new(config.max_concurrent_boots, config.boot_slot_timeout);
     let ctx = Arc::new(Context {
         cgroups,
+        boot_slots,
         config,
         store: StoreHandle::new(store),
         migrations: Migrations::default(),

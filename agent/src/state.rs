@@ -37,6 +37,10 @@ pub struct AgentConfig {
     pub nic_mtu: Option<u32>,
     /// The largest image (all its files together) RegisterImage and UploadImage accept.
     pub image_max_bytes: u64,
+    /// The most guests booting at once (0: no limit); see `boot_slots`.
+    pub max_concurrent_boots: usize,
+    /// How long a booting guest may hold its boot slot without reporting its boot complete.
+    pub boot_slot_timeout: Duration,
 }
 
 impl AgentConfig {
@@ -151,6 +155,8 @@ pub struct Context {
     pub metrics: Arc<crate::metrics::Metrics>,
     /// Each vmm's own CPU cgroup, when the host has one to give.
     pub cgroups: Option<crate::cgroups::VmCgroups>,
+    /// The start admission limit.
+    pub boot_slots: crate::boot_slots::BootSlots,
 }
 
 impl Context {

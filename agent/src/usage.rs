@@ -256,6 +256,8 @@ mod tests {
             bridge: None,
             nic_mtu: None,
             image_max_bytes: 1 << 30,
+            max_concurrent_boots: 1,
+            boot_slot_timeout: Duration::from_secs(1),
         };
         // A process whose command line names the VM's socket, where something accepts and never
         // answers: a stuck vmm.

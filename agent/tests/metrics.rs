@@ -1,7 +1,8 @@
 //! The Prometheus endpoint (`--metrics-listen`) of a real agent, scraped over real TCP on
 //! 127.0.0.1: VMs by state, the RPCs made, start-to-running and start-to-boot-complete samples,
-//! and the CPU, memory and disk figures of one real guest with a disk; then requests that are not
-//! scrapes (wrong path or method, garbage, an oversized head, clients that send nothing) get their
+//! the CPU, memory and disk figures of one real guest with a disk, and the start admission limit
+//! (two starts wait for the one boot slot that guest holds; one is withdrawn by a stop); then
+//! requests that are not scrapes (wrong path or method, garbage, an oversized head, clients that send nothing) get their
 //! statuses and the endpoint and the agent keep serving; the address from the config file or,
 //! overriding it, the flag.
 
@@ -15,7 +16,9 @@ use common::{probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tonic::Code;
-use vmm_agent::proto::{CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, PauseVmRequest, VmState};
+use vmm_agent::proto::{
+    CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, PauseVmRequest, StopVmRequest, Vm, VmSpec, VmState,
+};
 
 fn free_port() -> Result<u16> {
     Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
@@ -120,6 +123,27 @@ fn rpc(method: &str, code: &str) -> String {
     format!("vmmagent_rpc_requests_total{{method=\"/vmmagent.v1.VmService/{method}\",code=\"{code}\"}}")
 }
 
+/// Polls GetVm until the VM exists with `text` in its state reason.
+async fn wait_reason(
+    vms: &mut vmm_agent::proto::vm_service_client::VmServiceClient<tonic::transport::Channel>,
+    vm_id: &str,
+    text: &str,
+) -> Result<Vm> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = vms.get_vm(GetVmRequest { vm_id: vm_id.into() }).await;
+        if let Ok(vm) = &found {
+            if vm.get_ref().state_reason.contains(text) {
+                return Ok(found?.into_inner());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("{vm_id} never had '{text}' in its state reason: {found:?}");
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Scrapes until `ready` holds for the samples (figures the agent records as events arrive).
 async fn scrape_until(
     port: u16,
@@ -146,7 +170,11 @@ async fn scrapes_show_vm_states_rpcs_start_latency_and_guest_usage() -> Result<(
     let image = dir.path().join("data.img");
     std::fs::write(&image, vec![0u8; 1 << 20])?;
     let port = free_port()?;
-    let agent = start_agent(dir.path(), port)?;
+    let metrics = format!("127.0.0.1:{port}");
+    let agent = Agent::start(
+        dir.path(),
+        &["--metrics-listen", &metrics, "--max-concurrent-boots", "1"],
+    )?;
     agent.wait_serving().await?;
 
     let empty = scrape(port).await?;
@@ -172,17 +200,60 @@ async fn scrapes_show_vm_states_rpcs_start_latency_and_guest_usage() -> Result<(
         .await?
         .into_inner();
     assert_eq!(vm.state(), VmState::Running, "{vm:?}");
+
+    // One boot slot (--max-concurrent-boots 1), held by "meter" until its guest reports its boot
+    // complete: the next starts wait in line, STARTING without a vmm.
     let mut broken = spec.clone();
     broken.kernel = image.display().to_string();
     broken.disks.clear();
-    let failed = vms
-        .create_vm(CreateVmRequest {
-            vm_id: "broken".into(),
-            spec: Some(broken),
+    let client = vms.clone();
+    let create = |id: &str, spec: VmSpec| {
+        let mut vms = client.clone();
+        let request = CreateVmRequest {
+            vm_id: id.into(),
+            spec: Some(spec),
             request_id: String::new(),
+        };
+        tokio::spawn(async move { vms.create_vm(request).await })
+    };
+    let broken_create = create("broken", broken);
+    let waiting = wait_reason(&mut vms, "broken", "waiting for a boot slot").await?;
+    assert_eq!(
+        (waiting.state(), waiting.pid),
+        (VmState::Starting, 0),
+        "{waiting:?}"
+    );
+    let queued_create = create("queued", spec.clone());
+    wait_reason(&mut vms, "queued", "waiting for a boot slot").await?;
+    let samples = scrape(port).await?;
+    assert_eq!(value(&samples, "vmmagent_boots_max")?, 1.0);
+    assert_eq!(value(&samples, "vmmagent_boots_in_flight")?, 1.0);
+    assert_eq!(value(&samples, "vmmagent_boots_waiting")?, 2.0);
+    // A stop ends a wait: that VM never boots, and the create that was waiting is ABORTED.
+    let stopped = vms
+        .stop_vm(StopVmRequest {
+            vm_id: "queued".into(),
+            request_id: String::new(),
+            timeout_ms: 0,
+            force: false,
         })
         .await?
         .into_inner();
+    assert_eq!(
+        (stopped.state(), stopped.pid),
+        (VmState::Stopped, 0),
+        "{stopped:?}"
+    );
+    let aborted = queued_create.await?.expect_err("a withdrawn start");
+    assert_eq!(aborted.code(), Code::Aborted, "{aborted:?}");
+    vms.delete_vm(DeleteVmRequest {
+        vm_id: "queued".into(),
+        request_id: String::new(),
+    })
+    .await?;
+    // The boot of "meter" completes and frees the slot; "broken" takes it and fails at once
+    // (its kernel is not one), which frees it again.
+    let failed = broken_create.await??.into_inner();
     assert_eq!(failed.state(), VmState::Failed, "{failed:?}");
     let err = vms
         .get_vm(GetVmRequest { vm_id: "nope".into() })
@@ -198,7 +269,11 @@ async fn scrapes_show_vm_states_rpcs_start_latency_and_guest_usage() -> Result<(
     .await?;
     assert_eq!(by_state(&samples), states(&[("running", 1.0), ("failed", 1.0)]));
     assert_eq!(value(&samples, &rpc("CreateVm", "OK"))?, 2.0);
-    assert_eq!(value(&samples, &rpc("GetVm", "NOT_FOUND"))?, 1.0);
+    assert_eq!(value(&samples, &rpc("CreateVm", "ABORTED"))?, 1.0);
+    assert_eq!(value(&samples, "vmmagent_boots_in_flight")?, 0.0);
+    assert_eq!(value(&samples, "vmmagent_boots_waiting")?, 0.0);
+    // "nope", and polls for the waiting VMs before their creates stored them.
+    assert!(value(&samples, &rpc("GetVm", "NOT_FOUND"))? >= 1.0);
     assert!(
         value(
             &samples,
@@ -268,7 +343,8 @@ async fn scrapes_show_vm_states_rpcs_start_latency_and_guest_usage() -> Result<(
     }
     let samples = scrape(port).await?;
     assert_eq!(by_state(&samples), states(&[]));
-    assert_eq!(value(&samples, &rpc("DeleteVm", "OK"))?, 2.0);
+    assert_eq!(value(&samples, &rpc("DeleteVm", "OK"))?, 3.0);
+    assert_eq!(value(&samples, "vmmagent_boots_in_flight")?, 0.0);
     assert!(
         !samples.keys().any(|k| k.contains("vm_id=")),
         "no usage of deleted VMs"

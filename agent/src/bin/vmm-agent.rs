@@ -98,6 +98,15 @@ struct Args {
     /// UploadImage accept, in bytes [default: 64 GiB].
     #[arg(long, value_name = "BYTES")]
     image_max_bytes: Option<u64>,
+    /// The most guests booting at once: further starts wait in line (as STARTING) until a
+    /// booting guest reports its boot complete; 0: no limit [default: the host's CPUs].
+    #[arg(long, value_name = "N")]
+    max_concurrent_boots: Option<usize>,
+    /// How long a booting guest may hold its place among --max-concurrent-boots without
+    /// reporting its boot complete (a guest that never does must not block others), in seconds
+    /// [default: 90].
+    #[arg(long, value_name = "SECONDS")]
+    boot_slot_timeout_secs: Option<u64>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -237,6 +246,16 @@ fn main() -> Result<()> {
             .image_max_bytes
             .or(file.image_max_bytes)
             .unwrap_or(vmm_agent::images::DEFAULT_MAX_IMAGE_BYTES),
+        max_concurrent_boots: args
+            .max_concurrent_boots
+            .or(file.max_concurrent_boots)
+            .unwrap_or(host_cpus() as usize),
+        boot_slot_timeout: Duration::from_secs(
+            args.boot_slot_timeout_secs
+                .or(file.boot_slot_timeout_secs)
+                .unwrap_or(90)
+                .max(1),
+        ),
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -1,0 +1,184 @@
+//! The start admission limit: how many guests may boot at once.
+//!
+//! A booting kernel is the most CPU-hungry thing a guest does, and boots that outnumber the
+//! host's cores slow each other down without end (on a nested, page-table-based KVM ten cold
+//! boots on two cores never finish). So a start (CreateVm, StartVm, RebootVm, a restore at
+//! agent start) takes a slot before its vmm is spawned and keeps it until the guest reports its
+//! boot complete, its vmm ends, or `hold_max` passes (a guest without the boot-complete signal
+//! must not hold a slot for ever). Waiters are served in order. Restores from snapshots and
+//! incoming migrations boot nothing and take no slot.
+
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Instant;
+
+/// The slots of one agent.
+#[derive(Debug)]
+pub struct BootSlots {
+    semaphore: Arc<Semaphore>,
+    /// `None`: no limit.
+    limit: Option<usize>,
+    hold_max: Duration,
+    waiting: Arc<AtomicUsize>,
+}
+
+/// A slot held by one booting guest; released when dropped.
+#[derive(Debug)]
+pub struct BootSlot {
+    _permit: Option<OwnedSemaphorePermit>,
+    taken: Instant,
+}
+
+impl BootSlot {
+    /// How long the slot has been held.
+    pub fn held_for(&self) -> Duration {
+        self.taken.elapsed()
+    }
+}
+
+/// Counts a waiter for as long as it waits (also when its wait is dropped half way).
+struct Waiting(Arc<AtomicUsize>);
+
+impl Drop for Waiting {
+    fn drop(&mut self) {
+        self.0.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+impl BootSlots {
+    /// At most `limit` boots at once (0: no limit), each holding its slot at most `hold_max`.
+    pub fn new(limit: usize, hold_max: Duration) -> Self {
+        let limit = (limit > 0).then_some(limit.min(Semaphore::MAX_PERMITS));
+        BootSlots {
+            semaphore: Arc::new(Semaphore::new(limit.unwrap_or(0))),
+            limit,
+            hold_max,
+            waiting: Arc::default(),
+        }
+    }
+
+    /// The most boots at once; `None`: no limit.
+    pub fn limit(&self) -> Option<usize> {
+        self.limit
+    }
+
+    /// How long a guest may hold its slot without reporting its boot complete.
+    pub fn hold_max(&self) -> Duration {
+        self.hold_max
+    }
+
+    /// A slot at once, if one is free.
+    pub fn try_take(&self) -> Option<BootSlot> {
+        if self.limit.is_none() {
+            return Some(BootSlot::unlimited());
+        }
+        let permit = self.semaphore.clone().try_acquire_owned().ok()?;
+        Some(BootSlot::of(permit))
+    }
+
+    /// A slot, waiting in line for one.
+    pub async fn take(&self) -> BootSlot {
+        if let Some(slot) = self.try_take() {
+            return slot;
+        }
+        self.waiting.fetch_add(1, Ordering::Relaxed);
+        let _waiting = Waiting(self.waiting.clone());
+        match self.semaphore.clone().acquire_owned().await {
+            Ok(permit) => BootSlot::of(permit),
+            // The semaphore is never closed; should it be, booting unlimited beats hanging.
+            Err(_) => BootSlot::unlimited(),
+        }
+    }
+
+    /// Boots holding a slot now (0 without a limit: they are not counted then).
+    pub fn in_flight(&self) -> usize {
+        self.limit
+            .map_or(0, |l| l.saturating_sub(self.semaphore.available_permits()))
+    }
+
+    /// Starts waiting for a slot now.
+    pub fn waiting(&self) -> usize {
+        self.waiting.load(Ordering::Relaxed)
+    }
+}
+
+impl BootSlot {
+    fn of(permit: OwnedSemaphorePermit) -> Self {
+        BootSlot {
+            _permit: Some(permit),
+            taken: Instant::now(),
+        }
+    }
+
+    fn unlimited() -> Self {
+        BootSlot {
+            _permit: None,
+            taken: Instant::now(),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn waiters_get_slots_in_order_as_they_are_released() {
+        let slots = Arc::new(BootSlots::new(2, Duration::from_secs(60)));
+        let a = slots.take().await;
+        let b = slots.take().await;
+        assert_eq!(slots.in_flight(), 2);
+        assert!(slots.try_take().is_none());
+        let (tx, mut rx) = tokio::sync::mpsc::unbounded_channel();
+        let mut waiters = Vec::new();
+        for i in 0..3 {
+            let (mine, tx) = (slots.clone(), tx.clone());
+            waiters.push(tokio::spawn(async move {
+                let slot = mine.take().await;
+                tx.send(i).unwrap();
+                slot
+            }));
+            // Each waiter in line before the next one joins.
+            while slots.waiting() < i + 1 {
+                tokio::task::yield_now().await;
+            }
+        }
+        assert_eq!(slots.waiting(), 3);
+        drop(a);
+        assert_eq!(rx.recv().await, Some(0));
+        drop(b);
+        assert_eq!(rx.recv().await, Some(1));
+        let first = waiters.remove(0).await.unwrap();
+        assert!(rx.try_recv().is_err(), "a third boot got in while two held slots");
+        drop(first);
+        assert_eq!(rx.recv().await, Some(2));
+        for w in waiters {
+            drop(w.await.unwrap());
+        }
+        assert_eq!(slots.in_flight(), 0);
+        assert_eq!(slots.waiting(), 0);
+    }
+
+    #[tokio::test]
+    async fn a_dropped_wait_leaves_no_waiter_counted() {
+        let slots = BootSlots::new(1, Duration::from_secs(60));
+        let held = slots.take().await;
+        let timed_out = tokio::time::timeout(Duration::from_millis(20), slots.take()).await;
+        assert!(timed_out.is_err());
+        assert_eq!(slots.waiting(), 0);
+        drop(held);
+        assert!(slots.try_take().is_some());
+    }
+
+    #[tokio::test]
+    async fn no_limit_never_waits() {
+        let slots = BootSlots::new(0, Duration::from_secs(60));
+        let held: Vec<_> = (0..100).map(|_| slots.try_take()).collect();
+        assert!(held.iter().all(Option::is_some));
+        assert_eq!(slots.limit(), None);
+        assert_eq!(slots.in_flight(), 0);
+    }
+}
