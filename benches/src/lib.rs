@@ -5,6 +5,7 @@
 mod args;
 mod cpu;
 mod json_report;
+pub mod procs;
 mod qmp;
 mod signals;
 mod stats;

@@ -6,25 +6,31 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use anyhow::{bail, Context, Result};
+use anyhow::{anyhow, bail, Context, Result};
 use benches::{cell, host_json, unix_time, write_json, Args, Summary, BOOT_COMPLETE};
 use harness::{probe_cmdline, try_vmm_binary, GuestImages, TempDir};
 use serde_json::{json, Value};
+use tokio::signal::unix::{signal, SignalKind};
 use vmm_agent::proto::vm_service_client::VmServiceClient;
 use vmm_agent::proto::{CreateVmRequest, DeleteVmRequest, GetConsoleRequest, VmSpec};
 
 const USAGE: &str = "\
-usage: agent [--counts N,N,...] [--memory-mib N] [--out PATH] [--agent PATH]
+usage: agent [--counts N,N,...] [--memory-mib N] [--out PATH] [--agent PATH] [--agent-arg ARG]...
 
 Starts vmm-agent in a temporary state directory and, for each count N, creates N VMs at once
 (each booting the test kernel to BOOT-COMPLETE, then idling), timing every VM from its CreateVm
 request to BOOT-COMPLETE on its console. Reports median and p99 in milliseconds, VMs per second
 (N over the time until the last one booted), and the agent's RSS before and with the N VMs.
+The agent admits at most as many boots at once as the host has CPUs (--max-concurrent-boots);
+the others wait in line, which the latencies include. Each round's VMs, agent and state directory
+are removed when the round ends, fails, or is interrupted (SIGINT, SIGTERM).
 
   --counts N,...    how many VMs at once, one round each (default 1,10,50)
   --memory-mib N    guest memory (default 128)
   --out PATH        JSON report (default target/bench/agent.json)
-  --agent PATH      the vmm-agent binary (default: next to this program)";
+  --agent PATH      the vmm-agent binary (default: next to this program)
+  --agent-arg ARG   one more argument for the agent (repeat for each), e.g.
+                    --agent-arg=--max-concurrent-boots=4";
 
 const BOOT_TIMEOUT: Duration = Duration::from_secs(900);
 
@@ -45,40 +51,55 @@ fn rss_kib(pid: u32) -> u64 {
         .unwrap_or(0)
 }
 
-struct AgentProcess(Child);
+/// One round's agent in its state directory. Dropped (when the round ends, fails or is
+/// interrupted), it kills the agent and every vmm it started (they outlive the agent by design),
+/// then removes the directory.
+struct RoundAgent {
+    child: Child,
+    socket: PathBuf,
+    dir: TempDir,
+}
 
-impl Drop for AgentProcess {
+impl Drop for RoundAgent {
     fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let vmms = benches::procs::kill_all_under(self.dir.path());
+        if vmms > 0 {
+            eprintln!("removed {vmms} vmm processes left by the round");
+        }
     }
 }
 
-fn start_agent(bin: &Path, dir: &Path) -> Result<(AgentProcess, PathBuf)> {
-    let socket = dir.join("agent.sock");
-    let log = std::fs::File::create(dir.join("agent.log"))?;
+fn start_agent(bin: &Path, extra: &[String]) -> Result<RoundAgent> {
+    // Short: the vmms' socket paths under it must fit in 108 bytes.
+    let dir = TempDir::new_in(Path::new("/tmp"), "bench-agent")?;
+    let socket = dir.path().join("agent.sock");
+    let log = std::fs::File::create(dir.path().join("agent.log"))?;
     let child = Command::new(bin)
         .arg("--state-dir")
-        .arg(dir)
+        .arg(dir.path())
         .arg("--listen")
         .arg(format!("unix:{}", socket.display()))
         .arg("--vmm-bin")
         .arg(try_vmm_binary()?)
         .args(["--log-level", "warn"])
+        .args(extra)
         .stdin(Stdio::null())
         .stdout(Stdio::null())
         .stderr(log)
         .spawn()
         .with_context(|| format!("cannot run {}", bin.display()))?;
-    let agent = AgentProcess(child);
+    let agent = RoundAgent { child, socket, dir };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while !socket.exists() {
+    while !agent.socket.exists() {
         if Instant::now() > deadline {
-            bail!("the agent did not create its socket");
+            let log = std::fs::read_to_string(agent.dir.path().join("agent.log")).unwrap_or_default();
+            bail!("the agent did not create its socket:\n{log}");
         }
         std::thread::sleep(Duration::from_millis(10));
     }
-    Ok((agent, socket))
+    Ok(agent)
 }
 
 async fn create_and_boot(
@@ -115,11 +136,10 @@ async fn create_and_boot(
     bail!("{vm_id}: console ended before {BOOT_COMPLETE}")
 }
 
-async fn round(agent_bin: &Path, count: usize, spec: &VmSpec) -> Result<Round> {
-    let dir = TempDir::new_in(Path::new("/tmp"), "bench-agent")?;
-    let (agent, socket) = start_agent(agent_bin, dir.path())?;
-    let pid = agent.0.id();
-    let channel = vmm_agent::client::connect_unix(socket).await?;
+async fn round(agent_bin: &Path, agent_args: &[String], count: usize, spec: &VmSpec) -> Result<Round> {
+    let agent = start_agent(agent_bin, agent_args)?;
+    let pid = agent.child.id();
+    let channel = vmm_agent::client::connect_unix(agent.socket.clone()).await?;
     let vms = VmServiceClient::new(channel);
     // Wait until the agent answers (it has no VMs to re-adopt).
     let mut probe = vms.clone();
@@ -192,6 +212,7 @@ fn main() -> Result<()> {
     let mut memory_mib = 128;
     let mut out = PathBuf::from("target/bench/agent.json");
     let mut agent_bin = std::env::current_exe()?.with_file_name("vmm-agent");
+    let mut agent_args = Vec::new();
     let mut args = Args::new(std::env::args().skip(1), USAGE);
     while let Some(flag) = args.next_flag() {
         match flag.as_str() {
@@ -205,6 +226,7 @@ fn main() -> Result<()> {
             "--memory-mib" => memory_mib = args.parse(&flag)?,
             "--out" => out = PathBuf::from(args.value(&flag)?),
             "--agent" => agent_bin = args.path(&flag)?,
+            "--agent-arg" => agent_args.push(args.value(&flag)?),
             _ => return Err(args.unexpected(&flag)),
         }
     }
@@ -224,7 +246,17 @@ fn main() -> Result<()> {
     let mut rounds = Vec::new();
     for count in counts {
         eprintln!("creating {count} VMs at once");
-        rounds.push(runtime.block_on(round(&agent_bin, count, &spec))?);
+        // An interrupted round is dropped, and with it its agent, VMs and directory.
+        let done = runtime.block_on(async {
+            let mut interrupt = signal(SignalKind::interrupt()).context("cannot handle SIGINT")?;
+            let mut terminate = signal(SignalKind::terminate()).context("cannot handle SIGTERM")?;
+            tokio::select! {
+                r = round(&agent_bin, &agent_args, count, &spec) => r,
+                _ = interrupt.recv() => Err(anyhow!("interrupted (SIGINT); the round's VMs and agent are removed")),
+                _ = terminate.recv() => Err(anyhow!("interrupted (SIGTERM); the round's VMs and agent are removed")),
+            }
+        });
+        rounds.push(done?);
     }
     println!("{}", markdown(&rounds));
     let report: Vec<Value> = rounds
@@ -242,7 +274,7 @@ fn main() -> Result<()> {
     write_json(
         &out,
         &json!({"benchmark": "agent", "time": unix_time(), "host": host_json(),
-                "memory_mib": memory_mib, "rounds": report}),
+                "memory_mib": memory_mib, "agent_args": agent_args, "rounds": report}),
     )?;
     eprintln!("wrote {}", out.display());
     Ok(())

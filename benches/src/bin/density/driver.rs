@@ -203,23 +203,10 @@ pub async fn wait_quiet(pid: u32, shape: &VmShape) -> (f64, f64) {
 /// SIGKILLs every process still naming `dir` (what an interrupted creation may have left) and
 /// waits until they are gone. Returns how many there were.
 pub async fn kill_strays(dir: &Path) -> usize {
-    let pids = procfs::processes_under(dir);
-    for &pid in &pids {
-        signal(pid, "KILL");
-    }
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while pids.iter().any(|&p| procfs::alive(p)) && tokio::time::Instant::now() < deadline {
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    pids.len()
+    let dir = dir.to_path_buf();
+    tokio::task::spawn_blocking(move || benches::procs::kill_all_under(&dir))
+        .await
+        .unwrap_or(0)
 }
 
-/// Sends signal `sig` (`TERM`, `KILL`) to `pid`, a process this benchmark started, directly or
-/// through its agent. kill(1) rather than libc: benches stay free of `unsafe`.
-pub fn signal(pid: u32, sig: &str) {
-    let _ = std::process::Command::new("kill")
-        .arg(format!("-{sig}"))
-        .arg(pid.to_string())
-        .stderr(std::process::Stdio::null())
-        .status();
-}
+pub use benches::procs::signal;

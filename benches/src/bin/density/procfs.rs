@@ -1,8 +1,6 @@
 //! What the benchmark reads from /proc: memory of the host and of each process, CPU times, and
 //! which processes belong to a directory of ours.
 
-use std::path::Path;
-
 use serde_json::{json, Value};
 
 /// `/proc/PID/stat` and `/proc/stat` count in USER_HZ, 100 on every Linux ABI we run on.
@@ -162,38 +160,7 @@ pub fn host_ticks() -> Option<(u64, u64)> {
     Some((total.saturating_sub(idle), total))
 }
 
-/// Whether the process exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| {
-            s.rsplit_once(')')
-                .map(|(_, rest)| !rest.trim_start().starts_with('Z'))
-        })
-        .unwrap_or(false)
-}
-
-/// Live processes (other than this one) whose command line names something under `dir`: the vmms
-/// and the agent this benchmark started there.
-pub fn processes_under(dir: &Path) -> Vec<u32> {
-    // With the separator: `/tmp/density-1-0` must not match `/tmp/density-1-01/...`.
-    let needle = format!("{}/", dir.display());
-    let me = std::process::id();
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
-            continue;
-        };
-        if pid == me {
-            continue;
-        }
-        let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
-        if String::from_utf8_lossy(&cmdline).contains(&needle) && alive(pid) {
-            pids.push(pid);
-        }
-    }
-    pids
-}
+pub use benches::procs::{alive, processes_under};
 
 #[cfg(test)]
 mod tests {
@@ -247,6 +214,5 @@ Pss:                 132 kB
         assert!(total > busy);
         assert!(mem_available_kib() > 0);
         assert!(alive(me) && !alive(u32::MAX));
-        assert!(processes_under(Path::new("/nonexistent/density-test")).is_empty());
     }
 }
