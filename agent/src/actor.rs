@@ -7,7 +7,6 @@
 //! watches it through its control connection (which closes when the vmm exits) and its pid.
 
 use std::path::PathBuf;
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -23,9 +22,7 @@ use crate::error::AgentError;
 use crate::operations::CancelToken;
 use crate::process::{is_our_vmm, kill};
 use crate::proto::{BalloonStatus, MigrationProgress, UpdateVmRequest, Vm, VmState};
-use crate::spec::to_vm_config;
 use crate::state::Context;
-use crate::store::holds_resources;
 
 /// How long a control request may take (pause waits up to 2 s per vCPU inside the vmm).
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -320,126 +317,6 @@ impl VmActor {
         }
     }
 
-    /// Re-adopts the VM's vmm after an agent restart, or settles what the previous agent left
-    /// half done. False when nothing of the VM is left (its record is gone).
-    async fn adopt(&mut self) -> bool {
-        if !holds_resources(self.vm.state()) {
-            return true;
-        }
-        let arriving =
-            self.vm.state() == VmState::Starting && self.vm.state_reason == migration::ARRIVING_REASON;
-        self.reattach().await;
-        if arriving && self.proc.is_none() {
-            // An incoming migration cut short before this host had the VM: the source, whose
-            // peer went away, keeps it; nothing of it stays here (a retry can come).
-            tracing::warn!(vm = %self.vm.vm_id, "the agent restarted during an incoming migration; removing it");
-            match self.remove_record_and_files().await {
-                Ok(()) => return false,
-                Err(e) => {
-                    tracing::error!(vm = %self.vm.vm_id, error = %e, "cannot remove an interrupted arrival")
-                }
-            }
-        }
-        if !self.vm.migrating_to.is_empty() && self.vm.state() != VmState::Failed {
-            self.settle_interrupted_migration().await;
-        }
-        if self.proc.is_none() && self.ctx.config.restore_on_boot {
-            let desired = self.vm.desired_state();
-            if matches!(desired, VmState::Running | VmState::Paused) {
-                tracing::info!(vm = %self.vm.vm_id, "restoring: booting it again");
-                if let Err(e) = self.start().await {
-                    tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot restore");
-                    self.record(|vm| vm.state_reason = format!("not restored: {e}"))
-                        .await;
-                }
-            }
-        }
-        true
-    }
-
-    /// Re-adopts the vmm the store names, or records that it is gone (killing it if it does not
-    /// answer).
-    async fn reattach(&mut self) {
-        let pid = self.vm.pid;
-        if pid == 0 || !is_our_vmm(pid, &self.sock) {
-            tracing::info!(vm = %self.vm.vm_id, pid, "vmm gone while the agent was down");
-            self.record(|vm| {
-                vm.state = VmState::Stopped as i32;
-                vm.state_reason = "the vmm process ended while the agent was down".into();
-                vm.pid = 0;
-            })
-            .await;
-            return;
-        }
-        let timeout = self.ctx.config.adopt_timeout;
-        let probe = tokio::time::timeout(timeout, async {
-            let (conn, events) = ControlConn::connect(&self.sock).await?;
-            let response = conn.request(Request::Describe, timeout).await?;
-            Ok::<_, ControlClientError>((conn, events, response))
-        })
-        .await;
-        match probe {
-            Ok(Ok((_, _, Response::Description(d)))) if d.state == VmmState::NotConfigured => {
-                // An empty vmm waits for the snapshot (or the migration) a previous agent was
-                // restoring into it; no one will send it, and its operation was aborted.
-                tracing::warn!(vm = %self.vm.vm_id, pid, "the restore was cut short; killing the vmm");
-                kill(pid);
-                self.wait_gone(pid).await;
-                self.record(|vm| {
-                    vm.state = VmState::Failed as i32;
-                    vm.state_reason =
-                        "the agent restarted while this VM was being restored from a snapshot".into();
-                    vm.pid = 0;
-                })
-                .await;
-            }
-            Ok(Ok((conn, events, Response::Description(d)))) => {
-                tracing::info!(vm = %self.vm.vm_id, pid, "re-adopted");
-                self.proc = Some(Proc {
-                    pid,
-                    conn: Some(conn),
-                    events: Some(events),
-                    child_exit: None,
-                    child_code: None,
-                    exit_event: None,
-                });
-                let state = observed_state(d.state);
-                if state == VmState::Running && self.vm.boot_ms.is_none() {
-                    // Still booting: counted among the boots if a slot is free (never waited for:
-                    // it runs already).
-                    self.boot_slot = self.ctx.boot_slots.try_take();
-                }
-                self.record(|vm| vm.state = state as i32).await;
-            }
-            other => {
-                let why = match other {
-                    Err(_) => "did not answer in time".to_string(),
-                    Ok(Err(e)) => e.to_string(),
-                    Ok(Ok(_)) => "answered describe with something else".to_string(),
-                };
-                tracing::warn!(vm = %self.vm.vm_id, pid, why, "cannot re-adopt; killing the vmm");
-                // It is ours but does not answer: a new start would fight it for its disks.
-                kill(pid);
-                self.wait_gone(pid).await;
-                self.record(|vm| {
-                    vm.state = VmState::Stopped as i32;
-                    vm.state_reason =
-                        format!("after the agent restarted, the vmm's control socket {why}; killed it");
-                    vm.pid = 0;
-                })
-                .await;
-            }
-        }
-    }
-
-    /// Waits (a while) for a vmm that is no child of ours to end.
-    async fn wait_gone(&self, pid: u32) {
-        let deadline = Instant::now() + EXIT_TIMEOUT;
-        while is_our_vmm(pid, &self.sock) && Instant::now() < deadline {
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-
     async fn on_conn_event(&mut self, event: ConnEvent) {
         match event {
             ConnEvent::Event(Event::StateChanged { state }) => {
@@ -633,176 +510,6 @@ impl VmActor {
         }
     }
 
-    async fn start(&mut self) -> Result<Vm, AgentError> {
-        let state = self.vm.state();
-        match state {
-            VmState::Running | VmState::Paused | VmState::Starting if self.proc.is_some() => {
-                return Ok(self.vm.clone())
-            }
-            VmState::Stopping => return Err(self.wrong_state(state, "started")),
-            _ => {}
-        }
-        if !self.vm.migrating_to.is_empty() && self.proc.is_none() {
-            return Err(AgentError::WrongState(format!(
-                "VM '{}' may run at {} (its migration there was interrupted): it is not started \
-                 here; delete this record once the destination has it",
-                self.vm.vm_id, self.vm.migrating_to
-            )));
-        }
-        let began = Instant::now();
-        // Set before the vmm runs: its boot-complete event may come while we wait for RUNNING.
-        self.start_began = Some(began);
-        if state != VmState::Starting {
-            // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
-            let mut vm = self.vm.clone();
-            vm.state = VmState::Starting as i32;
-            vm.desired_state = VmState::Running as i32;
-            vm.state_reason = String::new();
-            vm.pid = 0;
-            vm.exit_code = None;
-            vm.boot_ms = None;
-            let limit = self.ctx.config.allocatable;
-            self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
-        }
-        match self.take_boot_slot().await {
-            Admission::Admitted => {}
-            other => return self.end_unadmitted_start(other).await,
-        }
-        let result = self.launch(began).await;
-        if self.proc.is_none() {
-            self.release_boot_slot("the start failed");
-        }
-        result
-    }
-
-    /// Spawns the vmm of an admitted start and waits for it to run the VM.
-    async fn launch(&mut self, began: Instant) -> Result<Vm, AgentError> {
-        let spec = self.vm.spec.clone().unwrap_or_default();
-        if spec.nics.iter().any(crate::nics::is_agent_made) {
-            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
-            if let Some(ended) = self.launch_on_agent_taps(&spec).await {
-                return ended;
-            }
-        } else {
-            let nic_taps = crate::nics::nic_taps(&spec, &[]);
-            self.record(|vm| vm.nic_taps = nic_taps).await;
-            if let Some(ended) = self.launch_from_config_file().await {
-                return ended;
-            }
-        }
-        self.record_vmm_state().await;
-        self.pump_until(Instant::now() + START_TIMEOUT, CancelToken::never(), |a| {
-            a.vm.state() != VmState::Starting
-        })
-        .await;
-        if self.vm.state() == VmState::Starting {
-            return self.give_up("the vmm did not start the VM in time").await;
-        }
-        if self.vm.state() == VmState::Running {
-            self.ctx.metrics.observe_start_to_running(began.elapsed());
-        }
-        Ok(self.vm.clone())
-    }
-
-    /// Connects to the control socket of the vmm just spawned, as soon as it is there.
-    async fn connect_new_vmm(&mut self) -> NewVmm {
-        let deadline = Instant::now() + SOCKET_TIMEOUT;
-        loop {
-            if self.exited().await {
-                return NewVmm::Exited;
-            }
-            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
-                if let Some(p) = self.proc.as_mut() {
-                    p.conn = Some(conn);
-                    p.events = Some(events);
-                }
-                return NewVmm::Connected;
-            }
-            if Instant::now() > deadline {
-                return NewVmm::Silent;
-            }
-            sleep(Duration::from_millis(20)).await;
-        }
-    }
-
-    /// Starts a vmm for this VM: configured from the spec (`vm.json`), or with no configuration
-    /// (waiting on its socket for a snapshot to restore).
-    async fn spawn_vmm(&mut self, configured: bool) -> Result<(), std::io::Error> {
-        std::fs::create_dir_all(&self.dir)?;
-        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
-        if configured {
-            let spec = self.vm.spec.clone().unwrap_or_default();
-            let config = to_vm_config(
-                &spec,
-                &self.ctx.config.console_log(&self.vm.vm_id),
-                &self.ctx.config.images_dir(),
-            );
-            let config_path = self.dir.join("vm.json");
-            std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
-            command.arg("--config").arg(&config_path);
-        }
-        // The vmm refuses an existing socket path; one left by a killed vmm is stale.
-        let _ = std::fs::remove_file(&self.sock);
-        let log = std::fs::File::options()
-            .create(true)
-            .append(true)
-            .open(self.dir.join("vmm.log"))?;
-        command
-            .arg("--api-sock")
-            .arg(&self.sock)
-            .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
-            .stderr(log)
-            // Its own process group: a Ctrl-C meant for the agent does not reach the VMs.
-            .process_group(0)
-            // The vmm must outlive the agent; dropping the handle must not kill it.
-            .kill_on_drop(false);
-        let mut child = command.spawn()?;
-        let pid = child.id().unwrap_or(0);
-        if let Some(cgroups) = &self.ctx.cgroups {
-            // Before the vmm has done much: its vCPU threads are created in the group (a failure
-            // is logged; the VM runs, in the agent's group).
-            if let Err(e) = cgroups.place(&self.vm.vm_id, pid) {
-                tracing::warn!(vm = %self.vm.vm_id, pid, error = %crate::error::ErrorChain(&e), "cannot move the vmm into its cgroup");
-            }
-        }
-        let (tx, rx) = oneshot::channel();
-        tokio::spawn(async move {
-            let code = child.wait().await.ok().and_then(|s| s.code());
-            let _ = tx.send(code);
-        });
-        tracing::info!(vm = %self.vm.vm_id, pid, "vmm started");
-        self.proc = Some(Proc {
-            pid,
-            conn: None,
-            events: None,
-            child_exit: Some(rx),
-            child_code: None,
-            exit_event: None,
-        });
-        self.record(|vm| vm.pid = pid).await;
-        Ok(())
-    }
-
-    /// Starts a vmm without a configuration (for a restore or an incoming migration) and connects
-    /// to it; on failure it is gone and the error says why.
-    async fn start_empty_vmm(&mut self) -> Result<(), String> {
-        self.spawn_vmm(false)
-            .await
-            .map_err(|e| format!("cannot start the vmm: {e}"))?;
-        match self.connect_new_vmm().await {
-            NewVmm::Connected => Ok(()),
-            NewVmm::Exited => {
-                self.finish().await;
-                Err(self.vm.state_reason.clone())
-            }
-            NewVmm::Silent => {
-                self.kill_and_wait().await;
-                Err("the vmm did not open its control socket".into())
-            }
-        }
-    }
-
     /// Kills a vmm that misbehaves while starting and records it as failed.
     async fn give_up(&mut self, why: &str) -> Result<Vm, AgentError> {
         tracing::warn!(vm = %self.vm.vm_id, why, "killing the vmm");
@@ -992,9 +699,11 @@ pub(crate) mod migration;
 #[path = "actor_launch.rs"]
 mod launch;
 
+#[path = "actor_adopt.rs"]
+mod adopt;
+
 #[path = "actor_admission.rs"]
 mod admission;
-use admission::Admission;
 
 /// How connecting to a new vmm went.
 enum NewVmm {

@@ -6,14 +6,23 @@
 //!   configuration (naming them in `nets[].fd`) and `start`. The agent closes its own copies at
 //!   once: from then on the vmm alone holds each tap, which the kernel removes when the vmm ends,
 //!   however it ends.
+//!
+//! Either way, a start first waits for a boot slot (`actor_admission.rs`).
 
 use std::os::fd::{AsFd, BorrowedFd};
+use std::process::Stdio;
+use std::time::Duration;
 
+use tokio::sync::oneshot;
+use tokio::time::{sleep, Instant};
 use vmm_api::control::Request;
 
-use super::{NewVmm, VmActor, REQUEST_TIMEOUT, START_TIMEOUT};
+use super::admission::Admission;
+use super::{NewVmm, Proc, VmActor, REQUEST_TIMEOUT, SOCKET_TIMEOUT, START_TIMEOUT};
+use crate::control::ControlConn;
 use crate::error::{AgentError, ErrorChain};
 use crate::nics::{make_taps, nic_taps, AgentTap};
+use crate::operations::CancelToken;
 use crate::proto::{Vm, VmSpec, VmState};
 use crate::spec::to_vm_config;
 
@@ -130,5 +139,175 @@ impl VmActor {
         })
         .await;
         Ok(self.vm.clone())
+    }
+
+    pub(super) async fn start(&mut self) -> Result<Vm, AgentError> {
+        let state = self.vm.state();
+        match state {
+            VmState::Running | VmState::Paused | VmState::Starting if self.proc.is_some() => {
+                return Ok(self.vm.clone())
+            }
+            VmState::Stopping => return Err(self.wrong_state(state, "started")),
+            _ => {}
+        }
+        if !self.vm.migrating_to.is_empty() && self.proc.is_none() {
+            return Err(AgentError::WrongState(format!(
+                "VM '{}' may run at {} (its migration there was interrupted): it is not started \
+                 here; delete this record once the destination has it",
+                self.vm.vm_id, self.vm.migrating_to
+            )));
+        }
+        let began = Instant::now();
+        // Set before the vmm runs: its boot-complete event may come while we wait for RUNNING.
+        self.start_began = Some(began);
+        if state != VmState::Starting {
+            // Reserves the VM's resources, or refuses with RESOURCE_EXHAUSTED.
+            let mut vm = self.vm.clone();
+            vm.state = VmState::Starting as i32;
+            vm.desired_state = VmState::Running as i32;
+            vm.state_reason = String::new();
+            vm.pid = 0;
+            vm.exit_code = None;
+            vm.boot_ms = None;
+            let limit = self.ctx.config.allocatable;
+            self.vm = self.ctx.store.call(move |s| s.update_vm(vm, Some(limit))).await?;
+        }
+        match self.take_boot_slot().await {
+            Admission::Admitted => {}
+            other => return self.end_unadmitted_start(other).await,
+        }
+        let result = self.launch(began).await;
+        if self.proc.is_none() {
+            self.release_boot_slot("the start failed");
+        }
+        result
+    }
+
+    /// Spawns the vmm of an admitted start and waits for it to run the VM.
+    pub(super) async fn launch(&mut self, began: Instant) -> Result<Vm, AgentError> {
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        if spec.nics.iter().any(crate::nics::is_agent_made) {
+            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
+            if let Some(ended) = self.launch_on_agent_taps(&spec).await {
+                return ended;
+            }
+        } else {
+            let nic_taps = crate::nics::nic_taps(&spec, &[]);
+            self.record(|vm| vm.nic_taps = nic_taps).await;
+            if let Some(ended) = self.launch_from_config_file().await {
+                return ended;
+            }
+        }
+        self.record_vmm_state().await;
+        self.pump_until(Instant::now() + START_TIMEOUT, CancelToken::never(), |a| {
+            a.vm.state() != VmState::Starting
+        })
+        .await;
+        if self.vm.state() == VmState::Starting {
+            return self.give_up("the vmm did not start the VM in time").await;
+        }
+        if self.vm.state() == VmState::Running {
+            self.ctx.metrics.observe_start_to_running(began.elapsed());
+        }
+        Ok(self.vm.clone())
+    }
+
+    /// Connects to the control socket of the vmm just spawned, as soon as it is there.
+    pub(super) async fn connect_new_vmm(&mut self) -> NewVmm {
+        let deadline = Instant::now() + SOCKET_TIMEOUT;
+        loop {
+            if self.exited().await {
+                return NewVmm::Exited;
+            }
+            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+                if let Some(p) = self.proc.as_mut() {
+                    p.conn = Some(conn);
+                    p.events = Some(events);
+                }
+                return NewVmm::Connected;
+            }
+            if Instant::now() > deadline {
+                return NewVmm::Silent;
+            }
+            sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a vmm for this VM: configured from the spec (`vm.json`), or with no configuration
+    /// (waiting on its socket for a snapshot to restore).
+    pub(super) async fn spawn_vmm(&mut self, configured: bool) -> Result<(), std::io::Error> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
+        if configured {
+            let spec = self.vm.spec.clone().unwrap_or_default();
+            let config = to_vm_config(
+                &spec,
+                &self.ctx.config.console_log(&self.vm.vm_id),
+                &self.ctx.config.images_dir(),
+            );
+            let config_path = self.dir.join("vm.json");
+            std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+            command.arg("--config").arg(&config_path);
+        }
+        // The vmm refuses an existing socket path; one left by a killed vmm is stale.
+        let _ = std::fs::remove_file(&self.sock);
+        let log = std::fs::File::options()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("vmm.log"))?;
+        command
+            .arg("--api-sock")
+            .arg(&self.sock)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            // Its own process group: a Ctrl-C meant for the agent does not reach the VMs.
+            .process_group(0)
+            // The vmm must outlive the agent; dropping the handle must not kill it.
+            .kill_on_drop(false);
+        let mut child = command.spawn()?;
+        let pid = child.id().unwrap_or(0);
+        if let Some(cgroups) = &self.ctx.cgroups {
+            // Before the vmm has done much: its vCPU threads are created in the group (a failure
+            // is logged; the VM runs, in the agent's group).
+            if let Err(e) = cgroups.place(&self.vm.vm_id, pid) {
+                tracing::warn!(vm = %self.vm.vm_id, pid, error = %crate::error::ErrorChain(&e), "cannot move the vmm into its cgroup");
+            }
+        }
+        let (tx, rx) = oneshot::channel();
+        tokio::spawn(async move {
+            let code = child.wait().await.ok().and_then(|s| s.code());
+            let _ = tx.send(code);
+        });
+        tracing::info!(vm = %self.vm.vm_id, pid, "vmm started");
+        self.proc = Some(Proc {
+            pid,
+            conn: None,
+            events: None,
+            child_exit: Some(rx),
+            child_code: None,
+            exit_event: None,
+        });
+        self.record(|vm| vm.pid = pid).await;
+        Ok(())
+    }
+
+    /// Starts a vmm without a configuration (for a restore or an incoming migration) and connects
+    /// to it; on failure it is gone and the error says why.
+    pub(super) async fn start_empty_vmm(&mut self) -> Result<(), String> {
+        self.spawn_vmm(false)
+            .await
+            .map_err(|e| format!("cannot start the vmm: {e}"))?;
+        match self.connect_new_vmm().await {
+            NewVmm::Connected => Ok(()),
+            NewVmm::Exited => {
+                self.finish().await;
+                Err(self.vm.state_reason.clone())
+            }
+            NewVmm::Silent => {
+                self.kill_and_wait().await;
+                Err("the vmm did not open its control socket".into())
+            }
+        }
     }
 }
