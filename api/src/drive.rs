@@ -46,8 +46,8 @@ pub struct DriveConfig {
     /// `path` and `fd` is given.
     #[serde(default, skip_serializing_if = "is_empty_path")]
     pub path: PathBuf,
-    /// The name of an already open image passed to the VMM over its control socket (`add-fds`),
-    /// instead of a path: a supervisor opens (and may sandbox away) the file itself. Such a drive
+    /// The name of an already open image passed to the VMM over its control socket (`add-fds`) or
+    /// inherited at launch (`vmm --fd NAME=N`), instead of a path: a supervisor opens (and may sandbox away) the file itself. Such a drive
     /// uses the page cache (`cache=writeback`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<String>,
@@ -87,11 +87,12 @@ impl DriveConfig {
         self.serial.as_deref().unwrap_or(&self.id)
     }
 
-    /// Parses a `--drive` value: `path=P[,backing=BASE][,id=ID][,ro=on|off][,root=on|off][,serial=S]
+    /// Parses a `--drive` value: `path=P|fd=NAME[,backing=BASE][,id=ID][,ro=on|off][,root=on|off][,serial=S]
     /// [,engine=uring|sync][,cache=writeback|none][,bw=N][,bw_burst=N][,iops=N][,iops_burst=N]`. `index` names the drive
     /// (`drive<index>`) when no id is given.
     pub fn from_cli(spec: &str, index: usize) -> Result<Self, String> {
         let mut path = None;
+        let mut fd = None;
         let mut backing = None;
         let mut id = None;
         let mut read_only = false;
@@ -103,6 +104,7 @@ impl DriveConfig {
         for (key, value) in cli_pairs(spec)? {
             match key {
                 "path" => path = Some(PathBuf::from(value)),
+                "fd" => fd = Some(value.to_string()),
                 "backing" => backing = Some(PathBuf::from(value)),
                 "id" => id = Some(value.to_string()),
                 "ro" => read_only = on_off(key, value)?,
@@ -132,8 +134,15 @@ impl DriveConfig {
         let rate_limiter = limits.to_config().map_err(|e| e.to_string())?;
         Ok(DriveConfig {
             id: id.unwrap_or_else(|| format!("drive{index}")),
-            path: path.ok_or("path=PATH is required")?,
-            fd: None,
+            // Both given is left to `validate_drives` to refuse.
+            path: match (path, &fd) {
+                (Some(path), _) => path,
+                (None, Some(_)) => PathBuf::new(),
+                (None, None) => {
+                    return Err("path=PATH (or fd=NAME, a passed image descriptor) is required".into())
+                }
+            },
+            fd,
             backing,
             read_only,
             root,
@@ -293,6 +302,15 @@ mod tests {
         assert!(d.rate_limiter.is_none());
         let d = DriveConfig::from_cli("path=/vm/root.overlay,backing=/images/base.img", 0).unwrap();
         assert_eq!(d.backing.as_deref(), Some(Path::new("/images/base.img")));
+        let d = DriveConfig::from_cli("fd=disk,id=data,ro=on", 0).unwrap();
+        assert_eq!(
+            (d.path.as_os_str().is_empty(), d.fd.as_deref()),
+            (true, Some("disk"))
+        );
+        assert!(validate_drives(std::slice::from_ref(&d)).is_ok());
+        let both = DriveConfig::from_cli("path=/a,fd=disk", 0).unwrap();
+        let err = validate_drives(&[both]).unwrap_err().to_string();
+        assert!(err.contains("either path or fd"), "{err}");
         for (bad, why) in [
             ("id=x", "path"),
             ("path=/a,ro=maybe", "ro"),

@@ -88,7 +88,8 @@ pub struct NetConfig {
     /// bridge or routed as they see fit). Exactly one of `tap` and `fd` is given.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub tap: Option<String>,
-    /// The name of an already open TAP file descriptor passed over the control socket (`add-fds`).
+    /// The name of an already open TAP file descriptor passed over the control socket (`add-fds`)
+    /// or inherited at launch (`vmm --fd NAME=N`).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fd: Option<String>,
     /// The guest's MAC address; derived from the id when absent.
@@ -108,10 +109,12 @@ impl NetConfig {
         self.mac.unwrap_or_else(|| MacAddr::derived(&self.id))
     }
 
-    /// Parses a `--net` value: `tap=NAME[,mac=MAC][,id=ID][,rx_bw=N][,rx_bw_burst=N][,rx_iops=N]
-    /// [,rx_iops_burst=N][,tx_bw=...]`. `index` names the NIC (`net<index>`) when no id is given.
+    /// Parses a `--net` value: `tap=NAME|fd=NAME[,mac=MAC][,id=ID][,rx_bw=N][,rx_bw_burst=N]
+    /// [,rx_iops=N][,rx_iops_burst=N][,tx_bw=...]`. `index` names the NIC (`net<index>`) when no id
+    /// is given. Giving both `tap` and `fd` is left to [`validate_nets`] to refuse.
     pub fn from_cli(spec: &str, index: usize) -> Result<Self, String> {
         let mut tap = None;
+        let mut fd = None;
         let mut id = None;
         let mut mac = None;
         let mut rx = RateLimiterCliKeys::default();
@@ -119,6 +122,7 @@ impl NetConfig {
         for (key, value) in cli_pairs(spec)? {
             match key {
                 "tap" => tap = Some(value.to_string()),
+                "fd" => fd = Some(value.to_string()),
                 "id" => id = Some(value.to_string()),
                 "mac" => mac = Some(value.parse()?),
                 _ => {
@@ -133,10 +137,13 @@ impl NetConfig {
                 }
             }
         }
+        if tap.is_none() && fd.is_none() {
+            return Err("tap=NAME (or fd=NAME, a passed tap descriptor) is required".into());
+        }
         Ok(NetConfig {
             id: id.unwrap_or_else(|| format!("net{index}")),
-            tap: Some(tap.ok_or("tap=NAME is required")?),
-            fd: None,
+            tap,
+            fd,
             mac,
             rx_rate_limiter: limits(&rx)?,
             tx_rate_limiter: limits(&tx)?,
@@ -252,6 +259,11 @@ mod tests {
         let n = NetConfig::from_cli("tap=t1", 3).unwrap();
         assert_eq!(n.id, "net3");
         assert!(n.rx_rate_limiter.is_none() && n.tx_rate_limiter.is_none());
+        let n = NetConfig::from_cli("fd=tap-fd,id=eth0", 0).unwrap();
+        assert_eq!((n.tap, n.fd.as_deref()), (None, Some("tap-fd")));
+        let both = NetConfig::from_cli("tap=t,fd=f", 0).unwrap();
+        let err = validate_nets(&[both]).unwrap_err().to_string();
+        assert!(err.contains("exactly one of tap and fd"), "{err}");
         for (bad, why) in [
             ("mac=02:00:00:00:00:01", "tap"),
             ("tap=a,mac=nope", "MAC"),

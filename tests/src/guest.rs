@@ -2,6 +2,8 @@
 
 use std::ffi::OsString;
 use std::fs::OpenOptions;
+use std::os::fd::{AsFd, AsRawFd, RawFd};
+use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::{Arc, Mutex};
@@ -54,6 +56,25 @@ pub fn try_vmm_binary() -> Result<PathBuf> {
 /// Like [`try_vmm_binary`], but panics with its message when the binary is missing.
 pub fn vmm_binary() -> PathBuf {
     try_vmm_binary().unwrap_or_else(|e| panic!("{e}"))
+}
+
+/// Lets the child of `cmd` inherit `fd` under the same number, for `vmm --fd NAME=N`, and returns
+/// the number. Only that child gets it: the descriptor stays close-on-exec in this process (std
+/// opens everything so), so children other tests spawn meanwhile do not inherit it. Keep `fd` open
+/// until the command has been spawned.
+pub fn inherit_fd(cmd: &mut Command, fd: &impl AsFd) -> RawFd {
+    let raw = fd.as_fd().as_raw_fd();
+    // SAFETY: the closure runs in the forked child before exec and only calls fcntl, which is
+    // async-signal-safe, on a descriptor number the fork copied from this process.
+    unsafe {
+        cmd.pre_exec(move || {
+            if libc::fcntl(raw, libc::F_SETFD, 0) < 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    raw
 }
 
 /// Builds the command line of a `vmm` run and spawns it as a [`Guest`].

@@ -4,6 +4,7 @@
 //! - [`GuestImages::get`]: the guest kernel and root filesystems, built (or found in the cache) by
 //!   `guest-images/build.sh`, once per process.
 //! - [`vmm_binary`] and [`require_kvm`]: where the `vmm` binary is, and a hard failure without `/dev/kvm`.
+//! - [`inherit_fd`]: a descriptor a spawned `vmm` inherits, for `vmm --fd NAME=N`.
 //! - [`GuestBuilder`] / [`Guest`]: spawn a `vmm` (or any VMM via [`Guest::spawn_command`]) with its
 //!   stdout and stderr captured line by line, timestamped, and waited on with [`Guest::wait_for_line`].
 //! - [`probe_cmdline`] and [`parse_probe_facts`]: talk to the in-kernel guest probe (`vmmprobe`).
@@ -46,7 +47,7 @@ mod temp_dir;
 
 pub use control_client::ControlClient;
 pub use crc32::{crc32, Crc32};
-pub use guest::{require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
+pub use guest::{inherit_fd, require_kvm, try_vmm_binary, vmm_binary, Guest, GuestBuilder};
 pub use images::{workspace_root, GuestImages};
 pub use netns::NetNs;
 pub use output::{Line, LineHook, Stream};

@@ -4,6 +4,7 @@
 
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
+use std::os::fd::RawFd;
 use std::os::unix::fs::MetadataExt;
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
@@ -11,7 +12,8 @@ use std::process::{Command, Output};
 use std::time::{Duration, Instant};
 
 use harness::{
-    crc32, probe_cmdline, require_kvm, vmm_binary, workspace_root, Guest, GuestBuilder, GuestImages, TempDir,
+    crc32, inherit_fd, probe_cmdline, probe_fields, require_kvm, vmm_binary, workspace_root, Guest,
+    GuestBuilder, GuestImages, NetNs, TempDir,
 };
 
 /// `GuestBuilder::arg`, several at a time.
@@ -330,63 +332,90 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
     assert_eq!(probe_value(&written, "crc32"), Some(crc.as_str()), "{written}");
 }
 
-/// Creates a network namespace for the test, deleted on drop.
-struct NetNs(String);
-
-impl NetNs {
-    fn new(name: String) -> NetNs {
-        let ok = Command::new("ip")
-            .args(["netns", "add", &name])
-            .status()
-            .expect("run ip");
-        assert!(ok.success(), "ip netns add {name}");
-        NetNs(name)
-    }
+/// The descriptor numbers of `pid` that refer to `target` (a `/proc/PID/fd` link text).
+fn fds_to(pid: u32, target: &str) -> Vec<RawFd> {
+    std::fs::read_dir(format!("/proc/{pid}/fd"))
+        .expect("read the fd directory")
+        .filter_map(|e| {
+            let e = e.ok()?;
+            if std::fs::read_link(e.path()).ok()? != Path::new(target) {
+                return None;
+            }
+            e.file_name().to_str()?.parse().ok()
+        })
+        .collect()
 }
 
-impl Drop for NetNs {
-    fn drop(&mut self) {
-        let _ = Command::new("ip").args(["netns", "delete", &self.0]).status();
-    }
+/// The `flags:` of `/proc/PID/fdinfo/FD` (octal, as the kernel prints them).
+fn fd_status_flags(pid: u32, fd: RawFd) -> u32 {
+    let info = std::fs::read_to_string(format!("/proc/{pid}/fdinfo/{fd}")).expect("read fdinfo");
+    let flags = info
+        .lines()
+        .find_map(|l| l.strip_prefix("flags:"))
+        .expect("flags in fdinfo");
+    u32::from_str_radix(flags.trim(), 8).expect("octal flags")
 }
 
+/// The agent's set-up (docs/jail.md, "How the agent uses it"): the jailed VMM runs in a given
+/// network namespace, with a tap the test made there passed down with `--fd` and named by the NIC
+/// in `--config`: it could neither create nor open a tap itself.
 #[test]
-fn jailed_guest_in_a_given_netns_logs_inside_the_jail_and_powers_off() {
+fn jailed_guest_in_a_given_netns_with_an_inherited_tap_logs_inside_the_jail_and_powers_off() {
     require_kvm();
     let images = GuestImages::get().unwrap();
     let tmp = TempDir::new("jail-netns").unwrap();
     let dir = tmp.path().join("vm2");
     std::fs::create_dir(&dir).unwrap();
-    let netns = NetNs::new(format!("vmmjail{}", std::process::id()));
-    let netns_path = PathBuf::from("/run/netns").join(&netns.0);
+    let ns = NetNs::new("jail").unwrap();
+    let netns_path = PathBuf::from("/run/netns").join(ns.name());
+    // Made as the agent makes it: non-persistent, so it lives as long as a descriptor of it does.
+    let tap = ns
+        .spawn(|| Ok(hostnet::tap::create_tap("vtapj0")?))
+        .unwrap()
+        .join()
+        .unwrap()
+        .unwrap();
+    ns.ip(&["addr", "add", "10.79.0.1/24", "dev", "vtapj0"]).unwrap();
+    ns.ip(&["link", "set", "vtapj0", "up"]).unwrap();
     let log = dir.join("log/console.log");
-    // Not through GuestBuilder, which always passes `--serial stdout`.
+    // 20 s of counting after the NIC is up: time for the pings before the guest powers off.
+    let cmdline = format!(
+        "{} vmmprobe.count=200 ip=10.79.0.2::10.79.0.1:255.255.255.0::eth0:off",
+        probe_cmdline("net-info,counter,poweroff")
+    );
+    let config = serde_json::json!({
+        "boot": {"kernel": images.vmlinux, "cmdline": cmdline},
+        "serial": {"file": log},
+        "nets": [{"id": "eth0", "fd": "tap0", "mac": "02:00:00:00:79:02"}],
+    });
+    let config_path = tmp.path().join("vm.json");
+    std::fs::write(&config_path, config.to_string()).unwrap();
     let mut cmd = Command::new(vmm_binary());
-    cmd.arg("--kernel").arg(&images.vmlinux);
-    cmd.arg("--cmdline").arg(format!(
-        "{} vmmprobe.count=100",
-        probe_cmdline("counter,poweroff")
-    ));
-    cmd.arg("--serial").arg(format!("file:{}", log.display()));
+    cmd.arg("--config").arg(&config_path);
+    let passed = inherit_fd(&mut cmd, &tap);
+    cmd.arg("--fd").arg(format!("tap0={passed}"));
     cmd.arg("--jail").arg(&dir).arg("--netns").arg(&netns_path);
     cmd.args(["--uid", &UID.to_string(), "--gid", &GID.to_string()]);
     let mut guest = Guest::spawn_booting(cmd, 1, None).unwrap();
-    // The console goes to the file: poll it for the boot, then look at the VMM while the guest counts
-    // (10 s) before it powers off.
+    // From now on only the VMM holds the tap.
+    drop(tap);
+    // The console goes to the file: poll it for the boot and the NIC, then look at the VMM while
+    // the guest counts (20 s) before it powers off.
     let deadline = Instant::now() + BOOT_TIMEOUT;
-    while !std::fs::read_to_string(&log)
-        .unwrap_or_default()
-        .contains("BOOT-COMPLETE")
-    {
-        assert!(Instant::now() < deadline, "no BOOT-COMPLETE in {}", log.display());
+    let console = || std::fs::read_to_string(&log).unwrap_or_default();
+    while !console().contains("vmmprobe: net-info dev=eth0") {
+        assert!(Instant::now() < deadline, "no net-info line in {}", log.display());
         assert!(
             guest.try_exit_status().unwrap().is_none(),
-            "{}",
-            guest.output_tail()
+            "{}\n{}",
+            guest.output_tail(),
+            console()
         );
         std::thread::sleep(Duration::from_millis(200));
     }
-    let vmm = jailed_child(guest.pid());
+    assert!(console().contains("BOOT-COMPLETE"), "{}", console());
+    let launcher = guest.pid();
+    let vmm = jailed_child(launcher);
     let ns_inode = std::fs::metadata(&netns_path).unwrap().ino();
     assert_eq!(
         namespace(&vmm.to_string(), "net"),
@@ -395,10 +424,43 @@ fn jailed_guest_in_a_given_netns_logs_inside_the_jail_and_powers_off() {
     );
     assert_eq!(status_field(vmm, "Uid"), format!("{UID}\t{UID}\t{UID}\t{UID}"));
 
+    // The inherited tap is in the jailed VMM, under the number passed, close-on-exec; the launcher
+    // closed its copy when it forked.
+    assert_eq!(fds_to(vmm, "/dev/net/tun"), [passed]);
+    assert_ne!(fd_status_flags(vmm, passed) & libc::O_CLOEXEC as u32, 0);
+    assert_eq!(fds_to(launcher, "/dev/net/tun"), Vec::<RawFd>::new());
+    // The guest's NIC works over it: it saw the link, and answers from the namespace's side.
+    let eth0 = probe_fields(&console(), "net-info dev=eth0");
+    assert_eq!(eth0["mac"], "02:00:00:00:79:02");
+    assert_eq!(eth0["ip"], "10.79.0.2");
+    assert_eq!(eth0["carrier"], "1");
+    let ping = Command::new("ip")
+        .args([
+            "netns",
+            "exec",
+            ns.name(),
+            "ping",
+            "-c",
+            "3",
+            "-i",
+            "0.2",
+            "-W",
+            "10",
+            "10.79.0.2",
+        ])
+        .output()
+        .expect("run ping");
+    assert!(
+        ping.status.success(),
+        "ping over the inherited tap failed:\n{}{}",
+        String::from_utf8_lossy(&ping.stdout),
+        String::from_utf8_lossy(&ping.stderr)
+    );
+
     let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
     assert_eq!(status.code(), Some(0), "{}", guest.output_tail());
-    let console = std::fs::read_to_string(&log).unwrap();
-    assert!(console.contains("vmmprobe: counter=100"), "{console}");
+    let console = console();
+    assert!(console.contains("vmmprobe: counter=200"), "{console}");
     let meta = std::fs::metadata(&log).unwrap();
     assert_eq!((meta.uid(), meta.gid()), (UID, GID));
     // The given directory stays, holding only the log; everything else the launcher made is gone.
@@ -407,6 +469,8 @@ fn jailed_guest_in_a_given_netns_logs_inside_the_jail_and_powers_off() {
         std::slice::from_ref(&log),
         "left in the jail directory"
     );
+    // The tap went with the last descriptor of it, the VMM's: nobody else held one.
+    assert_eq!(ns.links().unwrap(), ["lo"]);
 }
 
 fn walk(dir: &Path) -> Vec<PathBuf> {

@@ -2,6 +2,7 @@
 
 use std::path::PathBuf;
 
+use crate::inherited_fds::{InheritedFd, InheritedFdError};
 use crate::seccomp::SeccompMode;
 use vmm_api::{
     config::default_cmdline, BalloonConfig, BootSource, ConfigError, DriveConfig, HugePages, MachineConfig,
@@ -15,7 +16,7 @@ usage: vmm --config vm.json [--api-sock PATH]
            [--track-dirty-pages on|off] [--mergeable on|off] [--hugepages auto|off|thp] [--balloon SPEC]
            [--serial stdout|off|file:PATH] [--drive SPEC]... [--net SPEC]... [--api-sock PATH]
        vmm --api-sock PATH          (empty: configure, add-fds and start through the socket)
-       (every form also takes [--seccomp kill|log|off])
+       (every form also takes [--seccomp kill|log|off] [--fd NAME=N]...)
 
 Boots one virtual machine on /dev/kvm and exits when the guest powers off or reboots (code 0),
 panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
@@ -36,15 +37,20 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      [,free_page_reporting=on] (target changed at run time with update-balloon)
   --serial WHERE     guest serial console: stdout (default), off, or file:PATH
   --drive SPEC       a virtio-blk drive (repeatable; /dev/vda, /dev/vdb, ... in order, root first):
-                     path=IMAGE[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
+                     path=IMAGE|fd=NAME[,id=NAME][,ro=on][,root=on][,serial=S][,engine=uring|sync]
                      [,cache=writeback|none]
                      [,bw=BYTES_PER_S][,bw_burst=BYTES][,iops=N][,iops_burst=N]
   --net SPEC         a virtio-net NIC on an existing TAP device (repeatable; eth0, eth1, ... in order):
-                     tap=NAME[,mac=02:00:00:00:00:01][,id=NAME]
+                     tap=NAME|fd=NAME[,mac=02:00:00:00:00:01][,id=NAME]
                      [,rx_bw=..][,rx_iops=..][,tx_bw=..][,tx_iops=..] (and _burst variants)
   --api-sock PATH    serve the control socket (newline-delimited JSON, see README.md) at PATH, which
                      must not exist; removed when the VMM exits. Alone, the VMM starts empty and
                      waits for `configure` and `start` requests
+  --fd NAME=N        take over descriptor N (3 or above, open: the parent left it open across
+                     exec) as if add-fds had passed it as NAME (repeatable; the same name rules and
+                     limit), so that a drive's or NIC's fd=NAME, in --config, the flags or a later
+                     configure, names it. Taken before anything else is opened, and made
+                     close-on-exec; with --jail only the jailed VMM keeps it, not the launcher
   --seccomp MODE     what a thread's seccomp filter does with a system call outside its list:
                      kill (default: the process dies with SIGSYS), log (allowed, logged by the
                      kernel's audit, type=1326), off (no filters)
@@ -66,6 +72,9 @@ pub struct RunOptions {
     pub seccomp: SeccompMode,
     /// Run jailed (`--jail DIR ...`, see [`crate::jail`]).
     pub jail: Option<Box<crate::jail::JailConfig>>,
+    /// Descriptors inherited from the parent (`--fd NAME=N`), to take before anything else opens
+    /// files (see [`crate::inherited_fds`]).
+    pub inherited_fds: Vec<InheritedFd>,
 }
 
 // Parsed once per process: boxing the configuration would only add an allocation.
@@ -122,6 +131,9 @@ pub enum CliError {
     /// The configuration is invalid.
     #[error(transparent)]
     Config(#[from] ConfigError),
+    /// `--fd` values that do not parse or clash.
+    #[error(transparent)]
+    Fd(#[from] InheritedFdError),
 }
 
 #[derive(Default)]
@@ -139,6 +151,7 @@ struct Flags {
     serial: Option<String>,
     drives: Vec<String>,
     nets: Vec<String>,
+    fds: Vec<String>,
     api_sock: Option<String>,
     seccomp: Option<String>,
     jail: crate::jail::JailFlags,
@@ -169,15 +182,15 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
             "--seccomp" => &mut flags.seccomp,
-            "--drive" | "--net" => {
+            "--drive" | "--net" | "--fd" => {
                 let value = match inline {
                     Some(v) => v,
                     None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
                 };
-                if name == "--drive" {
-                    flags.drives.push(value);
-                } else {
-                    flags.nets.push(value);
+                match name.as_str() {
+                    "--drive" => flags.drives.push(value),
+                    "--net" => flags.nets.push(value),
+                    _ => flags.fds.push(value),
                 }
                 continue;
             }
@@ -206,10 +219,12 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         None => SeccompMode::default(),
     };
     let jail = std::mem::take(&mut flags.jail).into_config()?;
+    let inherited_fds = crate::inherited_fds::parse(&flags.fds)?;
     let options = RunOptions {
         api_sock,
         seccomp,
         jail,
+        inherited_fds,
     };
     let nothing_to_boot = flags.config.is_none() && flags.kernel.is_none();
     if nothing_to_boot && options.api_sock.is_some() {
@@ -454,6 +469,80 @@ mod tests {
     }
 
     #[test]
+    fn fd_flags_name_inherited_descriptors() {
+        let fd = |name: &str, fd| InheritedFd {
+            name: name.into(),
+            fd,
+        };
+        // The empty start: descriptors for a later `configure`.
+        let Command::Run(None, options) = parse(args("--fd tap0=3 --api-sock /s --fd=disk=7")).unwrap()
+        else {
+            panic!("expected an empty start")
+        };
+        assert_eq!(options.inherited_fds, [fd("tap0", 3), fd("disk", 7)]);
+        // Flags: NICs and drives name them with fd=.
+        let Command::Run(Some(c), options) = parse(args(
+            "--kernel /k --fd t=3 --net fd=t,id=eth0 --drive fd=d,id=data,ro=on --fd d=4",
+        ))
+        .unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(options.inherited_fds, [fd("t", 3), fd("d", 4)]);
+        assert_eq!(
+            (c.nets[0].tap.as_deref(), c.nets[0].fd.as_deref()),
+            (None, Some("t"))
+        );
+        assert_eq!(c.drives[0].fd.as_deref(), Some("d"));
+        assert!(c.drives[0].path.as_os_str().is_empty());
+        // --config: --fd is not a VM setting, so it combines.
+        let path = std::env::temp_dir().join(format!("vmm-cli-fd-{}.json", std::process::id()));
+        std::fs::write(
+            &path,
+            r#"{"boot": {"kernel": "/k"}, "nets": [{"id": "eth0", "fd": "tap0"}]}"#,
+        )
+        .unwrap();
+        let parsed = parse(args(&format!("--config {} --fd tap0=5", path.display())));
+        std::fs::remove_file(&path).unwrap();
+        let Command::Run(Some(c), options) = parsed.unwrap() else {
+            panic!("expected run")
+        };
+        assert_eq!(options.inherited_fds, [fd("tap0", 5)]);
+        assert_eq!(c.nets[0].fd.as_deref(), Some("tap0"));
+        assert!(parse(args("--kernel /k")).is_ok_and(|c| matches!(c,
+            Command::Run(_, o) if o.inherited_fds.is_empty())));
+
+        for (line, expected) in [
+            ("--kernel /k --fd", "--fd needs a value"),
+            (
+                "--api-sock /s --fd tap0",
+                "invalid value 'tap0' for --fd: expected NAME=N",
+            ),
+            ("--api-sock /s --fd t=1", "pass 3 or above"),
+            (
+                "--api-sock /s --fd t=3 --fd t=4",
+                "--fd t=4: the name 't' is given more than once",
+            ),
+            (
+                "--api-sock /s --fd a=3 --fd b=3",
+                "--fd b=3: descriptor 3 is given more than once",
+            ),
+            ("--kernel /k --net id=x", "tap=NAME (or fd=NAME"),
+            ("--kernel /k --drive id=x", "path=PATH (or fd=NAME"),
+            (
+                "--kernel /k --net tap=a,fd=b",
+                "nets[0].tap: give exactly one of tap and fd",
+            ),
+            (
+                "--kernel /k --drive path=/a,fd=b",
+                "drives[0].fd: give either path or fd",
+            ),
+        ] {
+            let err = parse(args(line)).unwrap_err().to_string();
+            assert!(err.contains(expected), "{line}: {err}");
+        }
+    }
+
+    #[test]
     fn seccomp_mode_defaults_to_kill() {
         let mode = |line: &str| match parse(args(line)).unwrap() {
             Command::Run(_, options) => options.seccomp,
@@ -490,7 +579,7 @@ mod tests {
             ("--api-sock /s --drive path=/a", "--drive needs --kernel"),
             (
                 "--kernel /k --drive id=x",
-                "invalid value 'id=x' for --drive: path=PATH is required",
+                "invalid value 'id=x' for --drive: path=PATH (or fd=NAME",
             ),
             (
                 "--kernel /k --drive path=/a --drive path=/a,id=drive0",

@@ -126,12 +126,13 @@ pub struct LegacyHandles {
     pub rtc: Arc<Mutex<CmosRtc>>,
 }
 
-/// File descriptors passed over the control socket, by name, until a device takes them.
+/// File descriptors passed over the control socket (`add-fds`) or inherited at launch (`--fd`), by
+/// name, until a device takes them.
 pub type PassedFds = HashMap<String, OwnedFd>;
 
 /// A configuration names a file descriptor nobody passed.
 #[derive(Debug, thiserror::Error)]
-#[error("no file descriptor named {0:?} was passed (add-fds)")]
+#[error("no file descriptor named {0:?} was passed (add-fds or --fd)")]
 pub struct MissingFd(pub String);
 
 /// Takes the descriptor passed as `name`.

@@ -11,6 +11,7 @@ pub mod cli;
 pub mod control;
 pub mod device_manager;
 pub mod exit;
+pub mod inherited_fds;
 pub mod jail;
 pub mod logger;
 pub mod machine;

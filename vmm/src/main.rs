@@ -4,6 +4,7 @@ use std::io::Write;
 use std::time::Instant;
 
 use vmm::cli::{self, Command, RunOptions};
+use vmm::device_manager::PassedFds;
 use vmm::jail::Entered;
 use vmm_api::VmConfig;
 
@@ -11,7 +12,8 @@ fn main() {
     // Taken first thing so that "booted in" and "first KVM_RUN" are measured from process start.
     let process_start = Instant::now();
     vmm::logger::init();
-    vmm::metrics::init();
+    // Parsing opens nothing that stays open (a `--config` file is read and closed): descriptor
+    // numbers the parent left open for `--fd` are still exactly the ones open now.
     let code = match cli::parse(std::env::args().skip(1)) {
         Ok(Command::Help) => {
             println!("{}", cli::USAGE);
@@ -21,10 +23,8 @@ fn main() {
             println!("{}", vmm_api::snapshot::version_line(env!("CARGO_PKG_VERSION")));
             0
         }
-        // With --jail this forks: the launcher gets its child's exit code, the child runs the VM.
-        Ok(Command::Run(config, options)) => match vmm::jail::enter(config, options) {
-            Ok(Entered::Launcher(code)) => code,
-            Ok(Entered::Vmm(config, options)) => run(config.map(|c| *c), &options, process_start),
+        Ok(Command::Run(config, options)) => match vmm::inherited_fds::take(&options.inherited_fds) {
+            Ok(fds) => start(config, options, fds, process_start),
             Err(e) => {
                 eprintln!("vmm: error: {e}");
                 1
@@ -40,8 +40,23 @@ fn main() {
     std::process::exit(code);
 }
 
-fn run(config: Option<VmConfig>, options: &RunOptions, process_start: Instant) -> i32 {
-    match vmm::runtime::run(config, options, process_start) {
+/// Runs the VM, jailed first if asked, with the `--fd` descriptors already taken.
+fn start(config: Option<VmConfig>, options: RunOptions, fds: PassedFds, process_start: Instant) -> i32 {
+    // Only now that the inherited descriptors are ours may files that stay open be opened.
+    vmm::metrics::init();
+    // With --jail this forks: the launcher gets its child's exit code, the child runs the VM.
+    match vmm::jail::enter(config, options, fds) {
+        Ok(Entered::Launcher(code)) => code,
+        Ok(Entered::Vmm(config, options, fds)) => run(config.map(|c| *c), &options, fds, process_start),
+        Err(e) => {
+            eprintln!("vmm: error: {e}");
+            1
+        }
+    }
+}
+
+fn run(config: Option<VmConfig>, options: &RunOptions, fds: PassedFds, process_start: Instant) -> i32 {
+    match vmm::runtime::run(config, options, fds, process_start) {
         Ok(exit) => {
             let code = exit.exit_code();
             if code == 0 {

@@ -88,12 +88,14 @@ pub use migration_glue::Notice;
 
 impl Runtime {
     /// A process with no VM yet, whose threads will run under `seccomp` filters once it has one.
-    pub fn new(events: Arc<ProcessEvents>, seccomp: SeccompMode) -> Self {
+    /// `inherited` (`--fd`, already checked against the names and the limit `add-fds` applies)
+    /// starts the table of passed descriptors.
+    pub fn new(events: Arc<ProcessEvents>, seccomp: SeccompMode, inherited: PassedFds) -> Self {
         Runtime {
             events,
             seccomp,
             lifecycle: Lifecycle::NotConfigured,
-            fds: PassedFds::new(),
+            fds: inherited,
             pending_start: None,
             migration_worker: None,
             outgoing: None,
@@ -516,10 +518,12 @@ pub enum RunError {
 }
 
 /// Runs the process: boots `config` at once if given, serves the control socket if asked, and
-/// returns how the VM ended.
+/// returns how the VM ended. `fds` are the descriptors inherited with `--fd`, which `config` and
+/// later requests name as if they had come with `add-fds`.
 pub fn run(
     config: Option<VmConfig>,
     options: &RunOptions,
+    fds: PassedFds,
     process_start: Instant,
 ) -> Result<VmExit, RunError> {
     install_kick_handler()
@@ -530,7 +534,11 @@ pub fn run(
         VmmEventManager::new().map_err(|e| RunError::Setup(format!("event loop: {e:?}")))?;
     let watcher = Arc::new(Mutex::new(ExitWatcher::new(Arc::clone(&events.exits))));
     event_manager.add_subscriber(watcher.clone());
-    let runtime = Arc::new(Mutex::new(Runtime::new(Arc::clone(&events), options.seccomp)));
+    let runtime = Arc::new(Mutex::new(Runtime::new(
+        Arc::clone(&events),
+        options.seccomp,
+        fds,
+    )));
     let server = match &options.api_sock {
         Some(path) => {
             let server = Arc::new(Mutex::new(ControlServer::bind(

@@ -10,13 +10,20 @@ use super::fs::{self, HostFiles};
 use super::{namespaces, privileges, Entered, JailConfig, JailError, JailLayout};
 use crate::arch::host_quirks::KvmFlavor;
 use crate::cli::RunOptions;
+use crate::device_manager::PassedFds;
 
 /// Signals the launcher forwards to the VMM.
 const FORWARDED: [libc::c_int; 4] = [libc::SIGTERM, libc::SIGINT, libc::SIGHUP, libc::SIGQUIT];
 
-/// Sets up the jail and forks. Returns in both processes: [`Entered::Vmm`] in the jailed child,
-/// [`Entered::Launcher`] in the parent once the child has exited and the jail is cleaned up.
-pub fn launch(jail: &JailConfig, layout: JailLayout, options: RunOptions) -> Result<Entered, JailError> {
+/// Sets up the jail and forks. Returns in both processes: [`Entered::Vmm`] in the jailed child, with
+/// the inherited descriptors `fds`, [`Entered::Launcher`] in the parent once the child has exited
+/// and the jail is cleaned up.
+pub fn launch(
+    jail: &JailConfig,
+    layout: JailLayout,
+    options: RunOptions,
+    fds: PassedFds,
+) -> Result<Entered, JailError> {
     ensure_single_threaded()?;
     // Facts about the host that the VMM needs later but cannot see from inside the jail.
     let _ = KvmFlavor::detect();
@@ -34,11 +41,11 @@ pub fn launch(jail: &JailConfig, layout: JailLayout, options: RunOptions) -> Res
             return Err(e.into());
         }
     };
-    match fork_jailed(jail, &host, netns.as_ref(), &cgroup) {
-        Forked::Child(Ok(())) => {
+    match fork_jailed(jail, &host, netns.as_ref(), &cgroup, fds) {
+        Forked::Child(Ok(fds)) => {
             let mut options = options;
             options.api_sock = layout.api_sock.clone();
-            Ok(Entered::Vmm(Some(Box::new(layout.config)), options))
+            Ok(Entered::Vmm(Some(Box::new(layout.config)), options, fds))
         }
         // The launcher cleans up; the child only reports.
         Forked::Child(Err(e)) => Err(e),
@@ -53,7 +60,8 @@ pub fn launch(jail: &JailConfig, layout: JailLayout, options: RunOptions) -> Res
 }
 
 enum Forked {
-    Child(Result<(), JailError>),
+    /// The jailed VMM, confined, with the inherited descriptors.
+    Child(Result<PassedFds, JailError>),
     Parent(Result<i32, JailError>),
 }
 
@@ -96,7 +104,21 @@ fn signal_set(signals: &[libc::c_int]) -> libc::sigset_t {
     set
 }
 
-fn fork_jailed(jail: &JailConfig, host: &HostFiles, netns: Option<&File>, cgroup: &Cgroup) -> Forked {
+/// Forks the VMM off. Inherited descriptors (`fds`) are copied by the fork and end up in the VMM
+/// only: the child keeps them through every confinement step, none of which touches open
+/// descriptors (namespaces change what new lookups see, and a tap stays attached to its device in
+/// the namespace it was opened in; `pivot_root` leaves open files usable without a path; access was
+/// checked when the parent opened them, so the uid change does not matter; `RLIMIT_NOFILE` limits
+/// new numbers only), and no `exec` follows, so close-on-exec does not drop them either. The
+/// launcher closes its copies right after the fork: it has no use for them, and holding them for
+/// the VM's lifetime would keep a tap (or a migration stream, or a disk) alive after the VMM died.
+fn fork_jailed(
+    jail: &JailConfig,
+    host: &HostFiles,
+    netns: Option<&File>,
+    cgroup: &Cgroup,
+    fds: PassedFds,
+) -> Forked {
     let setup = || -> Result<_, JailError> {
         let (ready_r, ready_w) = pipe()?;
         let mut blocked = FORWARDED.to_vec();
@@ -123,8 +145,9 @@ fn fork_jailed(jail: &JailConfig, host: &HostFiles, netns: Option<&File>, cgroup
     }
     if pid == 0 {
         drop(ready_w);
-        return Forked::Child(child(jail, host, netns, ready_r, &old));
+        return Forked::Child(child(jail, host, netns, ready_r, &old).map(|()| fds));
     }
+    drop(fds);
     drop(ready_r);
     Forked::Parent(parent(pid, cgroup, ready_w, &set))
 }

@@ -117,10 +117,15 @@ impl JailLayout {
         if let Some(initrd) = &config.boot.initrd {
             rewritten.boot.initrd = Some(bind("initrd".into(), initrd, "boot/initrd".into(), false));
         }
-        if !config.drives.is_empty() {
+        // A drive given as a descriptor (`fd`, from `--fd`) has no path: the VMM holds its image
+        // already, and nothing is bound for it.
+        if config.drives.iter().any(|d| d.fd.is_none()) {
             dirs.push((PathBuf::from("drives"), Owner::Root));
         }
         for (drive, out) in config.drives.iter().zip(rewritten.drives.iter_mut()) {
+            if drive.fd.is_some() {
+                continue;
+            }
             // Drive ids are validated names (A-Z a-z 0-9 _ -), safe as file names.
             let target = Path::new("drives").join(&drive.id);
             out.path = bind(
@@ -310,6 +315,23 @@ mod tests {
         assert_eq!(c.drives[0].id, "root");
         assert!(c.drives[0].read_only && c.drives[0].root);
         assert_eq!(c.machine, config("\"off\"").machine);
+    }
+
+    #[test]
+    fn descriptors_are_not_bound() {
+        // Taps and images passed as descriptors (`--fd`) are already open: nothing to bind.
+        let config = VmConfig::from_json(
+            r#"{"boot": {"kernel": "/img/vmlinux"},
+                "drives": [{"id": "data", "fd": "disk"}],
+                "nets": [{"id": "eth0", "fd": "tap0"}]}"#,
+        )
+        .unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let targets: Vec<_> = plan.files.iter().map(|f| f.target.to_str().unwrap()).collect();
+        assert_eq!(targets, ["boot/kernel"]);
+        assert!(!plan.dirs.iter().any(|(d, _)| d == Path::new("drives")));
+        assert_eq!(plan.config.drives, config.drives);
+        assert_eq!(plan.config.nets, config.nets);
     }
 
     #[test]

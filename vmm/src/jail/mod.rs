@@ -15,6 +15,12 @@
 //!
 //! No `exec` happens inside the jail: the binary is dynamically linked, and the jail holds no loader
 //! or libraries. `docs/jail.md` lists every step and what it stops.
+//!
+//! Descriptors inherited with `--fd` (already taken and close-on-exec, see
+//! [`crate::inherited_fds`]) go to the VMM: the fork copies them, the launcher closes its copies at
+//! once, and the child carries them through every step (see `launcher::fork_jailed`). They are how
+//! a jailed VMM gets what it must not open itself: a tap in another network namespace, an image
+//! that is not bound into the jail.
 
 pub mod cgroup;
 mod fs;
@@ -28,6 +34,7 @@ use std::path::PathBuf;
 use vmm_api::VmConfig;
 
 use crate::cli::{CliError, RunOptions};
+use crate::device_manager::PassedFds;
 
 pub use cgroup::{CgroupError, CpuLimit};
 pub use layout::{JailLayout, LayoutError};
@@ -145,8 +152,8 @@ impl JailError {
 #[derive(Debug)]
 pub enum Entered {
     /// This process is the VMM: build and run this VM (paths rewritten to the jail's when jailed),
-    /// or, without one, wait for it on the control socket.
-    Vmm(Option<Box<VmConfig>>, RunOptions),
+    /// or, without one, wait for it on the control socket; with these inherited descriptors.
+    Vmm(Option<Box<VmConfig>>, RunOptions, PassedFds),
     /// This process was the launcher of a jailed VMM that has ended: exit with this code.
     Launcher(i32),
 }
@@ -154,16 +161,17 @@ pub enum Entered {
 /// Confines the process as `options.jail` asks, or does nothing without `--jail`.
 ///
 /// Must be called while the process is single-threaded (it forks). In the jailed VMM it returns
-/// [`Entered::Vmm`] with the configuration rewritten to in-jail paths; in the launcher it returns
+/// [`Entered::Vmm`] with the configuration rewritten to in-jail paths and the inherited descriptors
+/// `fds`; in the launcher, which closes its copies of `fds` as soon as it has forked, it returns
 /// [`Entered::Launcher`] once the VMM has exited and the launcher has cleaned up.
-pub fn enter(config: Option<VmConfig>, options: RunOptions) -> Result<Entered, JailError> {
+pub fn enter(config: Option<VmConfig>, options: RunOptions, fds: PassedFds) -> Result<Entered, JailError> {
     let Some(jail) = options.jail.clone() else {
-        return Ok(Entered::Vmm(config.map(Box::new), options));
+        return Ok(Entered::Vmm(config.map(Box::new), options, fds));
     };
     let config = config.ok_or(JailError::NeedsConfig)?;
     check_memory_limit(&jail, &config)?;
     let layout = JailLayout::plan(&jail, &config, options.api_sock.as_deref())?;
-    launcher::launch(&jail, layout, options)
+    launcher::launch(&jail, layout, options, fds)
 }
 
 fn check_memory_limit(jail: &JailConfig, config: &VmConfig) -> Result<(), JailError> {
