@@ -288,11 +288,25 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
     // The writable image belongs to the jail uid while the VM runs; the host reaches the socket.
     assert_eq!(std::fs::metadata(&data).unwrap().uid(), UID);
     assert!(request(&socket, "\"ping\"").contains("pong"));
-    // The VMM's metrics read /proc/self/statm: the jail's own procfs provides it.
+    // The VMM's metrics read /proc/self/statm from the jail's own procfs: its own figure, not
+    // the launcher's (a file opened before the fork would name the launcher). The guest has
+    // booted, so the vmm holds megabytes of guest memory; the launcher never touches any.
     let metrics = request(&socket, "\"metrics\"");
     let value: serde_json::Value = serde_json::from_str(&metrics).expect("metrics JSON");
-    let rss = value["ok"]["metrics"]["vmm_rss_kib"].as_u64();
-    assert!(rss.is_some_and(|kib| kib > 0), "{metrics}");
+    let rss = value["ok"]["metrics"]["vmm_rss_kib"].as_u64().unwrap_or(0);
+    let status_rss = |pid: u32| -> u64 {
+        std::fs::read_to_string(format!("/proc/{pid}/status"))
+            .unwrap_or_default()
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    };
+    let (vmm_rss, launcher_rss) = (status_rss(vmm), status_rss(launcher));
+    assert!(
+        rss > launcher_rss * 2 && rss >= vmm_rss / 2,
+        "vmm_rss_kib {rss}: the vmm has {vmm_rss} KiB, the launcher {launcher_rss} KiB ({metrics})"
+    );
 
     // The guest wrote its data drive and could not write its read-only root drive.
     let stdout = guest.stdout_text();

@@ -42,12 +42,16 @@ fn main() {
 
 /// Runs the VM, jailed first if asked, with the `--fd` descriptors already taken.
 fn start(config: Option<VmConfig>, options: RunOptions, fds: PassedFds, process_start: Instant) -> i32 {
-    // Only now that the inherited descriptors are ours may files that stay open be opened.
-    vmm::metrics::init();
     // With --jail this forks: the launcher gets its child's exit code, the child runs the VM.
     match vmm::jail::enter(config, options, fds) {
         Ok(Entered::Launcher(code)) => code,
-        Ok(Entered::Vmm(config, options, fds)) => run(config.map(|c| *c), &options, fds, process_start),
+        Ok(Entered::Vmm(config, options, fds)) => {
+            // Only here: after the inherited descriptors are ours (no number they use is taken),
+            // and, when jailed, in the jailed child with its own procfs, so that `/proc/self`
+            // is this process and not the launcher it was forked from.
+            vmm::metrics::init();
+            run(config.map(|c| *c), &options, fds, process_start)
+        }
         Err(e) => {
             eprintln!("vmm: error: {e}");
             1
