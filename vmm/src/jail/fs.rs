@@ -3,7 +3,7 @@
 //! in its own mount namespace).
 
 use std::ffi::CString;
-use std::fs::{DirBuilder, File, OpenOptions};
+use std::fs::{DirBuilder, File, Metadata, OpenOptions};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{chown, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
@@ -69,9 +69,11 @@ pub fn prepare_host(jail: &JailConfig, layout: &JailLayout) -> Result<HostFiles,
     }
 }
 
-fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Result<(), JailError> {
-    // Resolve and check every source first: a missing kernel or an unreadable disk is an error
-    // before anything is created.
+/// Resolves every file to bind (symbolic links followed here, once) and checks that the jail can use
+/// it: a regular file (a drive image may also be a block device); a read-only one (kernel, initrd,
+/// read-only drive, base image) readable by the jail uid/gid by its mode bits, since it keeps its
+/// owner; a writable one readable and writable by its owner, which the jail uid becomes.
+fn check_sources(jail: &JailConfig, layout: &JailLayout) -> Result<Vec<(PathBuf, Metadata)>, JailError> {
     let mut sources = Vec::new();
     for file in &layout.files {
         let what = file.what.as_str();
@@ -80,7 +82,7 @@ fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Resu
         let meta =
             std::fs::metadata(&path).map_err(|e| access(what, &path, format!("cannot be used: {e}")))?;
         let kind = meta.file_type();
-        if !(kind.is_file() || (kind.is_block_device() && what.starts_with("drive"))) {
+        if !(kind.is_file() || (kind.is_block_device() && file.device_ok)) {
             return Err(access(what, &path, "is not a regular file".into()));
         }
         if !file.writable && !mode_allows(meta.mode(), (meta.uid(), meta.gid()), jail.uid, jail.gid, false) {
@@ -109,6 +111,13 @@ fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Resu
         }
         sources.push((path, meta));
     }
+    Ok(sources)
+}
+
+fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Result<(), JailError> {
+    // Resolve and check every source first: a missing kernel or an unreadable disk is an error
+    // before anything is created.
+    let sources = check_sources(jail, layout)?;
 
     let dir = &jail.dir;
     if let Some(parent) = dir.parent() {
@@ -169,6 +178,8 @@ fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Resu
             .open(&target)
             .map_err(io("cannot create", &target))?;
         host.mount_points.push(target.clone());
+        // Only writable images change owner; read-only files, base images that other VMs share
+        // among them, stay exactly as they are.
         if file.writable && (meta.uid(), meta.gid()) != (jail.uid, jail.gid) {
             chown(&source, Some(jail.uid), Some(jail.gid)).map_err(io("cannot chown", &source))?;
             host.chowned.push((source.clone(), meta.uid(), meta.gid()));
@@ -383,6 +394,95 @@ pub fn enter_root(jail: &JailConfig, host: &HostFiles) -> Result<(), JailError> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A scratch directory for one test, removed when dropped.
+    struct Scratch(PathBuf);
+
+    impl Scratch {
+        fn new(tag: &str) -> Scratch {
+            let dir = std::env::temp_dir().join(format!("vmm-jailfs-{tag}-{}", std::process::id()));
+            let _ = std::fs::remove_dir_all(&dir);
+            std::fs::create_dir_all(&dir).unwrap();
+            Scratch(dir)
+        }
+
+        fn file(&self, name: &str, mode: u32) -> PathBuf {
+            let path = self.0.join(name);
+            std::fs::write(&path, vec![1u8; 4096]).unwrap();
+            std::fs::set_permissions(&path, std::fs::Permissions::from_mode(mode)).unwrap();
+            path
+        }
+    }
+
+    impl Drop for Scratch {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    /// A jail for a uid/gid other than the owner of the test's files (so their "other" mode bits
+    /// decide, whoever runs the test) over a VM with a copy-on-write drive on `base`.
+    fn cow_vm(scratch: &Scratch, base: &Path) -> (JailConfig, JailLayout) {
+        let owner = std::fs::metadata(&scratch.0).unwrap();
+        let jail = JailConfig {
+            dir: scratch.0.join("jail"),
+            id: "vm".into(),
+            uid: owner.uid() + 1,
+            gid: owner.gid() + 1,
+            netns: None,
+            cpu_limit: None,
+            memory_limit_mib: None,
+            pids_limit: 16,
+            nofile: 64,
+        };
+        let config = vmm_api::VmConfig::from_json(
+            &serde_json::json!({
+                "boot": {"kernel": scratch.file("vmlinux", 0o644)},
+                "drives": [{"id": "cow", "path": scratch.file("cow.img", 0o600), "backing": base}],
+            })
+            .to_string(),
+        )
+        .unwrap();
+        let layout = JailLayout::plan(&jail, &config, None).unwrap();
+        (jail, layout)
+    }
+
+    #[test]
+    fn a_base_image_must_be_readable_by_the_jail_uid() {
+        let scratch = Scratch::new("base");
+        // Readable by everyone: fine, and listed after the image it serves.
+        let (jail, layout) = cow_vm(&scratch, &scratch.file("base.img", 0o644));
+        let sources = check_sources(&jail, &layout).unwrap();
+        let names: Vec<_> = sources
+            .iter()
+            .map(|(p, _)| p.file_name().unwrap().to_str().unwrap())
+            .collect();
+        assert_eq!(names, ["vmlinux", "cow.img", "base.img"]);
+
+        // Readable by its owner only: the jail uid, which the base is never chowned to, cannot.
+        let base = scratch.file("private.img", 0o600);
+        let (jail, layout) = cow_vm(&scratch, &base);
+        let err = check_sources(&jail, &layout).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "jail: base of drive cow {} is not readable by the jail's uid {} / gid {} (mode 600",
+                base.display(),
+                jail.uid,
+                jail.gid
+            )),
+            "{err}"
+        );
+        // Nothing was created: the check comes before the jail directory.
+        assert!(!jail.dir.exists());
+
+        // A directory (or anything but a regular file) is refused too.
+        let (jail, layout) = cow_vm(&scratch, &scratch.0);
+        let err = check_sources(&jail, &layout).unwrap_err().to_string();
+        assert!(
+            err.contains("base of drive cow") && err.ends_with("is not a regular file"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn mode_bits_decide_access_for_the_jail_uid() {

@@ -6,6 +6,7 @@
 //!   boot/kernel        bind mount of the kernel (read-only)
 //!   boot/initrd        bind mount of the initrd (read-only)
 //!   drives/<id>        bind mount of each drive image (read-only unless the drive is writable)
+//!   drives/<id>.base   bind mount of a copy-on-write drive's base image (`backing`), read-only
 //!   dev/               a private tmpfs in the jail: kvm, net/tun, owned by the jail uid
 //!   proc/              the jail's own procfs (subset=pid: only its own processes)
 //!   <dirs>/<socket>    --api-sock: its directory is owned by the jail uid (bind creates the socket)
@@ -57,14 +58,19 @@ pub enum LayoutError {
 /// A host file the jail sees through a bind mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundFile {
-    /// What it is, for error messages: "kernel", "initrd", "drive ID".
+    /// What it is, for error messages: "kernel", "initrd", "drive ID", "base of drive ID".
     pub what: String,
     /// The host path from the configuration.
     pub source: PathBuf,
     /// Where the jail sees it, relative to the jail directory (e.g. `drives/data`).
     pub target: PathBuf,
-    /// Whether the VMM opens it for writing; read-only files are mounted read-only.
+    /// Whether the VMM opens it for writing; read-only files are mounted read-only. Only writable
+    /// files are chowned to the jail uid while it runs: a read-only one (a base image many VMs
+    /// share) keeps its owner.
     pub writable: bool,
+    /// Whether it may be a block device rather than a regular file (a drive's image may; the kernel,
+    /// the initrd and a base image, whose size is read from its metadata, may not).
+    pub device_ok: bool,
 }
 
 /// Who owns a directory the launcher creates in the jail.
@@ -104,36 +110,59 @@ impl JailLayout {
             (PathBuf::from("dev"), Owner::Root),
             (PathBuf::from("proc"), Owner::Root),
         ];
-        let mut bind = |what: String, source: &Path, target: PathBuf, writable: bool| -> PathBuf {
+        let mut bind = |what: String, source: &Path, target: PathBuf, writable: bool, device_ok: bool| {
             files.push(BoundFile {
                 what,
                 source: source.to_path_buf(),
                 target: target.clone(),
                 writable,
+                device_ok,
             });
             Path::new("/").join(target)
         };
-        rewritten.boot.kernel = bind("kernel".into(), &config.boot.kernel, "boot/kernel".into(), false);
+        rewritten.boot.kernel = bind(
+            "kernel".into(),
+            &config.boot.kernel,
+            "boot/kernel".into(),
+            false,
+            false,
+        );
         if let Some(initrd) = &config.boot.initrd {
-            rewritten.boot.initrd = Some(bind("initrd".into(), initrd, "boot/initrd".into(), false));
+            rewritten.boot.initrd = Some(bind("initrd".into(), initrd, "boot/initrd".into(), false, false));
         }
         // A drive given as a descriptor (`fd`, from `--fd`) has no path: the VMM holds its image
-        // already, and nothing is bound for it.
-        if config.drives.iter().any(|d| d.fd.is_none()) {
+        // already, and nothing is bound for it. Its base, if it has one, is a path like any other
+        // drive's base, and is bound.
+        if config
+            .drives
+            .iter()
+            .any(|d| d.fd.is_none() || d.backing.is_some())
+        {
             dirs.push((PathBuf::from("drives"), Owner::Root));
         }
         for (drive, out) in config.drives.iter().zip(rewritten.drives.iter_mut()) {
-            if drive.fd.is_some() {
-                continue;
-            }
             // Drive ids are validated names (A-Z a-z 0-9 _ -), safe as file names.
-            let target = Path::new("drives").join(&drive.id);
-            out.path = bind(
-                format!("drive {}", drive.id),
-                &drive.path,
-                target,
-                !drive.read_only,
-            );
+            if drive.fd.is_none() {
+                out.path = bind(
+                    format!("drive {}", drive.id),
+                    &drive.path,
+                    Path::new("drives").join(&drive.id),
+                    !drive.read_only,
+                    true,
+                );
+            }
+            if let Some(base) = &drive.backing {
+                // A drive id cannot hold a '.', so `<id>.base` never names another drive's image.
+                // Read-only whatever the drive is: the VMM only reads a base, and other VMs share
+                // it, so it is mounted read-only and never chowned to the jail uid.
+                out.backing = Some(bind(
+                    format!("base of drive {}", drive.id),
+                    base,
+                    Path::new("drives").join(format!("{}.base", drive.id)),
+                    false,
+                    false,
+                ));
+            }
         }
 
         let sock = api_sock
@@ -332,6 +361,104 @@ mod tests {
         assert!(!plan.dirs.iter().any(|(d, _)| d == Path::new("drives")));
         assert_eq!(plan.config.drives, config.drives);
         assert_eq!(plan.config.nets, config.nets);
+    }
+
+    #[test]
+    fn base_images_are_bound_read_only_beside_their_drive() {
+        let config = VmConfig::from_json(
+            r#"{"boot": {"kernel": "/img/vmlinux"},
+                "drives": [{"id": "root", "path": "/vm/root.img", "backing": "/images/base.img", "root": true},
+                           {"id": "ro", "path": "/vm/ro.img", "backing": "/images/base.img", "read_only": true},
+                           {"id": "plain", "path": "/vm/plain.img"},
+                           {"id": "passed", "fd": "disk", "backing": "/images/other.img"},
+                           {"id": "passed2", "fd": "disk2"}]}"#,
+        )
+        .unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let files: Vec<_> = plan
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.what.as_str(),
+                    f.source.to_str().unwrap(),
+                    f.target.to_str().unwrap(),
+                    f.writable,
+                    f.device_ok,
+                )
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                ("kernel", "/img/vmlinux", "boot/kernel", false, false),
+                ("drive root", "/vm/root.img", "drives/root", true, true),
+                // The base is read-only even under a writable image, and must be a regular file.
+                (
+                    "base of drive root",
+                    "/images/base.img",
+                    "drives/root.base",
+                    false,
+                    false
+                ),
+                ("drive ro", "/vm/ro.img", "drives/ro", false, true),
+                // Two drives on one base get a mount each.
+                (
+                    "base of drive ro",
+                    "/images/base.img",
+                    "drives/ro.base",
+                    false,
+                    false
+                ),
+                ("drive plain", "/vm/plain.img", "drives/plain", true, true),
+                // A passed image is not bound, but its base is a path the jailed VMM must open.
+                (
+                    "base of drive passed",
+                    "/images/other.img",
+                    "drives/passed.base",
+                    false,
+                    false
+                ),
+            ]
+        );
+        let d = &plan.config.drives;
+        let paths: Vec<_> = d
+            .iter()
+            .map(|d| (d.path.to_str().unwrap(), d.backing.as_deref()))
+            .collect();
+        assert_eq!(
+            paths,
+            [
+                ("/drives/root", Some(Path::new("/drives/root.base"))),
+                ("/drives/ro", Some(Path::new("/drives/ro.base"))),
+                ("/drives/plain", None),
+                ("", Some(Path::new("/drives/passed.base"))),
+                ("", None),
+            ]
+        );
+        assert_eq!(
+            (d[3].fd.as_deref(), d[4].fd.as_deref()),
+            (Some("disk"), Some("disk2"))
+        );
+        // The rewritten configuration is still a valid one (absolute base paths).
+        plan.config.validate().unwrap();
+        // `<id>.base` never collides with another drive's `<id>`: ids cannot hold a '.'.
+        assert!(!vmm_api::drive::is_valid_name("root.base"));
+
+        // Only passed images, one with a base: the drives directory is still needed for the base.
+        let config = VmConfig::from_json(
+            r#"{"boot": {"kernel": "/img/vmlinux"},
+                "drives": [{"id": "data", "fd": "disk", "backing": "/images/base.img"}]}"#,
+        )
+        .unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let targets: Vec<_> = plan.files.iter().map(|f| f.target.to_str().unwrap()).collect();
+        assert_eq!(targets, ["boot/kernel", "drives/data.base"]);
+        assert!(plan
+            .dirs
+            .iter()
+            .any(|(d, o)| d == Path::new("drives") && *o == Owner::Root));
+        assert_eq!(plan.config.drives[0].path, PathBuf::new());
     }
 
     #[test]
