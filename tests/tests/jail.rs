@@ -5,7 +5,7 @@
 use std::ffi::OsString;
 use std::io::{BufRead, BufReader, Write};
 use std::os::fd::RawFd;
-use std::os::unix::fs::MetadataExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
@@ -34,6 +34,9 @@ const BOOT_TIMEOUT: Duration = Duration::from_secs(600);
 const EXIT_TIMEOUT: Duration = Duration::from_secs(60);
 const UID: u32 = 123456;
 const GID: u32 = 123457;
+/// The copy-on-write drive of the first test: its base's size and the disk's.
+const COW_BASE_BYTES: usize = 1 << 20;
+const COW_BYTES: usize = 2 << 20;
 
 /// The jailed VMM: the launcher's only child (PID 1 of its own PID namespace).
 fn jailed_child(launcher: u32) -> u32 {
@@ -135,10 +138,26 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
     let tmp = TempDir::new("jail").unwrap();
     let data = tmp.path().join("data.img");
     std::fs::write(&data, vec![0u8; 8 << 20]).unwrap();
+    // A copy-on-write drive: a 1 MiB base of non-zero bytes under an empty, sparse 2 MiB image
+    // (on the test's temp directory, which must be a file system that reports holes). The jail
+    // binds the base in read-only and must leave it exactly as it was: contents, owner, mode,
+    // and ctime (which any chown or chmod, even one undone later, would move).
+    let base = tmp.path().join("base.img");
+    let base_bytes: Vec<u8> = (0..COW_BASE_BYTES).map(|i| (i % 251) as u8 | 1).collect();
+    std::fs::write(&base, &base_bytes).unwrap();
+    // Readable by the jail uid whatever the umask: it reads the base, and owns nothing of it.
+    std::fs::set_permissions(&base, std::fs::Permissions::from_mode(0o644)).unwrap();
+    let cow = tmp.path().join("cow.img");
+    std::fs::File::create(&cow)
+        .and_then(|f| f.set_len(COW_BYTES as u64))
+        .unwrap();
+    let base_meta = |m: std::fs::Metadata| (m.uid(), m.gid(), m.mode(), m.ctime(), m.ctime_nsec());
+    let base_before = base_meta(std::fs::metadata(&base).unwrap());
     let dir = tmp.path().join("vm");
     let id = format!("jailtest-{}", std::process::id());
     let socket = dir.join("run/api.sock");
-    let actions = "blk-info,blk-write:vda:0:4k:3,blk-write:vdb:0:64k:7,idle";
+    // vda: root, vdb: data, vdc: the copy-on-write drive, read whole (base, then zeros past it).
+    let actions = "blk-info,blk-write:vda:0:4k:3,blk-write:vdb:0:64k:7,blk-read:vdc:0:2m,idle";
     let mut guest = GuestBuilder::new(&images.vmlinux)
         .initrd(&images.initramfs)
         .memory_mib(128)
@@ -147,6 +166,12 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
         .arg(format!("path={},id=root,ro=on,root=on", images.rootfs.display()))
         .arg("--drive")
         .arg(format!("path={},id=data", data.display()))
+        .arg("--drive")
+        .arg(format!(
+            "path={},backing={},id=cow",
+            cow.display(),
+            base.display()
+        ))
         .args(["--jail".into(), dir.clone().into_os_string()])
         .args([
             "--jail-id",
@@ -245,6 +270,8 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
         "boot/initrd",
         "drives/root",
         "drives/data",
+        "drives/cow",
+        "drives/cow.base",
         "dev/kvm",
         "dev/net/tun",
     ] {
@@ -254,6 +281,29 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
         std::fs::metadata(root.join("drives/data")).unwrap().len(),
         8 << 20
     );
+    assert_eq!(
+        std::fs::metadata(root.join("drives/cow.base")).unwrap().len(),
+        COW_BASE_BYTES as u64
+    );
+    // The base is mounted read-only in the jail, the writable images read-write.
+    let mounts = std::fs::read_to_string(format!("/proc/{vmm}/mountinfo")).unwrap();
+    let mount_options = |point: &str| -> String {
+        mounts
+            .lines()
+            .map(|l| l.split(' ').collect::<Vec<_>>())
+            .find(|f| f.get(4) == Some(&point))
+            .and_then(|f| f.get(5).map(|o| o.to_string()))
+            .unwrap_or_else(|| panic!("no mount on {point} in:\n{mounts}"))
+    };
+    for (point, mode) in [
+        ("/drives/cow.base", "ro"),
+        ("/drives/cow", "rw"),
+        ("/drives/data", "rw"),
+        ("/drives/root", "ro"),
+    ] {
+        let options = mount_options(point);
+        assert!(options.split(',').any(|o| o == mode), "{point}: {options}");
+    }
     assert_eq!(
         std::fs::metadata(root.join("boot/kernel")).unwrap().len(),
         std::fs::metadata(&images.vmlinux).unwrap().len()
@@ -285,8 +335,11 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
     assert!(!proc_entries.contains(&"sys".to_string()), "{proc_entries:?}");
     assert!(!proc_entries.contains(&launcher.to_string()), "{proc_entries:?}");
 
-    // The writable image belongs to the jail uid while the VM runs; the host reaches the socket.
+    // The writable images belong to the jail uid while the VM runs, the base does not change
+    // hands; the host reaches the socket.
     assert_eq!(std::fs::metadata(&data).unwrap().uid(), UID);
+    assert_eq!(std::fs::metadata(&cow).unwrap().uid(), UID);
+    assert_eq!(base_meta(std::fs::metadata(&base).unwrap()), base_before);
     assert!(request(&socket, "\"ping\"").contains("pong"));
     // The VMM's metrics read /proc/self/statm from the jail's own procfs: its own figure, not
     // the launcher's (a file opened before the fork would name the launcher). The guest has
@@ -324,6 +377,16 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
         Some("0"),
         "the read-only root drive was written"
     );
+    // The guest read its copy-on-write drive through the base bound into the jail.
+    let read = probe_fields(&stdout, "blk-read dev=vdc");
+    let mut expected = base_bytes.clone();
+    expected.resize(COW_BYTES, 0);
+    assert_eq!(
+        (read["result"].as_str(), read["len"].as_str()),
+        ("0", COW_BYTES.to_string().as_str()),
+        "{stdout}"
+    );
+    assert_eq!(read["crc32"], format!("{:08x}", crc32(&expected)), "{stdout}");
 
     // SIGTERM to the launcher reaches the VMM (PID 1, which would ignore it without a handler).
     sigterm(launcher);
@@ -340,6 +403,20 @@ fn jailed_guest_runs_confined_and_the_launcher_cleans_up() {
         std::fs::metadata(&data).unwrap().uid(),
         0,
         "the data image is given back to root"
+    );
+    assert_eq!(
+        std::fs::metadata(&cow).unwrap().uid(),
+        0,
+        "the copy-on-write image is given back to root"
+    );
+    assert!(
+        std::fs::read(&base).unwrap() == base_bytes,
+        "the base image changed"
+    );
+    assert_eq!(
+        base_meta(std::fs::metadata(&base).unwrap()),
+        base_before,
+        "the base image's owner, mode or ctime changed"
     );
     let image = std::fs::read(&data).unwrap();
     let crc = format!("{:08x}", crc32(&image[..64 << 10]));
