@@ -94,6 +94,8 @@ pub(crate) enum Command {
 /// The running vmm of a VM.
 struct Proc {
     pid: u32,
+    /// The uid of a jailed vmm, which must be the one serving its control socket.
+    jail_uid: Option<u32>,
     conn: Option<ControlConn>,
     events: Option<mpsc::Receiver<ConnEvent>>,
     /// The exit code (None: killed by a signal), when the vmm is our child.
@@ -376,13 +378,13 @@ impl VmActor {
             return;
         }
         // The connection is gone: the vmm is exiting, or dropped us. Give it a moment to exit.
-        let pid = p.pid;
+        let (pid, jail_uid) = (p.pid, p.jail_uid);
         let deadline = Instant::now() + Duration::from_secs(2);
         while Instant::now() < deadline {
             if self.exited().await {
                 return self.finish().await;
             }
-            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+            if let Ok((conn, events)) = ControlConn::connect_as(&self.sock, jail_uid).await {
                 tracing::info!(vm = %self.vm.vm_id, pid, "reconnected to the control socket");
                 if let Some(p) = self.proc.as_mut() {
                     p.conn = Some(conn);
@@ -467,6 +469,7 @@ impl VmActor {
         tracing::info!(vm = %self.vm.vm_id, pid = p.pid, ?code, reason, "vmm ended");
         // The vmm removes its socket on a clean exit; not when it was killed.
         let _ = std::fs::remove_file(&self.sock);
+        self.remove_jail_leftovers();
         if let Some(cgroups) = &self.ctx.cgroups {
             cgroups.remove(&self.vm.vm_id);
         }
@@ -678,6 +681,7 @@ impl VmActor {
     async fn remove_record_and_files(&mut self) -> Result<(), AgentError> {
         let id = self.vm.vm_id.clone();
         self.ctx.store.call(move |s| s.delete_vm(&id)).await?;
+        self.remove_jail_leftovers();
         if let Err(e) = std::fs::remove_dir_all(&self.dir) {
             if e.kind() != std::io::ErrorKind::NotFound {
                 tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot remove the VM's files");
@@ -698,6 +702,9 @@ pub(crate) mod migration;
 
 #[path = "actor_launch.rs"]
 mod launch;
+
+#[path = "actor_jail.rs"]
+mod jail;
 
 #[path = "actor_adopt.rs"]
 mod adopt;

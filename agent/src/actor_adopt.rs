@@ -8,7 +8,7 @@ use vmm_api::control::{Request, Response, VmState as VmmState};
 
 use super::{migration, observed_state, Proc, VmActor, EXIT_TIMEOUT};
 use crate::control::{ControlClientError, ControlConn};
-use crate::process::{is_our_vmm, kill};
+use crate::process::{is_our_vmm, jail_uid_of, kill};
 use crate::proto::VmState;
 use crate::store::holds_resources;
 
@@ -65,8 +65,9 @@ impl VmActor {
             return;
         }
         let timeout = self.ctx.config.adopt_timeout;
+        let jail_uid = jail_uid_of(pid);
         let probe = tokio::time::timeout(timeout, async {
-            let (conn, events) = ControlConn::connect(&self.sock).await?;
+            let (conn, events) = ControlConn::connect_as(&self.sock, jail_uid).await?;
             let response = conn.request(Request::Describe, timeout).await?;
             Ok::<_, ControlClientError>((conn, events, response))
         })
@@ -90,6 +91,7 @@ impl VmActor {
                 tracing::info!(vm = %self.vm.vm_id, pid, "re-adopted");
                 self.proc = Some(Proc {
                     pid,
+                    jail_uid,
                     conn: Some(conn),
                     events: Some(events),
                     child_exit: None,

@@ -7,9 +7,13 @@
 //!   once: from then on the vmm alone holds each tap, which the kernel removes when the vmm ends,
 //!   however it ends.
 //!
-//! Either way, a start first waits for a boot slot (`actor_admission.rs`).
+//! - Jailed (`--jail-vms`, `actor_jail.rs`): the vmm boots from `vm.json` in its jail, with every
+//!   tap (made or attached by the agent) inherited as a descriptor (`--fd`).
+//!
+//! Every way, a start first waits for a boot slot (`actor_admission.rs`).
 
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -25,6 +29,7 @@ use crate::nics::{make_taps, nic_taps, AgentTap};
 use crate::operations::CancelToken;
 use crate::proto::{Vm, VmSpec, VmState};
 use crate::spec::to_vm_config;
+use vmm_api::VmConfig;
 
 impl VmActor {
     /// Spawns a vmm that boots from `vm.json` and connects to it. `Some` when the start is over
@@ -130,7 +135,7 @@ impl VmActor {
     }
 
     /// Records a start that ended before the VM ran (no vmm left) as failed with `why`.
-    async fn fail_start(&mut self, why: String) -> Result<Vm, AgentError> {
+    pub(super) async fn fail_start(&mut self, why: String) -> Result<Vm, AgentError> {
         tracing::warn!(vm = %self.vm.vm_id, why, "start failed");
         self.record(|vm| {
             vm.state = VmState::Failed as i32;
@@ -186,8 +191,12 @@ impl VmActor {
     /// Spawns the vmm of an admitted start and waits for it to run the VM.
     pub(super) async fn launch(&mut self, began: Instant) -> Result<Vm, AgentError> {
         let spec = self.vm.spec.clone().unwrap_or_default();
-        if spec.nics.iter().any(crate::nics::is_agent_made) {
-            // The vmm gets the agent's taps as descriptors, so it starts empty (see actor_launch.rs).
+        if let Some(uids) = self.ctx.config.jail {
+            if let Some(ended) = self.launch_jailed(&spec, uids).await {
+                return ended;
+            }
+        } else if spec.nics.iter().any(crate::nics::is_agent_made) {
+            // The vmm gets the agent's taps as descriptors, so it starts empty (see above).
             if let Some(ended) = self.launch_on_agent_taps(&spec).await {
                 return ended;
             }
@@ -215,11 +224,12 @@ impl VmActor {
     /// Connects to the control socket of the vmm just spawned, as soon as it is there.
     pub(super) async fn connect_new_vmm(&mut self) -> NewVmm {
         let deadline = Instant::now() + SOCKET_TIMEOUT;
+        let jail_uid = self.proc.as_ref().and_then(|p| p.jail_uid);
         loop {
             if self.exited().await {
                 return NewVmm::Exited;
             }
-            if let Ok((conn, events)) = ControlConn::connect(&self.sock).await {
+            if let Ok((conn, events)) = ControlConn::connect_as(&self.sock, jail_uid).await {
                 if let Some(p) = self.proc.as_mut() {
                     p.conn = Some(conn);
                     p.events = Some(events);
@@ -236,17 +246,30 @@ impl VmActor {
     /// Starts a vmm for this VM: configured from the spec (`vm.json`), or with no configuration
     /// (waiting on its socket for a snapshot to restore).
     pub(super) async fn spawn_vmm(&mut self, configured: bool) -> Result<(), std::io::Error> {
-        std::fs::create_dir_all(&self.dir)?;
-        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
-        if configured {
+        let config = configured.then(|| {
             let spec = self.vm.spec.clone().unwrap_or_default();
-            let config = to_vm_config(
+            to_vm_config(
                 &spec,
                 &self.ctx.config.console_log(&self.vm.vm_id),
                 &self.ctx.config.images_dir(),
-            );
+            )
+        });
+        self.spawn_vmm_with(VmmLaunch {
+            config,
+            jail: None,
+            fds: Vec::new(),
+        })
+        .await
+    }
+
+    /// Spawns a vmm as `launch` says and records its pid (the launcher's, when jailed: that is
+    /// the process to signal and wait for).
+    pub(super) async fn spawn_vmm_with(&mut self, launch: VmmLaunch) -> Result<(), std::io::Error> {
+        std::fs::create_dir_all(&self.dir)?;
+        let mut command = tokio::process::Command::new(&self.ctx.config.vmm_bin);
+        if let Some(config) = &launch.config {
             let config_path = self.dir.join("vm.json");
-            std::fs::write(&config_path, serde_json::to_vec_pretty(&config)?)?;
+            std::fs::write(&config_path, serde_json::to_vec_pretty(config)?)?;
             command.arg("--config").arg(&config_path);
         }
         // The vmm refuses an existing socket path; one left by a killed vmm is stale.
@@ -255,23 +278,61 @@ impl VmActor {
             .create(true)
             .append(true)
             .open(self.dir.join("vmm.log"))?;
+        let mut stdout = log.try_clone()?;
+        match &launch.jail {
+            Some(jail) => {
+                // The jail's directory must be new or empty (a killed launcher leaves its files).
+                let dir = self.ctx.config.jail_dir(&self.vm.vm_id);
+                match std::fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != std::io::ErrorKind::NotFound => return Err(e),
+                    _ => {}
+                }
+                command.args(jail.args(&self.vm.vm_id, &dir));
+                // The console goes to the vmm's standard output (a path would have to be inside
+                // the jail, which is removed when the vmm ends): emptied first, as a console
+                // file is by an unjailed vmm.
+                let console = self.ctx.config.console_log(&self.vm.vm_id);
+                std::fs::File::create(&console)?;
+                stdout = std::fs::File::options().append(true).open(&console)?;
+            }
+            None => {
+                if let Some(parent) = self.sock.parent() {
+                    std::fs::create_dir_all(parent)?;
+                }
+            }
+        }
+        for (name, fd) in &launch.fds {
+            command.arg("--fd").arg(format!("{name}={}", fd.as_raw_fd()));
+        }
+        crate::process::inherit_fds(
+            &mut command,
+            launch.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
+        );
         command
             .arg("--api-sock")
             .arg(&self.sock)
             .stdin(Stdio::null())
-            .stdout(log.try_clone()?)
+            .stdout(stdout)
             .stderr(log)
             // Its own process group: a Ctrl-C meant for the agent does not reach the VMs.
             .process_group(0)
             // The vmm must outlive the agent; dropping the handle must not kill it.
             .kill_on_drop(false);
-        let mut child = command.spawn()?;
+        let spawned = command.spawn();
+        // The child has its copies (or there is none): ours go now, so that the vmm alone holds
+        // each tap and the kernel removes it when the vmm ends, however it ends.
+        drop(launch.fds);
+        let mut child = spawned?;
         let pid = child.id().unwrap_or(0);
-        if let Some(cgroups) = &self.ctx.cgroups {
-            // Before the vmm has done much: its vCPU threads are created in the group (a failure
-            // is logged; the VM runs, in the agent's group).
-            if let Err(e) = cgroups.place(&self.vm.vm_id, pid) {
-                tracing::warn!(vm = %self.vm.vm_id, pid, error = %crate::error::ErrorChain(&e), "cannot move the vmm into its cgroup");
+        match (&self.ctx.cgroups, &launch.jail) {
+            // A jailed vmm moves itself into `vmm/<id>` with its own limits.
+            (Some(_), Some(_)) | (None, _) => {}
+            (Some(cgroups), None) => {
+                // Before the vmm has done much: its vCPU threads are created in the group (a
+                // failure is logged; the VM runs, in the agent's group).
+                if let Err(e) = cgroups.place(&self.vm.vm_id, pid) {
+                    tracing::warn!(vm = %self.vm.vm_id, pid, error = %crate::error::ErrorChain(&e), "cannot move the vmm into its cgroup");
+                }
             }
         }
         let (tx, rx) = oneshot::channel();
@@ -279,9 +340,10 @@ impl VmActor {
             let code = child.wait().await.ok().and_then(|s| s.code());
             let _ = tx.send(code);
         });
-        tracing::info!(vm = %self.vm.vm_id, pid, "vmm started");
+        tracing::info!(vm = %self.vm.vm_id, pid, jailed = launch.jail.is_some(), "vmm started");
         self.proc = Some(Proc {
             pid,
+            jail_uid: launch.jail.map(|j| j.uid),
             conn: None,
             events: None,
             child_exit: Some(rx),
@@ -309,5 +371,44 @@ impl VmActor {
                 Err("the vmm did not open its control socket".into())
             }
         }
+    }
+}
+
+/// How to spawn a vmm.
+pub(super) struct VmmLaunch {
+    /// Its configuration (`--config`); `None`: it starts empty.
+    pub config: Option<VmConfig>,
+    /// Jailed, with these settings.
+    pub jail: Option<JailLaunch>,
+    /// Descriptors it inherits (`--fd NAME=N`), closed here once it is spawned.
+    pub fds: Vec<(String, OwnedFd)>,
+}
+
+/// The settings of a jailed vmm.
+pub(super) struct JailLaunch {
+    /// Its uid and gid.
+    pub uid: u32,
+    /// Its CPU limit, in cores.
+    pub cpu_limit: f64,
+    /// Its memory limit.
+    pub memory_limit_mib: u64,
+}
+
+impl JailLaunch {
+    /// The jail flags for VM `vm_id` in `dir`. Without `--netns` the vmm gets a new, empty
+    /// network namespace: its taps come as descriptors.
+    fn args(&self, vm_id: &str, dir: &Path) -> Vec<std::ffi::OsString> {
+        let mut args: Vec<std::ffi::OsString> =
+            vec!["--jail".into(), dir.into(), "--jail-id".into(), vm_id.into()];
+        for (flag, value) in [
+            ("--uid", self.uid.to_string()),
+            ("--gid", self.uid.to_string()),
+            ("--cpu-limit", format!("{:.2}", self.cpu_limit)),
+            ("--memory-limit-mib", self.memory_limit_mib.to_string()),
+        ] {
+            args.push(flag.into());
+            args.push(value.into());
+        }
+        args
     }
 }

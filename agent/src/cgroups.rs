@@ -34,6 +34,21 @@ enum Version {
     V1,
 }
 
+/// Removes the cgroups `vmm/<vm_id>` a jailed vmm's launcher makes (`vmm --jail`; docs/jail.md),
+/// when a launcher killed before its clean-up left them. Only empty groups can go: one that
+/// still holds processes (another VM of that id, say another agent's) stays.
+pub fn remove_jail_groups(vm_id: &str) {
+    let root = Path::new("/sys/fs/cgroup");
+    for group in [
+        root.join("vmm"),
+        root.join("cpu/vmm"),
+        root.join("memory/vmm"),
+        root.join("pids/vmm"),
+    ] {
+        let _ = std::fs::remove_dir(group.join(vm_id));
+    }
+}
+
 /// The parent cgroup of the agent's VMs.
 #[derive(Debug, Clone)]
 pub struct VmCgroups {

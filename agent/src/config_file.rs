@@ -91,6 +91,10 @@ pub struct FileConfig {
     pub max_concurrent_boots: Option<usize>,
     /// `--boot-slot-timeout-secs`.
     pub boot_slot_timeout_secs: Option<u64>,
+    /// `--jail-vms`.
+    pub jail_vms: Option<bool>,
+    /// `--jail-uids`.
+    pub jail_uids: Option<String>,
     /// `--tls-*`.
     pub tls: Option<TlsSection>,
 }
@@ -142,6 +146,8 @@ mod tests {
             nic_mtu = 1400
             max_concurrent_boots = 3
             boot_slot_timeout_secs = 30
+            jail_vms = true
+            jail_uids = "5000000:10"
             [labels]
             zone = "z1"
             [tls]

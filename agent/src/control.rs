@@ -32,6 +32,10 @@ pub enum ControlClientError {
     /// The vmm refused the request.
     #[error("the vmm refused: {}", .0.message)]
     Refused(ControlError),
+    /// The socket is served by another uid than the jailed vmm's: not its vmm (a jailed vmm owns
+    /// its socket's directory and could have put something else there).
+    #[error("the control socket is served by uid {found}, not the VM's jail uid {expected}")]
+    WrongPeer { expected: u32, found: u32 },
 }
 
 /// What the reader task tells the connection's owner.
@@ -57,7 +61,22 @@ impl ControlConn {
     pub async fn connect(
         path: &Path,
     ) -> Result<(ControlConn, mpsc::Receiver<ConnEvent>), ControlClientError> {
+        Self::connect_as(path, None).await
+    }
+
+    /// Like [`ControlConn::connect`], checking with `expected_uid` that the process serving the
+    /// socket runs as that uid (SO_PEERCRED).
+    pub async fn connect_as(
+        path: &Path,
+        expected_uid: Option<u32>,
+    ) -> Result<(ControlConn, mpsc::Receiver<ConnEvent>), ControlClientError> {
         let stream = UnixStream::connect(path).await?;
+        if let Some(expected) = expected_uid {
+            let found = stream.peer_cred()?.uid();
+            if found != expected {
+                return Err(ControlClientError::WrongPeer { expected, found });
+            }
+        }
         let (read, write) = stream.into_split();
         let pending: Pending = Arc::default();
         let (events_tx, events_rx) = mpsc::channel(64);

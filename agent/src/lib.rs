@@ -12,7 +12,7 @@
 //! - [`metrics`]: what Prometheus scrapes ([`metrics_http`] serves it, [`rpc_metrics`] counts the
 //!   RPCs, [`usage`] reads each VM's usage, [`exposition`] writes the text format).
 //! - [`server`]: the whole agent put together (used by the `vmm-agent` binary and the tests).
-#![forbid(unsafe_code)]
+#![deny(unsafe_code)]
 
 mod actor;
 pub mod boot_slots;

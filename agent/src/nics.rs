@@ -46,7 +46,7 @@ pub fn agent_tap_name(vm_id: &str, nic_id: &str) -> String {
 }
 
 /// The name under which the vmm receives the descriptor of the agent's tap for `nics[index]`.
-fn fd_name(index: usize) -> String {
+pub fn fd_name(index: usize) -> String {
     format!("nic{index}")
 }
 

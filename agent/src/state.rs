@@ -41,6 +41,42 @@ pub struct AgentConfig {
     pub max_concurrent_boots: usize,
     /// How long a booting guest may hold its boot slot without reporting its boot complete.
     pub boot_slot_timeout: Duration,
+    /// Run each vmm jailed (`vmm --jail`), under a uid of its own from this range; `None`: not
+    /// jailed.
+    pub jail: Option<JailUids>,
+}
+
+/// The uids (and equal gids) jailed vmms run as: `first` to `first + count - 1`, none of them a
+/// host user's; no two VMs of this agent hold the same one.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct JailUids {
+    /// The first uid of the range (never 0).
+    pub first: u32,
+    /// How many.
+    pub count: u32,
+}
+
+impl JailUids {
+    /// Parses `FIRST:COUNT` (`--jail-uids`).
+    pub fn parse(text: &str) -> Result<JailUids, String> {
+        let bad = || format!("'{text}': expected FIRST:COUNT, e.g. 900000000:100000");
+        let (first, count) = text.split_once(':').ok_or_else(bad)?;
+        let first: u32 = first.trim().parse().map_err(|_| bad())?;
+        let count: u32 = count.trim().parse().map_err(|_| bad())?;
+        if first == 0 || count == 0 {
+            return Err(format!("'{text}': the first uid and the count must not be 0"));
+        }
+        // uid_t's last value (u32::MAX) means "no uid" to the kernel.
+        if u64::from(first) + u64::from(count) > u64::from(u32::MAX) {
+            return Err(format!("'{text}': the range passes the largest uid"));
+        }
+        Ok(JailUids { first, count })
+    }
+
+    /// The range as uids.
+    pub fn range(&self) -> std::ops::Range<u32> {
+        self.first..self.first + self.count
+    }
 }
 
 impl AgentConfig {
@@ -49,9 +85,17 @@ impl AgentConfig {
         self.state_dir.join("vms").join(vm_id)
     }
 
-    /// The control socket of a VM.
+    /// The control socket of a VM: in its jail's `run/` when vmms are jailed.
     pub fn api_sock(&self, vm_id: &str) -> PathBuf {
-        self.vm_dir(vm_id).join("api.sock")
+        match self.jail {
+            Some(_) => self.jail_dir(vm_id).join("run").join("api.sock"),
+            None => self.vm_dir(vm_id).join("api.sock"),
+        }
+    }
+
+    /// The jail (`vmm --jail DIR`) of a VM, when vmms are jailed: it exists while the vmm runs.
+    pub fn jail_dir(&self, vm_id: &str) -> PathBuf {
+        self.state_dir.join("jails").join(vm_id)
     }
 
     /// Where snapshots are kept.

@@ -83,6 +83,8 @@ const MIGRATIONS: &[&str] = &[
         image_id TEXT PRIMARY KEY,
         image BLOB NOT NULL
     );",
+    // 8: the uid a jailed vmm of the VM runs as (`Vm.jail_uid`), 0 if never jailed.
+    "ALTER TABLE vms ADD COLUMN jail_uid INTEGER NOT NULL DEFAULT 0;",
 ];
 
 /// How many change events are kept for `WatchVms` resumption.
@@ -364,6 +366,35 @@ impl Store {
         Ok(vm)
     }
 
+    /// Gives VM `vm_id` a jail uid from `uids` that no other VM holds (keeping the one it has if
+    /// that is still in the range and its own), and returns the VM as stored.
+    pub fn assign_jail_uid(&mut self, vm_id: &str, uids: std::ops::Range<u32>) -> Result<Vm, StoreError> {
+        let vms = self.list_vms()?;
+        let mut mine = None;
+        let mut taken = std::collections::HashSet::new();
+        for vm in vms {
+            if vm.vm_id == vm_id {
+                mine = Some(vm);
+            } else if vm.jail_uid != 0 {
+                taken.insert(vm.jail_uid);
+            }
+        }
+        let Some(mut vm) = mine else {
+            return Err(StoreError::NotFound(vm_id.to_string()));
+        };
+        if uids.contains(&vm.jail_uid) && !taken.contains(&vm.jail_uid) {
+            return Ok(vm);
+        }
+        let (first, count) = (uids.start, uids.len());
+        vm.jail_uid = uids.into_iter().find(|u| !taken.contains(u)).ok_or_else(|| {
+            StoreError::Exhausted(format!(
+                "every jail uid ({first} and the {} after it) is held by another VM",
+                count.saturating_sub(1)
+            ))
+        })?;
+        self.update_vm(vm, None)
+    }
+
     /// Forgets a VM; the DELETED event carries its last record.
     pub fn delete_vm(&mut self, vm_id: &str) -> Result<(), StoreError> {
         let Some(mut last) = self.get_vm(vm_id)? else {
@@ -484,7 +515,7 @@ impl Store {
 
 const VM_COLUMNS: &str = "vm_id, spec, state, state_reason, pid, exit_code, boot_ms, \
                           create_time_ms, update_time_ms, revision, desired, restored_from, \
-                          migrating_to, nic_taps";
+                          migrating_to, nic_taps, jail_uid";
 
 type VmRow = (
     String,
@@ -501,6 +532,7 @@ type VmRow = (
     String,
     String,
     Vec<u8>,
+    i64,
 );
 
 fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
@@ -519,6 +551,7 @@ fn read_row(r: &rusqlite::Row<'_>) -> rusqlite::Result<VmRow> {
         r.get(11)?,
         r.get(12)?,
         r.get(13)?,
+        r.get(14)?,
     ))
 }
 
@@ -538,6 +571,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         restored_from,
         migrating_to,
         nic_taps,
+        jail_uid,
     ) = row;
     Ok(Vm {
         vm_id,
@@ -554,6 +588,7 @@ fn decode_row(row: VmRow) -> Result<Vm, StoreError> {
         restored_from,
         migrating_to,
         nic_taps: decode_nic_taps(&nic_taps)?,
+        jail_uid: u32::try_from(jail_uid).unwrap_or(0),
     })
 }
 
@@ -580,11 +615,11 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
     tx.execute(
         "INSERT INTO vms (vm_id, spec, vcpus, memory_mib, state, state_reason, pid, exit_code,
                           boot_ms, create_time_ms, update_time_ms, revision, desired,
-                          restored_from, migrating_to, nic_taps)
-         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?17)
+                          restored_from, migrating_to, nic_taps, jail_uid)
+         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, ?10, ?11, ?12, ?13, ?14, ?15, ?17, ?18)
          ON CONFLICT (vm_id) DO UPDATE SET state = ?5, state_reason = ?6, pid = ?7,
              exit_code = ?8, boot_ms = ?9, update_time_ms = ?11, revision = ?12, desired = ?13,
-             migrating_to = ?15, spec = COALESCE(?16, spec), nic_taps = ?17",
+             migrating_to = ?15, spec = COALESCE(?16, spec), nic_taps = ?17, jail_uid = ?18",
         params![
             vm.vm_id,
             spec.encode_to_vec(),
@@ -602,7 +637,8 @@ fn write_vm(tx: &rusqlite::Transaction<'_>, vm: &Vm) -> Result<(), StoreError> {
             vm.restored_from,
             vm.migrating_to,
             vm.spec.as_ref().map(|s| s.encode_to_vec()),
-            encode_nic_taps(&vm.nic_taps)
+            encode_nic_taps(&vm.nic_taps),
+            vm.jail_uid
         ],
     )?;
     Ok(())

@@ -335,7 +335,7 @@ fn images_are_kept_and_not_deleted_while_used() {
     let dir = TempDir::new("agent-store").unwrap();
     let path = dir.path().join("state.db");
     let mut store = Store::open(&path).unwrap();
-    assert_eq!(store.schema_version().unwrap(), 7, "migration 7 adds images");
+    assert!(store.schema_version().unwrap() >= 7, "migration 7 adds images");
     let image = |id: &str| Image {
         image_id: id.into(),
         create_time_ms: 5,
@@ -410,4 +410,32 @@ fn images_are_kept_and_not_deleted_while_used() {
     // Kept across a reopen.
     let store = Store::open(&path).unwrap();
     assert_eq!(store.image_ids().unwrap(), ["data"]);
+}
+
+#[test]
+fn jail_uids_are_unique_kept_and_freed_with_the_vm() {
+    let dir = TempDir::new("agent-store").unwrap();
+    let mut store = Store::open(&dir.path().join("state.db")).unwrap();
+    for id in ["a", "b", "c"] {
+        store
+            .create_vm(vm(id, VmState::Stopped, 1, 64), None, None)
+            .unwrap();
+    }
+    let uids = 1000..1002;
+    assert_eq!(store.assign_jail_uid("a", uids.clone()).unwrap().jail_uid, 1000);
+    assert_eq!(store.assign_jail_uid("b", uids.clone()).unwrap().jail_uid, 1001);
+    // Kept on the next start.
+    assert_eq!(store.assign_jail_uid("a", uids.clone()).unwrap().jail_uid, 1000);
+    assert!(matches!(
+        store.assign_jail_uid("c", uids.clone()),
+        Err(StoreError::Exhausted(_))
+    ));
+    store.delete_vm("a").unwrap();
+    assert_eq!(store.assign_jail_uid("c", uids.clone()).unwrap().jail_uid, 1000);
+    // A uid outside a new range is replaced.
+    assert_eq!(store.assign_jail_uid("b", 2000..2001).unwrap().jail_uid, 2000);
+    assert!(matches!(
+        store.assign_jail_uid("nope", uids),
+        Err(StoreError::NotFound(_))
+    ));
 }

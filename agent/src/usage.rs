@@ -121,7 +121,8 @@ async fn read_vm(
         if !is_our_vmm(pid, &check_sock) {
             return Ok(None);
         }
-        read_process(pid).map(Some)
+        // A jailed vmm's VM runs in the launcher's child.
+        read_process(crate::process::vm_process(pid)).map(Some)
     })
     .await
     .map_err(|e| UsageError::Task(e.to_string()))?
@@ -258,6 +259,7 @@ mod tests {
             image_max_bytes: 1 << 30,
             max_concurrent_boots: 1,
             boot_slot_timeout: Duration::from_secs(1),
+            jail: None,
         };
         // A process whose command line names the VM's socket, where something accepts and never
         // answers: a stuck vmm.

@@ -25,6 +25,9 @@ pub enum TapError {
     /// another kind of interface).
     #[error("a network interface '{0}' exists already")]
     Exists(String),
+    /// No persistent tap of that name exists.
+    #[error("there is no persistent tap '{0}'")]
+    NotFound(String),
     /// Not allowed (needs CAP_NET_ADMIN).
     #[error("not allowed to create tap '{0}' (needs CAP_NET_ADMIN)")]
     PermissionDenied(String),
@@ -111,6 +114,40 @@ pub fn create_tap(name: &str) -> Result<OwnedFd, TapError> {
     // someone else's. Ours, made just now, is not persistent.
     if tap_flags(&file, name)? & libc::IFF_PERSIST as libc::c_short != 0 {
         return Err(TapError::Exists(name.to_string()));
+    }
+    Ok(file.into())
+}
+
+/// Attaches to the existing persistent tap `name` (an operator's) and returns its descriptor
+/// (close-on-exec, blocking), for a process that cannot open it itself (a jailed vmm, without
+/// CAP_NET_ADMIN and in a network namespace of its own). Refuses a name with no such tap: the
+/// attach would create a new tap of that name, which is removed again here.
+pub fn attach_tap(name: &str) -> Result<OwnedFd, TapError> {
+    if !is_valid_name(name) {
+        return Err(TapError::InvalidName(name.to_string()));
+    }
+    let file = OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(TUN_PATH)
+        .map_err(TapError::OpenTun)?;
+    let mut ifr = IfReqFlags::new(name, TAP_FLAGS);
+    // SAFETY: as in `create_tap`: one struct ifreq of the right size, alive across the call.
+    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
+    if ret < 0 {
+        let e = io::Error::last_os_error();
+        return Err(match e.raw_os_error() {
+            Some(libc::EPERM) | Some(libc::EACCES) => TapError::PermissionDenied(name.to_string()),
+            _ => TapError::Ioctl {
+                name: name.to_string(),
+                op: "TUNSETIFF",
+                source: e,
+            },
+        });
+    }
+    if tap_flags(&file, name)? & libc::IFF_PERSIST as libc::c_short == 0 {
+        // Made just now by this call: `file` goes, and the tap with it.
+        return Err(TapError::NotFound(name.to_string()));
     }
     Ok(file.into())
 }

@@ -10,7 +10,7 @@ use vmm_agent::config_file::FileConfig;
 use vmm_agent::error::ErrorChain;
 use vmm_agent::host::{host_cpus, host_memory_mib};
 use vmm_agent::listen::{parse_listen, tls_files, Listen};
-use vmm_agent::state::AgentConfig;
+use vmm_agent::state::{AgentConfig, JailUids};
 use vmm_agent::store::Capacity;
 
 /// The host agent: runs one vmm process per VM and serves the vmmagent.v1 gRPC API.
@@ -107,6 +107,15 @@ struct Args {
     /// [default: 90].
     #[arg(long, value_name = "SECONDS")]
     boot_slot_timeout_secs: Option<u64>,
+    /// Run every vmm the agent boots jailed (`vmm --jail`: its own root with only its kernel,
+    /// disks and socket, its own uid, namespaces and cgroup `vmm/<vm id>` with CPU and memory
+    /// limits); snapshot restores and incoming migrations still run unjailed. Needs root.
+    #[arg(long, num_args = 0..=1, default_missing_value = "true", value_name = "BOOL")]
+    jail_vms: Option<bool>,
+    /// The uids (and gids) of jailed vmms, FIRST:COUNT; none may be a host user's
+    /// [default: 900000000:100000].
+    #[arg(long, value_name = "FIRST:COUNT")]
+    jail_uids: Option<String>,
 }
 
 /// The address of `--metrics-listen HOST:PORT` (a host name is looked up; its first address is
@@ -219,6 +228,19 @@ fn main() -> Result<()> {
             bail!("--bridge '{b}': not an interface name (1-15 printable characters, no '/' or ':')");
         }
     }
+    let jail = match args.jail_vms.or(file.jail_vms).unwrap_or(false) {
+        true => {
+            let text = args.jail_uids.or(file.jail_uids);
+            let uids = JailUids::parse(text.as_deref().unwrap_or("900000000:100000"))
+                .map_err(|e| anyhow!("--jail-uids {e}"))?;
+            if vms_cpu_max.is_some() {
+                // A jailed vmm moves itself into `vmm/<id>`, outside the agent's parent group.
+                bail!("--jail-vms cannot be combined with --vms-cpu-max (each jailed vmm has its own CPU limit)");
+            }
+            Some(uids)
+        }
+        false => None,
+    };
     let nic_mtu = args.nic_mtu.or(file.nic_mtu);
     if let Some(mtu) = nic_mtu {
         if !vmm_agent::nics::MTU_RANGE.contains(&mtu) {
@@ -256,6 +278,7 @@ fn main() -> Result<()> {
                 .unwrap_or(90)
                 .max(1),
         ),
+        jail,
     };
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()

@@ -46,8 +46,20 @@ impl Agent {
         let agent = env!("CARGO_BIN_EXE_vmm-agent");
         let mut command = match netns {
             Some(ns) => {
+                // `ip netns exec` gives the agent a mount namespace with a /sys of the netns,
+                // which has no cgroup hierarchies: the host's are mounted again there (the same
+                // hierarchies) so that the agent and its vmms (jailed ones make `vmm/<id>`) find
+                // them as on a host. `exec` keeps the process id.
+                let cgroups = if Path::new("/sys/fs/cgroup/cgroup.controllers").exists() {
+                    "mount -t cgroup2 none /sys/fs/cgroup"
+                } else {
+                    "mount -t tmpfs none /sys/fs/cgroup && for c in cpu memory pids; do \
+                     mkdir /sys/fs/cgroup/$c && mount -t cgroup -o $c none /sys/fs/cgroup/$c || exit 1; done"
+                };
                 let mut c = Command::new("ip");
-                c.args(["netns", "exec", ns, agent]);
+                c.args(["netns", "exec", ns, "sh", "-c"])
+                    .arg(format!("{cgroups} && exec \"$0\" \"$@\""))
+                    .arg(agent);
                 c
             }
             None => Command::new(agent),

@@ -160,8 +160,12 @@ async fn round(agent_bin: &Path, agent_args: &[String], count: usize, spec: &VmS
         .map(|i| tokio::spawn(create_and_boot(vms.clone(), format!("bench-{i}"), spec.clone())))
         .collect();
     let mut latencies_ms = Vec::new();
-    for task in tasks {
-        latencies_ms.push(tokio::time::timeout(BOOT_TIMEOUT, task).await???);
+    let deadline = tokio::time::Instant::now() + BOOT_TIMEOUT;
+    for (i, task) in tasks.into_iter().enumerate() {
+        let booted = tokio::time::timeout_at(deadline, task).await.with_context(|| {
+            format!("bench-{i} did not boot within {BOOT_TIMEOUT:?} of the round's start")
+        })???;
+        latencies_ms.push(booted);
     }
     let all_booted = started.elapsed().as_secs_f64();
     let rss_loaded_kib = rss_kib(pid);

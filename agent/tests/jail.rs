@@ -1,0 +1,217 @@
+//! Jailed vmms (`--jail-vms`) through the agent, on one real guest. The test makes a network
+//! namespace with a bridge and an operator's tap (removed again with everything in it; no
+//! traffic leaves it) and runs the agent there. The VM has a data disk, a NIC on a tap the agent
+//! makes on the bridge and a NIC on the operator's tap. While it runs: the process running the
+//! VM is the launcher's child, as the VM's jail uid, in a root holding its kernel and disk and
+//! nothing of the host, in a network namespace of its own; the disk belongs to the jail uid; the
+//! console reaches GetConsole; the guest answers pings on the agent's tap and the operator's tap
+//! is attached. After a SIGKILL of the agent, the VM is re-adopted with the same pid (through
+//! the socket in the jail, served by the jail uid). After a stop: the guest's disk write is in
+//! the file, whose owner is given back, and no jail directory, cgroup or agent tap is left.
+
+mod common;
+
+use std::os::unix::fs::MetadataExt;
+use std::process::Command;
+
+use anyhow::{bail, Result};
+use common::{probe_fields, probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
+use harness::NetNs;
+use vmm_agent::proto::{
+    CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, NicSpec, StopVmRequest, VmState,
+};
+
+const FIRST_UID: u32 = 910_000_000;
+
+/// The `Uid:` line of a process: real, effective, saved and file-system uids.
+fn uids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| v.split_whitespace().filter_map(|u| u.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
+fn ns_link(pid: u32) -> String {
+    std::fs::read_link(format!("/proc/{pid}/ns/net"))
+        .map(|p| p.display().to_string())
+        .unwrap_or_default()
+}
+
+fn ping(ns: &NetNs, addr: &str) -> Result<()> {
+    let mut last = String::new();
+    for _ in 0..10 {
+        let out = Command::new("ip")
+            .args([
+                "netns",
+                "exec",
+                ns.name(),
+                "ping",
+                "-c",
+                "3",
+                "-i",
+                "0.2",
+                "-W",
+                "5",
+                addr,
+            ])
+            .output()?;
+        if out.status.success() {
+            return Ok(());
+        }
+        last = String::from_utf8_lossy(&out.stdout).into_owned();
+    }
+    bail!("ping {addr} failed:\n{last}")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
+    harness::require_kvm();
+    let ns = NetNs::new("agentjail")?;
+    ns.add_bridge("ajbr0", "10.78.0.1/24", &[])?;
+    ns.add_tap("ajtap0", "10.78.1.1/24")?;
+    let dir = state_dir("agent-jail")?;
+    let data = dir.path().join("data.img");
+    std::fs::write(&data, vec![0u8; 1 << 20])?;
+    let uids_flag = format!("{FIRST_UID}:10");
+    let flags = ["--bridge", "ajbr0", "--jail-vms", "--jail-uids", &uids_flag];
+    let mut agent = Agent::start_in(Some(ns.name()), dir.path(), &flags)?;
+    agent.wait_serving().await?;
+    let mut vms = agent.vms().await?;
+
+    let mut spec = probe_spec("net-info,blk-write:vda:0:64k:7,idle")?;
+    spec.cmdline
+        .push_str(" ip=10.78.0.2::10.78.0.1:255.255.255.0::eth0:off");
+    spec.disks = vec![Disk {
+        path: data.display().to_string(),
+        ..Default::default()
+    }];
+    spec.nics = vec![
+        NicSpec {
+            id: "eth0".into(),
+            ..Default::default()
+        },
+        NicSpec {
+            id: "eth1".into(),
+            tap: "ajtap0".into(),
+            ..Default::default()
+        },
+    ];
+    let vm = vms
+        .create_vm(CreateVmRequest {
+            vm_id: "jailed".into(),
+            spec: Some(spec),
+            request_id: String::new(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!(vm.state(), VmState::Running, "{vm:?}");
+    assert_eq!(vm.jail_uid, FIRST_UID, "{vm:?}");
+
+    // The launcher (the pid the agent holds) runs the VM in its child, confined.
+    let launcher = vm.pid;
+    let child = vmm_agent::process::vm_process(launcher);
+    assert_ne!(child, launcher, "no jailed child under the launcher {launcher}");
+    assert_eq!(uids(child), vec![FIRST_UID; 4]);
+    let root = format!("/proc/{child}/root");
+    for inside in [
+        "boot/kernel",
+        "boot/initrd",
+        "drives/disk0",
+        "dev/kvm",
+        "run/api.sock",
+    ] {
+        assert!(
+            std::path::Path::new(&root).join(inside).exists(),
+            "{inside} missing in the jail"
+        );
+    }
+    for host in ["etc/passwd", "usr", "sys"] {
+        assert!(
+            !std::path::Path::new(&root).join(host).exists(),
+            "/{host} visible in the jail"
+        );
+    }
+    assert_ne!(
+        ns_link(child),
+        ns_link(agent.child.id()),
+        "the jail shares the agent's netns"
+    );
+    assert_eq!(
+        std::fs::metadata(&data)?.uid(),
+        FIRST_UID,
+        "the disk belongs to the jail uid"
+    );
+    let jail_dir = dir.path().join("jails/jailed");
+    assert!(jail_dir.join("run/api.sock").exists());
+
+    // The console, the guest's NICs and its disk write.
+    let console = wait_console(&mut vms, "jailed", "vmmprobe: idle", BOOT_TIMEOUT).await?;
+    let write = probe_fields(&console, "blk-write")?;
+    assert_eq!(write["result"], "0", "{console}");
+    ping(&ns, "10.78.0.2")?;
+    let operators = ns.ip(&["link", "show", "dev", "ajtap0"])?;
+    assert!(
+        operators.contains("LOWER_UP"),
+        "the operator's tap is not attached: {operators}"
+    );
+    let eth1 = console
+        .lines()
+        .find(|l| l.contains("net-info dev=eth1"))
+        .unwrap_or_default();
+    let mac = &vm
+        .spec
+        .as_ref()
+        .map(|s| s.nics[1].mac.clone())
+        .unwrap_or_default();
+    assert!(eth1.contains(&format!("mac={mac}")), "{console}");
+
+    // Re-adopted after an agent crash: same launcher, still running.
+    agent.kill9();
+    let agent = Agent::start_in(Some(ns.name()), dir.path(), &flags)?;
+    agent.wait_serving().await?;
+    let mut vms = agent.vms().await?;
+    let vm = vms
+        .get_vm(GetVmRequest {
+            vm_id: "jailed".into(),
+        })
+        .await?
+        .into_inner();
+    assert_eq!((vm.state(), vm.pid), (VmState::Running, launcher), "{vm:?}");
+
+    let stopped = vms
+        .stop_vm(StopVmRequest {
+            vm_id: "jailed".into(),
+            request_id: String::new(),
+            timeout_ms: 0,
+            force: true,
+        })
+        .await?
+        .into_inner();
+    assert_eq!(stopped.state(), VmState::Stopped, "{stopped:?}");
+    assert!(!common::alive(launcher) && !common::alive(child));
+    let written = std::fs::read(&data)?;
+    let crc = format!("{:08x}", harness::crc32(&written[..64 * 1024]));
+    assert_eq!(crc, write["crc32"], "the guest's write is not in the file");
+    assert_eq!(
+        std::fs::metadata(&data)?.uid(),
+        0,
+        "the disk's owner was not given back"
+    );
+    assert!(!jail_dir.exists(), "the jail directory is left");
+    for group in ["/sys/fs/cgroup/vmm/jailed", "/sys/fs/cgroup/cpu/vmm/jailed"] {
+        assert!(!std::path::Path::new(group).exists(), "{group} is left");
+    }
+    assert!(
+        !ns.links()?.iter().any(|l| l.starts_with("vt")),
+        "an agent tap is left: {:?}",
+        ns.links()?
+    );
+    vms.delete_vm(DeleteVmRequest {
+        vm_id: "jailed".into(),
+        request_id: String::new(),
+    })
+    .await?;
+    Ok(())
+}
