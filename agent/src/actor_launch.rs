@@ -304,10 +304,11 @@ impl VmActor {
         for (name, fd) in &launch.fds {
             command.arg("--fd").arg(format!("{name}={}", fd.as_raw_fd()));
         }
-        crate::process::inherit_fds(
-            &mut command,
-            launch.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect(),
-        );
+        if !launch.fds.is_empty() {
+            // Only then: a pre-exec hook makes the spawn a fork, not a posix_spawn.
+            let raw = launch.fds.iter().map(|(_, fd)| fd.as_raw_fd()).collect();
+            crate::process::inherit_fds(&mut command, raw);
+        }
         command
             .arg("--api-sock")
             .arg(&self.sock)

@@ -31,6 +31,13 @@ impl VmActor {
         if self.proc.is_none() || !matches!(state, VmState::Running | VmState::Paused) {
             return Err(self.wrong_state(state, "snapshotted"));
         }
+        if self.proc.as_ref().is_some_and(|p| p.jail_uid.is_some()) {
+            // Checked by the service before the operation; here too for a VM restarted meanwhile.
+            return Err(AgentError::WrongState(format!(
+                "VM '{}' runs jailed, and snapshots of jailed VMs are not supported yet",
+                self.vm.vm_id
+            )));
+        }
         if cancel.is_cancelled() {
             return Err(AgentError::Cancelled(
                 "cancelled before the snapshot began; the VM is unchanged".into(),

@@ -17,8 +17,11 @@ use std::process::Command;
 use anyhow::{bail, Result};
 use common::{probe_fields, probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
 use harness::NetNs;
+use tonic::Code;
+use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, NicSpec, StopVmRequest, VmState,
+    CreateSnapshotRequest, CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, NicSpec, StopVmRequest,
+    VmState,
 };
 
 const FIRST_UID: u32 = 910_000_000;
@@ -166,6 +169,19 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
         .map(|s| s.nics[1].mac.clone())
         .unwrap_or_default();
     assert!(eth1.contains(&format!("mac={mac}")), "{console}");
+
+    // Snapshots need the vmm to write to the agent's store, which a jail hides.
+    let mut snapshots = SnapshotServiceClient::new(agent.channel().await?);
+    let refused = snapshots
+        .create_snapshot(CreateSnapshotRequest {
+            vm_id: "jailed".into(),
+            snapshot_id: "snap".into(),
+            ..Default::default()
+        })
+        .await
+        .expect_err("a snapshot of a jailed VM");
+    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
+    assert!(refused.message().contains("jailed"), "{refused:?}");
 
     // Re-adopted after an agent crash: same launcher, still running.
     agent.kill9();

@@ -279,6 +279,7 @@ fn vm_json(vm: &Vm) -> Value {
         "update_time_ms": vm.update_time_ms,
         "revision": vm.revision,
         "restored_from": vm.restored_from,
+        "jail_uid": vm.jail_uid,
         "nic_taps": vm.nic_taps.iter().map(|t| json!({"nic_id": t.nic_id, "tap": t.tap, "bridge": t.bridge, "mtu": t.mtu})).collect::<Vec<_>>(),
         "spec": {
             "vcpus": spec.vcpus,
