@@ -12,9 +12,8 @@
 mod common;
 
 use std::os::unix::fs::MetadataExt;
-use std::process::Command;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use common::{probe_fields, probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
 use harness::NetNs;
 use tonic::Code;
@@ -40,32 +39,6 @@ fn ns_link(pid: u32) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/net"))
         .map(|p| p.display().to_string())
         .unwrap_or_default()
-}
-
-fn ping(ns: &NetNs, addr: &str) -> Result<()> {
-    let mut last = String::new();
-    for _ in 0..10 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "ping",
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-                "-W",
-                "5",
-                addr,
-            ])
-            .output()?;
-        if out.status.success() {
-            return Ok(());
-        }
-        last = String::from_utf8_lossy(&out.stdout).into_owned();
-    }
-    bail!("ping {addr} failed:\n{last}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -153,7 +126,7 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
     let console = wait_console(&mut vms, "jailed", "vmmprobe: idle", BOOT_TIMEOUT).await?;
     let write = probe_fields(&console, "blk-write")?;
     assert_eq!(write["result"], "0", "{console}");
-    ping(&ns, "10.78.0.2")?;
+    ns.ping("10.78.0.2", 5, 10)?;
     let operators = ns.ip(&["link", "show", "dev", "ajtap0"])?;
     assert!(
         operators.contains("LOWER_UP"),

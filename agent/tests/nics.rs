@@ -11,10 +11,9 @@
 
 mod common;
 
-use std::process::Command;
 use std::time::Duration;
 
-use anyhow::{bail, Result};
+use anyhow::Result;
 use common::snapshots::{create, restore, restored, snapshot_of};
 use common::{probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
 use harness::{probe_fields, NetNs};
@@ -52,37 +51,6 @@ fn link(ns: &NetNs, tap: &str) -> Option<String> {
 /// The agent-made taps (`vt*`) in `ns`.
 fn agent_taps(ns: &NetNs) -> Result<Vec<String>> {
     Ok(ns.links()?.into_iter().filter(|l| l.starts_with("vt")).collect())
-}
-
-/// Pings `addr` from inside `ns` until it answers (the guest may still be bringing eth0 up).
-fn ping(ns: &NetNs, addr: &str) -> Result<String> {
-    let mut last = String::new();
-    for _ in 0..10 {
-        let out = Command::new("ip")
-            .args([
-                "netns",
-                "exec",
-                ns.name(),
-                "ping",
-                "-c",
-                "3",
-                "-i",
-                "0.2",
-                "-W",
-                "5",
-                addr,
-            ])
-            .output()?;
-        last = format!(
-            "{}{}",
-            String::from_utf8_lossy(&out.stdout),
-            String::from_utf8_lossy(&out.stderr)
-        );
-        if out.status.success() {
-            return Ok(last);
-        }
-    }
-    bail!("ping {addr} failed:\n{last}")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -189,7 +157,7 @@ async fn guest_nics_on_an_agent_made_tap_and_an_existing_tap() -> Result<()> {
     assert_eq!(eth0["ip"], "10.79.0.2", "{console}");
     let eth1 = probe_fields(&console, "net-info dev=eth1");
     assert_eq!(eth1["mac"], stored.nics[1].mac, "{console}");
-    ping(&ns, "10.79.0.2")?;
+    ns.ping("10.79.0.2", 5, 10)?;
     // A snapshot of the configured guest, restored below once this VM is gone.
     let channel = agent.channel().await?;
     let mut snaps = SnapshotServiceClient::new(channel.clone());
@@ -259,7 +227,7 @@ async fn guest_nics_on_an_agent_made_tap_and_an_existing_tap() -> Result<()> {
         described.contains("master anbr0") && described.contains("mtu 1400"),
         "{described}"
     );
-    ping(&ns, "10.79.0.2")?;
+    ns.ping("10.79.0.2", 5, 10)?;
     vms.delete_vm(DeleteVmRequest {
         vm_id: "netclone".into(),
         request_id: String::new(),

@@ -3,7 +3,7 @@
 //! exactly these flags on a passed descriptor), the tap lives as long as that vmm does, so a vmm
 //! that ends, crashes or is killed leaves nothing behind, whatever happens to whoever made it.
 
-use std::fs::OpenOptions;
+use std::fs::{File, OpenOptions};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd};
 
@@ -84,32 +84,11 @@ pub const TAP_FLAGS: libc::c_short = (libc::IFF_TAP | libc::IFF_NO_PI | libc::IF
 /// bridge: see [`crate::netlink`]. Refuses to attach to a tap that exists already, so that two
 /// VMs never share one by accident.
 pub fn create_tap(name: &str) -> Result<OwnedFd, TapError> {
-    if !is_valid_name(name) {
-        return Err(TapError::InvalidName(name.to_string()));
-    }
-    // std opens with O_CLOEXEC: vmms the agent spawns meanwhile must not inherit the tap.
-    let file = OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(TUN_PATH)
-        .map_err(TapError::OpenTun)?;
-    let mut ifr = IfReqFlags::new(name, TAP_FLAGS);
-    // SAFETY: TUNSETIFF reads and writes one struct ifreq; `ifr` has its size and layout (checked
-    // at compile time above) and lives on this stack frame across the call.
-    let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
-    if ret < 0 {
-        let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
-            // EBUSY: a tap of that name held by someone; EINVAL: another kind of interface.
-            Some(libc::EBUSY) | Some(libc::EINVAL) | Some(libc::EEXIST) => TapError::Exists(name.to_string()),
-            Some(libc::EPERM) | Some(libc::EACCES) => TapError::PermissionDenied(name.to_string()),
-            _ => TapError::Ioctl {
-                name: name.to_string(),
-                op: "TUNSETIFF",
-                source: e,
-            },
-        });
-    }
+    let file = set_iff(name).map_err(|(e, code)| match code {
+        // EBUSY: a tap of that name held by someone; EINVAL: another kind of interface.
+        Some(libc::EBUSY) | Some(libc::EINVAL) | Some(libc::EEXIST) => TapError::Exists(name.to_string()),
+        _ => e,
+    })?;
     // TUNSETIFF attaches to a persistent tap of that name if nobody holds it: that one is
     // someone else's. Ours, made just now, is not persistent.
     if tap_flags(&file, name)? & libc::IFF_PERSIST as libc::c_short != 0 {
@@ -118,33 +97,44 @@ pub fn create_tap(name: &str) -> Result<OwnedFd, TapError> {
     Ok(file.into())
 }
 
-/// Attaches to the existing persistent tap `name` (an operator's) and returns its descriptor
-/// (close-on-exec, blocking), for a process that cannot open it itself (a jailed vmm, without
-/// CAP_NET_ADMIN and in a network namespace of its own). Refuses a name with no such tap: the
-/// attach would create a new tap of that name, which is removed again here.
-pub fn attach_tap(name: &str) -> Result<OwnedFd, TapError> {
+/// Opens `/dev/net/tun` (close-on-exec: processes spawned meanwhile must not inherit a tap) and
+/// binds it to tap `name` with [`TAP_FLAGS`] (`TUNSETIFF`: creates the tap, or attaches to a
+/// persistent one of that name that nobody holds). A failure comes with the ioctl's errno.
+fn set_iff(name: &str) -> Result<File, (TapError, Option<i32>)> {
     if !is_valid_name(name) {
-        return Err(TapError::InvalidName(name.to_string()));
+        return Err((TapError::InvalidName(name.to_string()), None));
     }
     let file = OpenOptions::new()
         .read(true)
         .write(true)
         .open(TUN_PATH)
-        .map_err(TapError::OpenTun)?;
+        .map_err(|e| (TapError::OpenTun(e), None))?;
     let mut ifr = IfReqFlags::new(name, TAP_FLAGS);
-    // SAFETY: as in `create_tap`: one struct ifreq of the right size, alive across the call.
+    // SAFETY: TUNSETIFF reads and writes one struct ifreq; `ifr` has its size and layout (checked
+    // at compile time above) and lives on this stack frame across the call.
     let ret = unsafe { libc::ioctl(file.as_raw_fd(), libc::TUNSETIFF, &mut ifr) };
     if ret < 0 {
         let e = io::Error::last_os_error();
-        return Err(match e.raw_os_error() {
+        let code = e.raw_os_error();
+        let error = match code {
             Some(libc::EPERM) | Some(libc::EACCES) => TapError::PermissionDenied(name.to_string()),
             _ => TapError::Ioctl {
                 name: name.to_string(),
                 op: "TUNSETIFF",
                 source: e,
             },
-        });
+        };
+        return Err((error, code));
     }
+    Ok(file)
+}
+
+/// Attaches to the existing persistent tap `name` (an operator's) and returns its descriptor
+/// (close-on-exec, blocking), for a process that cannot open it itself (a jailed vmm, without
+/// CAP_NET_ADMIN and in a network namespace of its own). Refuses a name with no such tap: the
+/// attach would create a new tap of that name, which is removed again here.
+pub fn attach_tap(name: &str) -> Result<OwnedFd, TapError> {
+    let file = set_iff(name).map_err(|(e, _)| e)?;
     if tap_flags(&file, name)? & libc::IFF_PERSIST as libc::c_short == 0 {
         // Made just now by this call: `file` goes, and the tap with it.
         return Err(TapError::NotFound(name.to_string()));
@@ -181,6 +171,7 @@ mod tests {
         assert!(!is_valid_name("a:b"));
         assert!(!is_valid_name("a b"));
         assert!(matches!(create_tap("a/b"), Err(TapError::InvalidName(_))));
+        assert!(matches!(attach_tap("a/b"), Err(TapError::InvalidName(_))));
     }
 
     #[test]

@@ -70,6 +70,31 @@ impl NetNs {
     }
 
     /// Its name.
+    /// Pings `addr` from inside the namespace (3 echoes 0.2 s apart, up to `wait_s` seconds each)
+    /// until a round is answered, at most `rounds` times (a guest may still be bringing its
+    /// interface up). Returns ping's output.
+    pub fn ping(&self, addr: &str, wait_s: u32, rounds: u32) -> Result<String> {
+        let wait = wait_s.to_string();
+        let mut last = String::new();
+        for _ in 0..rounds.max(1) {
+            let out = Command::new("ip")
+                .args([
+                    "netns", "exec", &self.name, "ping", "-c", "3", "-i", "0.2", "-W", &wait, addr,
+                ])
+                .output()
+                .context("cannot run ping")?;
+            last = format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            );
+            if out.status.success() {
+                return Ok(last);
+            }
+        }
+        bail!("ping {addr} in {} failed:\n{last}", self.name)
+    }
+
     pub fn name(&self) -> &str {
         &self.name
     }
