@@ -91,14 +91,27 @@ impl VmActor {
         }
     }
 
-    /// Releases a slot held longer than the agent allows.
+    /// Releases a slot held past the agent's timeout by a guest that is not busy booting (see
+    /// `boot_slots::should_release`).
     pub(super) fn expire_boot_slot(&mut self) {
         let max = self.ctx.boot_slots.hold_max();
-        if self.boot_slot.as_ref().is_some_and(|s| s.held_for() >= max) {
+        let pid = self.proc.as_ref().map(|p| p.pid);
+        let Some(slot) = self.boot_slot.as_mut() else {
+            return;
+        };
+        let held = slot.held_for();
+        if held < max {
+            return;
+        }
+        // The process that runs the VM (a jailed vmm's launcher's child).
+        let cpu = pid.and_then(|p| crate::usage::cpu_seconds(crate::process::vm_process(p)));
+        let rate = cpu.and_then(|c| slot.observe_cpu(c));
+        if crate::boot_slots::should_release(held, max, rate) {
             tracing::info!(
                 vm = %self.vm.vm_id,
-                "no boot-complete signal within {} s; releasing its boot slot",
-                max.as_secs()
+                held_s = held.as_secs(),
+                cores = rate.unwrap_or(0.0),
+                "no boot-complete signal; releasing its boot slot"
             );
             self.release_boot_slot("timed out");
         }

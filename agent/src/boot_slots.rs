@@ -30,13 +30,59 @@ pub struct BootSlots {
 pub struct BootSlot {
     _permit: Option<OwnedSemaphorePermit>,
     taken: Instant,
+    /// The vmm's CPU time at the last sample, and when.
+    sample: Option<(Instant, f64)>,
+    /// Cores the vmm used between the last two samples.
+    rate: Option<f64>,
 }
+
+/// A guest still using this much of a core is taken to be booting, whatever the timeout says.
+pub const BUSY_CORES: f64 = 0.25;
+/// Past this many timeouts a slot goes even from a busy guest (one spinning without end).
+pub const HARD_TIMEOUTS: u32 = 4;
+/// The shortest window the CPU rate is measured over.
+const RATE_WINDOW: Duration = Duration::from_secs(5);
 
 impl BootSlot {
     /// How long the slot has been held.
     pub fn held_for(&self) -> Duration {
         self.taken.elapsed()
     }
+
+    /// Records the vmm's CPU time now (seconds); returns the cores it used over the last
+    /// window of at least five seconds, once there is one.
+    pub fn observe_cpu(&mut self, cpu_seconds: f64) -> Option<f64> {
+        self.observe_cpu_at(Instant::now(), cpu_seconds)
+    }
+
+    fn observe_cpu_at(&mut self, now: Instant, cpu_seconds: f64) -> Option<f64> {
+        match self.sample {
+            None => self.sample = Some((now, cpu_seconds)),
+            Some((at, before)) if now.duration_since(at) >= RATE_WINDOW => {
+                let wall = now.duration_since(at).as_secs_f64();
+                self.rate = Some((cpu_seconds - before).max(0.0) / wall);
+                self.sample = Some((now, cpu_seconds));
+            }
+            Some(_) => {}
+        }
+        self.rate
+    }
+}
+
+/// Whether a slot held for `held` should go. Before `hold_max`, never. After it, if the guest is
+/// not busy (`rate`, in cores, below [`BUSY_CORES`], or unknown): it booted without the signal,
+/// or waits for something. A busy one is still booting, slowed by a host that is short of CPU;
+/// releasing its slot would admit one more boot into that shortage, then the next (a cascade in
+/// which every boot slows down further), so it keeps the slot up to [`HARD_TIMEOUTS`] times
+/// `hold_max`.
+pub fn should_release(held: Duration, hold_max: Duration, rate: Option<f64>) -> bool {
+    if held < hold_max {
+        return false;
+    }
+    if held >= hold_max.saturating_mul(HARD_TIMEOUTS) {
+        return true;
+    }
+    rate.is_none_or(|r| r < BUSY_CORES)
 }
 
 /// Counts a waiter for as long as it waits (also when its wait is dropped half way).
@@ -110,6 +156,8 @@ impl BootSlot {
         BootSlot {
             _permit: Some(permit),
             taken: Instant::now(),
+            sample: None,
+            rate: None,
         }
     }
 
@@ -117,6 +165,8 @@ impl BootSlot {
         BootSlot {
             _permit: None,
             taken: Instant::now(),
+            sample: None,
+            rate: None,
         }
     }
 }
@@ -171,6 +221,31 @@ mod tests {
         assert_eq!(slots.waiting(), 0);
         drop(held);
         assert!(slots.try_take().is_some());
+    }
+
+    #[test]
+    fn a_busy_guest_keeps_its_slot_past_the_timeout_up_to_the_hard_limit() {
+        let max = Duration::from_secs(90);
+        let at = |s: u64| Duration::from_secs(s);
+        assert!(!should_release(at(89), max, None));
+        assert!(should_release(at(90), max, None), "unknown use: released");
+        assert!(should_release(at(90), max, Some(0.02)), "an idle guest");
+        assert!(!should_release(at(90), max, Some(0.6)), "still booting");
+        assert!(!should_release(at(359), max, Some(1.0)));
+        assert!(should_release(at(360), max, Some(1.0)), "hard limit");
+    }
+
+    #[test]
+    fn the_cpu_rate_is_measured_over_windows_of_five_seconds() {
+        let slots = BootSlots::new(1, Duration::from_secs(60));
+        let mut slot = slots.try_take().expect("a free slot");
+        let t0 = Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        assert_eq!(slot.observe_cpu_at(at(0), 10.0), None);
+        assert_eq!(slot.observe_cpu_at(at(2), 11.0), None, "window too short");
+        assert_eq!(slot.observe_cpu_at(at(5), 12.5), Some(0.5));
+        let idle = slot.observe_cpu_at(at(10), 12.6).expect("a rate");
+        assert!((idle - 0.02).abs() < 1e-9, "{idle}");
     }
 
     #[tokio::test]

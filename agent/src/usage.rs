@@ -166,6 +166,11 @@ async fn vmm_metrics(vm_id: &str, sock: &Path) -> Result<VmMetrics, UsageError> 
     }
 }
 
+/// CPU seconds (user + system, all threads) of process `pid`, if it can be read.
+pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
+    read_process(pid).ok().map(|(cpu, _)| cpu)
+}
+
 /// CPU seconds and resident bytes of process `pid`.
 fn read_process(pid: u32) -> std::io::Result<(f64, u64)> {
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
