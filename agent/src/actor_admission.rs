@@ -119,16 +119,17 @@ impl VmActor {
 }
 
 impl Command {
-    /// Answers the command with `error` without doing it.
+    /// Answers the command with `error` without doing it (one arm per reply type).
     pub(super) fn refuse(self, error: AgentError) {
         match self {
-            Command::Start(reply) | Command::Pause(reply) | Command::Resume(reply) => {
-                let _ = reply.send(Err(error));
-            }
-            Command::Stop { reply, .. } | Command::Reboot { reply, .. } | Command::Update { reply, .. } => {
-                let _ = reply.send(Err(error));
-            }
-            Command::Restore { reply, .. } | Command::MigrateIn { reply, .. } => {
+            Command::Start(reply)
+            | Command::Pause(reply)
+            | Command::Resume(reply)
+            | Command::Stop { reply, .. }
+            | Command::Reboot { reply, .. }
+            | Command::Update { reply, .. }
+            | Command::Restore { reply, .. }
+            | Command::MigrateIn { reply, .. } => {
                 let _ = reply.send(Err(error));
             }
             Command::Delete(reply) => {

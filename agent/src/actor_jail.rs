@@ -16,7 +16,7 @@ use vmm_api::config::SerialConfig;
 use super::launch::{JailLaunch, VmmLaunch};
 use super::{NewVmm, VmActor};
 use crate::error::{AgentError, ErrorChain};
-use crate::nics::{fd_name, is_agent_made, nic_taps};
+use crate::nics::{fd_name, is_agent_made};
 use crate::proto::{Vm, VmSpec};
 use crate::spec::to_vm_config;
 use crate::state::JailUids;
@@ -87,14 +87,8 @@ impl VmActor {
     /// Every tap of `spec` as a descriptor named for `nets[i].fd`: the agent's made now, the
     /// operator's attached (a jailed vmm can do neither). On failure none is left.
     async fn jailed_taps(&mut self, spec: &VmSpec) -> Result<Vec<(String, OwnedFd)>, String> {
-        let made = match spec.nics.iter().any(is_agent_made) {
-            true => self.make_agent_taps(spec).await?,
-            false => {
-                let shown = nic_taps(spec, &[]);
-                self.record(|vm| vm.nic_taps = shown).await;
-                Vec::new()
-            }
-        };
+        // Also records every NIC's tap in `Vm.nic_taps` (none made when no NIC asks for one).
+        let made = self.make_agent_taps(spec).await?;
         let mut fds: Vec<(String, OwnedFd)> = made.into_iter().map(|t| (t.fd_name, t.fd)).collect();
         for (i, nic) in spec.nics.iter().enumerate().filter(|(_, n)| !is_agent_made(n)) {
             let fd = hostnet::tap::attach_tap(&nic.tap).map_err(|e| {

@@ -292,8 +292,11 @@ impl VmActor {
                 // the jail, which is removed when the vmm ends): emptied first, as a console
                 // file is by an unjailed vmm.
                 let console = self.ctx.config.console_log(&self.vm.vm_id);
-                std::fs::File::create(&console)?;
-                stdout = std::fs::File::options().append(true).open(&console)?;
+                stdout = std::fs::File::options()
+                    .create(true)
+                    .append(true)
+                    .open(&console)?;
+                stdout.set_len(0)?;
             }
             None => {
                 if let Some(parent) = self.sock.parent() {
