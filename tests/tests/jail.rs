@@ -525,28 +525,7 @@ fn jailed_guest_in_a_given_netns_with_an_inherited_tap_logs_inside_the_jail_and_
     assert_eq!(eth0["mac"], "02:00:00:00:79:02");
     assert_eq!(eth0["ip"], "10.79.0.2");
     assert_eq!(eth0["carrier"], "1");
-    let ping = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns.name(),
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "10",
-            "10.79.0.2",
-        ])
-        .output()
-        .expect("run ping");
-    assert!(
-        ping.status.success(),
-        "ping over the inherited tap failed:\n{}{}",
-        String::from_utf8_lossy(&ping.stdout),
-        String::from_utf8_lossy(&ping.stderr)
-    );
+    ns.ping("10.79.0.2", 10, 1).expect("ping over the inherited tap");
 
     let status = guest.wait_exit(EXIT_TIMEOUT).unwrap();
     assert_eq!(status.code(), Some(0), "{}", guest.output_tail());

@@ -11,7 +11,6 @@
 
 use std::io::{Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpListener, TcpStream, UdpSocket};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use harness::{
@@ -95,32 +94,6 @@ fn send_one(
     .expect("thread in the namespace")
 }
 
-fn ping(ns: &NetNs, addr: &str) -> String {
-    let out = Command::new("ip")
-        .args([
-            "netns",
-            "exec",
-            ns.name(),
-            "ping",
-            "-c",
-            "3",
-            "-i",
-            "0.2",
-            "-W",
-            "10",
-            addr,
-        ])
-        .output()
-        .expect("run ping");
-    let text = String::from_utf8_lossy(&out.stdout).into_owned();
-    assert!(
-        out.status.success(),
-        "ping {addr} failed:\n{text}{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    text
-}
-
 #[test]
 fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
     require_kvm();
@@ -181,8 +154,8 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
     );
 
     // Both NICs answer pings, from the host side of their own taps.
-    ping(&ns, "10.77.0.2");
-    ping(&ns, "10.78.0.2");
+    ns.ping("10.77.0.2", 10, 1).expect("ping over eth0");
+    ns.ping("10.78.0.2", 10, 1).expect("ping over eth1");
     // The guest's TCP echo server (over eth0) and UDP responder (over eth1).
     let echo = ns
         .spawn(|| -> anyhow::Result<Vec<u8>> {
