@@ -278,7 +278,8 @@ async fn nothing_left(vms: &mut VmServiceClient<Channel>, state_dir: &Path) -> R
 }
 
 fn counters(console: &str) -> Vec<u64> {
-    complete_lines(console)
+    console
+        .lines()
         .filter_map(|l| l.trim().strip_prefix("vmmprobe: counter="))
         .filter_map(|n| n.trim().parse().ok())
         .collect()
@@ -294,15 +295,10 @@ fn sha256(path: &Path) -> Result<String> {
         .to_string())
 }
 
-/// The console's complete lines: it may be read while the guest is half-way through a line
-/// ("... errors=" without its value yet, "counter=4" of "counter=45").
-fn complete_lines(console: &str) -> std::str::Lines<'_> {
-    console.rfind('\n').map_or("", |end| &console[..end]).lines()
-}
-
 /// The lines of the guest's buffer and disk checks (mem-dirty, blk-dirty) that report a problem.
 fn failed_checks(console: &str) -> Vec<&str> {
-    complete_lines(console)
+    console
+        .lines()
         .filter(|l| l.contains("vmmprobe: mem-dirty") || l.contains("vmmprobe: blk-dirty"))
         .filter(|l| !l.contains("errors=0") && !l.contains("started"))
         .collect()

@@ -201,7 +201,9 @@ pub fn probe_spec(actions: &str) -> Result<VmSpec> {
     })
 }
 
-/// Reads the console through GetConsole (following) until `text` appears.
+/// Reads the console through GetConsole (following) until `text` appears, and returns its
+/// complete lines: the stream may stop half-way through a line the guest is still printing
+/// ("... errors=" without its value yet, "counter=4" of "counter=45"), which no caller must parse.
 pub async fn wait_console(
     vms: &mut VmServiceClient<Channel>,
     vm_id: &str,
@@ -217,13 +219,16 @@ pub async fn wait_console(
             })
             .await?
             .into_inner();
-        let mut seen = String::new();
+        let mut seen = Vec::new();
         while let Some(chunk) = stream.message().await? {
-            seen.push_str(&String::from_utf8_lossy(&chunk.data));
-            if seen.contains(text) {
-                return Ok(seen);
+            seen.extend_from_slice(&chunk.data);
+            let end = seen.iter().rposition(|&b| b == b'\n').map_or(0, |at| at + 1);
+            let complete = String::from_utf8_lossy(&seen[..end]);
+            if complete.contains(text) {
+                return Ok(complete.into_owned());
             }
         }
+        let seen = String::from_utf8_lossy(&seen);
         bail!("the console stream ended without '{text}':\n{seen}")
     };
     tokio::time::timeout(timeout, read)
