@@ -9,6 +9,7 @@ use vmm_api::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotRest
 
 use super::{observed_state, VmActor};
 use crate::error::AgentError;
+use crate::jail_snapshot::JailStaging;
 use crate::operations::CancelToken;
 use crate::proto::{Vm, VmState};
 
@@ -31,25 +32,30 @@ impl VmActor {
         if self.proc.is_none() || !matches!(state, VmState::Running | VmState::Paused) {
             return Err(self.wrong_state(state, "snapshotted"));
         }
-        if self.proc.as_ref().is_some_and(|p| p.jail_uid.is_some()) {
-            // Checked by the service before the operation; here too for a VM restarted meanwhile.
-            return Err(AgentError::WrongState(format!(
-                "VM '{}' runs jailed, and snapshots of jailed VMs are not supported yet",
-                self.vm.vm_id
-            )));
-        }
         if cancel.is_cancelled() {
             return Err(AgentError::Cancelled(
                 "cancelled before the snapshot began; the VM is unchanged".into(),
             ));
         }
+        let staging = match self.proc.as_ref().and_then(|p| p.jail_uid) {
+            Some(uid) => {
+                let jail = self.ctx.config.jail_dir(&self.vm.vm_id);
+                Some(JailStaging::prepare(&jail, dir, uid)?)
+            }
+            None => None,
+        };
         let was_running = state == VmState::Running;
         if was_running {
-            self.pause_resume(true).await?;
+            if let Err(e) = self.pause_resume(true).await {
+                if let Some(staging) = staging {
+                    staging.abandon();
+                }
+                return Err(e);
+            }
         }
         // The vmm writes it in one go: past this point, a cancel request changes nothing.
         let request = Request::SnapshotCreate(SnapshotCreate {
-            dir: dir.to_path_buf(),
+            dir: staging.as_ref().map_or(dir, |s| s.vmm_path()).to_path_buf(),
             kind,
         });
         let written = match self.request_within(request, SNAPSHOT_TIMEOUT).await {
@@ -58,6 +64,14 @@ impl VmActor {
                 "the vmm answered snapshot-create with {other:?}"
             ))),
             Err(e) => Err(e),
+        };
+        let written = match (written, staging) {
+            (Ok(info), Some(staging)) => staging.finish().map(|()| info),
+            (Err(e), Some(staging)) => {
+                staging.abandon();
+                Err(e)
+            }
+            (written, None) => written,
         };
         if was_running && (written.is_err() || !leave_paused) {
             if let Err(e) = self.pause_resume(false).await {

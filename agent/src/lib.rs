@@ -26,6 +26,7 @@ pub mod exposition;
 pub mod host;
 pub mod image_service;
 pub mod images;
+pub mod jail_snapshot;
 pub mod listen;
 pub mod memory;
 pub mod metrics;

@@ -89,13 +89,6 @@ impl SnapshotApi {
     ) -> Result<Snapshot, AgentError> {
         let vm = self.ctx.live_vm(&req.vm_id, "snapshotted").await?;
         let spec = vm.spec.clone().unwrap_or_default();
-        if crate::process::jail_uid_of(vm.pid).is_some() {
-            // The jailed vmm sees only its jail: it cannot write to the snapshot store.
-            return Err(AgentError::WrongState(format!(
-                "VM '{}' runs jailed (--jail-vms), and snapshots of jailed VMs are not supported yet",
-                vm.vm_id
-            )));
-        }
         if kind == VmmKind::Diff && !spec.track_dirty_pages {
             return Err(AgentError::WrongState(format!(
                 "VM '{}' was created without track_dirty_pages, which diff snapshots need",

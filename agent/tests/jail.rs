@@ -6,21 +6,26 @@
 //! nothing of the host, in a network namespace of its own; the disk belongs to the jail uid; the
 //! console reaches GetConsole; the guest answers pings on the agent's tap and the operator's tap
 //! is attached. After a SIGKILL of the agent, the VM is re-adopted with the same pid (through
-//! the socket in the jail, served by the jail uid). After a stop: the guest's disk write is in
-//! the file, whose owner is given back, and no jail directory, cgroup or agent tap is left.
+//! the socket in the jail, served by the jail uid). A full and a diff snapshot, which the jailed
+//! vmm writes in its jail, land in the agent's store as root's, recording host paths. After a
+//! stop: the guest's disk write is in the file, whose owner is given back, and no jail
+//! directory, cgroup or agent tap is left; the diff snapshot restores (the guest counts on).
 
 mod common;
 
 use std::os::unix::fs::MetadataExt;
+use std::time::Duration;
 
 use anyhow::Result;
-use common::{probe_fields, probe_spec, state_dir, wait_console, Agent, BOOT_TIMEOUT};
+use common::snapshots::{create, restored, snapshot_of};
+use common::{
+    probe_counters, probe_fields, probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT,
+};
 use harness::NetNs;
-use tonic::Code;
 use vmm_agent::proto::snapshot_service_client::SnapshotServiceClient;
 use vmm_agent::proto::{
-    CreateSnapshotRequest, CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, NicSpec, StopVmRequest,
-    VmState,
+    CreateVmRequest, DeleteVmRequest, Disk, GetVmRequest, NicSpec, RestoreSnapshotRequest, SnapshotKind,
+    StopVmRequest, VmState,
 };
 
 const FIRST_UID: u32 = 910_000_000;
@@ -50,19 +55,30 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
     let dir = state_dir("agent-jail")?;
     let data = dir.path().join("data.img");
     std::fs::write(&data, vec![0u8; 1 << 20])?;
+    let ro = dir.path().join("ro.img");
+    std::fs::write(&ro, vec![0u8; 1 << 20])?;
     let uids_flag = format!("{FIRST_UID}:10");
     let flags = ["--bridge", "ajbr0", "--jail-vms", "--jail-uids", &uids_flag];
     let mut agent = Agent::start_in(Some(ns.name()), dir.path(), &flags)?;
     agent.wait_serving().await?;
     let mut vms = agent.vms().await?;
 
-    let mut spec = probe_spec("net-info,blk-write:vda:0:64k:7,idle")?;
+    let mut spec = probe_spec("net-info,blk-write:vda:0:64k:7,blk-flush:vda,counter")?;
     spec.cmdline
-        .push_str(" ip=10.78.0.2::10.78.0.1:255.255.255.0::eth0:off");
-    spec.disks = vec![Disk {
-        path: data.display().to_string(),
-        ..Default::default()
-    }];
+        .push_str(" vmmprobe.count=1000000 ip=10.78.0.2::10.78.0.1:255.255.255.0::eth0:off");
+    spec.track_dirty_pages = true;
+    spec.disks = vec![
+        Disk {
+            path: data.display().to_string(),
+            ..Default::default()
+        },
+        // Read-only: a restore opens it where the snapshot says, which must be the host's path.
+        Disk {
+            path: ro.display().to_string(),
+            read_only: true,
+            ..Default::default()
+        },
+    ];
     spec.nics = vec![
         NicSpec {
             id: "eth0".into(),
@@ -123,7 +139,7 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
     assert!(jail_dir.join("run/api.sock").exists());
 
     // The console, the guest's NICs and its disk write.
-    let console = wait_console(&mut vms, "jailed", "vmmprobe: idle", BOOT_TIMEOUT).await?;
+    let console = wait_console(&mut vms, "jailed", "vmmprobe: counter=2", BOOT_TIMEOUT).await?;
     let write = probe_fields(&console, "blk-write")?;
     assert_eq!(write["result"], "0", "{console}");
     ns.ping("10.78.0.2", 5, 10)?;
@@ -143,18 +159,57 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
         .unwrap_or_default();
     assert!(eth1.contains(&format!("mac={mac}")), "{console}");
 
-    // Snapshots need the vmm to write to the agent's store, which a jail hides.
-    let mut snapshots = SnapshotServiceClient::new(agent.channel().await?);
-    let refused = snapshots
-        .create_snapshot(CreateSnapshotRequest {
-            vm_id: "jailed".into(),
-            snapshot_id: "snap".into(),
-            ..Default::default()
-        })
-        .await
-        .expect_err("a snapshot of a jailed VM");
-    assert_eq!(refused.code(), Code::FailedPrecondition, "{refused:?}");
-    assert!(refused.message().contains("jailed"), "{refused:?}");
+    // Snapshots: written by the jailed vmm in its jail, moved to the store by the agent.
+    let channel = agent.channel().await?;
+    let mut snaps = SnapshotServiceClient::new(channel.clone());
+    let full = snapshot_of(
+        &mut snaps,
+        &channel,
+        create("jailed", "jfull", SnapshotKind::Full),
+    )
+    .await?;
+    // Read by the vmm before its jail hid /proc/cpuinfo.
+    assert_eq!(full.cpu_model, vmm_api::snapshot::host_cpu_model());
+    let counted =
+        probe_counters(&wait_console(&mut vms, "jailed", "vmmprobe: counter=", BOOT_TIMEOUT).await?);
+    let counted_before = counted.last().copied().unwrap_or(0);
+    let diff = snapshot_of(
+        &mut snaps,
+        &channel,
+        create("jailed", "jdiff", SnapshotKind::Diff),
+    )
+    .await?;
+    assert_eq!(diff.base_snapshot_id, "jfull", "{diff:?}");
+    for id in ["jfull", "jdiff"] {
+        let snapshot = dir.path().join("snapshots").join(id);
+        let mut files = vec![snapshot.clone()];
+        files.extend(
+            std::fs::read_dir(&snapshot)?
+                .map(|e| e.map(|e| e.path()))
+                .collect::<Result<Vec<_>, _>>()?,
+        );
+        for file in &files {
+            assert_eq!(
+                std::fs::metadata(file)?.uid(),
+                0,
+                "{} is not root's",
+                file.display()
+            );
+        }
+        let state = String::from_utf8_lossy(&std::fs::read(snapshot.join("state"))?).into_owned();
+        assert!(
+            state.contains(&*ro.to_string_lossy()),
+            "{id} does not record the host path of its read-only disk"
+        );
+        assert!(!state.contains("/drives/"), "{id} records in-jail paths");
+    }
+    let mirror = jail_dir.join(dir.path().strip_prefix("/")?);
+    assert!(
+        !mirror.exists(),
+        "the jail's snapshot directory is left: {}",
+        mirror.display()
+    );
+    wait_state(&mut vms, "jailed", VmState::Running, Duration::from_secs(10)).await?;
 
     // Re-adopted after an agent crash: same launcher, still running.
     agent.kill9();
@@ -197,10 +252,30 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
         "an agent tap is left: {:?}",
         ns.links()?
     );
-    vms.delete_vm(DeleteVmRequest {
-        vm_id: "jailed".into(),
-        request_id: String::new(),
-    })
-    .await?;
+
+    // The diff chain restores (the operator's tap is free again): the guest counts on.
+    let channel = agent.channel().await?;
+    let mut snaps = SnapshotServiceClient::new(channel.clone());
+    let restore = RestoreSnapshotRequest {
+        snapshot_id: "jdiff".into(),
+        vm_id: "jclone".into(),
+        ..Default::default()
+    };
+    let clone = restored(&mut snaps, &channel, restore).await?;
+    assert_eq!(clone.state(), VmState::Running, "{clone:?}");
+    let console = wait_console(&mut vms, "jclone", "vmmprobe: counter=", BOOT_TIMEOUT).await?;
+    let after = probe_counters(&console);
+    assert!(
+        after.first().is_some_and(|n| *n > counted_before),
+        "counted {counted_before} before the diff, the clone printed {after:?}"
+    );
+    assert!(!console.contains("Linux version"), "the clone booted:\n{console}");
+    for vm_id in ["jclone", "jailed"] {
+        vms.delete_vm(DeleteVmRequest {
+            vm_id: vm_id.into(),
+            request_id: String::new(),
+        })
+        .await?;
+    }
     Ok(())
 }

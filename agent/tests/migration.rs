@@ -28,7 +28,8 @@ use std::time::{Duration, Instant};
 
 use anyhow::{bail, ensure, Context as _, Result};
 use common::{
-    probe_spec, state_dir, vmm_processes_under, wait_console, wait_state, write, Agent, Ca, BOOT_TIMEOUT,
+    probe_counters, probe_spec, state_dir, vmm_processes_under, wait_console, wait_state, write, Agent, Ca,
+    BOOT_TIMEOUT,
 };
 use harness::NetNs;
 use rcgen::SanType;
@@ -277,14 +278,6 @@ async fn nothing_left(vms: &mut VmServiceClient<Channel>, state_dir: &Path) -> R
     }
 }
 
-fn counters(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| l.trim().strip_prefix("vmmprobe: counter="))
-        .filter_map(|n| n.trim().parse().ok())
-        .collect()
-}
-
 fn sha256(path: &Path) -> Result<String> {
     let out = std::process::Command::new("sha256sum").arg(path).output()?;
     ensure!(out.status.success(), "sha256sum failed");
@@ -358,7 +351,7 @@ async fn runs_on_with_clean_checks(
     }
     let failed = failed_checks(&console);
     ensure!(failed.is_empty(), "stale or damaged pages or blocks: {failed:?}");
-    Ok(counters(&console).last().copied().unwrap_or(0))
+    Ok(probe_counters(&console).last().copied().unwrap_or(0))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -549,7 +542,7 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let op = wait_done(&src_channel, op).await?;
     assert_eq!(error_code(&op), Some(Code::Aborted), "{op:?}");
     wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(30)).await?;
-    let before = counters(
+    let before = probe_counters(
         &wait_console(
             &mut src_vms,
             "mover",

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Result};
 use common::snapshots::{create, restore, restored, snapshot_of};
-use common::{probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
+use common::{probe_counters, probe_spec, state_dir, wait_console, wait_state, Agent, BOOT_TIMEOUT};
 use harness::NetNs;
 use prost::Message;
 use tonic::Code;
@@ -24,18 +24,6 @@ use vmm_agent::proto::{
 };
 
 const DISK_BYTES: u64 = 4 << 20;
-
-/// The value of every complete `vmmprobe: counter=N` line.
-fn counters(console: &str) -> Vec<u64> {
-    console
-        .lines()
-        .filter_map(|l| {
-            l.split_once("vmmprobe: counter=")
-                .map(|(_, n)| n.trim().parse().ok())
-        })
-        .flatten()
-        .collect()
-}
 
 fn entries(dir: &Path) -> Vec<String> {
     let mut names: Vec<String> = std::fs::read_dir(dir)
@@ -116,7 +104,7 @@ async fn snapshots_restore_as_clones_and_refuse_what_cannot_work() -> Result<()>
     assert_eq!(full.spec.as_ref().map(|s| s.memory_mib), Some(128));
     wait_state(&mut vms, "src", VmState::Running, Duration::from_secs(10)).await?;
     let before = wait_console(&mut vms, "src", "vmmprobe: counter=", Duration::from_secs(10)).await?;
-    let counted_before = counters(&before).last().copied().unwrap_or(0);
+    let counted_before = probe_counters(&before).last().copied().unwrap_or(0);
     let diff = snapshot_of(&mut snaps, &channel, create("src", "diff1", SnapshotKind::Diff)).await?;
     assert_eq!(
         (diff.kind(), diff.base_snapshot_id.as_str()),
@@ -175,7 +163,7 @@ async fn snapshots_restore_as_clones_and_refuse_what_cannot_work() -> Result<()>
         "{clone_spec:?}"
     );
     let console = wait_console(&mut vms, "clone1", "vmmprobe: counter=", BOOT_TIMEOUT).await?;
-    let after = counters(&console);
+    let after = probe_counters(&console);
     assert!(
         after.first().is_some_and(|n| *n > counted_before),
         "counted {counted_before} before, the clone printed {after:?}"

@@ -18,8 +18,14 @@ pub const FORMAT_VERSION: u32 = 2;
 pub const MAX_CHAIN: usize = 64;
 
 /// The host CPU's vendor and model name, from `/proc/cpuinfo`: the vCPU state of a snapshot belongs
-/// to it, and a restore on another model is refused.
+/// to it, and a restore on another model is refused. Read once per process, so that a caller
+/// that reads it before it loses sight of `/proc` (a jailed vmm) keeps it.
 pub fn host_cpu_model() -> String {
+    static MODEL: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    MODEL.get_or_init(read_cpu_model).clone()
+}
+
+fn read_cpu_model() -> String {
     let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     let field = |name: &str| {
         info.lines()

@@ -75,6 +75,9 @@ pub struct RunOptions {
     /// Descriptors inherited from the parent (`--fd NAME=N`), to take before anything else opens
     /// files (see [`crate::inherited_fds`]).
     pub inherited_fds: Vec<InheritedFd>,
+    /// Not a flag: set by the jail, which rewrites the configuration to in-jail paths, to the
+    /// configuration as given, whose paths are the host's (see [`crate::machine::Machine::recorded_config`]).
+    pub host_config: Option<Box<VmConfig>>,
 }
 
 // Parsed once per process: boxing the configuration would only add an allocation.
@@ -225,6 +228,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
         seccomp,
         jail,
         inherited_fds,
+        host_config: None,
     };
     let nothing_to_boot = flags.config.is_none() && flags.kernel.is_none();
     if nothing_to_boot && options.api_sock.is_some() {

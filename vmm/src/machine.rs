@@ -83,6 +83,8 @@ pub struct KvmParts {
 /// A VM whose devices and vCPU threads exist.
 pub struct Machine {
     config: VmConfig,
+    /// The configuration with host paths when `config` has in-jail ones.
+    host_config: Option<VmConfig>,
     kvm: KvmParts,
     vcpus: VcpuSet,
     blocks: Vec<BlockHandle>,
@@ -106,6 +108,7 @@ impl Machine {
     ) -> Self {
         Machine {
             config,
+            host_config: None,
             kvm,
             vcpus,
             blocks: devices.blocks,
@@ -121,6 +124,19 @@ impl Machine {
     /// The configuration it was built from.
     pub fn config(&self) -> &VmConfig {
         &self.config
+    }
+
+    /// The configuration that snapshots and outgoing migrations record, for a VMM outside this
+    /// one's jail to restore: the one it was built from, or for a jailed VMM the one its caller
+    /// gave, since the jail's own names in-jail paths (`/drives/root`) that mean nothing elsewhere.
+    pub fn recorded_config(&self) -> &VmConfig {
+        self.host_config.as_ref().unwrap_or(&self.config)
+    }
+
+    /// Gives a jailed VM the configuration with host paths that [`Machine::recorded_config`]
+    /// returns.
+    pub fn set_host_config(&mut self, host_config: Option<VmConfig>) {
+        self.host_config = host_config;
     }
 
     /// Running or paused.

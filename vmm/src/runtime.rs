@@ -80,6 +80,8 @@ pub struct Runtime {
     incoming: Option<migration_glue::Incoming>,
     /// The progress of the last outgoing migration, for `migration-status`.
     last_migration: Option<Arc<crate::migration::Shared>>,
+    /// A jailed VMM's configuration with host paths (see [`Machine::recorded_config`]).
+    host_config: Option<VmConfig>,
 }
 
 #[path = "runtime_migration.rs"]
@@ -101,6 +103,7 @@ impl Runtime {
             outgoing: None,
             incoming: None,
             last_migration: None,
+            host_config: None,
         }
     }
 
@@ -304,6 +307,7 @@ impl Runtime {
             .validate()
             .map_err(|e| (ErrorKind::InvalidArgument, e.to_string()))?;
         self.lifecycle = Lifecycle::Configured(config);
+        self.host_config = None;
         Ok(Response::Configured)
     }
 
@@ -396,6 +400,7 @@ impl Runtime {
                 };
                 let mut machine =
                     builder::build_vm(config, &self.events, event_manager, &mut self.fds, self.seccomp)?;
+                machine.set_host_config(self.host_config.clone());
                 machine.resume().map_err(BuildError::Start)?;
                 (machine, Some(Response::Started))
             }
@@ -456,8 +461,9 @@ impl Runtime {
         Ok(response)
     }
 
-    fn set_config(&mut self, config: VmConfig) {
+    fn set_config(&mut self, config: VmConfig, host_config: Option<VmConfig>) {
         self.lifecycle = Lifecycle::Configured(config);
+        self.host_config = host_config;
     }
 }
 
@@ -553,7 +559,7 @@ pub fn run(
     };
     if let Some(config) = config {
         let mut rt = lock(&runtime);
-        rt.set_config(config);
+        rt.set_config(config, options.host_config.as_deref().cloned());
         if let Err(e) = rt.launch(&mut event_manager, Launch::Boot) {
             drop(rt);
             if let Some(server) = &server {

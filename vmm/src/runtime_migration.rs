@@ -132,7 +132,7 @@ impl Runtime {
         let hello = Hello {
             magic: MAGIC,
             version: PROTOCOL_VERSION,
-            config_json: serde_json::to_string(machine.config())
+            config_json: serde_json::to_string(machine.recorded_config())
                 .map_err(|e| (ErrorKind::Internal, format!("the configuration: {e}")))?,
             memory_ranges: mem.iter().map(|r| (r.start_addr().0, r.len())).collect(),
             cpu_model: persist::host_cpu_model(),

@@ -236,6 +236,18 @@ pub async fn wait_console(
         .with_context(|| format!("no '{text}' on the console of {vm_id} within {timeout:?}"))?
 }
 
+/// The value of every `vmmprobe: counter=N` line of `console` (the probe's `counter` action: a
+/// guest that goes on after a snapshot, restore or migration counts on from where it was).
+pub fn probe_counters(console: &str) -> Vec<u64> {
+    console
+        .lines()
+        .filter_map(|l| {
+            l.split_once("vmmprobe: counter=")
+                .and_then(|(_, n)| n.trim().parse().ok())
+        })
+        .collect()
+}
+
 /// Polls GetVm until the VM is in `state`.
 pub async fn wait_state(
     vms: &mut VmServiceClient<Channel>,

@@ -27,6 +27,7 @@ pub fn launch(
     ensure_single_threaded()?;
     // Facts about the host that the VMM needs later but cannot see from inside the jail.
     let _ = KvmFlavor::detect();
+    let _ = vmm_api::snapshot::host_cpu_model();
     let netns = jail.netns.as_deref().map(namespaces::open_netns).transpose()?;
     let host = fs::prepare_host(jail, &layout)?;
     let limits = Limits {

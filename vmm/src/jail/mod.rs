@@ -171,6 +171,10 @@ pub fn enter(config: Option<VmConfig>, options: RunOptions, fds: PassedFds) -> R
     let config = config.ok_or(JailError::NeedsConfig)?;
     check_memory_limit(&jail, &config)?;
     let layout = JailLayout::plan(&jail, &config, options.api_sock.as_deref())?;
+    let options = RunOptions {
+        host_config: Some(Box::new(config)),
+        ..options
+    };
     launcher::launch(&jail, layout, options, fds)
 }
 

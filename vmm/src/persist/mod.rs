@@ -268,7 +268,7 @@ pub fn capture(machine: &mut Machine) -> Result<(SnapshotState, Option<PageBitma
         }
         None => None,
     };
-    let config_json = serde_json::to_string(machine.config())
+    let config_json = serde_json::to_string(machine.recorded_config())
         .map_err(|e| SnapshotError::Invalid(format!("the configuration cannot be saved: {e}")))?;
     let meta = SnapshotMeta {
         vmm_version: env!("CARGO_PKG_VERSION").to_string(),
