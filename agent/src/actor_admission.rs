@@ -104,8 +104,11 @@ impl VmActor {
             return;
         }
         // The process that runs the VM (a jailed vmm's launcher's child).
-        let cpu = pid.and_then(|p| crate::usage::cpu_seconds(crate::process::vm_process(p)));
-        let rate = cpu.and_then(|c| slot.observe_cpu(c));
+        let demand = pid.and_then(|p| {
+            let vm = crate::process::vm_process(p);
+            crate::usage::demand_seconds(vm).or_else(|| crate::usage::cpu_seconds(vm))
+        });
+        let rate = demand.and_then(|d| slot.observe_demand(d));
         if crate::boot_slots::should_release(held, max, rate) {
             tracing::info!(
                 vm = %self.vm.vm_id,

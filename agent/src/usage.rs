@@ -171,6 +171,32 @@ pub(crate) fn cpu_seconds(pid: u32) -> Option<f64> {
     read_process(pid).ok().map(|(cpu, _)| cpu)
 }
 
+/// Seconds the threads of process `pid` have run or waited to run (`/proc/PID/task/*/schedstat`:
+/// time on a CPU plus time runnable on a run queue), if the kernel keeps these figures. Unlike
+/// CPU time, its rate does not fall when the host is short of CPU: a vCPU that is always
+/// runnable counts one core however little of one it gets. `None` on a kernel without them
+/// (`CONFIG_SCHED_INFO`), which a caller tells from a process that is gone by its CPU time.
+pub(crate) fn demand_seconds(pid: u32) -> Option<f64> {
+    let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut nanos: Option<u64> = None;
+    for task in tasks.flatten() {
+        // A thread that ended since the listing counts nothing.
+        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat")) {
+            let own = demand_nanos_of_schedstat(&text)?;
+            nanos = Some(nanos.unwrap_or(0).saturating_add(own));
+        }
+    }
+    nanos.map(|n| n as f64 / 1e9)
+}
+
+/// On-CPU plus run-queue nanoseconds from the text of a `schedstat` file.
+fn demand_nanos_of_schedstat(text: &str) -> Option<u64> {
+    let mut fields = text.split_whitespace().map(|f| f.parse::<u64>().ok());
+    let running = fields.next()??;
+    let waiting = fields.next()??;
+    Some(running.saturating_add(waiting))
+}
+
 /// CPU seconds and resident bytes of process `pid`.
 fn read_process(pid: u32) -> std::io::Result<(f64, u64)> {
     let invalid = |what: &str| std::io::Error::new(std::io::ErrorKind::InvalidData, what.to_string());
@@ -210,6 +236,18 @@ fn resident_bytes_of_status(status: &str) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn demand_is_time_running_plus_time_waiting_to_run() {
+        assert_eq!(
+            demand_nanos_of_schedstat("115341886828 497671354592 33173\n"),
+            Some(613013241420)
+        );
+        assert_eq!(demand_nanos_of_schedstat("12"), None);
+        assert_eq!(demand_nanos_of_schedstat("x 1 2"), None);
+        let own = demand_seconds(std::process::id()).expect("this process's schedstat");
+        assert!(own > 0.0, "{own}");
+    }
 
     #[test]
     fn cpu_ticks_are_read_after_the_command_name() {
