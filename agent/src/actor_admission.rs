@@ -91,29 +91,24 @@ impl VmActor {
         }
     }
 
-    /// Releases a slot held past the agent's timeout by a guest that is not busy booting (see
-    /// `boot_slots::should_release`).
+    /// Samples the booting guest's CPU demand (every tick, so that a rate is known when the
+    /// timeout comes) and releases its slot once it is held past the agent's timeout by a guest
+    /// that is not busy booting (see `boot_slots::should_release`).
     pub(super) fn expire_boot_slot(&mut self) {
         let max = self.ctx.boot_slots.hold_max();
         let pid = self.proc.as_ref().map(|p| p.pid);
         let Some(slot) = self.boot_slot.as_mut() else {
             return;
         };
-        let held = slot.held_for();
-        if held < max {
-            return;
-        }
         // The process that runs the VM (a jailed vmm's launcher's child).
         let demand = pid.and_then(|p| {
             let vm = crate::process::vm_process(p);
             crate::usage::demand_seconds(vm).or_else(|| crate::usage::cpu_seconds(vm))
         });
-        let rate = demand.and_then(|d| slot.observe_demand(d));
-        if crate::boot_slots::should_release(held, max, rate) {
+        if slot.check(demand, max) {
             tracing::info!(
                 vm = %self.vm.vm_id,
-                held_s = held.as_secs(),
-                cores = rate.unwrap_or(0.0),
+                held_s = slot.held_for().as_secs(),
                 "no boot-complete signal; releasing its boot slot"
             );
             self.release_boot_slot("timed out");

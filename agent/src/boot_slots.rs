@@ -51,10 +51,21 @@ impl BootSlot {
         self.taken.elapsed()
     }
 
-    /// Records the vmm's CPU demand now (seconds its threads ran or waited to run); returns the
-    /// cores it wanted over the last window of at least five seconds, once there is one.
-    pub fn observe_demand(&mut self, demand_seconds: f64) -> Option<f64> {
-        self.observe_demand_at(Instant::now(), demand_seconds)
+    /// Samples the vmm's CPU demand (`demand_seconds`: how long its threads ran or waited to
+    /// run; `None` if unknown) and says whether the slot should go now ([`should_release`]).
+    /// Call it on every tick while the slot is held, from the start: the rate it judges by needs
+    /// samples from before the timeout (sampling only from the timeout on found no rate at the
+    /// first check and released every slot there, busy or not).
+    pub fn check(&mut self, demand_seconds: Option<f64>, hold_max: Duration) -> bool {
+        self.check_at(Instant::now(), demand_seconds, hold_max)
+    }
+
+    fn check_at(&mut self, now: Instant, demand_seconds: Option<f64>, hold_max: Duration) -> bool {
+        let rate = match demand_seconds {
+            Some(d) => self.observe_demand_at(now, d),
+            None => None,
+        };
+        should_release(now.duration_since(self.taken), hold_max, rate)
     }
 
     fn observe_demand_at(&mut self, now: Instant, demand_seconds: f64) -> Option<f64> {
@@ -237,6 +248,30 @@ mod tests {
         assert!(!should_release(at(90), max, Some(0.98)), "still booting");
         assert!(!should_release(at(359), max, Some(1.0)));
         assert!(should_release(at(360), max, Some(1.0)), "hard limit");
+    }
+
+    #[test]
+    fn a_guest_busy_through_its_timeout_keeps_its_slot_until_it_idles() {
+        let max = Duration::from_secs(90);
+        let first_release = |demand: &dyn Fn(u64) -> Option<f64>| {
+            let slots = BootSlots::new(1, max);
+            let mut slot = slots.try_take().expect("a free slot");
+            let t0 = slot.taken;
+            (0..1000u64).find(|&s| slot.check_at(t0 + Duration::from_secs(s), demand(s), max))
+        };
+        // One core of demand until 200 s (booting on a starved host), then none (booted).
+        let busy_then_idle = first_release(&|s| Some(s.min(200) as f64));
+        assert!(
+            busy_then_idle.is_some_and(|s| (200..=210).contains(&s)),
+            "released at {busy_then_idle:?}"
+        );
+        assert_eq!(
+            first_release(&|s| Some(s as f64 * 0.1)),
+            Some(90),
+            "an idle guest"
+        );
+        assert_eq!(first_release(&|_| None), Some(90), "unknown demand");
+        assert_eq!(first_release(&|s| Some(s as f64)), Some(360), "hard limit");
     }
 
     #[test]
