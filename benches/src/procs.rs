@@ -68,15 +68,22 @@ mod tests {
     #[test]
     fn finds_a_child_naming_the_dir_and_kills_it() {
         let dir = std::env::temp_dir().join(format!("procs-test-{}", std::process::id()));
-        // `sh -c CMD NAME`: NAME is the shell's $0, so the command line names the dir.
+        // `sh -c CMD NAME`: NAME is the shell's $0, so the command line names the dir. `read` is
+        // a builtin: no forked child, for a moment a copy of the shell, is found too.
         let mut child = std::process::Command::new("sh")
             .arg("-c")
-            .arg("sleep 30")
+            .arg("read line")
             .arg(format!("{}/x", dir.display()))
+            .stdin(std::process::Stdio::piped())
             .spawn()
             .unwrap_or_else(|e| panic!("sh: {e}"));
         let pid = child.id();
         assert!(alive(pid));
+        // Until the child has exec'd `sh`, its command line is still this test's.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while processes_under(&dir).is_empty() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(10));
+        }
         assert_eq!(processes_under(&dir), vec![pid]);
         assert_eq!(kill_all_under(&dir), 1);
         let _ = child.wait();
