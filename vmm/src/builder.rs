@@ -251,6 +251,7 @@ pub fn build_vm(
         mem: &mem,
         entry: kernel.entry,
         count: config.machine.vcpus,
+        hidden_kvm_features: flavor.hidden_kvm_features(),
     };
     let vcpus = (0..config.machine.vcpus)
         .map(|i| Vcpu::new(&vm, i, &setup))

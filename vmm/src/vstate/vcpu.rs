@@ -137,6 +137,8 @@ pub struct VcpuSetup<'a> {
     pub entry: EntryPoint,
     /// Number of vCPUs.
     pub count: u8,
+    /// KVM paravirt features (CPUID 0x4000_0001 EAX bits) the guest must not see.
+    pub hidden_kvm_features: u32,
 }
 
 impl Vcpu {
@@ -152,7 +154,7 @@ impl Vcpu {
             .kvm
             .get_supported_cpuid(KVM_MAX_CPUID_ENTRIES)
             .map_err(kvm_err("KVM_GET_SUPPORTED_CPUID"))?;
-        cpuid::configure(&mut cpuid, index, setup.count);
+        cpuid::configure(&mut cpuid, index, setup.count, setup.hidden_kvm_features);
         fd.set_cpuid2(&cpuid).map_err(kvm_err("KVM_SET_CPUID2"))?;
         regs::setup_msrs(&fd).map_err(regs_err)?;
         regs::setup_fpu(&fd).map_err(regs_err)?;

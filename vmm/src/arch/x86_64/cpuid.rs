@@ -1,5 +1,6 @@
 //! The CPUID each vCPU sees: what KVM supports, with a consistent topology (one package, one thread
-//! per core, APIC id = vCPU index), the hypervisor bit set and invariant TSC hidden.
+//! per core, APIC id = vCPU index), the hypervisor bit set, invariant TSC hidden and, where the host
+//! needs it, some KVM paravirt features hidden (see [`super::host_quirks`]).
 
 use kvm_bindings::{kvm_cpuid_entry2, CpuId};
 
@@ -11,8 +12,12 @@ const LEAF1_EDX_HTT: u32 = 1 << 28;
 const LEVEL_TYPE_SMT: u32 = 1;
 const LEVEL_TYPE_CORE: u32 = 2;
 
-/// Adjusts `cpuid` (as KVM reports it supported) for vCPU `index` of `count`.
-pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) {
+/// KVM's paravirt feature bits (EAX of this leaf).
+const LEAF_KVM_FEATURES: u32 = 0x4000_0001;
+
+/// Adjusts `cpuid` (as KVM reports it supported) for vCPU `index` of `count`, without the KVM
+/// paravirt features in `hidden_kvm_features`.
+pub fn configure(cpuid: &mut CpuId, index: u8, count: u8, hidden_kvm_features: u32) {
     let apic_id = u32::from(index);
     let count = u32::from(count);
     // Bits of the APIC id that select the core within the package.
@@ -37,6 +42,7 @@ pub fn configure(cpuid: &mut CpuId, index: u8, count: u8) {
             }
             0xb | 0x1f => extended_topology(entry, apic_id, count, core_bits),
             0x8000_0007 => entry.edx &= !LEAF_8000_0007_EDX_INVARIANT_TSC,
+            LEAF_KVM_FEATURES => entry.eax &= !hidden_kvm_features,
             _ => {}
         }
     }
@@ -95,7 +101,7 @@ mod tests {
         invtsc.edx = LEAF_8000_0007_EDX_INVARIANT_TSC | 1;
         let mut cpuid =
             CpuId::from_entries(&[entry(1, 0), entry(0xb, 0), entry(0xb, 1), entry(0xb, 2), invtsc]).unwrap();
-        configure(&mut cpuid, 3, 5);
+        configure(&mut cpuid, 3, 5, 0);
         let leaf1 = find(&cpuid, 1, 0);
         assert_eq!(leaf1.ebx >> 24, 3);
         assert_eq!((leaf1.ebx >> 16) & 0xff, 5);
@@ -112,5 +118,14 @@ mod tests {
             1,
             "invariant TSC hidden, other bits kept"
         );
+    }
+
+    #[test]
+    fn hidden_kvm_features_are_cleared_and_the_rest_kept() {
+        let mut features = entry(LEAF_KVM_FEATURES, 0);
+        features.eax = 0b1111;
+        let mut cpuid = CpuId::from_entries(&[features]).unwrap();
+        configure(&mut cpuid, 0, 1, 0b0110);
+        assert_eq!(find(&cpuid, LEAF_KVM_FEATURES, 0).eax, 0b1001);
     }
 }
