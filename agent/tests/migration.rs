@@ -1,6 +1,7 @@
 //! Live migration between two agents as two hosts: each agent runs in its own network namespace
 //! with a TLS listener (certificates naming the `migration-peer` role, from a CA made here) and a
-//! tap on a local bridge; the hosts and a third namespace, the client, share one L2 segment. A
+//! tap on a local bridge; the hosts and a third namespace, the client, share one L2 segment. The
+//! source agent jails its vmms (`--jail-vms`), so the VM moves out of a jail. A
 //! real guest with two disks counts in memory, keeps rewriting and checking a buffer and the
 //! start of its second disk, and runs a TCP echo server; the client keeps one TCP connection to it
 //! open through everything below.
@@ -12,8 +13,9 @@
 //! one whose source agent is killed mid-way and restarted (it cancels what its vmm still sends). Then
 //! `vmmctl migrate` moves it: the destination runs it (the counter goes on, no boot), the
 //! source has neither record nor process, the disk image is unchanged, the buffer the guest keeps
-//! rewriting and checking has no stale or damaged page (nor the disk a stale block), and the
-//! client's connection survived; its longest gap between echoes is the client-view downtime.
+//! rewriting and checking has no stale or damaged page (nor the disk a stale block), the jail is
+//! gone and the disk root's again, and the client's connection survived; its longest gap between
+//! echoes is the client-view downtime.
 //! Finally it moves back without shared storage: the agents copy its disks into the new host's VM
 //! directory while it writes them, and the copy of the disk it no longer writes is identical. The
 //! sending agent is killed mid-way; restarted, it neither starts its old copy nor lets anyone.
@@ -21,6 +23,7 @@
 mod common;
 
 use std::net::TcpStream;
+use std::os::unix::fs::MetadataExt as _;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -54,6 +57,8 @@ const PORT: u16 = 7443;
 /// A port of host B's namespace with an agent that has almost no memory to give.
 const SMALL_PORT: u16 = 7444;
 const TAP: &str = "mtap0";
+/// The source agent's flags: it jails its vmms.
+const JAILED: &[&str] = &["--jail-vms"];
 const ECHO_PORT: u16 = 7;
 
 /// The segment: namespace `lan` holds bridge br0; each host has a bridge with its uplink and its
@@ -359,7 +364,7 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     harness::require_kvm();
     let net = segment()?;
     let ca = Ca::new("migration test CA")?;
-    let (mut source, src_dir) = agent(&net.a, &ca, "mig-a", HOST_A, PORT, &[])?;
+    let (mut source, src_dir) = agent(&net.a, &ca, "mig-a", HOST_A, PORT, JAILED)?;
     let (mut dest, dst_dir) = agent(&net.b, &ca, "mig-b", HOST_B, PORT, &[])?;
     let host_mib = vmm_agent::host::host_memory_mib();
     let reserve = (host_mib - 64).to_string();
@@ -411,6 +416,18 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
         })
         .await?;
     wait_console(&mut src_vms, "mover", "vmmprobe: counter=3", BOOT_TIMEOUT).await?;
+    let jailed = src_vms
+        .get_vm(GetVmRequest {
+            vm_id: "mover".into(),
+        })
+        .await?
+        .into_inner();
+    ensure!(jailed.jail_uid != 0, "the source did not jail the VM: {jailed:?}");
+    assert_eq!(
+        std::fs::metadata(&disk)?.uid(),
+        jailed.jail_uid,
+        "the disk does not belong to the jail"
+    );
     let disk_before = sha256(&disk)?;
     let stop = Arc::new(AtomicBool::new(false));
     let client = echo_client(&net.client, stop.clone())?;
@@ -509,7 +526,7 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     let op = migrations.migrate_vm(request(&to_b, 1 << 20)).await?.into_inner();
     wait_copying(&mut migrations, src_dir.path()).await?;
     source.kill9();
-    let source = restart(&net.a, src_dir.path(), HOST_A, PORT, &[])?;
+    let source = restart(&net.a, src_dir.path(), HOST_A, PORT, JAILED)?;
     source.wait_serving().await?;
     let mut src_vms = source.vms().await?;
     let src_channel = source.channel().await?;
@@ -578,6 +595,15 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
         "a vmm is left at the source"
     );
     assert!(!src_dir.path().join("vms/mover").exists());
+    assert!(
+        !src_dir.path().join("jails/mover").exists(),
+        "the source's jail is left"
+    );
+    assert_eq!(
+        std::fs::metadata(&disk)?.uid(),
+        0,
+        "the disk's owner was not given back"
+    );
     assert_eq!(sha256(&disk)?, disk_before, "the disk changed");
 
     // Back to A without shared storage: the agents copy both disks into A's VM directory while

@@ -282,21 +282,36 @@ pub fn alive(pid: u32) -> bool {
         .unwrap_or(false)
 }
 
-/// vmm processes of VMs under the state directory `dir`.
+/// The vmm processes of VMs under the state directory `dir`, one per VM: a jailed vmm's launcher,
+/// not also the child it forked (which has the same command line).
 pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
-    // The agent itself names the state dir too; a vmm names its socket under vms/.
+    // The agent itself names the state dir too; a vmm names its socket or configuration under vms/.
     let needle = dir.join("vms").display().to_string();
-    let mut pids = Vec::new();
+    let mut found = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) && alive(pid) {
-            pids.push(pid);
+            found.push((pid, parent_pid(pid)));
         }
     }
-    pids
+    let pids: Vec<u32> = found.iter().map(|&(pid, _)| pid).collect();
+    found
+        .into_iter()
+        .filter(|(_, parent)| !parent.is_some_and(|p| pids.contains(&p)))
+        .map(|(pid, _)| pid)
+        .collect()
+}
+
+/// The parent of process `pid`, if it still runs.
+fn parent_pid(pid: u32) -> Option<u32> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("PPid:"))
+        .and_then(|v| v.trim().parse().ok())
 }
 
 /// The `key=value` fields of the probe line containing `vmmprobe: {prefix}`, or an error that
