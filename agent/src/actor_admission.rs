@@ -25,9 +25,10 @@ impl VmActor {
             self.boot_slot = Some(slot);
             return Admission::Admitted;
         }
+        // Written once, so only what stays true: the line moves without rewriting every waiting
+        // VM's record (the gauges give the live counts).
         let reason = format!(
-            "waiting for a boot slot: {} guests are booting, at most {} at once ({} waiting)",
-            slots.in_flight(),
+            "waiting for a boot slot: at most {} guests boot at once; number {} in line when it began to wait",
             slots.limit().unwrap_or(0),
             slots.waiting() + 1
         );

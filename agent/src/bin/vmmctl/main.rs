@@ -320,20 +320,19 @@ fn labels_text(labels: &HashMap<String, String>) -> String {
 
 fn print_table(vms: &[Vm]) {
     println!(
-        "{:<24} {:<9} {:>7} {:>5} {:>8} {:<24} REASON",
-        "ID", "STATE", "PID", "VCPUS", "MEM_MIB", "LABELS"
+        "{:<24} {:<9} {:>7} {:>9} {:>5} {:>8} {:<24} REASON",
+        "ID", "STATE", "PID", "JAIL_UID", "VCPUS", "MEM_MIB", "LABELS"
     );
+    // 0 is "none" for both: no process, not jailed.
+    let or_dash = |n: u32| if n == 0 { "-".to_string() } else { n.to_string() };
     for vm in vms {
         let spec = vm.spec.clone().unwrap_or_default();
         println!(
-            "{:<24} {:<9} {:>7} {:>5} {:>8} {:<24} {}",
+            "{:<24} {:<9} {:>7} {:>9} {:>5} {:>8} {:<24} {}",
             vm.vm_id,
             state_name(vm.state),
-            if vm.pid == 0 {
-                "-".to_string()
-            } else {
-                vm.pid.to_string()
-            },
+            or_dash(vm.pid),
+            or_dash(vm.jail_uid),
             spec.vcpus,
             spec.memory_mib,
             labels_text(&spec.labels),
