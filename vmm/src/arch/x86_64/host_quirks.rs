@@ -35,7 +35,7 @@
 //!
 //! | KVM features hidden                          | boots | booted within 240 s   |
 //! |----------------------------------------------|-------|-----------------------|
-//! | none                                         | 3     | 0                     |
+//! | none (two stopped at ~190 and ~290 s)        | 3     | 0                     |
 //! | PV_TLB_FLUSH                                 | 2     | 0                     |
 //! | PV_SEND_IPI                                  | 1     | 0                     |
 //! | PV_SCHED_YIELD                               | 2     | 1 (114 s)             |
