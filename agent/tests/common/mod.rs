@@ -287,31 +287,25 @@ pub fn alive(pid: u32) -> bool {
 pub fn vmm_processes_under(dir: &Path) -> Vec<u32> {
     // The agent itself names the state dir too; a vmm names its socket or configuration under vms/.
     let needle = dir.join("vms").display().to_string();
-    let mut found = Vec::new();
+    let mut pids = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
         let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else {
             continue;
         };
         let cmdline = std::fs::read(entry.path().join("cmdline")).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&needle) && alive(pid) {
-            found.push((pid, parent_pid(pid)));
+            pids.push(pid);
         }
     }
-    let pids: Vec<u32> = found.iter().map(|&(pid, _)| pid).collect();
-    found
-        .into_iter()
-        .filter(|(_, parent)| !parent.is_some_and(|p| pids.contains(&p)))
-        .map(|(pid, _)| pid)
-        .collect()
-}
-
-/// The parent of process `pid`, if it still runs.
-fn parent_pid(pid: u32) -> Option<u32> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("PPid:"))
-        .and_then(|v| v.trim().parse().ok())
+    // A jailed launcher runs its VM in a child (`vm_process` finds it); an unjailed vmm is its own.
+    let jailed_children: Vec<u32> = pids
+        .iter()
+        .map(|&pid| (pid, vmm_agent::process::vm_process(pid)))
+        .filter(|(pid, vm)| vm != pid)
+        .map(|(_, vm)| vm)
+        .collect();
+    pids.retain(|pid| !jailed_children.contains(pid));
+    pids
 }
 
 /// The `key=value` fields of the probe line containing `vmmprobe: {prefix}`, or an error that
