@@ -72,6 +72,8 @@ pub(crate) enum Command {
     /// Runs this new VM from a snapshot; if that fails, the VM is deleted and the actor ends.
     Restore {
         request: Box<SnapshotRestore>,
+        /// The directories of the snapshot and of those it builds on.
+        chain: Vec<PathBuf>,
         cancel: CancelToken,
         reply: Reply<Vm>,
     },
@@ -245,10 +247,11 @@ impl VmActor {
             }
             Command::Restore {
                 request,
+                chain,
                 cancel,
                 reply,
             } => {
-                let result = self.restore(*request, &cancel).await;
+                let result = self.restore(*request, chain, &cancel).await;
                 return self.keep_or_remove(result, reply, "restore").await;
             }
             Command::MigrateOut {

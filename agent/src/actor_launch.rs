@@ -396,6 +396,8 @@ pub(super) struct JailLaunch {
     pub cpu_limit: f64,
     /// Its memory limit.
     pub memory_limit_mib: u64,
+    /// Host files and directories shown read-only at their own paths (`--jail-mirror`).
+    pub mirrors: Vec<std::path::PathBuf>,
 }
 
 impl JailLaunch {
@@ -412,6 +414,10 @@ impl JailLaunch {
         ] {
             args.push(flag.into());
             args.push(value.into());
+        }
+        for mirror in &self.mirrors {
+            args.push("--jail-mirror".into());
+            args.push(mirror.into());
         }
         args
     }

@@ -11,6 +11,7 @@ use tokio::time::{sleep, timeout, Instant};
 use vmm_api::control::{Event, Request, Response};
 use vmm_api::migration::{MigrateReceive, MigrateSend, MigrationPhase, MigrationStats};
 
+use super::jail::ArrivingDisks;
 use super::{next_event, observed_state, VmActor, EXIT_TIMEOUT};
 use crate::control::ConnEvent;
 use crate::error::AgentError;
@@ -275,12 +276,19 @@ impl VmActor {
         let failed = |why: String| AgentError::Unavailable(format!("receiving the VM: {why}"));
         create_empty(&self.dir, &plan.disk_copies)
             .map_err(|e| AgentError::Internal(format!("cannot create the disk copies: {e}")))?;
-        let spec = self.vm.spec.clone().unwrap_or_default();
-        let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
-        self.start_empty_vmm().await.map_err(failed)?;
-        if let Err(e) = self.give_taps(taps).await {
-            self.kill_and_wait().await;
-            return Err(e);
+        let mut receive = plan.receive;
+        if let Some(uids) = self.ctx.config.jail {
+            self.start_empty_jailed(uids, &mut receive.overrides, Vec::new(), ArrivingDisks::Existing)
+                .await
+                .map_err(failed)?;
+        } else {
+            let spec = self.vm.spec.clone().unwrap_or_default();
+            let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
+            self.start_empty_vmm().await.map_err(failed)?;
+            if let Err(e) = self.give_taps(taps).await {
+                self.kill_and_wait().await;
+                return Err(e);
+            }
         }
         let received = async {
             let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
@@ -297,7 +305,6 @@ impl VmActor {
             tracing::info!(vm = %self.vm.vm_id, %peer, "migration connection");
             let conn = for_vmm(stream).map_err(|e| failed(e.to_string()))?;
             self.give_connection(conn).await?;
-            let mut receive = plan.receive;
             receive.connection = CONNECTION.to_string();
             self.request_within(Request::MigrateReceive(receive), plan.wait)
                 .await

@@ -1,12 +1,13 @@
 //! The snapshot commands of a VM's actor: writing a snapshot of its running vmm, and running a new
 //! VM from one in an empty vmm.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use vmm_api::control::{Request, Response};
 use vmm_api::snapshot::{SnapshotCreate, SnapshotInfo, SnapshotKind, SnapshotRestore};
 
+use super::jail::ArrivingDisks;
 use super::{observed_state, VmActor};
 use crate::error::AgentError;
 use crate::jail_snapshot::JailStaging;
@@ -85,25 +86,30 @@ impl VmActor {
 
     /// Runs this VM (just stored, STARTING) from a snapshot in a new, empty vmm. On failure the
     /// vmm is gone and the caller removes the VM.
+    /// `chain` holds the directories of the snapshot and of those it builds on, which a jailed
+    /// vmm is shown.
     pub(super) async fn restore(
         &mut self,
-        request: SnapshotRestore,
+        mut request: SnapshotRestore,
+        chain: Vec<PathBuf>,
         cancel: &CancelToken,
     ) -> Result<Vm, AgentError> {
         if self.proc.is_some() || self.vm.state() != VmState::Starting {
             return Err(self.wrong_state(self.vm.state(), "restored"));
         }
-        let spec = self.vm.spec.clone().unwrap_or_default();
-        let taps = self
-            .make_agent_taps(&spec)
-            .await
-            .map_err(|why| AgentError::Unavailable(format!("restoring VM: {why}")))?;
-        self.start_empty_vmm()
-            .await
-            .map_err(|why| AgentError::Unavailable(format!("restoring VM: {why}")))?;
-        if let Err(e) = self.give_taps(taps).await {
-            self.kill_and_wait().await;
-            return Err(e);
+        let failed = |why: String| AgentError::Unavailable(format!("restoring VM: {why}"));
+        if let Some(uids) = self.ctx.config.jail {
+            self.start_empty_jailed(uids, &mut request.overrides, chain, ArrivingDisks::Create)
+                .await
+                .map_err(failed)?;
+        } else {
+            let spec = self.vm.spec.clone().unwrap_or_default();
+            let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
+            self.start_empty_vmm().await.map_err(failed)?;
+            if let Err(e) = self.give_taps(taps).await {
+                self.kill_and_wait().await;
+                return Err(e);
+            }
         }
         let resume = request.resume;
         let mut cancelled = cancel.clone();

@@ -456,14 +456,19 @@ impl MigrationPeerService for PeerApi {
             .await?;
         self.supervisor.add(vm);
         drop(guard);
+        // Shared writable drives are named here too: what the source recorded may be a descriptor
+        // of its own (a VM restored in a jail gets its writable disks as descriptors; read-only
+        // ones it opens by their host paths).
         let overrides = vmm_api::snapshot::RestoreOverrides {
-            drives: disk_copies
+            drives: spec
+                .disks
                 .iter()
                 .enumerate()
-                .map(|(i, path)| vmm_api::snapshot::DriveOverride {
+                .filter(|(_, disk)| req.copy_disks || !disk.read_only)
+                .map(|(i, disk)| vmm_api::snapshot::DriveOverride {
                     // The ids `spec::to_vm_config` gives drives.
                     id: format!("disk{i}"),
-                    path: Some(path.clone()),
+                    path: Some(PathBuf::from(&disk.path)),
                     fd: None,
                 })
                 .collect(),

@@ -2,6 +2,7 @@
 //! under `<state dir>/snapshots/<id>/`; the VM's actor drives the vmm (`actor_snapshot.rs`), and
 //! creating and restoring are operations whose progress is the bytes written so far.
 
+use std::path::PathBuf;
 use std::sync::atomic::AtomicBool;
 use std::sync::Arc;
 
@@ -116,7 +117,7 @@ impl SnapshotApi {
     async fn prepare_restore(
         &self,
         req: &RestoreSnapshotRequest,
-    ) -> Result<(Snapshot, SnapshotRestore), AgentError> {
+    ) -> Result<(Snapshot, SnapshotRestore, Vec<PathBuf>), AgentError> {
         let snapshot = self.snapshot(&req.snapshot_id).await?;
         if snapshot.state() != SnapshotState::Ready {
             return Err(AgentError::WrongState(format!(
@@ -126,7 +127,7 @@ impl SnapshotApi {
             )));
         }
         check_compatible(&snapshot, &self.host)?;
-        self.check_chain(&snapshot).await?;
+        let chain = self.check_chain(&snapshot).await?;
         let vm_dir = self.ctx.config.vm_dir(&req.vm_id);
         let spec = restored_spec(&snapshot, &vm_dir, &req.nics, req.labels.clone())?;
         crate::nics::check_nics(&spec.nics).map_err(|e| match e {
@@ -161,27 +162,25 @@ impl SnapshotApi {
             resume: !req.start_paused,
             prefault: req.prefault,
         };
-        Ok((snapshot, request))
+        Ok((snapshot, request, chain))
     }
 
-    /// Every snapshot of a diff chain must be there, READY, with its files.
-    async fn check_chain(&self, newest: &Snapshot) -> Result<(), AgentError> {
+    /// Every snapshot of a diff chain must be there, READY, with its files. Returns their
+    /// directories, newest first.
+    async fn check_chain(&self, newest: &Snapshot) -> Result<Vec<PathBuf>, AgentError> {
         let mut current = newest.clone();
+        let mut chain = Vec::new();
         for _ in 0..=vmm_api::snapshot::MAX_CHAIN {
-            if !self
-                .ctx
-                .config
-                .snapshot_dir(&current.snapshot_id)
-                .join("state")
-                .is_file()
-            {
+            let dir = self.ctx.config.snapshot_dir(&current.snapshot_id);
+            if !dir.join("state").is_file() {
                 return Err(AgentError::WrongState(format!(
                     "the files of snapshot '{}' are missing",
                     current.snapshot_id
                 )));
             }
+            chain.push(dir);
             if current.base_snapshot_id.is_empty() {
-                return Ok(());
+                return Ok(chain);
             }
             let base = self.snapshot(&current.base_snapshot_id).await.map_err(|_| {
                 AgentError::WrongState(format!(
@@ -308,6 +307,7 @@ async fn restore_work(
     vm_id: String,
     snapshot: Snapshot,
     request: SnapshotRestore,
+    chain: Vec<PathBuf>,
     mut handle: OperationHandle,
 ) {
     let disk_paths: Vec<_> = request
@@ -329,7 +329,7 @@ async fn restore_work(
         &mut handle,
         total,
         copied,
-        supervisor.restore(&vm_id, request, cancel),
+        supervisor.restore(&vm_id, request, chain, cancel),
     )
     .await;
     match restored {
@@ -399,7 +399,9 @@ impl SnapshotService for SnapshotApi {
             .start(
                 call,
                 || self.prepare_restore(&req),
-                move |(snapshot, request), handle| restore_work(supervisor, vm_id, snapshot, request, handle),
+                move |(snapshot, request, chain), handle| {
+                    restore_work(supervisor, vm_id, snapshot, request, chain, handle)
+                },
             )
             .await?;
         Ok(Response::new(op))

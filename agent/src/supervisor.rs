@@ -184,12 +184,14 @@ impl Supervisor {
         &self,
         vm_id: &str,
         request: SnapshotRestore,
+        chain: Vec<PathBuf>,
         cancel: CancelToken,
     ) -> Result<Vm, AgentError> {
         let actor = self.actors().get(vm_id).cloned();
         let result = self
             .ask(vm_id, |reply| Command::Restore {
                 request: Box::new(request),
+                chain,
                 cancel,
                 reply,
             })

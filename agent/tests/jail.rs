@@ -9,7 +9,9 @@
 //! the socket in the jail, served by the jail uid). A full and a diff snapshot, which the jailed
 //! vmm writes in its jail, land in the agent's store as root's, recording host paths. After a
 //! stop: the guest's disk write is in the file, whose owner is given back, and no jail
-//! directory, cgroup or agent tap is left; the diff snapshot restores (the guest counts on).
+//! directory, cgroup or agent tap is left; the diff snapshot restores (the guest counts on) in a
+//! jail of its own, which shows it only its snapshot chain and read-only disk, and its own next
+//! diff snapshot builds on the one it came from.
 
 mod common;
 
@@ -29,16 +31,6 @@ use vmm_agent::proto::{
 };
 
 const FIRST_UID: u32 = 910_000_000;
-
-/// The `Uid:` line of a process: real, effective, saved and file-system uids.
-fn uids(pid: u32) -> Vec<u32> {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| l.strip_prefix("Uid:"))
-        .map(|v| v.split_whitespace().filter_map(|u| u.parse().ok()).collect())
-        .unwrap_or_default()
-}
 
 fn ns_link(pid: u32) -> String {
     std::fs::read_link(format!("/proc/{pid}/ns/net"))
@@ -105,7 +97,7 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
     let launcher = vm.pid;
     let child = vmm_agent::process::vm_process(launcher);
     assert_ne!(child, launcher, "no jailed child under the launcher {launcher}");
-    assert_eq!(uids(child), vec![FIRST_UID; 4]);
+    assert_eq!(common::uids(child), vec![FIRST_UID; 4]);
     let root = format!("/proc/{child}/root");
     for inside in [
         "boot/kernel",
@@ -270,6 +262,44 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
         "counted {counted_before} before the diff, the clone printed {after:?}"
     );
     assert!(!console.contains("Linux version"), "the clone booted:\n{console}");
+
+    // The clone runs jailed too, as a uid of its own ("jailed" keeps its uid while it exists),
+    // and sees the snapshots of its chain and its read-only disk at their host paths, and
+    // nothing else of the agent's state directory (its writable disk came as a descriptor).
+    assert!(
+        clone.jail_uid > FIRST_UID && clone.jail_uid < FIRST_UID + 10,
+        "{clone:?}"
+    );
+    let clone_child = vmm_agent::process::vm_process(clone.pid);
+    assert_ne!(
+        clone_child, clone.pid,
+        "no jailed child under the clone's launcher"
+    );
+    assert_eq!(common::uids(clone_child), vec![clone.jail_uid; 4]);
+    let clone_root = std::path::PathBuf::from(format!("/proc/{clone_child}/root"));
+    let seen = |host: &std::path::Path| clone_root.join(host.strip_prefix("/").unwrap_or(host)).exists();
+    for id in ["jfull", "jdiff"] {
+        let snapshot = dir.path().join("snapshots").join(id);
+        assert!(
+            seen(&snapshot.join("memory")),
+            "{id} is not mirrored in the clone's jail"
+        );
+    }
+    assert!(seen(&ro), "the read-only disk is not mirrored");
+    assert!(!seen(&data), "the first VM's disk is visible in the clone's jail");
+    assert!(
+        !seen(&dir.path().join("vms")),
+        "the VMs' directories are visible in the clone's jail"
+    );
+    // Its next diff builds on the snapshot it came from: it remembers its host path.
+    let clone_diff = snapshot_of(
+        &mut snaps,
+        &channel,
+        create("jclone", "jclonediff", SnapshotKind::Diff),
+    )
+    .await?;
+    assert_eq!(clone_diff.base_snapshot_id, "jdiff", "{clone_diff:?}");
+
     for vm_id in ["jclone", "jailed"] {
         vms.delete_vm(DeleteVmRequest {
             vm_id: vm_id.into(),
@@ -277,5 +307,9 @@ async fn jailed_vms_run_confined_and_are_readopted() -> Result<()> {
         })
         .await?;
     }
+    assert!(
+        !dir.path().join("jails/jclone").exists(),
+        "the clone's jail directory is left"
+    );
     Ok(())
 }

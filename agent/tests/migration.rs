@@ -18,7 +18,9 @@
 //! echoes is the client-view downtime.
 //! Finally it moves back without shared storage: the agents copy its disks into the new host's VM
 //! directory while it writes them, and the copy of the disk it no longer writes is identical. The
-//! sending agent is killed mid-way; restarted, it neither starts its old copy nor lets anyone.
+//! sending agent is killed mid-way; restarted, it neither starts its old copy nor lets anyone. A,
+//! which jails its vmms, receives it in a jail: the disk copies go to the jailed vmm as
+//! descriptors.
 
 mod common;
 
@@ -624,6 +626,25 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
     dest.kill9();
     wait_state(&mut src_vms, "mover", VmState::Running, Duration::from_secs(120)).await?;
     runs_on_with_clean_checks(&mut src_vms, "mover", counted).await?;
+    // It arrived in a jail of A's: the vmm that received it runs as the VM's jail uid, its
+    // disk copies handed to it as descriptors.
+    let arrived = src_vms
+        .get_vm(GetVmRequest {
+            vm_id: "mover".into(),
+        })
+        .await?
+        .into_inner();
+    ensure!(
+        arrived.jail_uid != 0,
+        "A did not jail the arriving VM: {arrived:?}"
+    );
+    let receiver = vmm_agent::process::vm_process(arrived.pid);
+    ensure!(
+        receiver != arrived.pid,
+        "no jailed child under the launcher {}",
+        arrived.pid
+    );
+    assert_eq!(common::uids(receiver), vec![arrived.jail_uid; 4]);
     let copies = src_dir.path().join("vms/mover");
     assert_eq!(
         sha256(&copies.join("disk0.img"))?,
@@ -686,5 +707,6 @@ async fn a_running_vm_moves_between_agents_and_nothing_is_lost() -> Result<()> {
         })
         .await?;
     nothing_left(&mut src_vms, src_dir.path()).await?;
+    assert!(!src_dir.path().join("jails/mover").exists(), "A's jail is left");
     Ok(())
 }

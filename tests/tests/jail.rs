@@ -624,6 +624,42 @@ fn jail_refuses_bad_input_clearly() {
         &jail(&["--netns", "/run/netns/vmm-no-such-netns"]),
         "cannot open network namespace",
     );
+    // The empty start mode: only mirrors in the jail, each checked before anything is made.
+    let sock = format!("{dir}/run/api.sock");
+    let empty = |mirror: &str| {
+        vmm(&[
+            "--api-sock",
+            &sock,
+            "--jail",
+            dir,
+            "--uid",
+            "1234",
+            "--gid",
+            "1234",
+            "--jail-mirror",
+            mirror,
+        ])
+    };
+    assert_refused(&empty("/dev/shm"), "--jail-mirror /dev/shm: lies under /dev");
+    assert_refused(
+        &empty("/run/agent"),
+        "--jail-mirror /run/agent: shares its top directory with",
+    );
+    assert_refused(
+        &empty("/nonexistent/snapshot"),
+        "jail: --jail-mirror /nonexistent/snapshot cannot be used: No such file",
+    );
+    let private = tmp.path().join("private");
+    std::fs::create_dir(&private).unwrap();
+    std::fs::set_permissions(&private, std::fs::Permissions::from_mode(0o700)).unwrap();
+    assert_refused(
+        &empty(private.to_str().unwrap()),
+        "is not readable by the jail's uid 1234 / gid 1234 (mode 700",
+    );
+    assert_refused(
+        &vmm(&["--kernel", kernel, "--jail-mirror", "/srv/x"]),
+        "--jail-mirror (it needs --jail DIR)",
+    );
     // None of these left anything behind.
     assert!(!Path::new(dir).exists());
     // A directory that is not empty is refused and left as it was.

@@ -58,7 +58,10 @@ panics (2) or a vCPU fails (3); configuration and setup errors exit with 1.
                      root; with --uid N --gid N (non-zero), optionally --jail-id NAME (default: DIR's
                      last component), --netns PATH, --cpu-limit CORES (e.g. 1.5), --memory-limit-mib N,
                      --pids-limit N (default 128), --nofile N (default 1024). --api-sock and
-                     --serial file: paths must then lie in a directory under DIR
+                     --serial file: paths must then lie in a directory under DIR. Also for the
+                     empty start mode (only --api-sock): --jail-mirror PATH (repeatable) shows a
+                     host file or directory read-only at its own path in the jail, for a snapshot
+                     restore or migration that names host paths (disks and taps come as --fd)
   -h, --help         this text
   -V, --version      version";
 
@@ -185,7 +188,7 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
             "--serial" => &mut flags.serial,
             "--api-sock" => &mut flags.api_sock,
             "--seccomp" => &mut flags.seccomp,
-            "--drive" | "--net" | "--fd" => {
+            "--drive" | "--net" | "--fd" | "--jail-mirror" => {
                 let value = match inline {
                     Some(v) => v,
                     None => args.next().ok_or_else(|| CliError::MissingValue(name.clone()))?,
@@ -193,7 +196,8 @@ pub fn parse<I: IntoIterator<Item = String>>(args: I) -> Result<Command, CliErro
                 match name.as_str() {
                     "--drive" => flags.drives.push(value),
                     "--net" => flags.nets.push(value),
-                    _ => flags.fds.push(value),
+                    "--fd" => flags.fds.push(value),
+                    _ => flags.jail.mirrors.push(value),
                 }
                 continue;
             }

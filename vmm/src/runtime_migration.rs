@@ -196,9 +196,10 @@ impl Runtime {
                 "a migration is received by a VMM started without a configuration",
             ));
         }
+        let drive_fds = self.drive_fds(&params)?;
         let conn = self.take_connection(&params.connection)?;
         let (thread_link, loop_link) = migration::link(Arc::clone(&self.events.migration_event));
-        destination::spawn_receiver(conn, params, thread_link, self.seccomp)
+        destination::spawn_receiver(conn, params, drive_fds, thread_link, self.seccomp)
             .map_err(|e| (ErrorKind::Internal, e.to_string()))?;
         self.incoming = Some(Incoming {
             link: loop_link,
@@ -209,6 +210,29 @@ impl Runtime {
             kvm: None,
         });
         Ok(())
+    }
+
+    /// Copies of the descriptors the drive overrides name, for the receiving thread to write a
+    /// copied disk into (a jailed VMM cannot open a path on the host); the VM uses the originals.
+    fn drive_fds(&self, params: &MigrateReceive) -> Result<Vec<(String, std::fs::File)>, Failure> {
+        params
+            .overrides
+            .drives
+            .iter()
+            .filter_map(|o| o.fd.as_ref())
+            .map(|name| {
+                let fd = self.fds.get(name).ok_or_else(|| {
+                    (
+                        ErrorKind::NotFound,
+                        format!("overrides.drives: no descriptor named {name:?} (send it with add-fds)"),
+                    )
+                })?;
+                let copy = fd
+                    .try_clone()
+                    .map_err(|e| (ErrorKind::Internal, format!("descriptor {name:?}: {e}")))?;
+                Ok((name.clone(), std::fs::File::from(copy)))
+            })
+            .collect()
     }
 
     fn take_connection(&mut self, name: &str) -> Result<std::os::fd::OwnedFd, Failure> {

@@ -271,6 +271,16 @@ pub async fn wait_state(
     }
 }
 
+/// The `Uid:` line of a process: real, effective, saved and file-system uids.
+pub fn uids(pid: u32) -> Vec<u32> {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("Uid:"))
+        .map(|v| v.split_whitespace().filter_map(|u| u.parse().ok()).collect())
+        .unwrap_or_default()
+}
+
 /// Whether a process with this pid exists (and is no zombie).
 pub fn alive(pid: u32) -> bool {
     std::fs::read_to_string(format!("/proc/{pid}/stat"))

@@ -8,7 +8,7 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{chown, DirBuilderExt, FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use super::layout::{JailLayout, Owner};
+use super::layout::{JailLayout, Owner, SourceKind};
 use super::{JailConfig, JailError};
 
 /// What the launcher created or changed on the host, to undo at the end.
@@ -20,6 +20,8 @@ pub struct HostFiles {
     dirs: Vec<PathBuf>,
     /// Empty files created as bind-mount targets.
     mount_points: Vec<PathBuf>,
+    /// Empty directories created as bind-mount targets (of mirrored directories).
+    mount_dirs: Vec<PathBuf>,
     /// The control socket's host path (the VMM removes it, unless it was killed).
     socket: Option<PathBuf>,
     /// Writable images chowned to the jail uid, with their original owners.
@@ -40,9 +42,8 @@ fn access(what: &str, path: &Path, reason: String) -> JailError {
     }
 }
 
-/// Whether the mode bits let `uid`/`gid` (not root) read, or read and write, a file.
-pub fn mode_allows(mode: u32, owner: (u32, u32), uid: u32, gid: u32, write: bool) -> bool {
-    let want = if write { 0o6 } else { 0o4 };
+/// Whether the mode bits give `uid`/`gid` (not root) every permission bit of `want` (r=4 w=2 x=1).
+fn mode_grants(mode: u32, owner: (u32, u32), uid: u32, gid: u32, want: u32) -> bool {
     let bits = if owner.0 == uid {
         mode >> 6
     } else if owner.1 == gid {
@@ -70,9 +71,11 @@ pub fn prepare_host(jail: &JailConfig, layout: &JailLayout) -> Result<HostFiles,
 }
 
 /// Resolves every file to bind (symbolic links followed here, once) and checks that the jail can use
-/// it: a regular file (a drive image may also be a block device); a read-only one (kernel, initrd,
-/// read-only drive, base image) readable by the jail uid/gid by its mode bits, since it keeps its
-/// owner; a writable one readable and writable by its owner, which the jail uid becomes.
+/// it: a regular file (a drive image may also be a block device, a mirror a directory); a read-only
+/// one (kernel, initrd, read-only drive, base image, mirror) readable by the jail uid/gid by its
+/// mode bits, since it keeps its owner (a directory also searchable; what is in it is checked when
+/// the VMM opens it); a writable one readable and writable by its owner, which the jail uid
+/// becomes.
 fn check_sources(jail: &JailConfig, layout: &JailLayout) -> Result<Vec<(PathBuf, Metadata)>, JailError> {
     let mut sources = Vec::new();
     for file in &layout.files {
@@ -82,10 +85,21 @@ fn check_sources(jail: &JailConfig, layout: &JailLayout) -> Result<Vec<(PathBuf,
         let meta =
             std::fs::metadata(&path).map_err(|e| access(what, &path, format!("cannot be used: {e}")))?;
         let kind = meta.file_type();
-        if !(kind.is_file() || (kind.is_block_device() && file.device_ok)) {
-            return Err(access(what, &path, "is not a regular file".into()));
+        let allowed = kind.is_file()
+            || (kind.is_block_device() && file.kind == SourceKind::FileOrDevice)
+            || (kind.is_dir() && file.kind == SourceKind::FileOrDir);
+        if !allowed {
+            return Err(access(
+                what,
+                &path,
+                match file.kind {
+                    SourceKind::FileOrDir => "is neither a regular file nor a directory".into(),
+                    _ => "is not a regular file".into(),
+                },
+            ));
         }
-        if !file.writable && !mode_allows(meta.mode(), (meta.uid(), meta.gid()), jail.uid, jail.gid, false) {
+        let want = if kind.is_dir() { 0o5 } else { 0o4 };
+        if !file.writable && !mode_grants(meta.mode(), (meta.uid(), meta.gid()), jail.uid, jail.gid, want) {
             return Err(access(
                 what,
                 &path,
@@ -171,13 +185,21 @@ fn prepare(jail: &JailConfig, layout: &JailLayout, host: &mut HostFiles) -> Resu
     }
     for (file, (source, meta)) in layout.files.iter().zip(sources) {
         let target = dir.join(&file.target);
-        OpenOptions::new()
-            .write(true)
-            .create_new(true)
-            .mode(0o400)
-            .open(&target)
-            .map_err(io("cannot create", &target))?;
-        host.mount_points.push(target.clone());
+        if meta.is_dir() {
+            DirBuilder::new()
+                .mode(0o755)
+                .create(&target)
+                .map_err(io("cannot create", &target))?;
+            host.mount_dirs.push(target.clone());
+        } else {
+            OpenOptions::new()
+                .write(true)
+                .create_new(true)
+                .mode(0o400)
+                .open(&target)
+                .map_err(io("cannot create", &target))?;
+            host.mount_points.push(target.clone());
+        }
         // Only writable images change owner; read-only files, base images that other VMs share
         // among them, stay exactly as they are.
         if file.writable && (meta.uid(), meta.gid()) != (jail.uid, jail.gid) {
@@ -220,7 +242,7 @@ pub fn cleanup(host: HostFiles) {
             warn("chown back", path, e);
         }
     }
-    for path in host.dirs.iter().rev() {
+    for path in host.mount_dirs.iter().chain(host.dirs.iter().rev()) {
         match std::fs::remove_dir(path) {
             Err(e) if e.raw_os_error() != Some(libc::ENOTEMPTY) => warn("remove", path, e),
             _ => {}
@@ -434,6 +456,7 @@ mod tests {
             memory_limit_mib: None,
             pids_limit: 16,
             nofile: 64,
+            mirrors: Vec::new(),
         };
         let config = vmm_api::VmConfig::from_json(
             &serde_json::json!({
@@ -443,7 +466,7 @@ mod tests {
             .to_string(),
         )
         .unwrap();
-        let layout = JailLayout::plan(&jail, &config, None).unwrap();
+        let layout = JailLayout::plan(&jail, Some(&config), None).unwrap();
         (jail, layout)
     }
 
@@ -487,12 +510,15 @@ mod tests {
     #[test]
     fn mode_bits_decide_access_for_the_jail_uid() {
         let (uid, gid) = (1000, 2000);
-        assert!(mode_allows(0o644, (0, 0), uid, gid, false));
-        assert!(!mode_allows(0o640, (0, 0), uid, gid, false));
-        assert!(mode_allows(0o640, (0, gid), uid, gid, false));
-        assert!(mode_allows(0o600, (uid, 0), uid, gid, true));
-        assert!(!mode_allows(0o400, (uid, 0), uid, gid, true));
+        assert!(mode_grants(0o644, (0, 0), uid, gid, 0o4));
+        assert!(!mode_grants(0o640, (0, 0), uid, gid, 0o4));
+        assert!(mode_grants(0o640, (0, gid), uid, gid, 0o4));
+        assert!(mode_grants(0o600, (uid, 0), uid, gid, 0o6));
+        assert!(!mode_grants(0o400, (uid, 0), uid, gid, 0o6));
+        // A directory must also be searchable.
+        assert!(mode_grants(0o755, (0, 0), uid, gid, 0o5));
+        assert!(!mode_grants(0o744, (0, 0), uid, gid, 0o5));
         // The owner class decides alone, as in the kernel: an owner without bits gets nothing.
-        assert!(!mode_allows(0o044, (uid, gid), uid, gid, false));
+        assert!(!mode_grants(0o044, (uid, gid), uid, gid, 0o4));
     }
 }

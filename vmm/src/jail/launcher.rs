@@ -46,7 +46,7 @@ pub fn launch(
         Forked::Child(Ok(fds)) => {
             let mut options = options;
             options.api_sock = layout.api_sock.clone();
-            Ok(Entered::Vmm(Some(Box::new(layout.config)), options, fds))
+            Ok(Entered::Vmm(layout.config.map(Box::new), options, fds))
         }
         // The launcher cleans up; the child only reports.
         Forked::Child(Err(e)) => Err(e),

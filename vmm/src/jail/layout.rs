@@ -7,6 +7,8 @@
 //!   boot/initrd        bind mount of the initrd (read-only)
 //!   drives/<id>        bind mount of each drive image (read-only unless the drive is writable)
 //!   drives/<id>.base   bind mount of a copy-on-write drive's base image (`backing`), read-only
+//!   <host path>        --jail-mirror: a host file or directory at its own path, read-only (what a
+//!                      VM that arrives later, by snapshot restore or migration, names by host path)
 //!   dev/               a private tmpfs in the jail: kvm, net/tun, owned by the jail uid
 //!   proc/              the jail's own procfs (subset=pid: only its own processes)
 //!   <dirs>/<socket>    --api-sock: its directory is owned by the jail uid (bind creates the socket)
@@ -53,12 +55,32 @@ pub enum LayoutError {
     /// The socket and the serial log are the same file.
     #[error("--api-sock and the serial log file are both {0}")]
     Clash(String),
+    /// A `--jail-mirror` path the jail cannot show at its own path.
+    #[error("--jail-mirror {path}: {reason}")]
+    Mirror {
+        /// The path given.
+        path: String,
+        /// What is wrong.
+        reason: String,
+    },
+}
+
+/// What a bound file may be.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SourceKind {
+    /// A regular file (the kernel, the initrd, a base image, whose size is read from its metadata).
+    File,
+    /// A regular file or a block device (a drive's image).
+    FileOrDevice,
+    /// A regular file or a directory (a mirror: a snapshot's directory, say).
+    FileOrDir,
 }
 
 /// A host file the jail sees through a bind mount.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BoundFile {
-    /// What it is, for error messages: "kernel", "initrd", "drive ID", "base of drive ID".
+    /// What it is, for error messages: "kernel", "initrd", "drive ID", "base of drive ID",
+    /// "--jail-mirror".
     pub what: String,
     /// The host path from the configuration.
     pub source: PathBuf,
@@ -68,9 +90,8 @@ pub struct BoundFile {
     /// files are chowned to the jail uid while it runs: a read-only one (a base image many VMs
     /// share) keeps its owner.
     pub writable: bool,
-    /// Whether it may be a block device rather than a regular file (a drive's image may; the kernel,
-    /// the initrd and a base image, whose size is read from its metadata, may not).
-    pub device_ok: bool,
+    /// What it may be.
+    pub kind: SourceKind,
 }
 
 /// Who owns a directory the launcher creates in the jail.
@@ -87,8 +108,9 @@ pub enum Owner {
 pub struct JailLayout {
     /// The jail directory on the host.
     pub dir: PathBuf,
-    /// The VM configuration with every path rewritten to its in-jail path.
-    pub config: VmConfig,
+    /// The VM configuration with every path rewritten to its in-jail path (none in the empty
+    /// start mode: the VM comes later, over the control socket).
+    pub config: Option<VmConfig>,
     /// The control socket's in-jail path.
     pub api_sock: Option<PathBuf>,
     /// Files bind-mounted into the jail.
@@ -100,35 +122,99 @@ pub struct JailLayout {
 }
 
 impl JailLayout {
-    /// Plans the jail for `config`; `api_sock` is the host path given with `--api-sock`.
-    pub fn plan(jail: &JailConfig, config: &VmConfig, api_sock: Option<&Path>) -> Result<Self, LayoutError> {
+    /// Plans the jail for `config` (none: the empty start mode); `api_sock` is the host path given
+    /// with `--api-sock`.
+    pub fn plan(
+        jail: &JailConfig,
+        config: Option<&VmConfig>,
+        api_sock: Option<&Path>,
+    ) -> Result<Self, LayoutError> {
         check_jail_dir(&jail.dir)?;
-        let mut files = Vec::new();
-        let mut rewritten = config.clone();
-        let mut dirs = vec![
-            (PathBuf::from("boot"), Owner::Root),
-            (PathBuf::from("dev"), Owner::Root),
-            (PathBuf::from("proc"), Owner::Root),
-        ];
-        let mut bind = |what: String, source: &Path, target: PathBuf, writable: bool, device_ok: bool| {
-            files.push(BoundFile {
-                what,
-                source: source.to_path_buf(),
-                target: target.clone(),
-                writable,
-                device_ok,
-            });
-            Path::new("/").join(target)
+        let mut layout = JailLayout {
+            dir: jail.dir.clone(),
+            config: None,
+            api_sock: None,
+            files: Vec::new(),
+            dirs: vec![
+                (PathBuf::from("boot"), Owner::Root),
+                (PathBuf::from("dev"), Owner::Root),
+                (PathBuf::from("proc"), Owner::Root),
+            ],
+            serial_log: None,
         };
-        rewritten.boot.kernel = bind(
+        if let Some(config) = config {
+            layout.config = Some(layout.bind_config(config));
+        }
+        let sock = api_sock
+            .map(|p| inside(&jail.dir, p, "--api-sock", "api.sock"))
+            .transpose()?;
+        let log = match config.map(|c| &c.serial) {
+            Some(SerialConfig::File(p)) => Some(inside(&jail.dir, p, "the serial log file", "serial.log")?),
+            _ => None,
+        };
+        if let (Some(s), Some(l)) = (&sock, &log) {
+            if s == l {
+                return Err(LayoutError::Clash(jail.dir.join(s).display().to_string()));
+            }
+        }
+        for (file, owner) in [(&log, Owner::Root), (&sock, Owner::Jail)] {
+            if let Some(parent) = file.as_deref().and_then(Path::parent) {
+                layout.add_dirs(parent, owner);
+            }
+        }
+        let taken: Vec<&Path> = [&sock, &log]
+            .into_iter()
+            .flatten()
+            .map(PathBuf::as_path)
+            .collect();
+        layout.add_mirrors(&jail.mirrors, &taken)?;
+        if let (Some(l), Some(c)) = (&log, &mut layout.config) {
+            c.serial = SerialConfig::File(Path::new("/").join(l));
+        }
+        layout.serial_log = log;
+        layout.api_sock = sock.map(|s| Path::new("/").join(s));
+        Ok(layout)
+    }
+
+    /// Adds a bind mount of `source` at `target` (relative); returns its in-jail path.
+    fn bind(
+        &mut self,
+        what: String,
+        source: &Path,
+        target: PathBuf,
+        writable: bool,
+        kind: SourceKind,
+    ) -> PathBuf {
+        let in_jail = Path::new("/").join(&target);
+        self.files.push(BoundFile {
+            what,
+            source: source.to_path_buf(),
+            target,
+            writable,
+            kind,
+        });
+        in_jail
+    }
+
+    /// Binds the kernel, initrd, drives and base images of `config`; returns it with their
+    /// in-jail paths.
+    fn bind_config(&mut self, config: &VmConfig) -> VmConfig {
+        let mut rewritten = config.clone();
+        rewritten.boot.kernel = self.bind(
             "kernel".into(),
             &config.boot.kernel,
             "boot/kernel".into(),
             false,
-            false,
+            SourceKind::File,
         );
         if let Some(initrd) = &config.boot.initrd {
-            rewritten.boot.initrd = Some(bind("initrd".into(), initrd, "boot/initrd".into(), false, false));
+            rewritten.boot.initrd = Some(self.bind(
+                "initrd".into(),
+                initrd,
+                "boot/initrd".into(),
+                false,
+                SourceKind::File,
+            ));
         }
         // A drive given as a descriptor (`fd`, from `--fd`) has no path: the VMM holds its image
         // already, and nothing is bound for it. Its base, if it has one, is a path like any other
@@ -138,75 +224,100 @@ impl JailLayout {
             .iter()
             .any(|d| d.fd.is_none() || d.backing.is_some())
         {
-            dirs.push((PathBuf::from("drives"), Owner::Root));
+            self.dirs.push((PathBuf::from("drives"), Owner::Root));
         }
         for (drive, out) in config.drives.iter().zip(rewritten.drives.iter_mut()) {
             // Drive ids are validated names (A-Z a-z 0-9 _ -), safe as file names.
             if drive.fd.is_none() {
-                out.path = bind(
+                out.path = self.bind(
                     format!("drive {}", drive.id),
                     &drive.path,
                     Path::new("drives").join(&drive.id),
                     !drive.read_only,
-                    true,
+                    SourceKind::FileOrDevice,
                 );
             }
             if let Some(base) = &drive.backing {
                 // A drive id cannot hold a '.', so `<id>.base` never names another drive's image.
                 // Read-only whatever the drive is: the VMM only reads a base, and other VMs share
                 // it, so it is mounted read-only and never chowned to the jail uid.
-                out.backing = Some(bind(
+                out.backing = Some(self.bind(
                     format!("base of drive {}", drive.id),
                     base,
                     Path::new("drives").join(format!("{}.base", drive.id)),
                     false,
-                    false,
+                    SourceKind::File,
                 ));
             }
         }
+        rewritten
+    }
 
-        let sock = api_sock
-            .map(|p| inside(&jail.dir, p, "--api-sock", "api.sock"))
-            .transpose()?;
-        let log = match &config.serial {
-            SerialConfig::File(p) => Some(inside(&jail.dir, p, "the serial log file", "serial.log")?),
-            _ => None,
-        };
-        if let (Some(s), Some(l)) = (&sock, &log) {
-            if s == l {
-                return Err(LayoutError::Clash(jail.dir.join(s).display().to_string()));
+    /// Adds `dir` (relative) and the directories above it: `dir` owned by `owner`, the others by
+    /// root. The socket's directory wins over the log's: the VMM must create the socket there.
+    fn add_dirs(&mut self, dir: &Path, owner: Owner) {
+        let mut chain: Vec<&Path> = dir.ancestors().filter(|a| !a.as_os_str().is_empty()).collect();
+        chain.reverse();
+        let last = chain.len().saturating_sub(1);
+        for (i, a) in chain.into_iter().enumerate() {
+            let want = if i == last { owner } else { Owner::Root };
+            match self.dirs.iter_mut().find(|(d, _)| d == a) {
+                Some(entry) if want == Owner::Jail => entry.1 = Owner::Jail,
+                Some(_) => {}
+                None => self.dirs.push((a.to_path_buf(), want)),
             }
         }
-        for (file, owner) in [(&log, Owner::Root), (&sock, Owner::Jail)] {
-            let Some(file) = file else { continue };
-            let mut ancestors: Vec<&Path> = file
-                .ancestors()
-                .skip(1)
-                .filter(|a| !a.as_os_str().is_empty())
-                .collect();
-            ancestors.reverse();
-            let last = ancestors.len().saturating_sub(1);
-            for (i, a) in ancestors.into_iter().enumerate() {
-                let want = if i == last { owner } else { Owner::Root };
-                match dirs.iter_mut().find(|(d, _)| d == a) {
-                    // The socket's directory wins over the log's: the VMM must create the socket there.
-                    Some(entry) if want == Owner::Jail => entry.1 = Owner::Jail,
-                    Some(_) => {}
-                    None => dirs.push((a.to_path_buf(), want)),
-                }
+    }
+
+    /// Binds each mirror read-only at its own path. A mirror may not lie under the jail's own
+    /// names (`RESERVED`) or share a top directory with the socket or the serial log (`taken`,
+    /// relative), which the jail uid may own; nor may one mirror hold another (its mount point
+    /// would have to be made inside a read-only bind).
+    fn add_mirrors(&mut self, mirrors: &[PathBuf], taken: &[&Path]) -> Result<(), LayoutError> {
+        for (i, mirror) in mirrors.iter().enumerate() {
+            let refuse = |reason: String| LayoutError::Mirror {
+                path: mirror.display().to_string(),
+                reason,
+            };
+            let rel = mirror
+                .strip_prefix("/")
+                .ok()
+                .filter(|r| is_normal(mirror) && !r.as_os_str().is_empty())
+                .ok_or_else(|| refuse("must be an absolute, normalized path other than /".into()))?;
+            let top = rel.components().next().map(|c| c.as_os_str());
+            if RESERVED.iter().any(|r| top == Some(OsStr::new(r))) {
+                return Err(refuse(format!(
+                    "lies under /{}, which the jail itself uses",
+                    top.unwrap_or_default().to_string_lossy()
+                )));
             }
+            if let Some(t) = taken
+                .iter()
+                .find(|t| t.components().next().map(|c| c.as_os_str()) == top)
+            {
+                return Err(refuse(format!(
+                    "shares its top directory with {}, which the jail creates",
+                    self.dir.join(t).display()
+                )));
+            }
+            if let Some(other) = mirrors[..i]
+                .iter()
+                .find(|o| o.starts_with(mirror) || mirror.starts_with(o))
+            {
+                return Err(refuse(format!("overlaps --jail-mirror {}", other.display())));
+            }
+            if let Some(parent) = rel.parent() {
+                self.add_dirs(parent, Owner::Root);
+            }
+            self.bind(
+                "--jail-mirror".into(),
+                mirror,
+                rel.to_path_buf(),
+                false,
+                SourceKind::FileOrDir,
+            );
         }
-        if let Some(l) = &log {
-            rewritten.serial = SerialConfig::File(Path::new("/").join(l));
-        }
-        Ok(JailLayout {
-            dir: jail.dir.clone(),
-            config: rewritten,
-            api_sock: sock.map(|s| Path::new("/").join(s)),
-            files,
-            dirs,
-            serial_log: log,
-        })
+        Ok(())
     }
 }
 
@@ -286,6 +397,7 @@ mod tests {
             memory_limit_mib: None,
             pids_limit: 16,
             nofile: 64,
+            mirrors: Vec::new(),
         }
     }
 
@@ -302,11 +414,11 @@ mod tests {
     fn rewrites_every_path_to_the_jail() {
         let plan = JailLayout::plan(
             &jail("/srv/jail/vm"),
-            &config(r#"{"file": "/srv/jail/vm/log/console.log"}"#),
+            Some(&config(r#"{"file": "/srv/jail/vm/log/console.log"}"#)),
             Some(Path::new("/srv/jail/vm/run/api.sock")),
         )
         .unwrap();
-        let c = &plan.config;
+        let c = plan.config.as_ref().unwrap();
         assert_eq!(c.boot.kernel, PathBuf::from("/boot/kernel"));
         assert_eq!(c.boot.initrd, Some(PathBuf::from("/boot/initrd")));
         assert_eq!(c.drives[0].path, PathBuf::from("/drives/root"));
@@ -355,12 +467,12 @@ mod tests {
                 "nets": [{"id": "eth0", "fd": "tap0"}]}"#,
         )
         .unwrap();
-        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), Some(&config), None).unwrap();
         let targets: Vec<_> = plan.files.iter().map(|f| f.target.to_str().unwrap()).collect();
         assert_eq!(targets, ["boot/kernel"]);
         assert!(!plan.dirs.iter().any(|(d, _)| d == Path::new("drives")));
-        assert_eq!(plan.config.drives, config.drives);
-        assert_eq!(plan.config.nets, config.nets);
+        assert_eq!(plan.config.as_ref().unwrap().drives, config.drives);
+        assert_eq!(plan.config.as_ref().unwrap().nets, config.nets);
     }
 
     #[test]
@@ -374,7 +486,7 @@ mod tests {
                            {"id": "passed2", "fd": "disk2"}]}"#,
         )
         .unwrap();
-        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), Some(&config), None).unwrap();
         let files: Vec<_> = plan
             .files
             .iter()
@@ -384,7 +496,7 @@ mod tests {
                     f.source.to_str().unwrap(),
                     f.target.to_str().unwrap(),
                     f.writable,
-                    f.device_ok,
+                    f.kind == SourceKind::FileOrDevice,
                 )
             })
             .collect();
@@ -421,7 +533,7 @@ mod tests {
                 ),
             ]
         );
-        let d = &plan.config.drives;
+        let d = &plan.config.as_ref().unwrap().drives;
         let paths: Vec<_> = d
             .iter()
             .map(|d| (d.path.to_str().unwrap(), d.backing.as_deref()))
@@ -441,7 +553,7 @@ mod tests {
             (Some("disk"), Some("disk2"))
         );
         // The rewritten configuration is still a valid one (absolute base paths).
-        plan.config.validate().unwrap();
+        plan.config.as_ref().unwrap().validate().unwrap();
         // `<id>.base` never collides with another drive's `<id>`: ids cannot hold a '.'.
         assert!(!vmm_api::drive::is_valid_name("root.base"));
 
@@ -451,21 +563,21 @@ mod tests {
                 "drives": [{"id": "data", "fd": "disk", "backing": "/images/base.img"}]}"#,
         )
         .unwrap();
-        let plan = JailLayout::plan(&jail("/j/vm"), &config, None).unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), Some(&config), None).unwrap();
         let targets: Vec<_> = plan.files.iter().map(|f| f.target.to_str().unwrap()).collect();
         assert_eq!(targets, ["boot/kernel", "drives/data.base"]);
         assert!(plan
             .dirs
             .iter()
             .any(|(d, o)| d == Path::new("drives") && *o == Owner::Root));
-        assert_eq!(plan.config.drives[0].path, PathBuf::new());
+        assert_eq!(plan.config.as_ref().unwrap().drives[0].path, PathBuf::new());
     }
 
     #[test]
     fn socket_and_log_may_share_a_nested_directory() {
         let plan = JailLayout::plan(
             &jail("/j/vm"),
-            &config(r#"{"file": "/j/vm/var/run/c.log"}"#),
+            Some(&config(r#"{"file": "/j/vm/var/run/c.log"}"#)),
             Some(Path::new("/j/vm/var/run/s.sock")),
         )
         .unwrap();
@@ -474,9 +586,9 @@ mod tests {
             .map(|(d, o)| (d.to_str().unwrap(), *o))
             .collect();
         assert_eq!(extra, [("var", Owner::Root), ("var/run", Owner::Jail)]);
-        let plan = JailLayout::plan(&jail("/j/vm"), &config("\"stdout\""), None).unwrap();
+        let plan = JailLayout::plan(&jail("/j/vm"), Some(&config("\"stdout\"")), None).unwrap();
         assert_eq!((plan.api_sock, plan.serial_log), (None, None));
-        assert_eq!(plan.config.serial, SerialConfig::Stdout);
+        assert_eq!(plan.config.as_ref().unwrap().serial, SerialConfig::Stdout);
     }
 
     #[test]
@@ -492,19 +604,20 @@ mod tests {
             "run/api.sock",
         ];
         for sock in bad_socks {
-            let err =
-                JailLayout::plan(&jail("/j/vm"), &config("\"off\""), Some(Path::new(sock))).unwrap_err();
+            let err = JailLayout::plan(&jail("/j/vm"), Some(&config("\"off\"")), Some(Path::new(sock)))
+                .unwrap_err();
             assert!(matches!(err, LayoutError::Outside { .. }), "{sock}: {err}");
             assert!(err.to_string().contains("/j/vm/run/api.sock"), "{err}");
         }
-        let err = JailLayout::plan(&jail("/j/vm"), &config(r#"{"file": "/tmp/c.log"}"#), None).unwrap_err();
+        let err =
+            JailLayout::plan(&jail("/j/vm"), Some(&config(r#"{"file": "/tmp/c.log"}"#)), None).unwrap_err();
         assert!(
             err.to_string().contains("the serial log file /tmp/c.log"),
             "{err}"
         );
         let err = JailLayout::plan(
             &jail("/j/vm"),
-            &config(r#"{"file": "/j/vm/run/x"}"#),
+            Some(&config(r#"{"file": "/j/vm/run/x"}"#)),
             Some(Path::new("/j/vm/run/x")),
         )
         .unwrap_err();
@@ -513,6 +626,110 @@ mod tests {
             assert!(check_jail_dir(Path::new(dir)).is_err(), "{dir}");
         }
         check_jail_dir(Path::new("/j/vm")).unwrap();
+    }
+
+    #[test]
+    fn the_empty_start_mode_binds_only_mirrors_at_their_own_paths() {
+        let mut j = jail("/j/vm");
+        j.mirrors = vec![
+            "/var/lib/agent/snapshots/full".into(),
+            "/var/lib/agent/snapshots/diff".into(),
+            "/var/lib/agent/images/base/rootfs.img".into(),
+        ];
+        let plan = JailLayout::plan(&j, None, Some(Path::new("/j/vm/run/api.sock"))).unwrap();
+        assert_eq!(plan.config, None);
+        assert_eq!(plan.api_sock, Some(PathBuf::from("/run/api.sock")));
+        let files: Vec<_> = plan
+            .files
+            .iter()
+            .map(|f| {
+                (
+                    f.source.to_str().unwrap(),
+                    f.target.to_str().unwrap(),
+                    f.writable,
+                    f.kind,
+                )
+            })
+            .collect();
+        assert_eq!(
+            files,
+            [
+                (
+                    "/var/lib/agent/snapshots/full",
+                    "var/lib/agent/snapshots/full",
+                    false,
+                    SourceKind::FileOrDir
+                ),
+                (
+                    "/var/lib/agent/snapshots/diff",
+                    "var/lib/agent/snapshots/diff",
+                    false,
+                    SourceKind::FileOrDir
+                ),
+                (
+                    "/var/lib/agent/images/base/rootfs.img",
+                    "var/lib/agent/images/base/rootfs.img",
+                    false,
+                    SourceKind::FileOrDir
+                ),
+            ]
+        );
+        // Every directory above a mirror once, root's, parents first.
+        let dirs: Vec<_> = plan.dirs.iter().map(|(d, o)| (d.to_str().unwrap(), *o)).collect();
+        assert_eq!(
+            dirs,
+            [
+                ("boot", Owner::Root),
+                ("dev", Owner::Root),
+                ("proc", Owner::Root),
+                ("run", Owner::Jail),
+                ("var", Owner::Root),
+                ("var/lib", Owner::Root),
+                ("var/lib/agent", Owner::Root),
+                ("var/lib/agent/snapshots", Owner::Root),
+                ("var/lib/agent/images", Owner::Root),
+                ("var/lib/agent/images/base", Owner::Root),
+            ]
+        );
+    }
+
+    #[test]
+    fn mirrors_stay_clear_of_the_jails_own_paths_and_of_each_other() {
+        let refused = |mirrors: &[&str], sock: &str| {
+            let mut j = jail("/j/vm");
+            j.mirrors = mirrors.iter().map(PathBuf::from).collect();
+            JailLayout::plan(&j, None, Some(Path::new(sock)))
+                .unwrap_err()
+                .to_string()
+        };
+        let sock = "/j/vm/run/api.sock";
+        let cases = [
+            (refused(&["/"], sock), "absolute, normalized"),
+            (refused(&["relative/x"], sock), "absolute, normalized"),
+            (refused(&["/a/../b"], sock), "absolute, normalized"),
+            (refused(&["/dev/kvm"], sock), "lies under /dev"),
+            (refused(&["/drives/x"], sock), "lies under /drives"),
+            (
+                refused(&["/run/agent/snap"], sock),
+                "shares its top directory with /j/vm/run/api.sock",
+            ),
+            (
+                refused(&["/a/b", "/a/b/c"], sock),
+                "/a/b/c: overlaps --jail-mirror /a/b",
+            ),
+            (
+                refused(&["/a/b/c", "/a/b"], sock),
+                "/a/b: overlaps --jail-mirror /a/b/c",
+            ),
+            (refused(&["/a/b", "/a/b"], sock), "overlaps"),
+        ];
+        for (err, expected) in cases {
+            assert!(err.contains(expected), "{err} should say {expected}");
+        }
+        // Siblings are fine, and so is a name that merely starts like another.
+        let mut j = jail("/j/vm");
+        j.mirrors = vec!["/a/b".into(), "/a/bc".into(), "/a/c".into()];
+        JailLayout::plan(&j, None, Some(Path::new(sock))).unwrap();
     }
 
     #[test]

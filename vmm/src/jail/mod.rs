@@ -69,16 +69,15 @@ pub struct JailConfig {
     pub pids_limit: u64,
     /// `RLIMIT_NOFILE`.
     pub nofile: u64,
+    /// Host files and directories shown read-only at their own paths in the jail
+    /// (`--jail-mirror`): what a VM that arrives after the start names by host path (a snapshot's
+    /// directory and those it builds on, a base image).
+    pub mirrors: Vec<PathBuf>,
 }
 
 /// Why the jail could not be set up.
 #[derive(Debug, thiserror::Error)]
 pub enum JailError {
-    /// The empty start mode: the files to bring into the jail are not known yet.
-    #[error(
-        "--jail needs the VM's configuration (--config or --kernel): the jail is laid out from its files"
-    )]
-    NeedsConfig,
     /// The jail's paths or the configuration do not fit together.
     #[error(transparent)]
     Layout(#[from] LayoutError),
@@ -160,6 +159,11 @@ pub enum Entered {
 
 /// Confines the process as `options.jail` asks, or does nothing without `--jail`.
 ///
+/// Without a configuration (the empty start mode) the jail holds only the mirrors: the VM that
+/// comes over the control socket (a snapshot restore, an incoming migration, a `configure`) gets
+/// its disks and taps as descriptors (`--fd`, `add-fds`) and finds the rest at mirrored host paths,
+/// so what it records names host paths as it is.
+///
 /// Must be called while the process is single-threaded (it forks). In the jailed VMM it returns
 /// [`Entered::Vmm`] with the configuration rewritten to in-jail paths and the inherited descriptors
 /// `fds`; in the launcher, which closes its copies of `fds` as soon as it has forked, it returns
@@ -168,11 +172,12 @@ pub fn enter(config: Option<VmConfig>, options: RunOptions, fds: PassedFds) -> R
     let Some(jail) = options.jail.clone() else {
         return Ok(Entered::Vmm(config.map(Box::new), options, fds));
     };
-    let config = config.ok_or(JailError::NeedsConfig)?;
-    check_memory_limit(&jail, &config)?;
-    let layout = JailLayout::plan(&jail, &config, options.api_sock.as_deref())?;
+    if let Some(config) = &config {
+        check_memory_limit(&jail, config)?;
+    }
+    let layout = JailLayout::plan(&jail, config.as_ref(), options.api_sock.as_deref())?;
     let options = RunOptions {
-        host_config: Some(Box::new(config)),
+        host_config: config.map(Box::new),
         ..options
     };
     launcher::launch(&jail, layout, options, fds)
@@ -200,6 +205,8 @@ pub struct JailFlags {
     memory_limit_mib: Option<String>,
     pids_limit: Option<String>,
     nofile: Option<String>,
+    /// `--jail-mirror`, repeatable: `cli.rs` adds to it.
+    pub(crate) mirrors: Vec<String>,
 }
 
 impl JailFlags {
@@ -232,8 +239,14 @@ impl JailFlags {
                 ("--pids-limit", &self.pids_limit),
                 ("--nofile", &self.nofile),
             ];
-            return match others.iter().find(|(_, v)| v.is_some()) {
-                Some((flag, _)) => Err(CliError::MissingValue(format!("{flag} (it needs --jail DIR)"))),
+            let mirror = (!self.mirrors.is_empty()).then_some("--jail-mirror");
+            return match others
+                .iter()
+                .find(|(_, v)| v.is_some())
+                .map(|(f, _)| *f)
+                .or(mirror)
+            {
+                Some(flag) => Err(CliError::MissingValue(format!("{flag} (it needs --jail DIR)"))),
                 None => Ok(None),
             };
         };
@@ -310,6 +323,8 @@ impl JailFlags {
             memory_limit_mib,
             pids_limit: positive("--pids-limit", self.pids_limit, DEFAULT_PIDS_LIMIT)?,
             nofile: positive("--nofile", self.nofile, DEFAULT_NOFILE)?,
+            // Checked with the layout, which knows the paths the jail keeps for itself.
+            mirrors: self.mirrors.into_iter().map(PathBuf::from).collect(),
         })))
     }
 }
@@ -404,6 +419,15 @@ mod tests {
         let jail = options.jail.unwrap();
         assert_eq!((jail.id.as_str(), jail.uid, jail.gid), ("vm", 5, 6));
         assert_eq!(jail.cpu_limit.map(|c| c.quota_us), Some(50_000));
+        // The empty start mode, jailed, with mirrors (repeatable, either spelling).
+        let args =
+            "--api-sock /j/vm/run/a.sock --jail /j/vm --uid 5 --gid 6 --jail-mirror /a --jail-mirror=/b/c";
+        let parsed = crate::cli::parse(args.split_whitespace().map(String::from)).unwrap();
+        let crate::cli::Command::Run(None, options) = parsed else {
+            panic!("expected an empty start")
+        };
+        let mirrors = options.jail.unwrap().mirrors;
+        assert_eq!(mirrors, [PathBuf::from("/a"), PathBuf::from("/b/c")]);
         let err = crate::cli::parse("--kernel /k --uid 5".split_whitespace().map(String::from)).unwrap_err();
         assert!(err.to_string().contains("--uid (it needs --jail DIR)"), "{err}");
         let err = crate::cli::parse(

@@ -43,6 +43,7 @@ pub struct Received {
 pub fn spawn_receiver(
     conn: OwnedFd,
     params: MigrateReceive,
+    drive_fds: Vec<(String, File)>,
     link: MainLink,
     seccomp: SeccompMode,
 ) -> Result<(), MigrationError> {
@@ -53,10 +54,12 @@ pub fn spawn_receiver(
         let failed = match Conn::destination(sock, params.tls.as_ref(), READ_TIMEOUT, WRITE_TIMEOUT) {
             Ok(conn) => {
                 let mut input = BufReader::with_capacity(1 << 20, conn);
-                receive(&mut input, &params, &link, &filter).err().inspect(|e| {
-                    // Best effort: the source learns why instead of waiting for its timeout.
-                    let _ = send(input.get_mut(), &Frame::Abort(e.to_string()));
-                })
+                receive(&mut input, &params, drive_fds, &link, &filter)
+                    .err()
+                    .inspect(|e| {
+                        // Best effort: the source learns why instead of waiting for its timeout.
+                        let _ = send(input.get_mut(), &Frame::Abort(e.to_string()));
+                    })
             }
             Err(e) => Some(e.into()),
         };
@@ -150,11 +153,15 @@ impl DiskTarget {
     }
 }
 
-/// Opens the files the copied drives go to: each drive's `path` (as the overrides set it), empty
-/// (it is given the image's size) or already of that size, and not in use (locked) by a VM.
-/// Anything else is refused: this side does not overwrite an image it was pointed at by mistake.
-/// The lock is held until the copy is complete.
-fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>, MigrationError> {
+/// Opens the files the copied drives go to: each drive's `path` or descriptor (`fd`, from
+/// `drive_fds`) as the overrides set it, empty (it is given the image's size) or already of that
+/// size, and not in use (locked) by a VM. Anything else is refused: this side does not overwrite an
+/// image it was pointed at by mistake. The lock is held until the copy is complete.
+fn open_targets(
+    disks: &[DiskCopy],
+    config: &VmConfig,
+    mut drive_fds: Vec<(String, File)>,
+) -> Result<Vec<DiskTarget>, MigrationError> {
     let incompatible = |why: String| MigrationError::Incompatible(why);
     disks
         .iter()
@@ -165,24 +172,33 @@ fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>
                     copy.id
                 ))
             })?;
-            if drive.fd.is_some() || drive.path.as_os_str().is_empty() {
-                return Err(incompatible(format!(
-                    "drive {}: its copy needs a path on this host (an fd cannot receive it)",
-                    copy.id
-                )));
-            }
-            let mut file = std::fs::OpenOptions::new()
-                .read(true)
-                .write(true)
-                .open(&drive.path)
-                .map_err(|e| incompatible(format!("drive {}: {}: {e}", copy.id, drive.path.display())))?;
+            let (mut file, name) = match &drive.fd {
+                Some(fd) => {
+                    let at = drive_fds.iter().position(|(n, _)| n == fd).ok_or_else(|| {
+                        incompatible(format!(
+                            "drive {}: no descriptor named {fd:?} (send it with add-fds)",
+                            copy.id
+                        ))
+                    })?;
+                    (drive_fds.swap_remove(at).1, format!("descriptor {fd}"))
+                }
+                None => {
+                    let file = std::fs::OpenOptions::new()
+                        .read(true)
+                        .write(true)
+                        .open(&drive.path)
+                        .map_err(|e| {
+                            incompatible(format!("drive {}: {}: {e}", copy.id, drive.path.display()))
+                        })?;
+                    (file, drive.path.display().to_string())
+                }
+            };
             // The image a VM uses (the source's own, when both run on one host and the drive has
             // no override) is locked: a copy must never be written over a live disk.
             devices::virtio::block::disk::lock_exclusive(&file).map_err(|e| {
                 incompatible(format!(
-                    "drive {}: {} cannot receive the copy: {}",
+                    "drive {}: {name} cannot receive the copy: {}",
                     copy.id,
-                    drive.path.display(),
                     if e.raw_os_error() == Some(libc::EWOULDBLOCK) {
                         "another process (a VM) holds a lock on it".to_string()
                     } else {
@@ -198,10 +214,8 @@ fn open_targets(disks: &[DiskCopy], config: &VmConfig) -> Result<Vec<DiskTarget>
                     .map_err(|e| incompatible(format!("drive {}: cannot size its copy: {e}", copy.id)))?;
             } else if size != copy.bytes {
                 return Err(incompatible(format!(
-                    "drive {}: {} is {size} bytes, the source's image {} bytes",
-                    copy.id,
-                    drive.path.display(),
-                    copy.bytes
+                    "drive {}: {name} is {size} bytes, the source's image {} bytes",
+                    copy.id, copy.bytes
                 )));
             }
             Ok(DiskTarget {
@@ -222,6 +236,7 @@ fn sync_all(targets: &mut [DiskTarget]) -> Result<(), MigrationError> {
 fn receive(
     input: &mut BufReader<Conn>,
     params: &MigrateReceive,
+    drive_fds: Vec<(String, File)>,
     link: &MainLink,
     filter: &SeccompFilter,
 ) -> Result<(), MigrationError> {
@@ -230,7 +245,7 @@ fn receive(
         other => return Err(wire::WireError::Protocol(format!("expected hello, got {other:?}")).into()),
     };
     let config = accept(&hello, params)?;
-    let mut targets = open_targets(&hello.disks, &config)?;
+    let mut targets = open_targets(&hello.disks, &config, drive_fds)?;
     let mem = crate::vstate::memory::create_guest_memory(config.machine.memory_mib, config.machine.hugepages)
         .map_err(|e| MigrationError::Incompatible(format!("guest memory: {e}")))?;
     filter
