@@ -120,6 +120,8 @@ impl VmActor {
             &self.ctx.config.console_log(&self.vm.vm_id),
             &self.ctx.config.images_dir(),
         );
+        // A restore's disk copies go in the VM's directory, new with the VM.
+        std::fs::create_dir_all(&self.dir).map_err(|e| format!("cannot make {}: {e}", self.dir.display()))?;
         let DriveFiles { mut fds, mut mirrors } = arriving_drives(&config, overrides, disks)?;
         fds.extend(self.jailed_taps(&spec).await?);
         jailed_nets(&spec, overrides);
