@@ -132,20 +132,7 @@ impl VmActor {
             jail: Some(self.jail_launch(&spec, mirrors)),
             fds,
         };
-        self.spawn_vmm_with(launch)
-            .await
-            .map_err(|e| format!("cannot start the vmm: {e}"))?;
-        match self.connect_new_vmm().await {
-            NewVmm::Connected => Ok(()),
-            NewVmm::Exited => {
-                self.finish().await;
-                Err(self.vm.state_reason.clone())
-            }
-            NewVmm::Silent => {
-                self.kill_and_wait().await;
-                Err("the jailed vmm did not open its control socket".into())
-            }
-        }
+        self.start_empty_vmm(launch).await
     }
 
     /// Every tap of `spec` as a descriptor named for `nets[i].fd`: the agent's made now, the

@@ -13,15 +13,17 @@
 //! Every way, a start first waits for a boot slot (`actor_admission.rs`).
 
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Stdio;
 use std::time::Duration;
 
 use tokio::sync::oneshot;
 use tokio::time::{sleep, Instant};
 use vmm_api::control::Request;
+use vmm_api::snapshot::RestoreOverrides;
 
 use super::admission::Admission;
+use super::jail::ArrivingDisks;
 use super::{NewVmm, Proc, VmActor, REQUEST_TIMEOUT, SOCKET_TIMEOUT, START_TIMEOUT};
 use crate::control::ControlConn;
 use crate::error::{AgentError, ErrorChain};
@@ -76,7 +78,7 @@ impl VmActor {
         if let Err(e) = written {
             tracing::warn!(vm = %self.vm.vm_id, error = %e, "cannot write vm.json");
         }
-        if let Err(why) = self.start_empty_vmm().await {
+        if let Err(why) = self.start_empty_vmm(VmmLaunch::plain(None)).await {
             // Our copies of the taps go with `taps` here: nothing of them is left.
             return Some(self.fail_start(format!("cannot start the vmm: {why}")).await);
         }
@@ -254,12 +256,7 @@ impl VmActor {
                 &self.ctx.config.images_dir(),
             )
         });
-        self.spawn_vmm_with(VmmLaunch {
-            config,
-            jail: None,
-            fds: Vec::new(),
-        })
-        .await
+        self.spawn_vmm_with(VmmLaunch::plain(config)).await
     }
 
     /// Spawns a vmm as `launch` says and records its pid (the launcher's, when jailed: that is
@@ -358,10 +355,39 @@ impl VmActor {
         Ok(())
     }
 
-    /// Starts a vmm without a configuration (for a restore or an incoming migration) and connects
-    /// to it; on failure it is gone and the error says why.
-    pub(super) async fn start_empty_vmm(&mut self) -> Result<(), String> {
-        self.spawn_vmm(false)
+    /// Starts the vmm of a VM that arrives from a snapshot or by live migration: jailed with
+    /// `--jail-vms` (see `start_empty_jailed`), else plain, with the agent's taps handed to it.
+    /// On failure it is gone and the error says why, after `what` ("restoring VM").
+    pub(super) async fn start_for_arrival(
+        &mut self,
+        overrides: &mut RestoreOverrides,
+        chain: Vec<PathBuf>,
+        disks: ArrivingDisks,
+        what: &str,
+    ) -> Result<(), AgentError> {
+        let failed = |why: String| AgentError::Unavailable(format!("{what}: {why}"));
+        if let Some(uids) = self.ctx.config.jail {
+            return self
+                .start_empty_jailed(uids, overrides, chain, disks)
+                .await
+                .map_err(failed);
+        }
+        let spec = self.vm.spec.clone().unwrap_or_default();
+        let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
+        self.start_empty_vmm(VmmLaunch::plain(None))
+            .await
+            .map_err(failed)?;
+        if let Err(e) = self.give_taps(taps).await {
+            self.kill_and_wait().await;
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Starts a vmm without a configuration, as `launch` says, and connects to it; on failure it
+    /// is gone and the error says why.
+    pub(super) async fn start_empty_vmm(&mut self, launch: VmmLaunch) -> Result<(), String> {
+        self.spawn_vmm_with(launch)
             .await
             .map_err(|e| format!("cannot start the vmm: {e}"))?;
         match self.connect_new_vmm().await {
@@ -386,6 +412,17 @@ pub(super) struct VmmLaunch {
     pub jail: Option<JailLaunch>,
     /// Descriptors it inherits (`--fd NAME=N`), closed here once it is spawned.
     pub fds: Vec<(String, OwnedFd)>,
+}
+
+impl VmmLaunch {
+    /// An unjailed vmm with no inherited descriptors.
+    fn plain(config: Option<VmConfig>) -> Self {
+        VmmLaunch {
+            config,
+            jail: None,
+            fds: Vec::new(),
+        }
+    }
 }
 
 /// The settings of a jailed vmm.

@@ -277,19 +277,13 @@ impl VmActor {
         create_empty(&self.dir, &plan.disk_copies)
             .map_err(|e| AgentError::Internal(format!("cannot create the disk copies: {e}")))?;
         let mut receive = plan.receive;
-        if let Some(uids) = self.ctx.config.jail {
-            self.start_empty_jailed(uids, &mut receive.overrides, Vec::new(), ArrivingDisks::Existing)
-                .await
-                .map_err(failed)?;
-        } else {
-            let spec = self.vm.spec.clone().unwrap_or_default();
-            let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
-            self.start_empty_vmm().await.map_err(failed)?;
-            if let Err(e) = self.give_taps(taps).await {
-                self.kill_and_wait().await;
-                return Err(e);
-            }
-        }
+        self.start_for_arrival(
+            &mut receive.overrides,
+            Vec::new(),
+            ArrivingDisks::Existing,
+            "receiving the VM",
+        )
+        .await?;
         let received = async {
             let (stream, peer) = match timeout(ACCEPT_TIMEOUT, plan.listener.accept()).await {
                 Err(_) => {

@@ -97,20 +97,13 @@ impl VmActor {
         if self.proc.is_some() || self.vm.state() != VmState::Starting {
             return Err(self.wrong_state(self.vm.state(), "restored"));
         }
-        let failed = |why: String| AgentError::Unavailable(format!("restoring VM: {why}"));
-        if let Some(uids) = self.ctx.config.jail {
-            self.start_empty_jailed(uids, &mut request.overrides, chain, ArrivingDisks::Create)
-                .await
-                .map_err(failed)?;
-        } else {
-            let spec = self.vm.spec.clone().unwrap_or_default();
-            let taps = self.make_agent_taps(&spec).await.map_err(failed)?;
-            self.start_empty_vmm().await.map_err(failed)?;
-            if let Err(e) = self.give_taps(taps).await {
-                self.kill_and_wait().await;
-                return Err(e);
-            }
-        }
+        self.start_for_arrival(
+            &mut request.overrides,
+            chain,
+            ArrivingDisks::Create,
+            "restoring VM",
+        )
+        .await?;
         let resume = request.resume;
         let mut cancelled = cancel.clone();
         let answer = tokio::select! {
