@@ -127,6 +127,9 @@ impl VmActor {
         jailed_nets(&spec, overrides);
         overrides.serial = Some(SerialConfig::Stdout);
         mirrors.extend(chain);
+        // Two copy-on-write drives on one image share a base; the vmm refuses a mirror twice.
+        mirrors.sort();
+        mirrors.dedup();
         let launch = VmmLaunch {
             config: None,
             jail: Some(self.jail_launch(&spec, mirrors)),
