@@ -35,15 +35,8 @@ impl VmActor {
         spec: &VmSpec,
         uids: JailUids,
     ) -> Option<Result<Vm, AgentError>> {
-        let id = self.vm.vm_id.clone();
-        match self
-            .ctx
-            .store
-            .call(move |s| s.assign_jail_uid(&id, uids.range()))
-            .await
-        {
-            Ok(vm) => self.vm = vm,
-            Err(e) => return Some(self.fail_start(format!("cannot give it a jail uid: {e}")).await),
+        if let Err(why) = self.take_jail_uid(uids).await {
+            return Some(self.fail_start(why).await);
         }
         let fds = match self.jailed_taps(spec).await {
             Ok(fds) => fds,
@@ -80,6 +73,18 @@ impl VmActor {
         }
     }
 
+    /// Gives the VM its jail uid: the one it holds, or the lowest free one of `uids`. Err: why.
+    async fn take_jail_uid(&mut self, uids: JailUids) -> Result<(), String> {
+        let id = self.vm.vm_id.clone();
+        self.vm = self
+            .ctx
+            .store
+            .call(move |s| s.assign_jail_uid(&id, uids.range()))
+            .await
+            .map_err(|e| format!("cannot give it a jail uid: {e}"))?;
+        Ok(())
+    }
+
     /// The jail settings of this VM's vmm (its uid must be assigned).
     fn jail_launch(&self, spec: &VmSpec, mirrors: Vec<PathBuf>) -> JailLaunch {
         JailLaunch {
@@ -107,13 +112,7 @@ impl VmActor {
         chain: Vec<PathBuf>,
         disks: ArrivingDisks,
     ) -> Result<(), String> {
-        let id = self.vm.vm_id.clone();
-        self.vm = self
-            .ctx
-            .store
-            .call(move |s| s.assign_jail_uid(&id, uids.range()))
-            .await
-            .map_err(|e| format!("cannot give it a jail uid: {e}"))?;
+        self.take_jail_uid(uids).await?;
         let spec = self.vm.spec.clone().unwrap_or_default();
         let config = to_vm_config(
             &spec,

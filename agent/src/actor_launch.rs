@@ -434,7 +434,7 @@ pub(super) struct JailLaunch {
     /// Its memory limit.
     pub memory_limit_mib: u64,
     /// Host files and directories shown read-only at their own paths (`--jail-mirror`).
-    pub mirrors: Vec<std::path::PathBuf>,
+    pub mirrors: Vec<PathBuf>,
 }
 
 impl JailLaunch {
