@@ -537,6 +537,7 @@ mod tests {
                 id: "eth0".into(),
                 rx_frames: 2,
                 rx_bytes: 100,
+                rx_coalesced: 0,
                 tx_frames: 1,
                 tx_bytes: 60,
                 dropped: 0,

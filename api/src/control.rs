@@ -366,6 +366,10 @@ pub struct NetMetrics {
     pub rx_frames: u64,
     /// Bytes delivered to the guest (virtio-net headers excluded).
     pub rx_bytes: u64,
+    /// Frames from the tap merged into the TCP segment before them, so delivered inside another
+    /// frame (absent from older VMMs' answers).
+    #[serde(default)]
+    pub rx_coalesced: u64,
     /// Frames sent by the guest.
     pub tx_frames: u64,
     /// Bytes sent by the guest (virtio-net headers excluded).

@@ -345,6 +345,7 @@ impl Machine {
                     id: transport.device().id().to_string(),
                     rx_frames: m.rx_frames,
                     rx_bytes: m.rx_bytes,
+                    rx_coalesced: m.rx_coalesced,
                     tx_frames: m.tx_frames,
                     tx_bytes: m.tx_bytes,
                     dropped: m.dropped(),
@@ -409,11 +410,12 @@ impl Machine {
     pub fn log_net_counters(&self) {
         for m in self.net_metrics() {
             log::info!(
-                "NIC {}: rx_frames={} rx_bytes={} tx_frames={} tx_bytes={} dropped={} rx_no_buffers={} \
-                 throttled={} interrupts={}",
+                "NIC {}: rx_frames={} rx_bytes={} rx_coalesced={} tx_frames={} tx_bytes={} dropped={} \
+                 rx_no_buffers={} throttled={} interrupts={}",
                 m.id,
                 m.rx_frames,
                 m.rx_bytes,
+                m.rx_coalesced,
                 m.tx_frames,
                 m.tx_bytes,
                 m.dropped,

@@ -15,8 +15,11 @@ use benches::{
     bench_cmdline, cell, host_json, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json, Args,
     CpuTicks,
 };
-use harness::{try_vmm_binary, Guest, GuestBuilder, GuestImages, NetNs, ProbePattern};
+use harness::{
+    try_vmm_binary, ControlClient, Guest, GuestBuilder, GuestImages, NetNs, ProbePattern, TempDir,
+};
 use serde_json::{json, Value};
+use vmm_api::control::{NetMetrics, Response};
 
 const USAGE: &str = "\
 usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--out PATH] [--no-qemu] [--qemu PATH]
@@ -105,6 +108,41 @@ struct Transfer {
     seconds: f64,
     /// VMM process CPU seconds over the transfer (none for the veth reference).
     cpu_seconds: Option<f64>,
+    /// What the NIC counted over the transfer (vmm only: the others have no such counters).
+    nic: Option<NicDelta>,
+}
+
+/// The change in vmm's NIC counters over one transfer.
+#[derive(Debug, Clone, Copy)]
+struct NicDelta {
+    /// Frames delivered to the guest.
+    rx_frames: u64,
+    /// Tap frames merged into those (TCP segment coalescing).
+    rx_coalesced: u64,
+    tx_frames: u64,
+    interrupts: u64,
+}
+
+impl NicDelta {
+    fn between(before: &NetMetrics, after: &NetMetrics) -> NicDelta {
+        NicDelta {
+            rx_frames: after.rx_frames - before.rx_frames,
+            rx_coalesced: after.rx_coalesced - before.rx_coalesced,
+            tx_frames: after.tx_frames - before.tx_frames,
+            interrupts: after.interrupts - before.interrupts,
+        }
+    }
+}
+
+/// eth0's counters, read over the vmm's control socket.
+fn nic_metrics(control: &mut ControlClient) -> Result<NetMetrics> {
+    let Response::Metrics(m) = control.ok(r#"{"id": 1, "request": "metrics"}"#)? else {
+        bail!("metrics: unexpected answer");
+    };
+    m.nets
+        .into_iter()
+        .find(|n| n.id == "eth0")
+        .context("metrics: no eth0")
 }
 
 impl Transfer {
@@ -251,25 +289,41 @@ fn guest_cmdline(mib: u64) -> String {
 }
 
 /// Runs every transfer against the guest whose VMM is `pid`, then pings it.
-fn measure(ns: &NetNs, name: &str, guest: &Guest, opts: &Options) -> Result<Measured> {
+fn measure(
+    ns: &NetNs,
+    name: &str,
+    guest: &Guest,
+    mut control: Option<&mut ControlClient>,
+    opts: &Options,
+) -> Result<Measured> {
     let bytes = opts.mib << 20;
     let mut transfers = Vec::new();
     for (direction, streams, port) in TRANSFERS {
         let host = host_side(ns, direction, streams, port, bytes)?;
         let before = CpuTicks::read(guest.pid())?;
+        let nic_before = control.as_deref_mut().map(nic_metrics).transpose()?;
         let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
         let after = CpuTicks::read(guest.pid())?;
+        let nic = match (control.as_deref_mut(), nic_before) {
+            (Some(c), Some(before)) => Some(NicDelta::between(&before, &nic_metrics(c)?)),
+            _ => None,
+        };
         let t = Transfer {
             direction,
             streams,
             bytes: moved,
             seconds,
             cpu_seconds: Some(after.since(&before).total() / 1000.0),
+            nic,
         };
         eprintln!(
-            "{name}: {} x{streams}: {:.3} Gbit/s",
+            "{name}: {} x{streams}: {} Gbit/s{}",
             direction.label(),
-            t.gbit_per_s()
+            significant(t.gbit_per_s()),
+            nic.map_or_else(String::new, |n| format!(
+                " (frames to the guest {} with {} merged into them, from the guest {}, interrupts {})",
+                n.rx_frames, n.rx_coalesced, n.tx_frames, n.interrupts
+            ))
         );
         transfers.push(t);
     }
@@ -281,13 +335,15 @@ fn measure(ns: &NetNs, name: &str, guest: &Guest, opts: &Options) -> Result<Meas
     })
 }
 
-fn vmm_command(ns: &NetNs, kernel: &Path, tap: &str, opts: &Options) -> Result<Command> {
+fn vmm_command(ns: &NetNs, kernel: &Path, tap: &str, api_sock: &Path, opts: &Options) -> Result<Command> {
     let inner = GuestBuilder::new(kernel)
         .binary(&try_vmm_binary()?)
         .cmdline(&guest_cmdline(opts.mib))
         .memory_mib(opts.memory_mib)
         .arg("--net")
         .arg(format!("tap={tap},mac={GUEST_MAC},id=eth0"))
+        .arg("--api-sock")
+        .arg(api_sock)
         .command()?;
     let mut cmd = ns.command(Path::new(inner.get_program()));
     cmd.args(inner.get_args());
@@ -313,12 +369,20 @@ fn run_vmm(name: &str, opts: &Options, kernel: &Path, qemu: Option<&str>) -> Res
     let ns = NetNs::new(&format!("b{name}"))?;
     let tap = "btap0";
     ns.add_tap(tap, &format!("{HOST_IP}/24"))?;
+    let dir = TempDir::new("net-bench")?;
+    let api_sock = dir.path().join("api.sock");
     let cmd = match qemu {
         Some(q) => qemu_command(&ns, q, kernel, tap, opts),
-        None => vmm_command(&ns, kernel, tap, opts)?,
+        None => vmm_command(&ns, kernel, tap, &api_sock, opts)?,
     };
     let mut guest = Guest::spawn_command(cmd, None)?;
-    let result = wait_boot_complete(&guest, BOOT_TIMEOUT).and_then(|_| measure(&ns, name, &guest, opts));
+    let result = wait_boot_complete(&guest, BOOT_TIMEOUT).and_then(|_| {
+        let mut control = match qemu {
+            Some(_) => None,
+            None => Some(ControlClient::connect(&api_sock)?),
+        };
+        measure(&ns, name, &guest, control.as_mut(), opts)
+    });
     let _ = guest.kill();
     result.with_context(|| format!("{name}; last output:\n{}", guest.output_tail()))
 }
@@ -385,6 +449,7 @@ fn run_veth(opts: &Options) -> Result<Measured> {
             bytes: moved,
             seconds,
             cpu_seconds: None,
+            nic: None,
         });
     }
     Ok(Measured {
@@ -392,6 +457,15 @@ fn run_veth(opts: &Options) -> Result<Measured> {
         transfers,
         ping_avg_ms: ping_avg_ms(&a, GUEST_IP, opts.pings),
     })
+}
+
+/// Three significant digits: a guest moving 0.6 Mbit/s and a veth moving 30 Gbit/s fit one column.
+fn significant(v: f64) -> String {
+    if v <= 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
+    let decimals = (2 - v.log10().floor() as i32).max(0) as usize;
+    format!("{v:.decimals$}")
 }
 
 fn markdown(results: &[Measured]) -> String {
@@ -411,10 +485,10 @@ fn markdown(results: &[Measured]) -> String {
                 None
             };
             t.push_str(&format!(
-                "| {} | {streams} | {} | {:.3} | {} | {} |\n",
+                "| {} | {streams} | {} | {} | {} | {} |\n",
                 direction.label(),
                 m.name,
-                tr.gbit_per_s(),
+                significant(tr.gbit_per_s()),
                 cell(tr.cpu_per_gbit(), 2),
                 cell(r, 2)
             ));
@@ -437,7 +511,9 @@ fn report(opts: &Options, results: &[Measured]) -> Value {
                 .map(|t| {
                     json!({"direction": t.direction.label(), "streams": t.streams, "bytes": t.bytes,
                            "seconds": t.seconds, "gbit_per_s": t.gbit_per_s(), "cpu_seconds": t.cpu_seconds,
-                           "cpu_seconds_per_gbit": t.cpu_per_gbit()})
+                           "cpu_seconds_per_gbit": t.cpu_per_gbit(),
+                           "nic": t.nic.map(|n| json!({"rx_frames": n.rx_frames, "rx_coalesced": n.rx_coalesced,
+                                                       "tx_frames": n.tx_frames, "interrupts": n.interrupts}))})
                 })
                 .collect();
             json!({"name": m.name, "transfers": transfers, "ping_avg_ms": m.ping_avg_ms})
@@ -472,6 +548,10 @@ mod tests {
 
     #[test]
     fn options_and_actions() {
+        assert_eq!(
+            [0.000619454, 0.0123, 1.0, 12.311, 32.1527].map(significant),
+            ["0.000619", "0.0123", "1.00", "12.3", "32.2"]
+        );
         let o = Options::parse(["--mib-per-stream", "8", "--no-qemu"].map(String::from)).unwrap();
         assert_eq!((o.mib, o.qemu.is_none()), (8, true));
         assert!(Options::parse(["--pings", "0"].map(String::from)).is_err());
@@ -486,6 +566,7 @@ mod tests {
             bytes: 125_000_000,
             seconds: 1.0,
             cpu_seconds: Some(0.5),
+            nic: None,
         };
         assert!((t.gbit_per_s() - 1.0).abs() < 1e-9);
         assert_eq!(t.cpu_per_gbit(), Some(0.5));

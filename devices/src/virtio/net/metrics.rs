@@ -9,6 +9,9 @@ pub struct NetMetrics {
     pub rx_frames: AtomicU64,
     /// Bytes delivered to the guest (Ethernet frames, without the virtio-net header).
     pub rx_bytes: AtomicU64,
+    /// Frames from the tap merged into the TCP segment before them (see `coalesce`): they reached
+    /// the guest inside another frame, so `rx_frames` does not count them.
+    pub rx_coalesced: AtomicU64,
     /// Frames from the tap dropped because the guest could not take them whole (larger than its buffers or than [`MAX_FRAME_LEN`](super::MAX_FRAME_LEN)); never truncated.
     pub rx_dropped_oversized: AtomicU64,
     /// Frames from the tap dropped because they carried an offload the guest did not accept.
@@ -54,6 +57,8 @@ pub struct NetMetricsSnapshot {
     pub rx_frames: u64,
     /// See [`NetMetrics::rx_bytes`].
     pub rx_bytes: u64,
+    /// See [`NetMetrics::rx_coalesced`].
+    pub rx_coalesced: u64,
     /// See [`NetMetrics::rx_dropped_oversized`].
     pub rx_dropped_oversized: u64,
     /// See [`NetMetrics::rx_dropped_offload`].
@@ -123,6 +128,7 @@ impl NetMetrics {
         NetMetricsSnapshot {
             rx_frames: get(&self.rx_frames),
             rx_bytes: get(&self.rx_bytes),
+            rx_coalesced: get(&self.rx_coalesced),
             rx_dropped_oversized: get(&self.rx_dropped_oversized),
             rx_dropped_offload: get(&self.rx_dropped_offload),
             rx_malformed_chains: get(&self.rx_malformed_chains),

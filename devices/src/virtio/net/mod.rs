@@ -1,6 +1,7 @@
 //! virtio-net on a TAP interface (virtio 1.2, section 5.1).
 //!
-//! `tap` opens and configures the back end, `rx` and `tx` move frames in each direction, `ring`
+//! `tap` opens and configures the back end, `rx` and `tx` move frames in each direction (`rx`
+//! merging consecutive TCP segments with `coalesce`), `ring`
 //! writes used entries and decides on interrupts, `device` ties them to the transport, and
 //! `metrics` counts what happened. Every frame on either side is preceded by the 12-byte
 //! `virtio_net_hdr_v1`; the tap is configured with the same header, so it passes through unchanged
@@ -23,6 +24,7 @@
 //! tap's offloads (`TUNSETOFFLOAD`) and may move frames (`read`, `writev`, `poll`), like event
 //! handling on the event loop thread.
 
+mod coalesce;
 mod device;
 pub mod metrics;
 mod ring;

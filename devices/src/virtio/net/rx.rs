@@ -3,9 +3,11 @@
 //! The tap is watched edge-triggered, so every pass reads it until `EAGAIN` unless it has a reason
 //! to stop, and each reason to stop has its own wake-up: no guest buffers (the receive queue's next
 //! notification), the rate limiter (its timer), the per-pass budget (a notification the device sends
-//! itself), pause (resume). At most one frame is held between passes: the one read from the tap that
-//! could not be delivered yet. Frames are copied from that buffer into guest memory; a frame the
-//! guest cannot take whole is dropped and counted, never truncated.
+//! itself), pause (resume). At most two frames are held between passes: the one read from the tap
+//! that could not be delivered yet and, when consecutive TCP segments were being merged into it
+//! (`coalesce`), the first frame behind it that did not continue it. Frames are copied from those
+//! buffers into guest memory; a frame the guest cannot take whole is dropped and counted, never
+//! truncated.
 
 use std::io;
 use std::ops::Range;
@@ -19,6 +21,7 @@ use virtio_bindings::virtio_net::{
 use virtio_queue::{DescriptorChain, QueueOwnedT, QueueT};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 
+use super::coalesce;
 use super::device::Active;
 use super::metrics::NetMetrics;
 use super::ring::{needs_interrupt, request_notification, RingError, UsedBatch};
@@ -66,6 +69,10 @@ pub struct RxState {
     buf: Vec<u8>,
     /// Length of the frame in `buf` that waits for delivery, if any.
     pending: Option<usize>,
+    /// A frame read behind `buf`'s while coalescing that did not continue it.
+    next: Vec<u8>,
+    /// Length of the frame in `next`, delivered after `buf`'s.
+    lookahead: Option<usize>,
     segs: Vec<(GuestAddress, usize)>,
     taken: Vec<Taken>,
 }
@@ -77,6 +84,8 @@ impl RxState {
         RxState {
             buf: vec![0; MAX_FRAME_LEN + 1],
             pending: None,
+            next: vec![0; MAX_FRAME_LEN + 1],
+            lookahead: None,
             segs: Vec::new(),
             taken: Vec::new(),
         }
@@ -85,12 +94,13 @@ impl RxState {
     /// Whether a frame read from the tap waits for delivery.
     #[cfg(test)]
     pub fn has_pending(&self) -> bool {
-        self.pending.is_some()
+        self.pending.is_some() || self.lookahead.is_some()
     }
 
     /// Forgets the waiting frame (device reset).
     pub fn clear(&mut self) {
         self.pending = None;
+        self.lookahead = None;
     }
 }
 
@@ -119,61 +129,37 @@ fn run(
     limiter: &mut RateLimiter,
     metrics: &NetMetrics,
 ) -> RxStop {
-    let mut frames = 0usize;
-    let mut read_errors = 0usize;
+    let mut reads = Reads::default();
+    let coalescing = active.acked & feature(VIRTIO_NET_F_GUEST_TSO4) != 0
+        && active.acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
     loop {
-        if frames == RX_BUDGET {
+        if reads.frames == RX_BUDGET {
             return RxStop::Budget;
         }
-        let len = match rx.pending {
+        let mut len = match rx.pending {
             Some(len) => len,
-            None => match tap.read_frame(&mut rx.buf) {
-                Ok(n) if n > MAX_FRAME_LEN => {
-                    // Dropped frames count against the budget too: a flood of them must not hold
-                    // the event loop either.
-                    frames += 1;
-                    let n = bump(&metrics.rx_dropped_oversized);
-                    log_every(n, || {
-                        format!(
-                            "net {}: dropped a frame from the tap larger than {MAX_FRAME_LEN} bytes",
-                            tap.name()
-                        )
-                    });
-                    continue;
+            None => match rx.lookahead.take() {
+                Some(len) => {
+                    std::mem::swap(&mut rx.buf, &mut rx.next);
+                    len
                 }
-                Ok(n) if n < HDR_LEN => {
-                    // A tap always prepends the header; anything shorter (or end-of-file on a
-                    // stand-in) is an error, counted against the pass's error budget.
-                    bump(&metrics.rx_tap_errors);
-                    read_errors += 1;
-                    if read_errors == MAX_READ_ERRORS {
-                        return RxStop::TapErrors;
-                    }
-                    continue;
-                }
-                Ok(n) => {
-                    frames += 1;
-                    read_errors = 0;
-                    rx.pending = Some(n);
-                    n
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return RxStop::TapDrained,
-                Err(e) => {
-                    let n = bump(&metrics.rx_tap_errors);
-                    log_every(n, || format!("net {}: tap read: {e}", tap.name()));
-                    read_errors += 1;
-                    if read_errors == MAX_READ_ERRORS {
-                        return RxStop::TapErrors;
-                    }
-                    continue;
-                }
+                None => match reads.read(tap, &mut rx.buf, metrics) {
+                    Read::Frame(len) => len,
+                    Read::Skipped => continue,
+                    Read::Stop(stop) => return stop,
+                },
             },
         };
+        rx.pending = Some(len);
         if !offloads_accepted(&rx.buf[..HDR_LEN], active.acked) {
             // Possible for frames the tap queued before the guest's offloads were applied.
             rx.pending = None;
             bump(&metrics.rx_dropped_offload);
             continue;
+        }
+        if coalescing {
+            len = coalesce_queued(rx, len, tap, &mut reads, metrics);
+            rx.pending = Some(len);
         }
         let bytes = (len - HDR_LEN) as u64;
         if !admit(limiter, bytes) {
@@ -227,6 +213,101 @@ fn run(
                 log_every(n, || format!("net {}: receive queue: {e}", tap.name()));
                 return RxStop::BrokenRing;
             }
+        }
+    }
+}
+
+/// Appends the segments queued on the tap behind the frame in `rx.buf` that continue it (see
+/// `coalesce`); the first frame that does not stays in `rx.next` as the lookahead. Returns the
+/// frame's new length. Only what the tap already holds is taken: nothing waits for more.
+fn coalesce_queued(
+    rx: &mut RxState,
+    mut len: usize,
+    tap: &mut dyn TapIo,
+    reads: &mut Reads,
+    metrics: &NetMetrics,
+) -> usize {
+    if rx.lookahead.is_some() || !coalesce::may_continue(&rx.buf[..len]) {
+        return len;
+    }
+    while reads.frames < RX_BUDGET {
+        match reads.read(tap, &mut rx.next, metrics) {
+            Read::Frame(n) => match coalesce::append(&mut rx.buf, len, &rx.next[..n]) {
+                Some(merged) => {
+                    len = merged;
+                    NetMetrics::inc(&metrics.rx_coalesced);
+                }
+                None => {
+                    rx.lookahead = Some(n);
+                    break;
+                }
+            },
+            Read::Skipped => {}
+            // The main loop reads again and stops there for the same reason.
+            Read::Stop(_) => break,
+        }
+    }
+    len
+}
+
+/// What one tap read gave.
+enum Read {
+    /// A frame of this length, header first.
+    Frame(usize),
+    /// Nothing to deliver (a frame dropped, or an error below the pass's error budget).
+    Skipped,
+    Stop(RxStop),
+}
+
+/// The pass's count of frames taken from the tap and of consecutive failed reads.
+#[derive(Default)]
+struct Reads {
+    frames: usize,
+    errors: usize,
+}
+
+impl Reads {
+    fn read(&mut self, tap: &mut dyn TapIo, buf: &mut [u8], metrics: &NetMetrics) -> Read {
+        match tap.read_frame(buf) {
+            Ok(n) if n > MAX_FRAME_LEN => {
+                // Dropped frames count against the budget too: a flood of them must not hold
+                // the event loop either.
+                self.frames += 1;
+                let n = bump(&metrics.rx_dropped_oversized);
+                log_every(n, || {
+                    format!(
+                        "net {}: dropped a frame from the tap larger than {MAX_FRAME_LEN} bytes",
+                        tap.name()
+                    )
+                });
+                Read::Skipped
+            }
+            // A tap always prepends the header; anything shorter (or end-of-file on a stand-in)
+            // is an error, counted against the pass's error budget.
+            Ok(n) if n < HDR_LEN => {
+                bump(&metrics.rx_tap_errors);
+                self.failed()
+            }
+            Ok(n) => {
+                self.frames += 1;
+                self.errors = 0;
+                Read::Frame(n)
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => Read::Stop(RxStop::TapDrained),
+            Err(e) => {
+                let n = bump(&metrics.rx_tap_errors);
+                log_every(n, || format!("net {}: tap read: {e}", tap.name()));
+                self.failed()
+            }
+        }
+    }
+
+    fn failed(&mut self) -> Read {
+        self.errors += 1;
+        if self.errors == MAX_READ_ERRORS {
+            Read::Stop(RxStop::TapErrors)
+        } else {
+            Read::Skipped
         }
     }
 }
