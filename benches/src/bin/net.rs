@@ -22,7 +22,8 @@ use serde_json::{json, Value};
 use vmm_api::control::{NetMetrics, Response};
 
 const USAGE: &str = "\
-usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--out PATH] [--no-qemu] [--qemu PATH]
+usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--host-cc NAME] [--out PATH] [--no-qemu]
+           [--qemu PATH]
 
 Boots one guest per VMM with a virtio-net NIC on a tap in a private network namespace and moves
 N MiB per TCP stream each way (1 stream, then 4), measured on the host from the first byte to the
@@ -33,6 +34,8 @@ CPU seconds per Gbit, ping RTT) with vmm/QEMU ratios; JSON goes to --out.
   --mib-per-stream N  MiB each stream carries (default 256)
   --pings N           ping round trips (default 50)
   --memory-mib N      guest memory (default 256)
+  --host-cc NAME      congestion control of the host's end of every stream (default cubic, Linux's
+                      default; a host may default to another, such as bbr, which paces)
   --out PATH          JSON report (default target/bench/net.json)
   --qemu PATH         QEMU binary (default qemu-system-x86_64); --no-qemu skips it";
 
@@ -67,6 +70,7 @@ struct Options {
     mib: u64,
     pings: u32,
     memory_mib: u32,
+    host_cc: String,
     out: PathBuf,
     qemu: Option<String>,
 }
@@ -77,6 +81,7 @@ impl Options {
             mib: 256,
             pings: 50,
             memory_mib: 256,
+            host_cc: "cubic".into(),
             out: PathBuf::from("target/bench/net.json"),
             qemu: Some("qemu-system-x86_64".into()),
         };
@@ -86,6 +91,7 @@ impl Options {
                 "--mib-per-stream" => o.mib = args.parse(&flag)?,
                 "--pings" => o.pings = args.parse(&flag)?,
                 "--memory-mib" => o.memory_mib = args.parse(&flag)?,
+                "--host-cc" => o.host_cc = args.value(&flag)?,
                 "--out" => o.out = PathBuf::from(args.value(&flag)?),
                 "--qemu" => o.qemu = Some(args.value(&flag)?),
                 "--no-qemu" => o.qemu = None,
@@ -185,13 +191,16 @@ fn host_side(
     streams: u32,
     port: u16,
     bytes: u64,
+    cc: &str,
 ) -> Result<std::thread::JoinHandle<Result<(u64, f64)>>> {
+    let cc = cc.to_string();
     ns.spawn(move || -> Result<(u64, f64)> {
         let listener = TcpListener::bind((HOST_IP, port))?;
         let span = Arc::new(Mutex::new(Span::default()));
         let workers: Vec<_> = (0..streams)
             .map(|i| -> Result<_> {
                 let (conn, _) = listener.accept()?;
+                set_congestion_control(&conn, &cc)?;
                 let span = Arc::clone(&span);
                 Ok(std::thread::spawn(move || {
                     stream(conn, direction, bytes, i + 100, &span)
@@ -209,6 +218,31 @@ fn host_side(
         };
         Ok((s.bytes, seconds))
     })
+}
+
+/// Sets `conn`'s congestion control (`TCP_CONGESTION`), so that the run does not depend on the
+/// host's default.
+fn set_congestion_control(conn: &TcpStream, name: &str) -> Result<()> {
+    use std::os::fd::AsRawFd;
+    let len = libc::socklen_t::try_from(name.len())?;
+    // SAFETY: the option value is `name`'s bytes, valid for `len` bytes for the call; the
+    // descriptor belongs to `conn`, which outlives it.
+    let ret = unsafe {
+        libc::setsockopt(
+            conn.as_raw_fd(),
+            libc::IPPROTO_TCP,
+            libc::TCP_CONGESTION,
+            name.as_ptr().cast(),
+            len,
+        )
+    };
+    if ret != 0 {
+        bail!(
+            "TCP congestion control {name}: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+    Ok(())
 }
 
 fn stream(
@@ -299,7 +333,7 @@ fn measure(
     let bytes = opts.mib << 20;
     let mut transfers = Vec::new();
     for (direction, streams, port) in TRANSFERS {
-        let host = host_side(ns, direction, streams, port, bytes)?;
+        let host = host_side(ns, direction, streams, port, bytes, &opts.host_cc)?;
         let before = CpuTicks::read(guest.pid())?;
         let nic_before = control.as_deref_mut().map(nic_metrics).transpose()?;
         let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
@@ -410,7 +444,7 @@ fn run_veth(opts: &Options) -> Result<Measured> {
     let bytes = opts.mib << 20;
     let mut transfers = Vec::new();
     for (direction, streams, port) in TRANSFERS {
-        let host = host_side(&a, direction, streams, port, bytes)?;
+        let host = host_side(&a, direction, streams, port, bytes, &opts.host_cc)?;
         // The other end plays the guest probe's part.
         let peer = b.spawn(move || -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -520,6 +554,7 @@ fn report(opts: &Options, results: &[Measured]) -> Value {
         })
         .collect();
     json!({"bench": "net", "time": unix_time(), "host": host_json(), "mib_per_stream": opts.mib,
+           "host_cc": opts.host_cc,
            "memory_mib": opts.memory_mib, "results": runs})
 }
 

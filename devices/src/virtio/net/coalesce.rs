@@ -2,11 +2,19 @@
 //! the tap together reach the guest as one segmentation-offload frame.
 //!
 //! A guest pays for every frame it receives (buffer bookkeeping, GRO, the protocol stack, often an
-//! ACK); merging what is already queued cuts that per-frame work without delaying anything. The
-//! rules are those of Linux's TCP GRO, so that the guest sees exactly what its own GRO would have
-//! built: same connection, the next sequence number, the same acknowledgement, window and options
-//! (timestamps included), only ACK (and PSH on the last segment) set, every segment but the last a
-//! full one. On top of that only frames the host stack handed over with a partial checksum
+//! ACK); merging cuts that per-frame work. The rules are those of Linux's TCP GRO: same connection,
+//! the next sequence number, the same acknowledgement, window and options, only ACK and PSH set,
+//! every segment but the last a full one. Two differences, both because a sender held back by a
+//! slow receiver sends its segments milliseconds apart, each with a push:
+//! - GRO ends a packet at a segment that pushes, so as not to wait for more behind it. Here a push
+//!   does not end the frame (the merged frame pushes): `rx` only waits for more while the guest is
+//!   behind, that is, has frames to work through before it would look at this one.
+//! - GRO merges only identical options. Here the usual Linux options, NOP, NOP and timestamps, may
+//!   differ in their timestamps if neither goes backwards; the merged frame carries the newest, as
+//!   Linux's LRO did. The guest then echoes that one, which is what it would do had it received
+//!   the segments together.
+//!
+//! On top of that only frames the host stack handed over with a partial checksum
 //! (`VIRTIO_NET_HDR_F_NEEDS_CSUM`, the pseudo-header sum in the TCP checksum field, checked) and
 //! a correct IPv4 header checksum are merged: a frame whose checksums the guest would have to
 //! verify keeps its own, so a corrupt frame is never turned into a valid one.
@@ -106,10 +114,21 @@ fn segment(frame: &[u8]) -> Option<Segment> {
     })
 }
 
-/// Whether another segment may be appended to `frame`: it is a mergeable segment that neither
-/// pushes nor ends short. Frames that may not are delivered without looking at the tap further.
+/// Whether another segment may be appended to `frame`: it is a mergeable segment that does not
+/// end short. Frames that may not are delivered without looking at the tap further.
 pub fn may_continue(frame: &[u8]) -> bool {
-    segment(frame).is_some_and(|s| s.flags & TCP_PSH == 0 && s.payload % s.mss == 0)
+    segment(frame).is_some_and(|s| s.payload % s.mss == 0)
+}
+
+/// Whether holding `frame` back for the segments behind it is worth it: more may follow (it does
+/// not end short) and at least one more full segment fits within `capacity` bytes and the largest
+/// IPv4 datagram.
+pub fn worth_holding(frame: &[u8], capacity: usize) -> bool {
+    segment(frame).is_some_and(|s| {
+        s.payload % s.mss == 0
+            && frame.len() + s.mss <= capacity
+            && frame.len() - IP_OFF + s.mss <= MAX_IP_LEN
+    })
 }
 
 /// Appends `next` (a frame from the tap, virtio-net header first) to the frame in
@@ -118,7 +137,7 @@ pub fn may_continue(frame: &[u8]) -> bool {
 pub fn append(held: &mut [u8], held_len: usize, next: &[u8]) -> Option<usize> {
     let first = segment(held.get(..held_len)?)?;
     let second = segment(next)?;
-    // Nothing follows a segment that pushes or that is shorter than the rest.
+    // Nothing follows a segment shorter than the rest.
     if !may_continue(&held[..held_len]) {
         return None;
     }
@@ -143,11 +162,12 @@ pub fn append(held: &mut [u8], held_len: usize, next: &[u8]) -> Option<usize> {
     if !same(IP_OFF + 12..TCP_OFF) {
         return None;
     }
-    // Ports; acknowledgement, header length; window; options (timestamps included).
+    // Ports; acknowledgement, header length; window; options.
     if !same(TCP_OFF..TCP_OFF + 4) || !same(TCP_OFF + 8..TCP_OFF + 13) || !same(TCP_OFF + 14..TCP_OFF + 16) {
         return None;
     }
-    if !same(TCP_OFF + TCP_MIN_LEN..TCP_OFF + first.tcp_len) {
+    let options = TCP_OFF + TCP_MIN_LEN..TCP_OFF + first.tcp_len;
+    if !options_continue(&a[options.clone()], &b[options.clone()]) {
         return None;
     }
     let ip_total = IP_LEN + first.tcp_len + first.payload + second.payload;
@@ -156,6 +176,7 @@ pub fn append(held: &mut [u8], held_len: usize, next: &[u8]) -> Option<usize> {
         return None;
     }
     held[held_len..merged_len].copy_from_slice(&next[TCP_OFF + second.tcp_len..]);
+    held[options.clone()].copy_from_slice(&next[options]);
     let mss = first.mss as u16;
     held[1] = VIRTIO_NET_HDR_GSO_TCPV4 as u8;
     held[2..4].copy_from_slice(&((ETH_LEN + IP_LEN + first.tcp_len) as u16).to_le_bytes());
@@ -170,6 +191,22 @@ pub fn append(held: &mut [u8], held_len: usize, next: &[u8]) -> Option<usize> {
     tcp[13] |= second.flags & TCP_PSH;
     tcp[16..18].copy_from_slice(&tcp_csum.to_be_bytes());
     Some(merged_len)
+}
+
+/// The NOP, NOP, timestamps layout of TCP options that Linux sends on every segment.
+const TIMESTAMPS_ONLY: [u8; 4] = [1, 1, 8, 10];
+
+/// Whether the options of a segment (`next`) may follow those of the segment before it (`first`):
+/// the same, or both only timestamps with neither value going backwards.
+fn options_continue(first: &[u8], next: &[u8]) -> bool {
+    if first == next {
+        return true;
+    }
+    if first.len() != 12 || first[..4] != TIMESTAMPS_ONLY || next[..4] != TIMESTAMPS_ONLY {
+        return false;
+    }
+    let not_back = |at: usize| be32(next, at).wrapping_sub(be32(first, at)) < 1 << 31;
+    not_back(4) && not_back(8)
 }
 
 /// The TCP pseudo-header sum, folded and not complemented: what a sender that leaves the checksum
@@ -288,9 +325,26 @@ mod tests {
         expected[4..6].copy_from_slice(&(MSS as u16).to_le_bytes());
         assert_eq!(len, expected.len());
         assert_eq!(&held[..len], &expected[..]);
-        // A segment after a PSH or a short one starts a frame of its own.
+        // A segment after a short one starts a frame of its own.
         let f4 = tcp_frame(1000 + 2 * MSS as u32 + 100, &data(MSS, 4), TCP_ACK);
         assert_eq!(append(&mut held, len, &f4), None);
+        assert!(!may_continue(&held[..len]) && !worth_holding(&held[..len], held.len()));
+        // A segment behind a push that is already there joins it; the frame still pushes.
+        let pushed = tcp_frame(0, &data(MSS, 1), TCP_ACK | TCP_PSH);
+        let mut held = held_with(&pushed);
+        assert!(may_continue(&pushed) && worth_holding(&pushed, held.len()));
+        let len = append(
+            &mut held,
+            pushed.len(),
+            &tcp_frame(MSS as u32, &data(MSS, 2), TCP_ACK),
+        )
+        .unwrap();
+        assert_eq!(held[TCP_OFF + 13], TCP_ACK | TCP_PSH);
+        assert!(worth_holding(&held[..len], held.len()) && may_continue(&held[..len]));
+        assert!(
+            !worth_holding(&held[..len], len + MSS - 1),
+            "no room for another segment"
+        );
     }
 
     #[test]
@@ -321,7 +375,9 @@ mod tests {
             ("sequence gap", |f| f[TCP_OFF + 7] ^= 1),
             ("other ack", |f| f[TCP_OFF + 11] ^= 1),
             ("other window", |f| f[TCP_OFF + 15] ^= 1),
-            ("other timestamp", |f| f[TCP_OFF + 27] ^= 1),
+            ("timestamp going back", |f| f[TCP_OFF + 27] -= 1),
+            ("echoed timestamp going back", |f| f[TCP_OFF + 31] -= 1),
+            ("other options", |f| f[TCP_OFF + 20] = 4),
             ("other port", |f| f[TCP_OFF + 1] ^= 1),
             ("other source", |f| f[IP_OFF + 15] ^= 1),
             ("other MAC", |f| f[HDR_LEN + 5] ^= 1),
@@ -353,6 +409,29 @@ mod tests {
         let mut held = held_with(&f1);
         held[0] = 0;
         assert_eq!(append(&mut held, f1.len(), &next()), None);
+    }
+
+    /// A paced sender's segments come milliseconds apart, each with its own timestamp.
+    #[test]
+    fn advancing_timestamps_merge_and_the_frame_carries_the_newest() {
+        let f1 = tcp_frame(0, &data(MSS, 0), TCP_ACK | TCP_PSH);
+        let mut f2 = tcp_frame(MSS as u32, &data(MSS, 1), TCP_ACK | TCP_PSH);
+        f2[TCP_OFF + 24..TCP_OFF + 32].copy_from_slice(&[0, 0, 0, 32, 0, 0, 1, 5]);
+        let mut held = held_with(&f1);
+        let len = append(&mut held, f1.len(), &f2).unwrap();
+        assert_eq!(&held[TCP_OFF + 20..TCP_OFF + 32], &f2[TCP_OFF + 20..TCP_OFF + 32]);
+        // Wrapping around is moving forward too.
+        let mut f3 = tcp_frame(2 * MSS as u32, &data(MSS, 2), TCP_ACK);
+        f3[TCP_OFF + 24..TCP_OFF + 32].copy_from_slice(&[0, 0, 0, 40, 0, 0, 1, 5]);
+        let mut wrapped = held.clone();
+        wrapped[TCP_OFF + 24..TCP_OFF + 28].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(options_continue(
+            &wrapped[TCP_OFF + 20..TCP_OFF + 32],
+            &f3[TCP_OFF + 20..TCP_OFF + 32]
+        ));
+        let len = append(&mut held, len, &f3).unwrap();
+        assert_eq!(segment(&held[..len]).map(|s| s.payload), Some(3 * MSS));
+        assert_eq!(&held[TCP_OFF + 24..TCP_OFF + 28], &[0, 0, 0, 40]);
     }
 
     #[test]

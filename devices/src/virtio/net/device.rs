@@ -20,6 +20,7 @@ use super::rx::{self, RxState, RxStop};
 use super::tap::{offload_flags, TapIo};
 use super::tx::{self, TxState, TxStop};
 use serde::{Deserialize, Serialize};
+use vmm_sys_util::timerfd::TimerFd;
 
 use crate::rate_limiter::{RateLimiter, RateLimiterError, RateLimiterState};
 use crate::virtio::persist::{PersistError, QueueSnapshot};
@@ -46,6 +47,8 @@ pub const TOKEN_TAP: u32 = 2;
 pub const TOKEN_RX_LIMITER: u32 = 3;
 /// Event token of the transmit rate limiter's timer.
 pub const TOKEN_TX_LIMITER: u32 = 4;
+/// Event token of the timer that looks again at a frame held back for merging.
+pub const TOKEN_RX_HOLD: u32 = 5;
 
 /// Size of the configuration space: `mac` and `status` (`max_virtqueue_pairs` and later fields
 /// only exist with features this device does not offer).
@@ -136,6 +139,8 @@ pub struct Net {
     tx: TxState,
     /// Frames wait for the receive limiter's timer.
     rx_throttled: bool,
+    /// Armed while a frame is held back for merging (see `rx`).
+    hold_timer: TimerFd,
     /// Frames wait for the transmit limiter's timer.
     tx_throttled: bool,
     /// A transmit frame waits for the tap to take it.
@@ -161,6 +166,7 @@ impl Net {
             EventFd::new(EFD_NONBLOCK).map_err(setup)?,
             EventFd::new(EFD_NONBLOCK).map_err(setup)?,
         ];
+        let hold_timer = TimerFd::new().map_err(|e| setup(std::io::Error::from(e)))?;
         if let Err(source) = spec.tap.set_offload(0) {
             return Err(NetError::Offload {
                 id: spec.id,
@@ -202,6 +208,7 @@ impl Net {
             rx: RxState::new(),
             tx: TxState::default(),
             rx_throttled: false,
+            hold_timer,
             tx_throttled: false,
             tx_tap_full: false,
             paused: false,
@@ -338,7 +345,25 @@ impl Net {
             RxStop::Throttled => self.rx_throttled = true,
             // Come back after the rest of the event loop had its turn.
             RxStop::Budget => self.notify_self(RX_QUEUE),
-            RxStop::TapDrained | RxStop::NoBuffers | RxStop::TapErrors | RxStop::BrokenRing => {}
+            RxStop::Holding => self.look_again_soon(),
+            RxStop::TapDrained | RxStop::NoBuffers | RxStop::TapErrors | RxStop::BrokenRing => {
+                if self.rx.watching() {
+                    self.look_again_soon();
+                }
+            }
+        }
+    }
+
+    /// Arms the timer that looks at the receive ring again within [`rx::HOLD_CHECK`], for a held
+    /// frame or a busy guest (see `pace`), unless it is armed already: rearming on every pass would
+    /// put the look off for as long as frames keep coming.
+    fn look_again_soon(&mut self) {
+        if matches!(self.hold_timer.is_armed(), Ok(true)) {
+            return;
+        }
+        if let Err(e) = self.hold_timer.reset(rx::HOLD_CHECK, None) {
+            // Without the timer a held frame goes at the next tap event or notification.
+            log::warn!("net {}: cannot arm the hold timer: {e}", self.id);
         }
     }
 
@@ -532,6 +557,7 @@ impl VirtioDevice for Net {
             },
             EventSource::readable(self.rx_limiter.as_raw_fd(), TOKEN_RX_LIMITER),
             EventSource::readable(self.tx_limiter.as_raw_fd(), TOKEN_TX_LIMITER),
+            EventSource::readable(self.hold_timer.as_raw_fd(), TOKEN_RX_HOLD),
         ]
     }
 
@@ -563,6 +589,15 @@ impl VirtioDevice for Net {
                 self.process_rx();
             }
             TOKEN_RX_LIMITER => self.limiter_fired(false),
+            TOKEN_RX_HOLD => {
+                // The timerfd blocks on read: read it only once it has expired (no longer armed).
+                if matches!(self.hold_timer.is_armed(), Ok(false)) {
+                    if let Err(e) = self.hold_timer.wait() {
+                        log::warn!("net {}: hold timer: {e}", self.id);
+                    }
+                }
+                self.process_rx();
+            }
             TOKEN_TX_LIMITER => self.limiter_fired(true),
             _ => log::error!("net {}: unknown event token {token}", self.id),
         }

@@ -27,6 +27,7 @@
 mod coalesce;
 mod device;
 pub mod metrics;
+mod pace;
 mod ring;
 mod rx;
 pub mod tap;
@@ -42,8 +43,8 @@ mod tests;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 pub use device::{
-    Net, NetError, NetSpec, NetState, QUEUE_SIZE, RX_QUEUE, TOKEN_RX_LIMITER, TOKEN_RX_QUEUE, TOKEN_TAP,
-    TOKEN_TX_LIMITER, TOKEN_TX_QUEUE, TX_QUEUE,
+    Net, NetError, NetSpec, NetState, QUEUE_SIZE, RX_QUEUE, TOKEN_RX_HOLD, TOKEN_RX_LIMITER, TOKEN_RX_QUEUE,
+    TOKEN_TAP, TOKEN_TX_LIMITER, TOKEN_TX_QUEUE, TX_QUEUE,
 };
 pub use metrics::{NetMetrics, NetMetricsSnapshot};
 pub use tap::{Tap, TapError, TapIo, TxFrame};

@@ -145,3 +145,18 @@ pub fn request_notification(mem: &GuestMemoryMmap, queue: &mut Queue) -> Result<
         .map(|idx| idx.0)
         .map_err(|_| RingError::Memory)
 }
+
+/// Whether the driver has not yet taken every used entry published, as far as the ring tells
+/// (VIRTIO_RING_F_EVENT_IDX only). A driver that re-enables interrupts writes `used_event` = the
+/// next entry it will look at, which equals the used index only once it has caught up; a Linux
+/// driver that is polling writes 0 there. False without EVENT_IDX or if the ring cannot be read.
+pub fn driver_behind(mem: &GuestMemoryMmap, queue: &Queue) -> bool {
+    if !queue.event_idx_enabled() {
+        return false;
+    }
+    fence(Ordering::SeqCst);
+    GuestAddress(queue.avail_ring())
+        .checked_add(AVAIL_RING_HEADER + 2 * u64::from(queue.size()))
+        .and_then(|addr| mem.load::<u16>(addr, Ordering::Relaxed).ok())
+        .is_some_and(|event| u16::from_le(event) != queue.next_used())
+}

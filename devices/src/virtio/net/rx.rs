@@ -11,6 +11,7 @@
 
 use std::io;
 use std::ops::Range;
+use std::time::{Duration, Instant};
 
 use virtio_bindings::virtio_net::{
     VIRTIO_NET_F_GUEST_CSUM, VIRTIO_NET_F_GUEST_ECN, VIRTIO_NET_F_GUEST_TSO4, VIRTIO_NET_F_GUEST_TSO6,
@@ -24,7 +25,8 @@ use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use super::coalesce;
 use super::device::Active;
 use super::metrics::NetMetrics;
-use super::ring::{needs_interrupt, request_notification, RingError, UsedBatch};
+use super::pace::Pace;
+use super::ring::{driver_behind, needs_interrupt, request_notification, RingError, UsedBatch};
 use super::tap::{TapIo, MAX_IOVECS};
 use super::{admit, bump, log_every, refund, HDR_LEN, MAX_FRAME_LEN};
 use crate::rate_limiter::RateLimiter;
@@ -37,6 +39,10 @@ pub const RX_BUDGET: usize = 256;
 const MAX_READ_ERRORS: usize = 8;
 /// Offset of `num_buffers` in the virtio-net header.
 const NUM_BUFFERS_OFFSET: usize = 10;
+/// The longest one frame is held back.
+pub(super) const MAX_HOLD: Duration = Duration::from_millis(25);
+/// How often a held frame looks again whether the guest has caught up.
+pub const HOLD_CHECK: Duration = Duration::from_micros(250);
 
 /// Why a receive pass ended.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -49,6 +55,9 @@ pub enum RxStop {
     Throttled,
     /// The budget is spent; the caller must schedule another pass.
     Budget,
+    /// A TCP segment is held back to merge the ones behind it while the guest is busy; the caller
+    /// must schedule another pass within [`HOLD_CHECK`].
+    Holding,
     /// The tap keeps failing; the next tap event or notification retries.
     TapErrors,
     /// The used ring cannot be written; nothing more can be done until the driver resets.
@@ -73,6 +82,10 @@ pub struct RxState {
     next: Vec<u8>,
     /// Length of the frame in `next`, delivered after `buf`'s.
     lookahead: Option<usize>,
+    /// How the guest keeps up, for the decision to hold a frame back.
+    pace: Pace,
+    /// Since when the frame in `buf` has been held back.
+    held_since: Option<Instant>,
     segs: Vec<(GuestAddress, usize)>,
     taken: Vec<Taken>,
 }
@@ -86,6 +99,8 @@ impl RxState {
             pending: None,
             next: vec![0; MAX_FRAME_LEN + 1],
             lookahead: None,
+            pace: Pace::default(),
+            held_since: None,
             segs: Vec::new(),
             taken: Vec::new(),
         }
@@ -97,10 +112,18 @@ impl RxState {
         self.pending.is_some() || self.lookahead.is_some()
     }
 
+    /// Whether the device must look at the ring again soon (within [`HOLD_CHECK`]): the guest is
+    /// busy with frames it was given, and the end of that spell tells how fast it is.
+    pub fn watching(&self) -> bool {
+        self.pace.watching(Instant::now())
+    }
+
     /// Forgets the waiting frame (device reset).
     pub fn clear(&mut self) {
         self.pending = None;
         self.lookahead = None;
+        self.pace.reset();
+        self.held_since = None;
     }
 }
 
@@ -132,6 +155,12 @@ fn run(
     let mut reads = Reads::default();
     let coalescing = active.acked & feature(VIRTIO_NET_F_GUEST_TSO4) != 0
         && active.acked & feature(VIRTIO_NET_F_GUEST_CSUM) != 0;
+    // Without EVENT_IDX the ring does not tell whether the guest keeps up, so nothing is held.
+    let pacing = coalescing && active.rx.event_idx_enabled();
+    if pacing {
+        rx.pace
+            .observe(driver_behind(&active.mem, &active.rx), Instant::now());
+    }
     loop {
         if reads.frames == RX_BUDGET {
             return RxStop::Budget;
@@ -158,8 +187,12 @@ fn run(
             continue;
         }
         if coalescing {
-            len = coalesce_queued(rx, len, tap, &mut reads, metrics);
+            let drained;
+            (len, drained) = coalesce_queued(rx, len, tap, &mut reads, metrics);
             rx.pending = Some(len);
+            if pacing && drained && rx.lookahead.is_none() && hold(rx, active, len, Instant::now()) {
+                return RxStop::Holding;
+            }
         }
         let bytes = (len - HDR_LEN) as u64;
         if !admit(limiter, bytes) {
@@ -169,12 +202,17 @@ fn run(
         match deliver(&mut rx.segs, &mut rx.taken, active, &mut rx.buf[..len], metrics) {
             Ok(Delivery::Delivered) => {
                 rx.pending = None;
+                rx.held_since = None;
+                if pacing {
+                    rx.pace.delivered(Instant::now());
+                }
                 NetMetrics::inc(&metrics.rx_frames);
                 NetMetrics::add(&metrics.rx_bytes, bytes);
             }
             Ok(Delivery::TooBig) => {
                 refund(limiter, bytes);
                 rx.pending = None;
+                rx.held_since = None;
                 let n = bump(&metrics.rx_dropped_oversized);
                 log_every(n, || {
                     format!(
@@ -219,16 +257,17 @@ fn run(
 
 /// Appends the segments queued on the tap behind the frame in `rx.buf` that continue it (see
 /// `coalesce`); the first frame that does not stays in `rx.next` as the lookahead. Returns the
-/// frame's new length. Only what the tap already holds is taken: nothing waits for more.
+/// frame's new length and whether the tap was found empty. Only what the tap holds is taken here;
+/// whether to wait for more is [`hold`]'s decision.
 fn coalesce_queued(
     rx: &mut RxState,
     mut len: usize,
     tap: &mut dyn TapIo,
     reads: &mut Reads,
     metrics: &NetMetrics,
-) -> usize {
+) -> (usize, bool) {
     if rx.lookahead.is_some() || !coalesce::may_continue(&rx.buf[..len]) {
-        return len;
+        return (len, false);
     }
     while reads.frames < RX_BUDGET {
         match reads.read(tap, &mut rx.next, metrics) {
@@ -243,11 +282,28 @@ fn coalesce_queued(
                 }
             },
             Read::Skipped => {}
+            Read::Stop(RxStop::TapDrained) => return (len, true),
             // The main loop reads again and stops there for the same reason.
             Read::Stop(_) => break,
         }
     }
-    len
+    (len, false)
+}
+
+/// Whether the TCP segment in `rx.buf` (whose followers the tap does not hold yet) waits for them
+/// instead of going to the guest now. Only while a slow guest (see `pace`) is behind: it then has
+/// frames to work through before it would look at this one, so the wait costs it nothing (a push
+/// does not change that), and one large frame costs it far less than many small ones. A guest that
+/// catches up gets the frame at the next look ([`HOLD_CHECK`]); none waits longer than
+/// [`MAX_HOLD`].
+fn hold(rx: &mut RxState, active: &Active, len: usize, now: Instant) -> bool {
+    let behind = driver_behind(&active.mem, &active.rx);
+    rx.pace.observe(behind, now);
+    if !behind || !rx.pace.slow() || !coalesce::worth_holding(&rx.buf[..len], MAX_FRAME_LEN) {
+        return false;
+    }
+    let held_since = *rx.held_since.get_or_insert(now);
+    now.duration_since(held_since) < MAX_HOLD
 }
 
 /// What one tap read gave.

@@ -390,3 +390,103 @@ fn queued_tcp_segments_reach_the_guest_as_one_frame() {
     }
     assert_eq!(r.metrics().rx_coalesced, 0);
 }
+
+/// While the guest is behind (it has not taken what it was given), a TCP segment waits for the
+/// ones behind it and they reach the guest as one frame once it catches up; a guest that stays
+/// behind still gets the frame after the longest hold; a frame that ends short never waits.
+#[test]
+fn segments_wait_for_their_followers_only_while_the_guest_is_behind() {
+    use super::super::coalesce::{tcp_frame, TCP_ACK, TCP_PSH};
+    use super::super::pace::SLOW_GUEST;
+    use super::super::rx::MAX_HOLD;
+    const MSS: usize = 1448;
+    let seg = |i: usize, flags: u8| tcp_frame((i * MSS) as u32, &vec![i as u8; MSS], flags);
+    let mut r = rig();
+    for _ in 0..16 {
+        r.post_rx(2048);
+    }
+    r.kick_rx();
+    let hold = r.source_fd(TOKEN_RX_HOLD);
+    // Caught up (used_event == used index): delivered at once. Then behind, but not for long yet.
+    for i in 0..2 {
+        r.peer.send(&seg(i, TCP_ACK));
+        r.tap_event();
+        assert_eq!(r.driver.take_used_from(RXQ).len(), 1, "segment {i}");
+    }
+    std::thread::sleep(SLOW_GUEST * 2);
+    r.peer.send(&seg(2, TCP_ACK));
+    r.tap_event();
+    assert!(
+        r.driver.take_used_from(RXQ).is_empty(),
+        "not held for a guest behind"
+    );
+    assert!(r.dev().rx_frame_waiting());
+    // A push joins and is held with it: the guest would not look at it before it caught up.
+    r.peer.send(&seg(3, TCP_ACK | TCP_PSH));
+    r.tap_event();
+    assert!(r.driver.take_used_from(RXQ).is_empty());
+    // Still behind at the next look: still held.
+    assert!(readable_within(hold, 1000), "hold timer not armed");
+    r.dev_mut().handle_event(TOKEN_RX_HOLD);
+    assert!(r.driver.take_used_from(RXQ).is_empty());
+    // The guest catches up: the two segments arrive as one frame at the next look.
+    r.driver.set_used_event(RXQ, 2);
+    assert!(readable_within(hold, 1000), "hold timer not armed again");
+    r.dev_mut().handle_event(TOKEN_RX_HOLD);
+    // 2974 bytes: two 2048-byte buffers of one frame.
+    let used = r.driver.take_used_from(RXQ);
+    let lens: Vec<usize> = used.iter().map(|&(_, len)| len as usize).collect();
+    assert_eq!(lens, [2048, seg(2, TCP_ACK).len() + MSS - 2048]);
+    assert_eq!((r.metrics().rx_frames, r.metrics().rx_coalesced), (3, 1));
+
+    // Known slow now: the next segment is held at once, and a guest that stays behind (used_event
+    // stays 2) gets it anyway after the longest hold.
+    r.peer.send(&seg(4, TCP_ACK));
+    r.tap_event();
+    assert!(
+        r.driver.take_used_from(RXQ).is_empty(),
+        "a slow guest's segment went at once"
+    );
+    let start = std::time::Instant::now();
+    let mut looks = 0;
+    while r.driver.take_used_from(RXQ).is_empty() {
+        assert!(start.elapsed() < MAX_HOLD * 20, "held for good");
+        assert!(readable_within(hold, 1000), "hold timer not armed");
+        r.dev_mut().handle_event(TOKEN_RX_HOLD);
+        looks += 1;
+    }
+    assert!(looks > 1, "delivered at the first look");
+    // A guest that catches up within a look of its next delivery is fast again: no more holding.
+    r.driver.set_used_event(RXQ, 5);
+    r.peer.send(&seg(5, TCP_ACK));
+    r.tap_event();
+    assert_eq!(
+        r.driver.take_used_from(RXQ).len(),
+        1,
+        "a caught-up guest's segment was held"
+    );
+    r.driver.set_used_event(RXQ, 6);
+    assert!(
+        readable_within(hold, 1000),
+        "no look for the end of the busy spell"
+    );
+    r.dev_mut().handle_event(TOKEN_RX_HOLD);
+    for i in 6..8 {
+        r.peer.send(&seg(i, TCP_ACK));
+        r.tap_event();
+        assert_eq!(
+            r.driver.take_used_from(RXQ).len(),
+            1,
+            "a fast guest's segment {i} was held"
+        );
+    }
+    // A frame that ends with a short segment goes at once, behind or not: nothing can follow it.
+    std::thread::sleep(SLOW_GUEST * 2);
+    let mut ends_short = tcp_frame((8 * MSS) as u32, &vec![6; MSS + 100], TCP_ACK);
+    ends_short[1] = VIRTIO_NET_HDR_GSO_TCPV4 as u8;
+    ends_short[4..6].copy_from_slice(&(MSS as u16).to_le_bytes());
+    r.peer.send(&ends_short);
+    r.tap_event();
+    assert_eq!(r.driver.take_used_from(RXQ).len(), 1);
+    assert!(!r.dev().rx_frame_waiting());
+}
