@@ -292,8 +292,9 @@ impl Net {
         (self.rx_limiter.config(), self.tx_limiter.config())
     }
 
-    /// The NIC's state for a snapshot. A frame read from the tap but not yet delivered is not
-    /// part of it: to the guest that is one lost frame, which networks allow.
+    /// The NIC's state for a snapshot. A frame read from the tap but not yet delivered (with
+    /// coalescing, up to 64 KiB of one connection's TCP segments, and the frame behind it) is not
+    /// part of it: to the guest those are lost frames, which networks allow and TCP resends.
     pub fn save_state(&self) -> NetState {
         NetState {
             mac: self.mac,
