@@ -18,6 +18,6 @@ pub use qmp::Qmp;
 pub use signals::clean_up_on_signals;
 pub use stats::{cell, ratio, Summary};
 pub use vmms::{
-    bench_cmdline, ms_since, qemu_microvm, sample_memory, wait_boot_complete, Vmm, BOOT_COMPLETE,
+    bench_cmdline, ms_since, qemu_cpu, qemu_microvm, sample_memory, wait_boot_complete, Vmm, BOOT_COMPLETE,
     FAILURE_MARKERS, GUEST_CMDLINE_BASE,
 };

@@ -58,8 +58,12 @@ pub fn qemu_microvm(qemu: &str, machine: &str, memory_mib: u32, vcpus: u32) -> C
 /// QEMU's `-cpu`: the host CPU, without `IA32_ARCH_CAPABILITIES` on kvm_pvm hosts, whose KVM
 /// refuses the value QEMU 7.2 writes there ("failed to set MSR 0x10a", then QEMU aborts; seen on
 /// 2026-12-06). Hardware KVM keeps it, as a stock QEMU would.
-fn qemu_cpu() -> &'static str {
-    if Path::new("/sys/module/kvm_pvm").exists() {
+pub fn qemu_cpu() -> &'static str {
+    qemu_cpu_for(Path::new("/sys/module/kvm_pvm").exists())
+}
+
+fn qemu_cpu_for(kvm_pvm: bool) -> &'static str {
+    if kvm_pvm {
         "host,-arch-capabilities"
     } else {
         "host"
@@ -121,8 +125,15 @@ mod tests {
         let args: Vec<_> = cmd.get_args().map(|a| a.to_string_lossy().into_owned()).collect();
         assert_eq!(
             args.join(" "),
-            "-M microvm -enable-kvm -cpu host -m 128 -smp 2 -nodefaults -no-user-config -nographic \
-             -serial stdio"
+            format!(
+                "-M microvm -enable-kvm -cpu {} -m 128 -smp 2 -nodefaults -no-user-config -nographic \
+                 -serial stdio",
+                qemu_cpu()
+            )
+        );
+        assert_eq!(
+            (qemu_cpu_for(false), qemu_cpu_for(true)),
+            ("host", "host,-arch-capabilities")
         );
         assert_eq!((Vmm::Ours.name(), Vmm::Qemu.name()), ("vmm", "qemu"));
     }

@@ -249,8 +249,11 @@ mod tests {
         let args = args_of(&bench.command(Vmm::Qemu).unwrap());
         assert_eq!(
             args[..16].join(" "),
-            "-M microvm,x-option-roms=off,rtc=on,isa-serial=on -enable-kvm -cpu host -m 256 -smp 1 \
-             -nodefaults -no-user-config -nographic -serial stdio -name block-bench,debug-threads=on"
+            format!(
+                "-M microvm,x-option-roms=off,rtc=on,isa-serial=on -enable-kvm -cpu {} -m 256 -smp 1 \
+                 -nodefaults -no-user-config -nographic -serial stdio -name block-bench,debug-threads=on",
+                benches::qemu_cpu()
+            )
         );
         assert!(
             args.contains(&"id=bench,file=/tmp/d.img,format=raw,if=none,cache=none,aio=io_uring".to_string())
