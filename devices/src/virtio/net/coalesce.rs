@@ -57,6 +57,13 @@ struct Segment {
     mss: usize,
 }
 
+impl Segment {
+    /// Whether every segment the frame stands for is a full one, so that another may follow.
+    fn ends_full(&self) -> bool {
+        self.payload.is_multiple_of(self.mss)
+    }
+}
+
 /// Reads `frame` (virtio-net header first) as a TCP/IPv4 segment that may be merged, or `None`.
 fn segment(frame: &[u8]) -> Option<Segment> {
     if frame.len() < TCP_OFF + TCP_MIN_LEN {
@@ -117,7 +124,7 @@ fn segment(frame: &[u8]) -> Option<Segment> {
 /// Whether another segment may be appended to `frame`: it is a mergeable segment that does not
 /// end short. Frames that may not are delivered without looking at the tap further.
 pub fn may_continue(frame: &[u8]) -> bool {
-    segment(frame).is_some_and(|s| s.payload % s.mss == 0)
+    segment(frame).is_some_and(|s| s.ends_full())
 }
 
 /// Whether holding `frame` back for the segments behind it is worth it: more may follow (it does
@@ -125,9 +132,7 @@ pub fn may_continue(frame: &[u8]) -> bool {
 /// IPv4 datagram.
 pub fn worth_holding(frame: &[u8], capacity: usize) -> bool {
     segment(frame).is_some_and(|s| {
-        s.payload % s.mss == 0
-            && frame.len() + s.mss <= capacity
-            && frame.len() - IP_OFF + s.mss <= MAX_IP_LEN
+        s.ends_full() && frame.len() + s.mss <= capacity && frame.len() - IP_OFF + s.mss <= MAX_IP_LEN
     })
 }
 
@@ -138,7 +143,7 @@ pub fn append(held: &mut [u8], held_len: usize, next: &[u8]) -> Option<usize> {
     let first = segment(held.get(..held_len)?)?;
     let second = segment(next)?;
     // Nothing follows a segment shorter than the rest.
-    if !may_continue(&held[..held_len]) {
+    if !first.ends_full() {
         return None;
     }
     if second.payload > first.mss && second.mss != first.mss {

@@ -99,18 +99,14 @@ pub fn needs_interrupt(mem: &GuestMemoryMmap, queue: &Queue, since: u16) -> bool
     // The used index must be visible before the driver's suppression fields are read, or both
     // sides could decide the other will act.
     fence(Ordering::SeqCst);
-    let avail = GuestAddress(queue.avail_ring());
     if queue.event_idx_enabled() {
-        let used_event = avail
-            .checked_add(AVAIL_RING_HEADER + 2 * u64::from(queue.size()))
-            .and_then(|addr| mem.load::<u16>(addr, Ordering::Relaxed).ok());
-        match used_event {
+        match used_event(mem, queue) {
             // virtio 1.2, 2.7.10: interrupt if used_event lies in [old, new).
-            Some(event) => new - Wrapping(u16::from_le(event)) - Wrapping(1) < new - old,
+            Some(event) => new - Wrapping(event) - Wrapping(1) < new - old,
             None => true,
         }
     } else {
-        match mem.load::<u16>(avail, Ordering::Relaxed) {
+        match mem.load::<u16>(GuestAddress(queue.avail_ring()), Ordering::Relaxed) {
             Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
             Err(_) => true,
         }
@@ -155,8 +151,14 @@ pub fn driver_behind(mem: &GuestMemoryMmap, queue: &Queue) -> bool {
         return false;
     }
     fence(Ordering::SeqCst);
+    used_event(mem, queue).is_some_and(|event| event != queue.next_used())
+}
+
+/// The driver's `used_event` (VIRTIO_RING_F_EVENT_IDX), the field after the available ring's
+/// entries; `None` if the ring cannot be read.
+fn used_event(mem: &GuestMemoryMmap, queue: &Queue) -> Option<u16> {
     GuestAddress(queue.avail_ring())
         .checked_add(AVAIL_RING_HEADER + 2 * u64::from(queue.size()))
         .and_then(|addr| mem.load::<u16>(addr, Ordering::Relaxed).ok())
-        .is_some_and(|event| u16::from_le(event) != queue.next_used())
+        .map(u16::from_le)
 }
