@@ -299,9 +299,8 @@ impl Balloon {
             }
             used_any |= add_used(queue, &active.mem, head);
         }
-        if used_any {
+        if used_any && active.interrupt.signal_used_queue() {
             BalloonMetrics::inc(&metrics.interrupts);
-            active.interrupt.signal_used_queue();
         }
     }
 
@@ -325,9 +324,8 @@ impl Balloon {
         let (Some(head), Some(queue)) = (self.stats_head.take(), active.queues.get_mut(index)) else {
             return;
         };
-        if add_used(queue, &active.mem, head) {
+        if add_used(queue, &active.mem, head) && active.interrupt.signal_used_queue() {
             BalloonMetrics::inc(&self.metrics.interrupts);
-            active.interrupt.signal_used_queue();
         }
     }
 }

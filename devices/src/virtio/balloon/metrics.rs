@@ -23,7 +23,7 @@ pub struct BalloonMetrics {
     pub invalid_requests: AtomicU64,
     /// Failed `madvise` calls.
     pub release_errors: AtomicU64,
-    /// Interrupts raised.
+    /// Interrupts sent to the guest (see [`crate::virtio::net::NetMetrics::interrupts`]).
     pub interrupts: AtomicU64,
     /// Queue notifications and timer ticks handled.
     pub events: AtomicU64,

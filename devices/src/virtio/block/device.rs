@@ -577,8 +577,9 @@ fn signal(active: &mut Active, metrics: &BlockMetrics) {
     match active.queue.needs_notification(&active.mem) {
         Ok(false) => {}
         Ok(true) | Err(_) => {
-            BlockMetrics::inc(&metrics.interrupts);
-            active.interrupt.signal_used_queue();
+            if active.interrupt.signal_used_queue() {
+                BlockMetrics::inc(&metrics.interrupts);
+            }
         }
     }
 }

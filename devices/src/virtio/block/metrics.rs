@@ -27,7 +27,8 @@ pub struct BlockMetrics {
     pub throttled: AtomicU64,
     /// Queue notifications handled.
     pub queue_events: AtomicU64,
-    /// Interrupts raised.
+    /// Interrupts sent to the guest. Used buffers published while the driver has not acknowledged
+    /// the last interrupt join it and are not counted again.
     pub interrupts: AtomicU64,
 }
 

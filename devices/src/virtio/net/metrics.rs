@@ -46,7 +46,8 @@ pub struct NetMetrics {
     pub tx_queue_events: AtomicU64,
     /// Tap readiness events handled.
     pub tap_events: AtomicU64,
-    /// Interrupts raised (used buffers).
+    /// Interrupts sent to the guest for used buffers. Used buffers published while the driver has
+    /// not acknowledged the last interrupt join it and are not counted again.
     pub interrupts: AtomicU64,
 }
 

@@ -138,9 +138,8 @@ pub fn process(
 ) -> RxStop {
     let since = active.rx.next_used();
     let stop = run(rx, active, tap, limiter, metrics);
-    if needs_interrupt(&active.mem, &active.rx, since) {
+    if needs_interrupt(&active.mem, &active.rx, since) && active.interrupt.signal_used_queue() {
         NetMetrics::inc(&metrics.interrupts);
-        active.interrupt.signal_used_queue();
     }
     stop
 }

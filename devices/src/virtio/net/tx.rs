@@ -70,9 +70,8 @@ pub fn process(
     if let Err(e) = batch.publish(&active.mem, &mut active.tx) {
         log::warn!("net {}: transmit queue: {e}", tap.name());
     }
-    if needs_interrupt(&active.mem, &active.tx, since) {
+    if needs_interrupt(&active.mem, &active.tx, since) && active.interrupt.signal_used_queue() {
         NetMetrics::inc(&metrics.interrupts);
-        active.interrupt.signal_used_queue();
     }
     stop
 }
