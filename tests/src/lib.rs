@@ -10,6 +10,7 @@
 //! - [`probe_cmdline`] and [`parse_probe_facts`]: talk to the in-kernel guest probe (`vmmprobe`).
 //! - [`rss_breakdown`]: a process's resident memory split into guest RAM and VMM overhead.
 //! - [`crc32`]: zlib's CRC-32, to check what the guest probe reports about data we gave it.
+//! - [`Sum64`]: the probe's cheaper `sum64`, for transfers too long to CRC in an emulated guest.
 //! - [`TempDir`]: a scratch directory removed on drop.
 //! - [`NetNs`]: a network namespace with TAP devices for a test, removed with what is in it.
 //! - [`ControlClient`]: requests and events on a VMM's control socket (file descriptors too).
@@ -43,6 +44,7 @@ mod netns;
 mod output;
 mod probe;
 mod smaps;
+mod sum64;
 mod temp_dir;
 
 pub use control_client::ControlClient;
@@ -56,4 +58,5 @@ pub use probe::{
     ProbePattern,
 };
 pub use smaps::{parse_smaps, read_smaps, rss_breakdown, GuestMapping, Mapping, RssBreakdown};
+pub use sum64::Sum64;
 pub use temp_dir::TempDir;

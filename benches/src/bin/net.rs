@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{bail, Context, Result};
 use benches::{
     bench_cmdline, cell, host_json, qemu_microvm, ratio, unix_time, wait_boot_complete, write_json, Args,
-    CpuTicks,
+    CpuTicks, Summary,
 };
 use harness::{
     try_vmm_binary, ControlClient, Guest, GuestBuilder, GuestImages, NetNs, ProbePattern, TempDir,
@@ -27,9 +27,10 @@ usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--host-cc NAME] [-
 
 Boots one guest per VMM with a virtio-net NIC on a tap in a private network namespace and moves
 N MiB per TCP stream each way (1 stream, then 4), measured on the host from the first byte to the
-last, with the VMM process's CPU time over each transfer; then pings the guest. A veth pair between
-two namespaces is measured the same way as the reference. Prints a Markdown table (Gbit/s, host
-CPU seconds per Gbit, ping RTT) with vmm/QEMU ratios; JSON goes to --out.
+last byte read or, towards the guest, to the guest's close, with the VMM process's CPU time over
+the same span; then pings the guest. A veth pair between two namespaces is measured the same way
+as the reference. Prints a Markdown table (Gbit/s, host CPU seconds per Gbit, ping RTT median and
+p90) with vmm/QEMU ratios; JSON goes to --out.
 
   --mib-per-stream N  MiB each stream carries (default 256)
   --pings N           ping round trips (default 50)
@@ -164,27 +165,44 @@ impl Transfer {
 struct Measured {
     name: String,
     transfers: Vec<Transfer>,
-    ping_avg_ms: Option<f64>,
+    /// Round-trip times of the ping replies, in milliseconds.
+    ping_ms: Option<Summary>,
 }
 
-/// Where the host side of each stream starts and ends, to time the whole transfer.
+/// Where the host side of each stream starts and ends, to time the whole transfer, and the VMM's
+/// CPU time when the first byte moved, so that CPU and bytes are counted over the same span.
 #[derive(Default)]
 struct Span {
     first: Option<Instant>,
     last: Option<Instant>,
     bytes: u64,
+    vmm_pid: Option<u32>,
+    cpu_at_first: Option<CpuTicks>,
 }
 
 fn note(span: &Mutex<Span>, bytes: u64) {
     let mut s = span.lock().unwrap_or_else(|p| p.into_inner());
     let now = Instant::now();
-    s.first.get_or_insert(now);
+    if s.first.is_none() {
+        s.first = Some(now);
+        s.cpu_at_first = s.vmm_pid.and_then(|pid| CpuTicks::read(pid).ok());
+    }
     s.last = Some(now);
     s.bytes += bytes;
 }
 
+/// What the host side saw of one transfer.
+struct HostSide {
+    bytes: u64,
+    seconds: f64,
+    /// The VMM's CPU seconds from the first byte to the end (none for the veth reference).
+    cpu_seconds: Option<f64>,
+}
+
 /// Serves `streams` connections on `HOST_IP:port` in the namespace: reads them to the end
-/// (guest to host) or writes `bytes` to each (host to guest); returns bytes and seconds.
+/// (guest to host) or writes `bytes` to each and waits for the peer to close (host to guest).
+/// The span runs from the first byte to the last byte read or the peer's close; `vmm_pid`'s CPU
+/// time is read at both ends of it.
 fn host_side(
     ns: &NetNs,
     direction: Direction,
@@ -192,11 +210,15 @@ fn host_side(
     port: u16,
     bytes: u64,
     cc: &str,
-) -> Result<std::thread::JoinHandle<Result<(u64, f64)>>> {
+    vmm_pid: Option<u32>,
+) -> Result<std::thread::JoinHandle<Result<HostSide>>> {
     let cc = cc.to_string();
-    ns.spawn(move || -> Result<(u64, f64)> {
+    ns.spawn(move || -> Result<HostSide> {
         let listener = TcpListener::bind((HOST_IP, port))?;
-        let span = Arc::new(Mutex::new(Span::default()));
+        let span = Arc::new(Mutex::new(Span {
+            vmm_pid,
+            ..Span::default()
+        }));
         let workers: Vec<_> = (0..streams)
             .map(|i| -> Result<_> {
                 let (conn, _) = listener.accept()?;
@@ -211,12 +233,21 @@ fn host_side(
             w.join()
                 .map_err(|_| anyhow::anyhow!("stream thread panicked"))??;
         }
+        let cpu_at_end = vmm_pid.map(CpuTicks::read).transpose()?;
         let s = span.lock().unwrap_or_else(|p| p.into_inner());
         let seconds = match (s.first, s.last) {
             (Some(a), Some(b)) if b > a => (b - a).as_secs_f64(),
             _ => bail!("no data moved"),
         };
-        Ok((s.bytes, seconds))
+        let cpu_seconds = match (s.cpu_at_first, cpu_at_end) {
+            (Some(a), Some(b)) => Some(b.since(&a).total() / 1000.0),
+            _ => None,
+        };
+        Ok(HostSide {
+            bytes: s.bytes,
+            seconds,
+            cpu_seconds,
+        })
     })
 }
 
@@ -273,20 +304,24 @@ fn stream(
                 left -= n as u64;
             }
             conn.shutdown(Shutdown::Write)?;
+            // The last write only filled the socket buffer: the transfer ends when the peer has read
+            // everything and closes.
             let _ = conn.read(&mut [0u8; 1]);
+            note(span, 0);
             Ok(())
         }
     }
 }
 
-fn ping_avg_ms(ns: &NetNs, addr: &str, count: u32) -> Option<f64> {
+/// Pings `addr` `count` times, 50 ms apart; the replies' round-trip times.
+fn ping_ms(ns: &NetNs, addr: &str, count: u32) -> Option<Summary> {
     let out = Command::new("ip")
         .args([
             "netns",
             "exec",
             ns.name(),
             "ping",
-            "-q",
+            "-n",
             "-c",
             &count.to_string(),
             "-i",
@@ -295,10 +330,15 @@ fn ping_avg_ms(ns: &NetNs, addr: &str, count: u32) -> Option<f64> {
         ])
         .output()
         .ok()?;
-    // "rtt min/avg/max/mdev = 0.1/0.2/0.3/0.04 ms"
-    let text = String::from_utf8_lossy(&out.stdout);
-    let stats = text.lines().find(|l| l.contains("min/avg/max"))?;
-    stats.split('=').nth(1)?.trim().split('/').nth(1)?.parse().ok()
+    Summary::of(&reply_times_ms(&String::from_utf8_lossy(&out.stdout)))
+}
+
+/// The `time=` of every reply line ("64 bytes from 10.99.0.2: icmp_seq=1 ttl=64 time=8.81 ms").
+fn reply_times_ms(ping_output: &str) -> Vec<f64> {
+    ping_output
+        .lines()
+        .filter_map(|l| l.split("time=").nth(1)?.split_whitespace().next()?.parse().ok())
+        .collect()
 }
 
 fn guest_actions(mib: u64) -> String {
@@ -313,11 +353,11 @@ fn guest_actions(mib: u64) -> String {
     actions.join(",")
 }
 
-/// The guest does not checksum what it receives (`net_crc=0`): under kvm_pvm's instruction
+/// The guest does not checksum what it receives (`net_sum=off`): under kvm_pvm's instruction
 /// emulation that alone would cap throughput far below what the VMMs can carry.
 fn guest_cmdline(mib: u64) -> String {
     format!(
-        "{} vmmprobe.net_crc=0 ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off",
+        "{} vmmprobe.net_sum=off ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off",
         bench_cmdline(&guest_actions(mib))
     )
 }
@@ -333,11 +373,17 @@ fn measure(
     let bytes = opts.mib << 20;
     let mut transfers = Vec::new();
     for (direction, streams, port) in TRANSFERS {
-        let host = host_side(ns, direction, streams, port, bytes, &opts.host_cc)?;
-        let before = CpuTicks::read(guest.pid())?;
+        let host = host_side(
+            ns,
+            direction,
+            streams,
+            port,
+            bytes,
+            &opts.host_cc,
+            Some(guest.pid()),
+        )?;
         let nic_before = control.as_deref_mut().map(nic_metrics).transpose()?;
-        let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
-        let after = CpuTicks::read(guest.pid())?;
+        let host = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
         let nic = match (control.as_deref_mut(), nic_before) {
             (Some(c), Some(before)) => Some(NicDelta::between(&before, &nic_metrics(c)?)),
             _ => None,
@@ -345,9 +391,9 @@ fn measure(
         let t = Transfer {
             direction,
             streams,
-            bytes: moved,
-            seconds,
-            cpu_seconds: Some(after.since(&before).total() / 1000.0),
+            bytes: host.bytes,
+            seconds: host.seconds,
+            cpu_seconds: host.cpu_seconds,
             nic,
         };
         eprintln!(
@@ -365,7 +411,7 @@ fn measure(
     Ok(Measured {
         name: name.into(),
         transfers,
-        ping_avg_ms: ping_avg_ms(ns, GUEST_IP, opts.pings),
+        ping_ms: ping_ms(ns, GUEST_IP, opts.pings),
     })
 }
 
@@ -444,7 +490,7 @@ fn run_veth(opts: &Options) -> Result<Measured> {
     let bytes = opts.mib << 20;
     let mut transfers = Vec::new();
     for (direction, streams, port) in TRANSFERS {
-        let host = host_side(&a, direction, streams, port, bytes, &opts.host_cc)?;
+        let host = host_side(&a, direction, streams, port, bytes, &opts.host_cc, None)?;
         // The other end plays the guest probe's part.
         let peer = b.spawn(move || -> Result<()> {
             let deadline = Instant::now() + Duration::from_secs(30);
@@ -475,13 +521,13 @@ fn run_veth(opts: &Options) -> Result<Measured> {
             }
             Ok(())
         })?;
-        let (moved, seconds) = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
+        let host = host.join().map_err(|_| anyhow::anyhow!("host side panicked"))??;
         peer.join().map_err(|_| anyhow::anyhow!("peer panicked"))??;
         transfers.push(Transfer {
             direction,
             streams,
-            bytes: moved,
-            seconds,
+            bytes: host.bytes,
+            seconds: host.seconds,
             cpu_seconds: None,
             nic: None,
         });
@@ -489,7 +535,7 @@ fn run_veth(opts: &Options) -> Result<Measured> {
     Ok(Measured {
         name: "veth".into(),
         transfers,
-        ping_avg_ms: ping_avg_ms(&a, GUEST_IP, opts.pings),
+        ping_ms: ping_ms(&a, GUEST_IP, opts.pings),
     })
 }
 
@@ -528,9 +574,24 @@ fn markdown(results: &[Measured]) -> String {
             ));
         }
     }
-    t.push_str("\n| VMM | ping RTT avg, ms |\n|---|---:|\n");
+    t.push_str(
+        "\n| VMM | ping RTT median, ms | p90, ms | replies | vmm/QEMU median |\n|---|---:|---:|---:|---:|\n",
+    );
+    let median = |m: Option<&Measured>| m.and_then(|m| m.ping_ms).map(|p| p.median);
     for m in results {
-        t.push_str(&format!("| {} | {} |\n", m.name, cell(m.ping_avg_ms, 3)));
+        let r = if m.name == "vmm" {
+            ratio(median(ours), median(qemu))
+        } else {
+            None
+        };
+        t.push_str(&format!(
+            "| {} | {} | {} | {} | {} |\n",
+            m.name,
+            cell(m.ping_ms.map(|p| p.median), 3),
+            cell(m.ping_ms.map(|p| p.p90), 3),
+            m.ping_ms.map_or(0, |p| p.n),
+            cell(r, 2)
+        ));
     }
     t
 }
@@ -550,7 +611,7 @@ fn report(opts: &Options, results: &[Measured]) -> Value {
                                                        "tx_frames": n.tx_frames, "interrupts": n.interrupts}))})
                 })
                 .collect();
-            json!({"name": m.name, "transfers": transfers, "ping_avg_ms": m.ping_avg_ms})
+            json!({"name": m.name, "transfers": transfers, "ping_ms": m.ping_ms.map(|p| p.to_json())})
         })
         .collect();
     json!({"bench": "net", "time": unix_time(), "host": host_json(), "mib_per_stream": opts.mib,
@@ -605,5 +666,15 @@ mod tests {
         };
         assert!((t.gbit_per_s() - 1.0).abs() < 1e-9);
         assert_eq!(t.cpu_per_gbit(), Some(0.5));
+    }
+
+    #[test]
+    fn ping_reply_times() {
+        let out = "PING 10.99.0.2 (10.99.0.2) 56(84) bytes of data.\n\
+                   64 bytes from 10.99.0.2: icmp_seq=1 ttl=64 time=8.81 ms\n\
+                   64 bytes from 10.99.0.2: icmp_seq=2 ttl=64 time=12 ms\n\n\
+                   --- 10.99.0.2 ping statistics ---\n\
+                   rtt min/avg/max/mdev = 8.810/10.405/12.000/1.595 ms\n";
+        assert_eq!(reply_times_ms(out), [8.81, 12.0]);
     }
 }
