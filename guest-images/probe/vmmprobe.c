@@ -39,6 +39,7 @@
 #include <linux/slab.h>
 #include <linux/stat.h>
 #include <linux/string.h>
+#include <linux/sysctl.h>
 #include <linux/unaligned.h>
 #include <linux/wait.h>
 
@@ -1048,6 +1049,11 @@ static int __init vmmprobe_main(void)
 	if (!action)
 		return 0;
 
+	/*
+	 * The kernel applies sysctl.<name>=<value> from the command line only
+	 * after every initcall, which this one never lets happen.
+	 */
+	do_sysctl_args();
 	watch_shutdown_path();
 	outb(BOOT_TIMER_VALUE, BOOT_TIMER_PORT);
 	probe_print("BOOT-COMPLETE");

@@ -47,13 +47,18 @@ module_param(net_sum, charp, 0);
 
 enum net_check { CHECK_CRC32, CHECK_SUM64, CHECK_OFF };
 
-static enum net_check net_check(void)
+/* -EINVAL for anything but the three names, so a typo fails the transfer loudly. */
+static int parse_net_sum(const char *name, enum net_check *check)
 {
-	if (!strcmp(net_sum, "sum64"))
-		return CHECK_SUM64;
-	if (!strcmp(net_sum, "off"))
-		return CHECK_OFF;
-	return CHECK_CRC32;
+	if (!strcmp(name, "crc32"))
+		*check = CHECK_CRC32;
+	else if (!strcmp(name, "sum64"))
+		*check = CHECK_SUM64;
+	else if (!strcmp(name, "off"))
+		*check = CHECK_OFF;
+	else
+		return -EINVAL;
+	return 0;
 }
 
 /*
@@ -347,6 +352,7 @@ void act_net_udp_echo(int argc, char **argv)
 struct stream {
 	struct sockaddr_in dst;
 	bool send;
+	enum net_check check;	/* net-recv: how received bytes are checked */
 	u64 want;		/* net-send: bytes to send */
 	u32 seed;
 	/* Results. */
@@ -383,7 +389,6 @@ static int stream_connect(struct stream *s, struct socket **res)
 static int stream_run(struct stream *s, struct socket *sock, u8 *buf)
 {
 	u64 state = pattern_init(s->seed);
-	enum net_check check = net_check();
 	u32 block_crc;
 
 	if (s->send) {
@@ -418,9 +423,9 @@ static int stream_run(struct stream *s, struct socket *sock, u8 *buf)
 			return n;
 		if (!n)
 			return 0;
-		if (check == CHECK_CRC32)
+		if (s->check == CHECK_CRC32)
 			s->crc = crc32_le(s->crc, buf, n);
-		else if (check == CHECK_SUM64)
+		else if (s->check == CHECK_SUM64)
 			sum64_update(&s->sum, buf, n);
 		s->bytes += n;
 	}
@@ -452,6 +457,8 @@ static void bulk(const char *what, bool send, const char *ip, const char *port,
 {
 	struct sockaddr_in dst;
 	struct stream *streams;
+	/* net-send folds a CRC-32 of its repeated block in cheaply, so it always reports one. */
+	enum net_check check = CHECK_CRC32;
 	unsigned int n = 1, i;
 	u64 want = 0, total = 0;
 	ktime_t start;
@@ -462,6 +469,11 @@ static void bulk(const char *what, bool send, const char *ip, const char *port,
 		probe_print("vmmprobe: bad action arguments: %s:%s%s%s%s%s", ip, port,
 			    bytes ? ":" : "", bytes ? bytes : "", streams_arg ? ":" : "",
 			    streams_arg ? streams_arg : "");
+		return;
+	}
+	if (!send && parse_net_sum(net_sum, &check)) {
+		probe_print("vmmprobe: %s bad vmmprobe.net_sum=%s (crc32, sum64 or off)", what, net_sum);
+		probe_print("vmmprobe: %s total streams=%u bytes=0 ms=0 result=%d", what, n, -EINVAL);
 		return;
 	}
 	streams = kcalloc(n, sizeof(*streams), GFP_KERNEL);
@@ -476,6 +488,7 @@ static void bulk(const char *what, bool send, const char *ip, const char *port,
 
 		s->dst = dst;
 		s->send = send;
+		s->check = check;
 		s->want = want;
 		s->seed = i + 1;
 		init_completion(&s->done);
@@ -487,7 +500,6 @@ static void bulk(const char *what, bool send, const char *ip, const char *port,
 	}
 	for (i = 0; i < n; i++) {
 		struct stream *s = &streams[i];
-		enum net_check check = send ? CHECK_CRC32 : net_check();
 		char hex[33];
 
 		wait_for_completion(&s->done);

@@ -22,8 +22,8 @@ use serde_json::{json, Value};
 use vmm_api::control::{NetMetrics, Response};
 
 const USAGE: &str = "\
-usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--host-cc NAME] [--out PATH] [--no-qemu]
-           [--qemu PATH]
+usage: net [--mib-per-stream N] [--pings N] [--memory-mib N] [--host-cc NAME]
+           [--guest-sysctl NAME=VALUE]... [--out PATH] [--no-qemu] [--qemu PATH]
 
 Boots one guest per VMM with a virtio-net NIC on a tap in a private network namespace and moves
 N MiB per TCP stream each way (1 stream, then 4), measured on the host from the first byte to the
@@ -37,6 +37,10 @@ p90) with vmm/QEMU ratios; JSON goes to --out.
   --memory-mib N      guest memory (default 256)
   --host-cc NAME      congestion control of the host's end of every stream (default cubic, Linux's
                       default; a host may default to another, such as bbr, which paces)
+  --guest-sysctl NAME=VALUE
+                      a sysctl for both VMMs' guest kernel (sysctl.NAME=VALUE on its command line),
+                      such as net.ipv4.tcp_min_tso_segs=44: the 64 KiB TSO frames a guest on
+                      hardware builds by itself; a kvm_pvm guest's pacing rate is too low for them
   --out PATH          JSON report (default target/bench/net.json)
   --qemu PATH         QEMU binary (default qemu-system-x86_64); --no-qemu skips it";
 
@@ -72,6 +76,7 @@ struct Options {
     pings: u32,
     memory_mib: u32,
     host_cc: String,
+    guest_sysctls: Vec<String>,
     out: PathBuf,
     qemu: Option<String>,
 }
@@ -83,6 +88,7 @@ impl Options {
             pings: 50,
             memory_mib: 256,
             host_cc: "cubic".into(),
+            guest_sysctls: Vec::new(),
             out: PathBuf::from("target/bench/net.json"),
             qemu: Some("qemu-system-x86_64".into()),
         };
@@ -93,6 +99,7 @@ impl Options {
                 "--pings" => o.pings = args.parse(&flag)?,
                 "--memory-mib" => o.memory_mib = args.parse(&flag)?,
                 "--host-cc" => o.host_cc = args.value(&flag)?,
+                "--guest-sysctl" => o.guest_sysctls.push(guest_sysctl(&args.value(&flag)?)?),
                 "--out" => o.out = PathBuf::from(args.value(&flag)?),
                 "--qemu" => o.qemu = Some(args.value(&flag)?),
                 "--no-qemu" => o.qemu = None,
@@ -103,6 +110,21 @@ impl Options {
             bail!("--mib-per-stream and --pings must be positive\n{USAGE}");
         }
         Ok(o)
+    }
+}
+
+/// `NAME=VALUE` as one kernel command-line word: `sysctl.NAME=VALUE`.
+fn guest_sysctl(setting: &str) -> Result<String> {
+    match setting.split_once('=') {
+        Some((name, value))
+            if !name.is_empty()
+                && !value.is_empty()
+                && !setting.contains(char::is_whitespace)
+                && !setting.contains('"') =>
+        {
+            Ok(format!("sysctl.{setting}"))
+        }
+        _ => bail!("--guest-sysctl wants NAME=VALUE without spaces or quotes, got {setting:?}"),
     }
 }
 
@@ -355,11 +377,16 @@ fn guest_actions(mib: u64) -> String {
 
 /// The guest does not checksum what it receives (`net_sum=off`): under kvm_pvm's instruction
 /// emulation that alone would cap throughput far below what the VMMs can carry.
-fn guest_cmdline(mib: u64) -> String {
-    format!(
+fn guest_cmdline(opts: &Options) -> String {
+    let mut cmdline = format!(
         "{} vmmprobe.net_sum=off ip={GUEST_IP}::{HOST_IP}:255.255.255.0::eth0:off",
-        bench_cmdline(&guest_actions(mib))
-    )
+        bench_cmdline(&guest_actions(opts.mib))
+    );
+    for setting in &opts.guest_sysctls {
+        cmdline.push(' ');
+        cmdline.push_str(setting);
+    }
+    cmdline
 }
 
 /// Runs every transfer against the guest whose VMM is `pid`, then pings it.
@@ -418,7 +445,7 @@ fn measure(
 fn vmm_command(ns: &NetNs, kernel: &Path, tap: &str, api_sock: &Path, opts: &Options) -> Result<Command> {
     let inner = GuestBuilder::new(kernel)
         .binary(&try_vmm_binary()?)
-        .cmdline(&guest_cmdline(opts.mib))
+        .cmdline(&guest_cmdline(opts))
         .memory_mib(opts.memory_mib)
         .arg("--net")
         .arg(format!("tap={tap},mac={GUEST_MAC},id=eth0"))
@@ -436,7 +463,7 @@ fn qemu_command(ns: &NetNs, qemu: &str, kernel: &Path, tap: &str, opts: &Options
     cmd.args(inner.get_args())
         .arg("-kernel")
         .arg(kernel)
-        .args(["-append", &guest_cmdline(opts.mib)])
+        .args(["-append", &guest_cmdline(opts)])
         .args([
             "-netdev",
             &format!("tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off"),
@@ -615,7 +642,7 @@ fn report(opts: &Options, results: &[Measured]) -> Value {
         })
         .collect();
     json!({"bench": "net", "time": unix_time(), "host": host_json(), "mib_per_stream": opts.mib,
-           "host_cc": opts.host_cc,
+           "host_cc": opts.host_cc, "guest_sysctls": opts.guest_sysctls,
            "memory_mib": opts.memory_mib, "results": runs})
 }
 
@@ -651,6 +678,27 @@ mod tests {
         let o = Options::parse(["--mib-per-stream", "8", "--no-qemu"].map(String::from)).unwrap();
         assert_eq!((o.mib, o.qemu.is_none()), (8, true));
         assert!(Options::parse(["--pings", "0"].map(String::from)).is_err());
+        let o = Options::parse(
+            [
+                "--guest-sysctl",
+                "net.ipv4.tcp_min_tso_segs=44",
+                "--mib-per-stream",
+                "1",
+            ]
+            .map(String::from),
+        )
+        .unwrap();
+        let cmdline = guest_cmdline(&o);
+        assert!(
+            cmdline.ends_with("::eth0:off sysctl.net.ipv4.tcp_min_tso_segs=44"),
+            "{cmdline}"
+        );
+        for bad in ["net.ipv4.tcp_min_tso_segs", "=1", "a=", "a=1 b=2", "a=\"1\""] {
+            assert!(
+                Options::parse(["--guest-sysctl", bad].map(String::from)).is_err(),
+                "{bad}"
+            );
+        }
         assert_eq!(
             guest_actions(8),
             "net-send:10.99.0.1:9100:8m:1,net-recv:10.99.0.1:9101:1,net-send:10.99.0.1:9102:8m:4,\
