@@ -114,8 +114,10 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
     let dir = TempDir::new("vmm-net").unwrap();
     let sock = dir.path().join("api.sock");
 
-    // Host endpoints first: the guest's transfers connect (and retry) as soon as it runs them.
-    let from_guest = receive_one(&ns, "10.77.0.1:9000");
+    // The guest's transfers connect as soon as it runs them, retrying for up to 60 s while the host
+    // refuses. Its sender is only let in after the echo checks below: the guest kernel does not
+    // preempt its own threads, and a sender that always has room to send kept the UDP responder
+    // from running for longer than the check waits.
     let to_guest = send_one(&ns, "10.77.0.1:9001", 42, BULK_TO_GUEST);
     let actions = [
         "net-info",
@@ -201,6 +203,7 @@ fn two_nics_carry_ping_echo_bulk_transfers_and_a_run_time_rate_limit() {
         .unwrap()
         .unwrap();
     assert_eq!(echo, b"hello over eth1");
+    let from_guest = receive_one(&ns, "10.77.0.1:9000");
 
     // Bulk each way, checksums on both ends.
     let got = from_guest.join().unwrap().unwrap();
